@@ -1,0 +1,377 @@
+"""Experiment configuration: typed dataclass schemas, YAML files and `key=value` overrides.
+
+`load_config(path, overrides)` merges, in order: the schema's defaults, the YAML file, the
+command-line overrides; validates the result against the schemas and returns an OmegaConf
+`DictConfig` typed by `ExperimentConfig`. Every problem is raised as `ConfigError`, a one-line
+message naming the key (and the closest valid keys for a misspelt one).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+STAGES = ("tokenizer", "oracle", "ar", "refiner", "diffusion", "eval", "all")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a one-line message that names the key."""
+
+
+# --------------------------------------------------------------------------------------------
+# Schemas
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and logging knobs of one stage (each stage has its own copy)."""
+
+    max_steps: int = 1000
+    max_minutes: float = 0.0  # wall-clock cap for the stage; 0 = none
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    batch_size: int = 64  # per device; the log states the global batch size
+    grad_clip: float = 1.0  # 0 = off
+    accumulate: int = 1
+    log_every: int = 25
+    image_every: int = 500  # PNG grid every N steps; 0 = only at the end
+    ckpt_every: int = 200  # last.ckpt every N steps (atomic write)
+    val_every: int = 0  # validation every N steps; 0 = at the end of the stage only
+    ema_decay: float = 0.999  # stages with EMA (refiner, diffusion)
+    ema_warmup: float = 10.0  # effective decay = min(ema_decay, (1 + step) / (ema_warmup + step))
+
+
+@dataclass
+class DataConfig:
+    source: str = "procedural"  # procedural | shards
+    image_size: int = 32
+    shards: str = ""  # training shards (brace pattern, e.g. data/train-{000000..000009}.tar)
+    val_shards: str = ""  # evaluation shards; empty = procedural validation split or shards' own
+    train_size: int = 1_000_000  # procedural: distinct training indices
+    val_size: int = 1000  # validation images (procedural) per evaluation pass
+    batches_per_epoch: int = 200  # resampled training: batches per epoch on every rank
+    num_workers: int = 0
+    seed: int = 0
+    holdout: list[str] = field(default_factory=list)  # "color:shape" pairs never seen in training
+    caption_keep: float = 0.7  # probability that a training caption names each attribute
+    two_object_prob: float = 0.3
+    glyph_prob: float = 0.2  # probability that the first object is a glyph
+
+
+@dataclass
+class AttentionConfig:
+    backend: str = "auto"  # auto | xformers | sdpa | math
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"  # auto | cpu | gpu
+    devices: Any = "auto"  # int, list or "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | fsdp
+    precision: str = "auto"  # auto = bf16-mixed on GPU, 32-true on CPU
+    compile: bool = False
+    deterministic: bool = False
+    progress_bar: bool = True
+
+
+@dataclass
+class TokenizerConfig:
+    pretrained: str = ""  # local diffusers AutoencoderKL folder (frozen); empty = train our own
+    downsample: int = 4  # 4 or 8
+    latent_channels: int = 4
+    channels: list[int] = field(default_factory=lambda: [64, 128, 128])
+    layers_per_block: int = 1
+    scales: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 6, 8])
+    codebook_size: int = 1024
+    commitment: float = 0.25
+    discrete_prob: float = 0.5  # probability that a batch trains the decoder on z_q
+    loss: str = "l1"  # l1 | mse
+    dead_code_steps: int = 50  # restart codes unused for this many steps
+    checkpoint: str = ""  # use this tokenizer checkpoint instead of the run's own
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=3000, lr=1e-3))
+
+
+@dataclass
+class OracleConfig:
+    backbone: str = "resnet18"  # any timm model name
+    feature_dim: int = 128
+    path: str = ""  # empty = <cache_dir>/oracle-<image_size>.safetensors
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1500, lr=2e-3, batch_size=128))
+
+
+@dataclass
+class SampleConfig:
+    cfg: float = 2.0  # classifier-free guidance scale
+    cfg_schedule: str = "constant"  # constant | linear (rises over scales/tokens)
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+@dataclass
+class ARConfig:
+    order: str = "next_scale"  # next_scale | raster
+    condition: str = "class"  # class | text
+    width: int = 256
+    depth: int = 6
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    drop_path: float = 0.0
+    cond_drop: float = 0.1  # probability of the null condition in training (for guidance)
+    max_text_len: int = 64  # bytes
+    token_cache: bool = True
+    checkpoint: str = ""
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=2000, lr=5e-4, weight_decay=0.05))
+
+
+@dataclass
+class DenoiserConfig:
+    arch: str = "dit"  # dit | mlp
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    condition: str = "class"  # none | class | text
+    objective: str = "ddpm"  # ddpm | flow
+    prediction: str = "v_prediction"  # ddpm only: v_prediction | epsilon | sample
+    sampler: str = "ddim"  # ddim | dpm (ddpm trainer); euler | dpm (flow trainer)
+    steps: int = 4
+    num_train_timesteps: int = 1000
+    cond_drop: float = 0.1
+    checkpoint: str = ""
+
+
+@dataclass
+class RefinerConfig(DenoiserConfig):
+    target: str = "residual"  # residual | latent
+    corrupt_prob: float = 0.1  # fraction of coarse tokens replaced by random codes in training
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=2000, lr=5e-4))
+
+
+@dataclass
+class DiffusionConfig(DenoiserConfig):
+    width: int = 192
+    depth: int = 6
+    steps: int = 25
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=2000, lr=5e-4))
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 2000
+    batch_size: int = 100
+    bootstrap: int = 200
+    modes: list[str] = field(default_factory=lambda: ["tokenizer", "ar", "hybrid"])
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "default"
+    run_dir: str = ""  # empty = runs/<name>
+    cache_dir: str = "cache"  # shared between runs (the oracle lives here)
+    stage: str = "all"
+    seed: int = 0
+    retrain: bool = False  # retrain a stage whose checkpoint exists
+    with_diffusion: bool = False  # stage=all also trains the pure-diffusion baseline
+    init_from: str = ""  # warm-start the stage from another run's checkpoint
+    init_strict: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    oracle: OracleConfig = field(default_factory=OracleConfig)
+    ar: ARConfig = field(default_factory=ARConfig)
+    refiner: RefinerConfig = field(default_factory=RefinerConfig)
+    diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(condition="class"))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "stage": STAGES,
+    "data.source": ("procedural", "shards"),
+    "attention.backend": ("auto", "xformers", "sdpa", "math"),
+    "trainer.strategy": ("auto", "ddp", "fsdp", "ddp_spawn"),
+    "tokenizer.loss": ("l1", "mse"),
+    "tokenizer.downsample": (4, 8),
+    "ar.order": ("next_scale", "raster"),
+    "ar.condition": ("class", "text"),
+    "ar.sample.cfg_schedule": ("constant", "linear"),
+    "refiner.arch": ("dit", "mlp"),
+    "refiner.condition": ("none", "class", "text"),
+    "refiner.objective": ("ddpm", "flow"),
+    "refiner.prediction": ("v_prediction", "epsilon", "sample"),
+    "refiner.sampler": ("ddim", "dpm", "euler"),
+    "refiner.target": ("residual", "latent"),
+    "diffusion.arch": ("dit", "mlp"),
+    "diffusion.condition": ("none", "class", "text"),
+    "diffusion.objective": ("ddpm", "flow"),
+    "diffusion.prediction": ("v_prediction", "epsilon", "sample"),
+    "diffusion.sampler": ("ddim", "dpm", "euler"),
+}
+
+# Keys that name files or folders which must exist when set.
+PATH_KEYS = ("tokenizer.pretrained", "tokenizer.checkpoint", "ar.checkpoint", "refiner.checkpoint",
+             "diffusion.checkpoint", "init_from")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            full = f"{prefix}{k}"
+            keys.append(full)
+            keys.extend(_all_keys(node._get_node(k), full + "."))
+    return keys
+
+
+def _unknown_key_error(key: str, schema: DictConfig, source: str) -> ConfigError:
+    valid = _all_keys(schema)
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    if not close:  # a misspelt last part: compare against siblings
+        parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+        close = [k for k in valid if k.startswith(parent) and k.count(".") == key.count(".")][:6]
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"unknown config key '{key}' ({source}){hint}")
+
+
+def _merge_checked(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except (ConfigKeyError, ConfigAttributeError) as err:
+        key = getattr(err, "full_key", None) or str(err)
+        raise _unknown_key_error(str(key), base, source) from None
+    except ValidationError as err:
+        key = getattr(err, "full_key", "?")
+        raise ConfigError(f"config key '{key}' ({source}): {_first_line(err)}") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{source}: {_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def parse_overrides(overrides: list[str]) -> DictConfig:
+    """`["a.b=1", "c=x"]` -> DictConfig; values are parsed as YAML (ints, floats, lists, bools)."""
+    dotlist = []
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        dotlist.append(item)
+    try:
+        return OmegaConf.from_dotlist(dotlist)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"overrides: {_first_line(err)}") from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Schema defaults <- YAML file <- overrides, validated. Raises ConfigError."""
+    cfg = OmegaConf.structured(ExperimentConfig)
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist")
+        try:
+            loaded = OmegaConf.load(p)
+        except Exception as err:  # yaml errors come in many types
+            raise ConfigError(f"config file '{p}' is not valid YAML: {_first_line(err)}") from None
+        if loaded is None or not isinstance(loaded, DictConfig):
+            loaded = OmegaConf.create({})
+        cfg = _merge_checked(cfg, loaded, f"in {p}")
+    if overrides:
+        cfg = _merge_checked(cfg, parse_overrides(overrides), "on the command line")
+    validate(cfg)
+    if not cfg.run_dir:
+        cfg.run_dir = str(Path("runs") / cfg.name)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks that the schema's types cannot express: choices, ranges, files that must exist."""
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' is {value!r}; choose one of {', '.join(map(str, choices))}")
+    for key in PATH_KEYS:
+        value = OmegaConf.select(cfg, key)
+        if value and not Path(value).exists():
+            raise ConfigError(f"config key '{key}': '{value}' does not exist")
+    if cfg.data.source == "shards" and not cfg.data.shards:
+        raise ConfigError("config key 'data.shards' must name the training shards when data.source=shards")
+    if not 16 <= cfg.data.image_size <= 256:
+        raise ConfigError(f"config key 'data.image_size' is {cfg.data.image_size}; it must be within 16..256")
+    latent = cfg.data.image_size // cfg.tokenizer.downsample
+    scales = list(cfg.tokenizer.scales)
+    if scales != sorted(set(scales)) or not scales or scales[0] < 1:
+        raise ConfigError(f"config key 'tokenizer.scales' must be strictly increasing positive ints, got {scales}")
+    if not cfg.tokenizer.pretrained and scales[-1] != latent:
+        raise ConfigError(
+            f"config key 'tokenizer.scales' must end at the latent size {latent} "
+            f"(data.image_size {cfg.data.image_size} / tokenizer.downsample {cfg.tokenizer.downsample}), got {scales}")
+    for name in ("refiner", "diffusion"):
+        sec = cfg[name]
+        ok = {"ddpm": ("ddim", "dpm"), "flow": ("euler", "dpm")}[sec.objective]
+        if sec.sampler not in ok:
+            raise ConfigError(
+                f"config key '{name}.sampler' is '{sec.sampler}', which does not sample a '{sec.objective}' "
+                f"model; choose one of {', '.join(ok)}")
+        if sec.steps < 1:
+            raise ConfigError(f"config key '{name}.steps' must be >= 1, got {sec.steps}")
+    for key in ("data.caption_keep", "data.two_object_prob", "data.glyph_prob", "ar.cond_drop",
+                "refiner.cond_drop", "refiner.corrupt_prob", "tokenizer.discrete_prob"):
+        value = OmegaConf.select(cfg, key)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"config key '{key}' is {value}; it must be a probability in [0, 1]")
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    """The resolved config as a plain dict of builtins (safe for `torch.load(weights_only=True)`)."""
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def from_dict(data: dict) -> DictConfig:
+    """Rebuild a typed config from `to_dict`'s output (e.g. one stored in a checkpoint).
+
+    Keys the current schema no longer has are dropped, so old checkpoints stay loadable.
+    """
+    schema = OmegaConf.structured(ExperimentConfig)
+    return OmegaConf.merge(schema, _filter_known(schema, data))
+
+
+def _filter_known(schema: DictConfig, data: dict) -> dict:
+    out = {}
+    for key, value in data.items():
+        if key not in schema:
+            continue
+        node = schema._get_node(key)
+        out[key] = _filter_known(node, value) if isinstance(node, DictConfig) and isinstance(value, dict) else value
+    return out
+
+
+def config_groups() -> str:
+    """One line per top-level group with its keys, for `train.py --help`."""
+    schema = OmegaConf.structured(ExperimentConfig)
+    lines = []
+    for key in schema.keys():
+        node = schema._get_node(key)
+        if isinstance(node, DictConfig):
+            lines.append(f"  {key}: {', '.join(str(k) for k in node.keys())}")
+        else:
+            lines.append(f"  {key}")
+    return "\n".join(lines)
