@@ -1,0 +1,158 @@
+"""The one place that saves, loads, verifies and exports stage weights.
+
+Run directory layout (one subfolder per stage):
+
+    runs/<name>/config.yaml                 the resolved config of the last command
+    runs/<name>/<stage>/checkpoints/last.ckpt   written every `train.ckpt_every` steps (atomic)
+    runs/<name>/<stage>/final.ckpt          written when the stage finishes; later stages read it
+    runs/<name>/<stage>/metrics.csv, images/*.png
+
+Every checkpoint is a Lightning checkpoint whose `hyper_parameters` hold `config` (the resolved
+config as a plain dict) and `stage`, so it loads with `torch.load(weights_only=True)` — nothing in
+it runs code — and rebuilds its model from the checkpoint alone. Stages that depend on the tokenizer
+also record the tokenizer checkpoint's path and a hash of its weights (`tokenizer_hash`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FINAL = "final.ckpt"
+LAST = "last.ckpt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, or of the wrong kind; the message names the file."""
+
+
+def stage_dir(run_dir: str | os.PathLike, stage: str) -> Path:
+    return Path(run_dir) / stage
+
+
+def final_path(run_dir: str | os.PathLike, stage: str) -> Path:
+    return stage_dir(run_dir, stage) / FINAL
+
+
+def last_path(run_dir: str | os.PathLike, stage: str) -> Path:
+    return stage_dir(run_dir, stage) / "checkpoints" / LAST
+
+
+def load_checkpoint(path: str | os.PathLike, expect_stage: str | None = None, map_location="cpu") -> dict[str, Any]:
+    """Loads a checkpoint without executing code from it (`weights_only=True`).
+
+    Raises CheckpointError naming the file when it is missing, not a checkpoint (a crafted pickle is
+    refused before any of its code runs), or a checkpoint of another stage than `expect_stage`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(
+            f"'{path}' is not a safe checkpoint: it needs code to unpickle and was refused ({first[:200]})"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        raise CheckpointError(f"'{path}' is not a checkpoint (or is truncated): {str(err).splitlines()[0][:200]}") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"'{path}' is not a hybrid checkpoint: it has no 'state_dict'")
+    hparams = ckpt.get("hyper_parameters") or {}
+    stage = hparams.get("stage")
+    if "config" not in hparams or stage is None:
+        raise CheckpointError(f"'{path}' is not a hybrid checkpoint: it carries no config/stage")
+    if expect_stage is not None and stage != expect_stage:
+        raise CheckpointError(f"'{path}' is a '{stage}' checkpoint, but a '{expect_stage}' checkpoint is needed here")
+    return ckpt
+
+
+def checkpoint_config(ckpt: dict[str, Any]):
+    """The typed config stored in a checkpoint."""
+    from hybrid.config import from_dict
+
+    return from_dict(ckpt["hyper_parameters"]["config"])
+
+
+def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors (sorted by name) — identifies the exact weights a stage was trained on."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        value = state_dict[name]
+        if not isinstance(value, torch.Tensor):
+            continue
+        h.update(name.encode())
+        t = value.detach().to("cpu").contiguous()
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def sub_state_dict(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries under `prefix.` with the prefix removed (e.g. 'model.' of a LightningModule)."""
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in state_dict.items() if k.startswith(prefix + ".")}
+
+
+def check_tokenizer_match(ckpt: dict[str, Any], tokenizer_hash: str, path: str | os.PathLike) -> None:
+    """Refuses a stage checkpoint trained on other tokenizer weights than the ones given."""
+    hparams = ckpt["hyper_parameters"]
+    recorded = hparams.get("tokenizer_hash")
+    if recorded is not None and recorded != tokenizer_hash:
+        raise CheckpointError(
+            f"'{path}' was trained with tokenizer {hparams.get('tokenizer_path', '?')} (weights {recorded}), "
+            f"not with the tokenizer given here (weights {tokenizer_hash}); retrain the stage or pass the "
+            "matching tokenizer checkpoint"
+        )
+
+
+def init_weights(module: torch.nn.Module, path: str | os.PathLike, stage: str, strict: bool = True) -> list[str]:
+    """Warm-starts `module` (a stage's LightningModule) from another run's checkpoint of that stage.
+
+    The checkpoint's `state_dict` holds its EMA weights where the stage has EMA (Lightning's weight
+    averaging stores them there), so those become the model's weights. Mismatched keys or shapes are
+    listed in a CheckpointError unless `strict=False`, which skips them; returns the skipped keys.
+    """
+    ckpt = load_checkpoint(path, expect_stage=stage)
+    source = ckpt["state_dict"]
+    target = module.state_dict()
+    problems, skipped, loadable = [], [], {}
+    for key, value in source.items():
+        if key not in target:
+            problems.append(f"unexpected {key}")
+        elif target[key].shape != value.shape:
+            problems.append(f"shape {key}: checkpoint {tuple(value.shape)} vs model {tuple(target[key].shape)}")
+        else:
+            loadable[key] = value
+    problems += [f"missing {key}" for key in target if key not in source]
+    if problems and strict:
+        shown = "; ".join(problems[:10]) + (f"; ... {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise CheckpointError(f"init_from '{path}' does not fit this model ({shown}); set init_strict=false to skip them")
+    skipped = problems
+    module.load_state_dict(loadable, strict=False)
+    return skipped
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Writes JSON atomically (temporary file, then rename), so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same folder, then rename: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,134 @@
+"""`python train.py`: parse, build, run the asked-for stages. The logic behind the thin train.py."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from hybrid.config import STAGES, ConfigError, config_groups, load_config, to_dict
+
+USAGE_EPILOG = """\
+overrides are key=value pairs on the config schema, e.g.
+  python train.py stage=tokenizer tokenizer.train.max_steps=500 run_dir=runs/try
+  python train.py --config configs/toy.yaml run_dir=/tmp/toy
+
+stages: tokenizer | oracle | ar | refiner | diffusion | eval | all (default: all =
+tokenizer, oracle, ar, refiner, [diffusion when with_diffusion=true], eval)
+
+config groups and their keys:
+"""
+
+
+def parse_args(argv: list[str] | None):
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train the hybrid AR + diffusion image generator, stage by stage, into runs/<name>/.",
+        epilog=USAGE_EPILOG + config_groups(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", default=None, help="YAML experiment file (default: configs/default.yaml)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return parser.parse_args(argv)
+
+
+def stage_plan(cfg) -> list[str]:
+    if cfg.stage != "all":
+        return [cfg.stage]
+    plan = ["tokenizer", "oracle", "ar", "refiner"]
+    if cfg.with_diffusion:
+        plan.append("diffusion")
+    return plan + ["eval"]
+
+
+def run_stage(cfg, stage: str) -> None:
+    if stage == "oracle":
+        from hybrid.eval.oracle import ensure_oracle
+
+        ensure_oracle(cfg)
+    elif stage == "eval":
+        from hybrid.eval.evaluate import run_evaluation
+
+        run_evaluation(cfg)
+    else:
+        from hybrid.lit.runner import fit_stage
+
+        fit_stage(cfg, stage)
+
+
+def _is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0) == 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    config = args.config
+    if config is None and Path("configs/default.yaml").is_file():
+        config = "configs/default.yaml"
+    try:
+        cfg = load_config(config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(cfg), end="")
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from hybrid.nn.attention import set_default_backend
+
+    set_default_backend(cfg.attention.backend)
+    run_dir = Path(cfg.run_dir)
+    if _is_rank_zero():
+        from omegaconf import OmegaConf
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(to_dict(cfg)), run_dir / "config.yaml")
+    from hybrid.checkpoints import CheckpointError
+    from hybrid.lit.base import NonFiniteLossError
+
+    start = time.time()
+    try:
+        for stage in stage_plan(cfg):
+            run_stage(cfg, stage)
+    except (ConfigError, CheckpointError, FileNotFoundError, NonFiniteLossError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        _destroy_process_group()
+    if _is_rank_zero():
+        print_summary(cfg, time.time() - start)
+    return 0
+
+
+def print_summary(cfg, seconds: float) -> None:
+    run_dir = Path(cfg.run_dir)
+    print(f"\nfinished in {seconds / 60:.1f} min; outputs in {run_dir}/")
+    metrics = run_dir / "metrics.json"
+    if metrics.is_file():
+        import json
+
+        data = json.loads(metrics.read_text())
+        for mode, values in data.items():
+            if isinstance(values, dict) and "fid" in values:
+                ci = values.get("fid_ci", ["?", "?"])
+                print(f"  {mode:10s} FID {values['fid']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]")
+        print(f"  all metrics: {metrics}")
+    if (run_dir / "ar" / "final.ckpt").is_file():
+        print(f"sample with: python sample.py --run {run_dir} --class 0 -n 16 --out {run_dir}/samples")
+
+
+def _destroy_process_group() -> None:
+    """Under srun, runs that end without destroying the process group sometimes abort at exit."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - best effort at exit
+        pass

@@ -1,0 +1,208 @@
+"""What every stage's LightningModule shares.
+
+- `StageModule`: saves the resolved config (plain dict) and the stage name as hyper-parameters, so
+  `load_from_checkpoint(path)` needs nothing beside the file; AdamW with warm-up + cosine decay; the
+  non-finite-loss stop; per-step random generators derived from (seed, global step, rank), so noise
+  does not depend on how often a run was interrupted; PNG grids in `<stage dir>/images/`.
+- `TokenizerConsumer`: a stage that reads the frozen tokenizer (AR, refiner, diffusion). It keeps the
+  tokenizer as a frozen submodule (so its checkpoint is self-contained) and records the tokenizer
+  checkpoint's path and weight hash.
+- `WarmupEMA`: Lightning's EMA weight averaging with a decay that warms up:
+  decay_n = min(decay, (1 + n) / (warmup + n)); the first update is a plain copy.
+
+Subclasses implement `compute_loss(batch) -> (loss, logs)` and optionally `preview_images()`.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import EMAWeightAveraging
+from pytorch_lightning.callbacks.weight_averaging import WeightAveraging
+
+from hybrid.checkpoints import checkpoint_config, load_checkpoint, sub_state_dict, weights_hash
+from hybrid.config import from_dict
+from hybrid.images import save_grid
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; raised before the bad step touches the weights."""
+
+
+class StageModule(pl.LightningModule):
+    stage: str = "?"
+
+    def __init__(self, config: dict, **extra_hparams: Any) -> None:
+        super().__init__()
+        self.save_hyperparameters({"config": config, "stage": self.stage, **extra_hparams})
+        self.cfg = from_dict(config)
+        self.tcfg = self.cfg[self.stage].train
+        self.last_good_checkpoint = "none yet"  # set by the runner's checkpoint callback
+
+    # -- to implement ---------------------------------------------------------------------------
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, Any]]:
+        raise NotImplementedError
+
+    def preview_images(self) -> dict[str, torch.Tensor] | None:
+        """Images in [-1, 1] to save as one PNG grid per key (rank 0, every `train.image_every` steps)."""
+        return None
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # -- shared ---------------------------------------------------------------------------------
+    @property
+    def stage_dir(self) -> Path:
+        return Path(self.cfg.run_dir) / self.stage
+
+    def step_generator(self, device: torch.device | str | None = None, salt: int = 0) -> torch.Generator:
+        """A generator seeded from (seed, global step, rank, salt): resumable, different per rank."""
+        device = torch.device(device or self.device)
+        key = f"{self.cfg.seed}:{self.global_step}:{self.global_rank}:{salt}".encode()
+        gen = torch.Generator(device=device)
+        gen.manual_seed(zlib.crc32(key))
+        return gen
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, logs = self.compute_loss(batch)
+        if not torch.isfinite(loss.detach()).all():
+            raise NonFiniteLossError(
+                f"stage {self.stage}: the loss is {loss.item()} at step {self.global_step}; stopped before "
+                f"writing non-finite weights. Last good checkpoint: {self.last_good_checkpoint}"
+            )
+        batch_size = _batch_size(batch)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        for key, value in logs.items():
+            self.log(f"train/{key}", value, batch_size=batch_size)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        every = self.tcfg.image_every
+        step = self.global_step
+        if every > 0 and step % every == 0 and step > 0:
+            self.write_previews()
+
+    def on_train_end(self) -> None:
+        self.write_previews()
+
+    @torch.no_grad()
+    def write_previews(self) -> None:
+        if self.global_rank != 0:
+            return
+        was_training = self.training
+        self.eval()
+        try:
+            images = self.preview_images()
+        finally:
+            self.train(was_training)
+        for name, grid in (images or {}).items():
+            save_grid(grid, self.stage_dir / "images" / f"{name}-{self.global_step:06d}.png")
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(
+            self.trainable_parameters(), lr=self.tcfg.lr, weight_decay=self.tcfg.weight_decay, betas=(0.9, 0.95)
+        )
+        warmup, total = max(1, self.tcfg.warmup_steps), max(1, self.tcfg.max_steps)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _batch_size(batch: Any) -> int | None:
+    if isinstance(batch, dict):
+        for value in batch.values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                return value.shape[0]
+    return None
+
+
+def build_tokenizer(config: dict):
+    """A HybridTokenizer with the architecture of a (tokenizer-stage) config dict; random weights."""
+    from hybrid.tokenizer import HybridTokenizer
+
+    cfg = from_dict(config)
+    return HybridTokenizer.from_config(cfg.tokenizer, cfg.data.image_size)
+
+
+def load_tokenizer(path: str | Path):
+    """(tokenizer with trained weights, its config dict, its weight hash) from a tokenizer checkpoint."""
+    ckpt = load_checkpoint(path, expect_stage="tokenizer")
+    config = ckpt["hyper_parameters"]["config"]
+    tokenizer = build_tokenizer(config)
+    state = sub_state_dict(ckpt["state_dict"], "tokenizer")
+    tokenizer.load_state_dict(state)
+    tokenizer.requires_grad_(False).eval()
+    return tokenizer, config, weights_hash(state)
+
+
+class TokenizerConsumer(StageModule):
+    """Base of the stages that read the frozen tokenizer."""
+
+    def __init__(
+        self,
+        config: dict,
+        tokenizer_path: str = "",
+        tokenizer_hash: str | None = None,
+        tokenizer_config: dict | None = None,
+        **extra_hparams: Any,
+    ) -> None:
+        if tokenizer_config is None:  # a fresh run: read the tokenizer checkpoint
+            tokenizer, tokenizer_config, tokenizer_hash = load_tokenizer(tokenizer_path)
+        else:  # rebuilt from a checkpoint of this stage: the weights come with its state_dict
+            tokenizer = build_tokenizer(tokenizer_config)
+        super().__init__(
+            config,
+            tokenizer_path=str(tokenizer_path),
+            tokenizer_hash=tokenizer_hash,
+            tokenizer_config=tokenizer_config,
+            **extra_hparams,
+        )
+        self.tokenizer = tokenizer.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.tokenizer.eval()  # frozen: never update codebook statistics
+        return self
+
+    def trainable_parameters(self):
+        return [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("tokenizer.")]
+
+
+def tokenizer_config_of(path: str | Path):
+    """The typed config of a tokenizer checkpoint (for building shapes before loading weights)."""
+    return checkpoint_config(load_checkpoint(path, expect_stage="tokenizer"))
+
+
+def _warmup_ema(decay: float, warmup: float):
+    def avg_fn(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        n = float(num_averaged)
+        d = min(decay, (1.0 + n) / (warmup + n))
+        return averaged + (current - averaged) * (1.0 - d)
+
+    return avg_fn
+
+
+class WarmupEMA(EMAWeightAveraging):
+    """EMA weights (Lightning's weight averaging) with a warm-up of the decay; see the module docstring.
+
+    Checkpoints hold the EMA weights in `state_dict` (the raw weights in `current_model_state`), so
+    `load_from_checkpoint` and sampling use EMA weights. Not supported under FSDP (Lightning's weight
+    averaging needs the full parameters on every rank): there the runner trains without EMA and says so.
+    """
+
+    def __init__(self, decay: float = 0.999, warmup: float = 10.0) -> None:
+        WeightAveraging.__init__(self, use_buffers=True, avg_fn=_warmup_ema(decay, warmup))
+        self.update_every_n_steps = 1
+        self.update_starting_at_step = None
+        self.update_starting_at_epoch = None

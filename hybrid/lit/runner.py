@@ -1,0 +1,198 @@
+"""Runs one training stage: builds the Trainer from config, resumes, writes the final checkpoint.
+
+Resume rules, in order: a SLURM auto-requeue checkpoint (`hpc_ckpt_*.ckpt` in the stage's root
+directory) is picked up by Lightning itself when `fit` gets no `ckpt_path`; else the stage's
+`checkpoints/last.ckpt` (written atomically every `train.ckpt_every` steps); else a fresh start.
+A stage whose `final.ckpt` exists is skipped unless `retrain=true`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.loggers import CSVLogger
+
+from hybrid.checkpoints import final_path, init_weights, last_path, stage_dir
+from hybrid.config import to_dict
+
+log = logging.getLogger(__name__)
+
+TRAINABLE_STAGES = ("tokenizer", "ar", "refiner", "diffusion")
+
+
+def resolve_precision(cfg) -> str:
+    if cfg.trainer.precision != "auto":
+        return cfg.trainer.precision
+    return "bf16-mixed" if _uses_gpu(cfg) else "32-true"
+
+
+def _uses_gpu(cfg) -> bool:
+    acc = cfg.trainer.accelerator
+    return acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available())
+
+
+def build_module(cfg, stage: str):
+    """The stage's LightningModule, fresh (the tokenizer-reading stages load the tokenizer here)."""
+    config = to_dict(cfg)
+    if stage == "tokenizer":
+        from hybrid.lit.tokenizer import TokenizerModule
+
+        return TokenizerModule(config)
+    tokenizer = tokenizer_checkpoint(cfg)
+    if stage == "ar":
+        from hybrid.lit.ar import ARModule
+
+        return ARModule(config, tokenizer_path=str(tokenizer))
+    if stage in ("refiner", "diffusion"):
+        from hybrid.lit.refiner import DiffusionModule, RefinerModule
+
+        cls = RefinerModule if stage == "refiner" else DiffusionModule
+        return cls(config, tokenizer_path=str(tokenizer))
+    raise ValueError(f"stage '{stage}' has no training module; trainable stages: {', '.join(TRAINABLE_STAGES)}")
+
+
+def tokenizer_checkpoint(cfg) -> Path:
+    """The tokenizer checkpoint the later stages read: `tokenizer.checkpoint`, else the run's own."""
+    path = Path(cfg.tokenizer.checkpoint) if cfg.tokenizer.checkpoint else final_path(cfg.run_dir, "tokenizer")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no tokenizer checkpoint at '{path}': train it first (python train.py stage=tokenizer "
+            f"run_dir={cfg.run_dir}) or set tokenizer.checkpoint=PATH"
+        )
+    return path
+
+
+def build_datamodule(cfg, stage: str, module):
+    make = getattr(module, "make_datamodule", None)
+    if make is not None:
+        return make()
+    from hybrid.data.module import HybridDataModule
+
+    return HybridDataModule.from_config(cfg.data, batch_size=cfg[stage].train.batch_size)
+
+
+class _StageTimer(Callback):
+    """Records the wall time of the fit and the global batch size in the module's log."""
+
+    def __init__(self) -> None:
+        self.start = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start = time.time()
+        per_device = pl_module.tcfg.batch_size
+        global_batch = per_device * trainer.world_size * trainer.accumulate_grad_batches
+        if trainer.global_rank == 0:
+            log.info(
+                "stage %s: batch %d per device x %d devices x %d accumulation = global batch %d",
+                pl_module.stage, per_device, trainer.world_size, trainer.accumulate_grad_batches, global_batch,
+            )
+            print(f"[{pl_module.stage}] global batch size {global_batch} "
+                  f"({per_device} per device x {trainer.world_size} device(s) x {trainer.accumulate_grad_batches})")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        pl_module.hparams["train_minutes"] = (time.time() - self.start) / 60
+
+
+class _LastGood(Callback):
+    """Keeps the module's idea of the last good checkpoint current (for the non-finite-loss message)."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        cb = trainer.checkpoint_callback
+        if cb is not None and cb.last_model_path:
+            pl_module.last_good_checkpoint = cb.last_model_path
+
+
+def build_trainer(cfg, stage: str, extra_callbacks=()) -> pl.Trainer:
+    tcfg = cfg[stage].train
+    sdir = stage_dir(cfg.run_dir, stage)
+    callbacks = [
+        ModelCheckpoint(
+            dirpath=sdir / "checkpoints",
+            filename="step{step:06d}",
+            save_top_k=0,
+            save_last=True,
+            every_n_train_steps=max(1, tcfg.ckpt_every),
+            save_on_train_epoch_end=False,
+        ),
+        _StageTimer(),
+        _LastGood(),
+        *extra_callbacks,
+    ]
+    if cfg.trainer.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=1 if sys.stderr.isatty() else 50))
+    loggers = [CSVLogger(save_dir=str(cfg.run_dir), name=stage, version="logs")]
+    try:
+        from pytorch_lightning.loggers import TensorBoardLogger
+        import tensorboard  # noqa: F401
+
+        loggers.append(TensorBoardLogger(save_dir=str(cfg.run_dir), name=stage, version="tb"))
+    except ImportError:
+        pass
+    strategy = cfg.trainer.strategy
+    if strategy == "ddp" and not _uses_gpu(cfg):
+        from pytorch_lightning.strategies import DDPStrategy
+
+        strategy = DDPStrategy(process_group_backend="gloo")
+    return pl.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=strategy,
+        precision=resolve_precision(cfg),
+        max_steps=tcfg.max_steps,
+        max_epochs=-1,
+        max_time={"minutes": tcfg.max_minutes} if tcfg.max_minutes > 0 else None,
+        gradient_clip_val=tcfg.grad_clip or None,
+        accumulate_grad_batches=tcfg.accumulate,
+        log_every_n_steps=max(1, tcfg.log_every),
+        limit_val_batches=1.0 if tcfg.val_every > 0 else 0,
+        val_check_interval=tcfg.val_every if tcfg.val_every > 0 else None,
+        check_val_every_n_epoch=None if tcfg.val_every > 0 else 1,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        logger=loggers,
+        default_root_dir=str(sdir),
+        deterministic=cfg.trainer.deterministic,
+        enable_progress_bar=cfg.trainer.progress_bar,
+        enable_model_summary=False,
+    )
+
+
+def resume_path(cfg, stage: str) -> str | None:
+    sdir = stage_dir(cfg.run_dir, stage)
+    if any(sdir.glob("hpc_ckpt_*.ckpt")):
+        return None  # Lightning's SLURM connector resumes from it by itself
+    last = last_path(cfg.run_dir, stage)
+    return str(last) if last.is_file() else None
+
+
+def fit_stage(cfg, stage: str) -> Path:
+    """Trains `stage` (or skips it when its final checkpoint exists); returns the final checkpoint."""
+    final = final_path(cfg.run_dir, stage)
+    if final.is_file() and not cfg.retrain:
+        print(f"[{stage}] {final} exists: skipped (retrain=true trains it again)")
+        return final
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = build_module(cfg, stage)
+    ckpt_path = None if cfg.retrain else resume_path(cfg, stage)
+    if cfg.init_from and ckpt_path is None:
+        skipped = init_weights(module, cfg.init_from, stage, strict=cfg.init_strict)
+        print(f"[{stage}] initialised from {cfg.init_from}" + (f" (skipped {len(skipped)} keys)" if skipped else ""))
+    extra = list(module.extra_callbacks()) if hasattr(module, "extra_callbacks") else []
+    trainer = build_trainer(cfg, stage, extra)
+    datamodule = build_datamodule(cfg, stage, module)
+    if ckpt_path:
+        print(f"[{stage}] resuming from {ckpt_path}")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if trainer.interrupted:
+        raise KeyboardInterrupt(f"stage {stage} was interrupted; re-run the same command to resume")
+    trainer.save_checkpoint(final)  # atomic (Lightning writes through an fsspec transaction)
+    if trainer.global_rank == 0:
+        print(f"[{stage}] done: {final}")
+    return final
