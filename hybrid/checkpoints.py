@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +60,9 @@ def load_checkpoint(path: str | os.PathLike, expect_stage: str | None = None, ma
         raise CheckpointError(
             f"'{path}' is not a safe checkpoint: it needs code to unpickle and was refused ({first[:200]})"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        raise CheckpointError(f"'{path}' is not a checkpoint (or is truncated): {str(err).splitlines()[0][:200]}") from None
+    except Exception as err:  # noqa: BLE001 - zip, pickle and I/O errors all mean "not a checkpoint"
+        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"'{path}' is not a checkpoint (or is truncated): {detail}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"'{path}' is not a hybrid checkpoint: it has no 'state_dict'")
     hparams = ckpt.get("hyper_parameters") or {}
@@ -123,7 +123,7 @@ def init_weights(module: torch.nn.Module, path: str | os.PathLike, stage: str, s
     ckpt = load_checkpoint(path, expect_stage=stage)
     source = ckpt["state_dict"]
     target = module.state_dict()
-    problems, skipped, loadable = [], [], {}
+    problems, loadable = [], {}
     for key, value in source.items():
         if key not in target:
             problems.append(f"unexpected {key}")
@@ -134,10 +134,11 @@ def init_weights(module: torch.nn.Module, path: str | os.PathLike, stage: str, s
     problems += [f"missing {key}" for key in target if key not in source]
     if problems and strict:
         shown = "; ".join(problems[:10]) + (f"; ... {len(problems) - 10} more" if len(problems) > 10 else "")
-        raise CheckpointError(f"init_from '{path}' does not fit this model ({shown}); set init_strict=false to skip them")
-    skipped = problems
+        raise CheckpointError(
+            f"init_from '{path}' does not fit this model ({shown}); set init_strict=false to skip them"
+        )
     module.load_state_dict(loadable, strict=False)
-    return skipped
+    return problems
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

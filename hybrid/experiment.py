@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from hybrid.config import STAGES, ConfigError, config_groups, load_config, to_dict
+from hybrid.config import ConfigError, config_groups, load_config, to_dict
 
 USAGE_EPILOG = """\
 overrides are key=value pairs on the config schema, e.g.

@@ -128,8 +128,8 @@ def build_trainer(cfg, stage: str, extra_callbacks=()) -> pl.Trainer:
         callbacks.append(TQDMProgressBar(refresh_rate=1 if sys.stderr.isatty() else 50))
     loggers = [CSVLogger(save_dir=str(cfg.run_dir), name=stage, version="logs")]
     try:
-        from pytorch_lightning.loggers import TensorBoardLogger
         import tensorboard  # noqa: F401
+        from pytorch_lightning.loggers import TensorBoardLogger
 
         loggers.append(TensorBoardLogger(save_dir=str(cfg.run_dir), name=stage, version="tb"))
     except ImportError:

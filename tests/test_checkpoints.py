@@ -1,0 +1,91 @@
+"""Checkpoint loading never runs code from the file, and names what is wrong."""
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from hybrid.checkpoints import (
+    CheckpointError,
+    atomic_torch_save,
+    init_weights,
+    load_checkpoint,
+    weights_hash,
+)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['EXPLOIT_MARKER']}",))
+
+
+def test_crafted_pickle_is_refused_without_running(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("EXPLOIT_MARKER", str(marker))
+    path = tmp_path / "evil.ckpt"
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": {}, "payload": _Exploit()}, f)
+    torch.save({"state_dict": {}, "payload": _Exploit()}, tmp_path / "evil2.ckpt")
+    for p in (path, tmp_path / "evil2.ckpt"):
+        with pytest.raises(CheckpointError, match="refused|not a checkpoint"):
+            load_checkpoint(p)
+    assert not marker.exists()
+
+
+def _fake_ckpt(stage="ar", **extra):
+    hparams = {"config": {"name": "x"}, "stage": stage, **extra}
+    return {"state_dict": {"model.w": torch.ones(2)}, "hyper_parameters": hparams}
+
+
+def test_wrong_stage_and_non_checkpoints_are_clear_errors(tmp_path):
+    torch.save(_fake_ckpt("ar"), tmp_path / "ar.ckpt")
+    with pytest.raises(CheckpointError, match="'ar' checkpoint.*'tokenizer'"):
+        load_checkpoint(tmp_path / "ar.ckpt", expect_stage="tokenizer")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(CheckpointError, match="notes.txt"):
+        load_checkpoint(tmp_path / "notes.txt")
+    torch.save({"weights": torch.ones(1)}, tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="no 'state_dict'"):
+        load_checkpoint(tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.ckpt")
+    good = load_checkpoint(tmp_path / "ar.ckpt", expect_stage="ar")
+    assert torch.equal(good["state_dict"]["model.w"], torch.ones(2))
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    torch.save(_fake_ckpt(), tmp_path / "full.ckpt")
+    data = (tmp_path / "full.ckpt").read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cut.ckpt"):
+        load_checkpoint(tmp_path / "cut.ckpt")
+
+
+def test_weights_hash_tracks_values():
+    a = {"w": torch.ones(3), "b": torch.zeros(1)}
+    b = {"b": torch.zeros(1), "w": torch.ones(3)}
+    c = {"w": torch.ones(3) * 2, "b": torch.zeros(1)}
+    assert weights_hash(a) == weights_hash(b) != weights_hash(c)
+
+
+def test_init_weights_strict_and_lenient(tmp_path):
+    module = torch.nn.Module()
+    module.model = torch.nn.Linear(2, 2)
+    ckpt = _fake_ckpt("ar")
+    ckpt["state_dict"] = {
+        "model.weight": torch.full((2, 2), 3.0),
+        "model.bias": torch.zeros(3),
+        "extra.x": torch.ones(1),
+    }
+    torch.save(ckpt, tmp_path / "src.ckpt")
+    with pytest.raises(CheckpointError) as info:
+        init_weights(module, tmp_path / "src.ckpt", "ar", strict=True)
+    assert "model.bias" in str(info.value) and "extra.x" in str(info.value) and "init_strict=false" in str(info.value)
+    skipped = init_weights(module, tmp_path / "src.ckpt", "ar", strict=False)
+    assert torch.equal(module.model.weight, torch.full((2, 2), 3.0)) and len(skipped) == 2
+
+
+def test_atomic_save_leaves_no_temporary(tmp_path):
+    atomic_torch_save({"a": torch.ones(1)}, tmp_path / "x.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.pt"]
