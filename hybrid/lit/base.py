@@ -28,6 +28,7 @@ from pytorch_lightning.callbacks.weight_averaging import WeightAveraging
 from hybrid.checkpoints import checkpoint_config, load_checkpoint, sub_state_dict, weights_hash
 from hybrid.config import from_dict
 from hybrid.images import save_grid
+from hybrid.models import build_tokenizer
 
 
 class NonFiniteLossError(RuntimeError):
@@ -125,14 +126,6 @@ def _batch_size(batch: Any) -> int | None:
             if isinstance(value, torch.Tensor) and value.dim() > 0:
                 return value.shape[0]
     return None
-
-
-def build_tokenizer(config: dict):
-    """A HybridTokenizer with the architecture of a (tokenizer-stage) config dict; random weights."""
-    from hybrid.tokenizer import HybridTokenizer
-
-    cfg = from_dict(config)
-    return HybridTokenizer.from_config(cfg.tokenizer, cfg.data.image_size)
 
 
 def load_tokenizer(path: str | Path):

@@ -1,0 +1,80 @@
+"""Stage 1 in Lightning: the hybrid tokenizer (autoencoder + multi-scale residual quantizer).
+
+Each step decodes either the continuous latent z or the discrete z_q (probability
+`tokenizer.discrete_prob`, drawn from (seed, step) so every DDP rank takes the same path). Logs the
+reconstruction PSNR of the path taken, the commitment loss, codebook usage and perplexity per scale,
+and a PNG grid of originals / discrete / continuous reconstructions. At the end it measures the
+per-channel standard deviation of the residual r (and of z) and stores it with the weights.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from hybrid.lit.base import StageModule
+from hybrid.tokenizer import HybridTokenizer
+
+
+def psnr(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2), averaged over the batch."""
+    mse = (recon.float().clamp(-1, 1) - target.float()).pow(2).flatten(1).mean(1)  # (B,)
+    return (10 * torch.log10(4.0 / mse.clamp(min=1e-10))).mean()
+
+
+class TokenizerModule(StageModule):
+    stage = "tokenizer"
+
+    def __init__(self, config: dict) -> None:
+        super().__init__(config)
+        self.tokenizer = HybridTokenizer.from_config(self.cfg.tokenizer, self.cfg.data.image_size)
+        self._preview: torch.Tensor | None = None
+
+    def _take_discrete_path(self) -> bool:
+        key = f"{self.cfg.seed}:{self.global_step}:path".encode()
+        gen = torch.Generator().manual_seed(zlib.crc32(key))
+        return bool(torch.rand((), generator=gen) < self.cfg.tokenizer.discrete_prob)
+
+    def compute_loss(self, batch: dict):
+        images = batch["image"]  # (B, 3, H, W)
+        if self._preview is None:
+            self._preview = images[:8].detach().clone()
+        discrete = self._take_discrete_path()
+        out = self.tokenizer.training_losses(images, discrete=discrete, step=self.global_step)
+        logs = {k: v for k, v in out.items() if k not in ("loss", "recon_images")}
+        logs[f"psnr_{'discrete' if discrete else 'continuous'}"] = psnr(out["recon_images"].detach(), images)
+        return out["loss"], logs
+
+    def preview_images(self):
+        if self._preview is None:
+            return None
+        images = self._preview.to(self.device)
+        enc = self.tokenizer.encode(images)
+        discrete = self.tokenizer.decode(enc.z_q)
+        continuous = self.tokenizer.decode(enc.z)
+        # rows: originals / discrete / continuous
+        return {"recon": torch.cat([images, discrete, continuous]).clamp(-1, 1)}
+
+    @torch.no_grad()
+    def on_train_end(self) -> None:
+        self.measure_statistics()
+        super().on_train_end()
+
+    @torch.no_grad()
+    def measure_statistics(self, batches: int = 16) -> None:
+        """Per-channel std of r and z over validation images, stored in the tokenizer's buffers."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        loader = dm.val_dataloader() if dm is not None else None
+        if loader is None:
+            return
+        was_training = self.tokenizer.training
+        self.tokenizer.eval()
+        images = []
+        for i, batch in enumerate(loader):
+            if i >= batches:
+                break
+            images.append(batch["image"].to(self.device))
+        if images:
+            self.tokenizer.measure_residual_std(images)
+        self.tokenizer.train(was_training)

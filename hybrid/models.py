@@ -1,0 +1,72 @@
+"""Builds each stage's plain model from a resolved config (dict or DictConfig) — one place, used by
+the LightningModules and by the pipeline alike, so a checkpoint's config always rebuilds the same
+architecture."""
+
+from __future__ import annotations
+
+from hybrid.config import from_dict
+from hybrid.data.attributes import NUM_CLASSES
+
+
+def _cfg(config):
+    return from_dict(config) if isinstance(config, dict) else config
+
+
+def num_classes(config) -> int:
+    cfg = _cfg(config)
+    return cfg.data.num_classes or NUM_CLASSES
+
+
+def build_tokenizer(config):
+    """A HybridTokenizer with the architecture of a tokenizer-stage config; random weights."""
+    from hybrid.tokenizer import HybridTokenizer
+
+    cfg = _cfg(config)
+    return HybridTokenizer.from_config(cfg.tokenizer, cfg.data.image_size)
+
+
+def build_ar(config, tokenizer):
+    """The coarse AR model for `config.ar`, laid out on the tokenizer's scales and codebook."""
+    from hybrid.ar.model import ARModel
+
+    cfg = _cfg(config)
+    a = cfg.ar
+    return ARModel(
+        scales=list(tokenizer.scales),
+        codebook_size=tokenizer.codebook_size,
+        latent_channels=tokenizer.latent_channels,
+        num_classes=num_classes(cfg),
+        order=a.order,
+        condition=a.condition,
+        width=a.width,
+        depth=a.depth,
+        heads=a.heads,
+        mlp_ratio=a.mlp_ratio,
+        dropout=a.dropout,
+        drop_path=a.drop_path,
+        cond_drop=a.cond_drop,
+        max_text_len=a.max_text_len,
+    )
+
+
+def build_denoiser(config, stage: str, tokenizer):
+    """The refiner (stage="refiner", reads z_q) or the pure-diffusion baseline (stage="diffusion")."""
+    from hybrid.refiner.denoiser import build_denoiser as _build
+
+    cfg = _cfg(config)
+    if stage not in ("refiner", "diffusion"):
+        raise ValueError(f"build_denoiser: stage must be 'refiner' or 'diffusion', got '{stage}'")
+    return _build(
+        cfg[stage],
+        latent_channels=tokenizer.latent_channels,
+        latent_size=tokenizer.latent_size,
+        coarse=stage == "refiner",
+        num_classes=num_classes(cfg),
+    )
+
+
+def build_diffusion(config, stage: str):
+    """The diffusers-scheduler wrapper (trainer x sampler) for `config.<stage>`."""
+    from hybrid.refiner.diffusion import Diffusion
+
+    return Diffusion.from_config(_cfg(config)[stage])
