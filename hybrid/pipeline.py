@@ -1,0 +1,342 @@
+"""Run directory (or exported folder) -> images: AR -> z_q -> refiner -> decoder.
+
+    pipe = HybridPipeline.from_run("runs/default", device="cpu")
+    images = pipe(prompts=["a red circle at the top left"], mode="hybrid", seed=0)  # (N, 3, H, W) in [-1, 1]
+    pipe.save_pretrained("export/")          # safetensors + JSON, loads without unpickling anything
+    pipe = HybridPipeline.from_pretrained("export/")
+
+Modes: `hybrid` (AR tokens -> z_q -> refiner adds the residual -> decoder), `ar` (the pure-AR
+baseline: decode z_q alone), `diffusion` (the pure-diffusion baseline on the full latent, when
+trained). Class ids are turned into captions ("a red circle") for text-conditioned stages; a prompt
+given to a class-conditioned AR model is an error, and a class-conditioned refiner given only
+prompts refines unconditionally (it was trained with condition dropout). The same seed gives the
+same images. Stages with EMA weights (refiner, diffusion) are loaded with them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from hybrid.checkpoints import (
+    CheckpointError,
+    check_tokenizer_match,
+    final_path,
+    load_checkpoint,
+    sub_state_dict,
+    weights_hash,
+)
+from hybrid.config import from_dict
+from hybrid.data.attributes import class_name
+from hybrid.models import build_ar, build_denoiser, build_diffusion, build_tokenizer, num_classes
+
+MODES = ("hybrid", "ar", "diffusion")
+EXPORT_FORMAT = 1
+
+
+class PipelineError(ValueError):
+    """A request the loaded models cannot serve (missing stage, wrong condition, bad prompt)."""
+
+
+@dataclass
+class GenerationSettings:
+    """Sampling settings; None = the stage's config default."""
+
+    cfg: float | None = None  # AR classifier-free guidance
+    cfg_schedule: str | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    steps: int | None = None  # refiner / diffusion steps
+    sampler: str | None = None
+    refiner_cfg: float = 1.0
+
+
+class HybridPipeline:
+    def __init__(self, tokenizer, configs: dict[str, dict], ar=None, refiner=None, diffusion=None) -> None:
+        self.tokenizer = tokenizer.eval()
+        self.configs = configs  # stage -> the resolved config (plain dict) it was trained with
+        self.ar = ar.eval() if ar is not None else None
+        self.refiner = refiner.eval() if refiner is not None else None
+        self.diffusion = diffusion.eval() if diffusion is not None else None
+        self.refiner_diffusion = build_diffusion(configs["refiner"], "refiner") if refiner is not None else None
+        self.diffusion_diffusion = build_diffusion(configs["diffusion"], "diffusion") if diffusion is not None else None
+
+    # -- loading --------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.tokenizer.parameters()).device
+
+    def to(self, device) -> HybridPipeline:
+        for module in (self.tokenizer, self.ar, self.refiner, self.diffusion):
+            if module is not None:
+                module.to(device)
+        return self
+
+    @property
+    def modes(self) -> list[str]:
+        out = []
+        if self.ar is not None:
+            out.append("ar")
+            if self.refiner is not None:
+                out.append("hybrid")
+        if self.diffusion is not None:
+            out.append("diffusion")
+        return out
+
+    @classmethod
+    def from_run(cls, run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> HybridPipeline:
+        """Loads every trained stage of a run directory (each stage's `final.ckpt`)."""
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise PipelineError(f"run directory '{run_dir}' does not exist")
+        tok_path = final_path(run_dir, "tokenizer")
+        if not tok_path.is_file():
+            raise PipelineError(f"run directory '{run_dir}' has no trained tokenizer ({tok_path} is missing)")
+        ckpt = load_checkpoint(tok_path, expect_stage="tokenizer")
+        configs = {"tokenizer": ckpt["hyper_parameters"]["config"]}
+        tokenizer = build_tokenizer(configs["tokenizer"])
+        tok_state = sub_state_dict(ckpt["state_dict"], "tokenizer")
+        tokenizer.load_state_dict(tok_state)
+        tok_hash = weights_hash(tok_state)
+        models: dict[str, Any] = {}
+        for stage in ("ar", "refiner", "diffusion"):
+            path = final_path(run_dir, stage)
+            if not path.is_file():
+                continue
+            ckpt = load_checkpoint(path, expect_stage=stage)
+            check_tokenizer_match(ckpt, tok_hash, path)
+            configs[stage] = ckpt["hyper_parameters"]["config"]
+            model = build_ar(configs[stage], tokenizer) if stage == "ar" else build_denoiser(
+                configs[stage], stage, tokenizer)
+            _load_strict(model, sub_state_dict(ckpt["state_dict"], "model"), path)
+            models[stage] = model
+        if not models:
+            raise PipelineError(f"run directory '{run_dir}' has no trained AR or diffusion stage yet")
+        return cls(tokenizer, configs, **models).to(device)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Writes every stage as `<stage>.safetensors` plus `pipeline.json` (configs, hashes)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        manifest: dict[str, Any] = {"format": EXPORT_FORMAT, "stages": {}}
+        for stage, module in self._stages().items():
+            state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+            tmp = folder / f".{stage}.safetensors.tmp"
+            save_file(state, str(tmp))
+            os.replace(tmp, folder / f"{stage}.safetensors")
+            manifest["stages"][stage] = {"config": self.configs[stage], "weights_hash": weights_hash(state)}
+        tmp = folder / ".pipeline.json.tmp"
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(tmp, folder / "pipeline.json")
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device = "cpu") -> HybridPipeline:
+        """Loads a `save_pretrained` folder: safetensors and JSON only, nothing is unpickled."""
+        folder = Path(folder)
+        manifest_path = folder / "pipeline.json"
+        if not manifest_path.is_file():
+            raise PipelineError(f"'{folder}' is not an exported pipeline: {manifest_path} is missing")
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("format") != EXPORT_FORMAT:
+            raise PipelineError(
+                f"'{manifest_path}' has export format {manifest.get('format')}, expected {EXPORT_FORMAT}")
+        stages = manifest["stages"]
+        configs = {stage: info["config"] for stage, info in stages.items()}
+        if "tokenizer" not in stages:
+            raise PipelineError(f"'{folder}' holds no tokenizer")
+
+        def weights(stage: str) -> dict[str, torch.Tensor]:
+            path = folder / f"{stage}.safetensors"
+            if not path.is_file():
+                raise PipelineError(f"'{path}' is missing (listed in {manifest_path})")
+            state = load_file(str(path))
+            if weights_hash(state) != stages[stage]["weights_hash"]:
+                raise PipelineError(f"'{path}' does not match the weights hash in {manifest_path}")
+            return state
+
+        tokenizer = build_tokenizer(configs["tokenizer"])
+        tokenizer.load_state_dict(weights("tokenizer"))
+        models = {}
+        for stage in ("ar", "refiner", "diffusion"):
+            if stage in stages:
+                model = build_ar(configs[stage], tokenizer) if stage == "ar" else build_denoiser(
+                    configs[stage], stage, tokenizer)
+                _load_strict(model, weights(stage), folder / f"{stage}.safetensors")
+                models[stage] = model
+        return cls(tokenizer, configs, **models).to(device)
+
+    def _stages(self) -> dict[str, torch.nn.Module]:
+        stages = {"tokenizer": self.tokenizer, "ar": self.ar, "refiner": self.refiner, "diffusion": self.diffusion}
+        return {k: v for k, v in stages.items() if v is not None}
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {stage: sum(p.numel() for p in m.parameters()) for stage, m in self._stages().items()}
+
+    # -- conditions -----------------------------------------------------------------------------
+    def _condition_for(self, stage: str, model, classes: torch.Tensor | None, prompts: list[str] | None):
+        """The condition `model` takes, from class ids and/or prompts."""
+        kind = getattr(model, "condition", "none")
+        if kind == "none":
+            return None
+        if kind == "class":
+            if classes is not None:
+                return classes.to(self.device)
+            if stage == "ar":
+                raise PipelineError(
+                    "this AR model is class-conditioned (ar.condition=class): pass class ids, not prompts")
+            return torch.full((len(prompts),), model.class_embed.null_id if hasattr(model, "class_embed")
+                              else num_classes(self.configs[stage]), dtype=torch.long, device=self.device)
+        # text
+        if prompts is None:
+            prompts = [f"a {class_name(int(c))}" for c in classes.tolist()]
+        return list(prompts)
+
+    def _check_request(self, classes, prompts, mode: str) -> int:
+        if mode not in MODES:
+            raise PipelineError(f"mode '{mode}' is unknown; choose one of {', '.join(MODES)}")
+        if mode not in self.modes:
+            have = ", ".join(self.modes) or "none"
+            raise PipelineError(f"mode '{mode}' needs a stage this pipeline lacks (available modes: {have})")
+        if (classes is None) == (prompts is None):
+            raise PipelineError("pass either class ids or prompts")
+        if prompts is not None:
+            for p in prompts:
+                if not p or not p.strip():
+                    raise PipelineError("a prompt is empty")
+                limit = self._text_limit(mode)
+                if limit is not None and len(p.encode("utf-8")) > limit:
+                    raise PipelineError(f"prompt {p!r} is {len(p.encode())} bytes; this model takes at most {limit}")
+            return len(prompts)
+        n = num_classes(self.configs["tokenizer"] if mode != "diffusion" else self.configs["diffusion"])
+        bad = [int(c) for c in classes.tolist() if not 0 <= int(c) < n]
+        if bad:
+            raise PipelineError(f"class id {bad[0]} is unknown; this model has classes 0..{n - 1}")
+        return len(classes)
+
+    def _text_limit(self, mode: str) -> int | None:
+        limits = [m.max_text_len for m in (self.ar if mode != "diffusion" else self.diffusion,)
+                  if m is not None and getattr(m, "condition", "") == "text"]
+        return min(limits) if limits else None
+
+    # -- generation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        classes: list[int] | torch.Tensor | None = None,
+        prompts: list[str] | None = None,
+        mode: str = "hybrid",
+        seed: int = 0,
+        batch_size: int = 16,
+        generator: torch.Generator | None = None,
+        return_tokens: bool = False,
+        **settings: Any,
+    ):
+        """Generates one image per class id / prompt: (N, 3, H, W) in [-1, 1].
+
+        settings: cfg, cfg_schedule, temperature, top_k, top_p (AR); steps, sampler, refiner_cfg
+        (refiner / diffusion). The same seed gives the same images; `generator` overrides `seed`.
+        """
+        s = GenerationSettings(**settings)
+        if classes is not None and not isinstance(classes, torch.Tensor):
+            classes = torch.tensor(list(classes), dtype=torch.long)
+        n = self._check_request(classes, prompts, mode)
+        if generator is None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        images, tokens = [], []
+        for start in range(0, n, batch_size):
+            part_classes = classes[start : start + batch_size] if classes is not None else None
+            part_prompts = prompts[start : start + batch_size] if prompts is not None else None
+            out = self._generate_batch(part_classes, part_prompts, mode, s, generator)
+            images.append(out[0])
+            tokens.append(out[1])
+        images = torch.cat(images)
+        return (images, tokens) if return_tokens else images
+
+    def _generate_batch(self, classes, prompts, mode, s: GenerationSettings, generator):
+        if mode == "diffusion":
+            return self._sample_diffusion(classes, prompts, s, generator), None
+        a = from_dict(self.configs["ar"]).ar.sample
+        ar_cond = self._condition_for("ar", self.ar, classes, prompts)
+        indices = self.ar.generate(
+            ar_cond,
+            self.tokenizer,
+            generator,
+            cfg=a.cfg if s.cfg is None else s.cfg,
+            cfg_schedule=s.cfg_schedule or a.cfg_schedule,
+            temperature=a.temperature if s.temperature is None else s.temperature,
+            top_k=a.top_k if s.top_k is None else s.top_k,
+            top_p=a.top_p if s.top_p is None else s.top_p,
+        )
+        z_q = self.tokenizer.indices_to_latent(indices)  # (B, C, h, w)
+        if mode == "ar":
+            return self.tokenizer.decode(z_q).clamp(-1, 1), indices
+        return self.refine(z_q, classes, prompts, s, generator), indices
+
+    def refine(self, z_q, classes=None, prompts=None, s: GenerationSettings | None = None, generator=None):
+        """z_q (B, C, h, w) -> decoded images with the refiner's residual added."""
+        from hybrid.refiner.diffusion import refiner_compose
+
+        s = s or GenerationSettings()
+        rcfg = from_dict(self.configs["refiner"]).refiner
+        if classes is None and prompts is None:
+            cond = _null_condition(self.refiner, z_q.shape[0], z_q.device)
+        else:
+            cond = self._condition_for("refiner", self.refiner, classes, prompts)
+        x0 = self.refiner_diffusion.sample(
+            self.refiner, tuple(z_q.shape), z_q=z_q, cond=cond, steps=s.steps or rcfg.steps,
+            generator=generator, cfg=s.refiner_cfg, sampler=s.sampler,
+        )
+        z = refiner_compose(x0, z_q, self.tokenizer.residual_std, rcfg.target)
+        return self.tokenizer.decode(z).clamp(-1, 1)
+
+    def _sample_diffusion(self, classes, prompts, s: GenerationSettings, generator):
+        dcfg = from_dict(self.configs["diffusion"]).diffusion
+        cond = self._condition_for("diffusion", self.diffusion, classes, prompts)
+        B = len(classes) if classes is not None else len(prompts)
+        C, h = self.tokenizer.latent_channels, self.tokenizer.latent_size
+        x0 = self.diffusion_diffusion.sample(
+            self.diffusion, (B, C, h, h), cond=cond, steps=s.steps or dcfg.steps, generator=generator,
+            cfg=s.refiner_cfg, sampler=s.sampler, device=self.device,
+        )
+        z = x0 * self.tokenizer.latent_std.to(x0)[None, :, None, None]  # standardised latent -> z
+        return self.tokenizer.decode(z).clamp(-1, 1)
+
+
+def _null_condition(model, batch: int, device):
+    """The unconditional input of a denoiser for `batch` samples (None when it takes no condition)."""
+    kind = getattr(model, "condition", "none")
+    if kind == "none":
+        return None
+    if kind == "class":
+        return torch.full((batch,), model.class_embed.null_id, dtype=torch.long, device=device)
+    return [""] * batch
+
+
+def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path) -> None:
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"'{path}' does not fit the model its config describes (missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]})"
+        )
+
+
+def time_generation(pipe: HybridPipeline, mode: str, classes: list[int], batch_size: int, repeats: int = 3,
+                    **settings) -> float:
+    """Median seconds per image of `pipe(...)` at `batch_size` (one warm-up call first)."""
+    pipe(classes=classes[:batch_size], mode=mode, batch_size=batch_size, **settings)
+    times = []
+    for r in range(repeats):
+        start = time.perf_counter()
+        pipe(classes=classes[:batch_size], mode=mode, batch_size=batch_size, seed=r, **settings)
+        times.append((time.perf_counter() - start) / batch_size)
+    return sorted(times)[len(times) // 2]

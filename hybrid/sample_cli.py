@@ -1,0 +1,109 @@
+"""`python sample.py`: generate images from a run directory or an exported folder."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hybrid.pipeline import MODES, HybridPipeline, PipelineError
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="sample.py",
+        description="Generate images with a trained hybrid pipeline (AR -> z_q -> refiner -> decoder).",
+        epilog="example: python sample.py --run runs/default --prompt 'a red circle at the top left' -n 16 --out out/",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run directory written by train.py")
+    src.add_argument("--export", help="folder written by --write-export / HybridPipeline.save_pretrained")
+    cond = p.add_mutually_exclusive_group()
+    cond.add_argument("--prompt", help="one text prompt (repeated -n times)")
+    cond.add_argument("--class", dest="class_id", type=int, help="one class id (repeated -n times)")
+    cond.add_argument("--prompts-file", help="a text file with one prompt per line")
+    p.add_argument("-n", "--num", type=int, default=16, help="images per prompt / class (default 16)")
+    p.add_argument("--mode", choices=MODES, default="hybrid", help="hybrid | ar | diffusion (default hybrid)")
+    p.add_argument("--steps", type=int, default=None, help="refiner / diffusion steps (default: the config's)")
+    p.add_argument("--sampler", default=None, help="ddim | dpm (ddpm-trained) or euler | dpm (flow-trained)")
+    p.add_argument("--cfg", type=float, default=None, help="AR classifier-free guidance scale")
+    p.add_argument("--refiner-cfg", type=float, default=1.0, help="guidance of the refiner / diffusion model")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--out", default="samples", help="output folder (default samples/)")
+    p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True, help="write grid.png")
+    p.add_argument("--individual", action=argparse.BooleanOptionalAction, default=True,
+                   help="write every image as its own PNG")
+    p.add_argument("--write-export", default=None, help="also export the loaded pipeline to this folder")
+    return p.parse_args(argv)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PipelineError(f"--device {name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def _requests(args) -> tuple[list[int] | None, list[str] | None]:
+    if args.num < 1:
+        raise PipelineError(f"-n must be >= 1, got {args.num}")
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise PipelineError(f"prompts file '{path}' does not exist")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise PipelineError(f"prompts file '{path}' holds no prompt")
+        return None, [p for p in prompts for _ in range(args.num)]
+    if args.prompt is not None:
+        return None, [args.prompt] * args.num
+    if args.class_id is not None:
+        return [args.class_id] * args.num, None
+    raise PipelineError("give --prompt, --class or --prompts-file")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from hybrid.checkpoints import CheckpointError
+
+    try:
+        device = _device(args.device)
+        classes, prompts = _requests(args)
+        if args.run:
+            pipe = HybridPipeline.from_run(args.run, device=device)
+        else:
+            pipe = HybridPipeline.from_pretrained(args.export, device=device)
+        if args.write_export:
+            pipe.save_pretrained(args.write_export)
+            print(f"exported to {args.write_export}")
+        start = time.perf_counter()
+        images = pipe(
+            classes=classes, prompts=prompts, mode=args.mode, seed=args.seed, batch_size=args.batch_size,
+            cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            steps=args.steps, sampler=args.sampler, refiner_cfg=args.refiner_cfg,
+        )
+        seconds = time.perf_counter() - start
+    except (PipelineError, CheckpointError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from hybrid.images import save_grid, save_png, to_uint8
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.individual:
+        for i, image in enumerate(to_uint8(images)):
+            save_png(image, out / f"{i:04d}.png")
+    if args.grid:
+        save_grid(images, out / "grid.png")
+    n = images.shape[0]
+    print(f"{n} images ({args.mode}) in {seconds:.2f} s = {n / seconds:.1f} images/s on {device}; written to {out}/")
+    return 0
