@@ -149,6 +149,9 @@ class DenoiserConfig:
     steps: int = 4
     num_train_timesteps: int = 1000
     cond_drop: float = 0.1
+    max_text_len: int = 64  # bytes (condition=text)
+    timestep_density: str = "logit_normal"  # flow only: logit_normal | uniform | mode (diffusers.training_utils)
+    flow_shift: float = 1.0  # flow only: sigma shift of the training and sampling schedules
     checkpoint: str = ""
 
 

@@ -1,0 +1,320 @@
+"""Stage 3: the denoiser (dit | mlp, refiner | baseline) and the diffusers trainer x sampler wrapper.
+
+Toy shapes: latents 4 channels x 4x4, width 32, depth 2, 1-8 steps.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from hybrid.nn.embeddings import encode_text
+from hybrid.refiner import Denoiser, Diffusion, build_denoiser, refiner_compose, refiner_target
+
+C, S, B, NUM_CLASSES = 4, 4, 2, 3
+PAIRS = [("ddpm", "ddim"), ("ddpm", "dpm"), ("flow", "euler"), ("flow", "dpm")]
+
+
+def make(arch="dit", coarse=True, condition="class", **kw):
+    torch.manual_seed(0)
+    return Denoiser(latent_channels=C, latent_size=S, coarse=coarse, arch=arch, width=32, depth=2, heads=2,
+                    condition=condition, num_classes=NUM_CLASSES, max_text_len=16, **kw)
+
+
+def wake(model: nn.Module, std: float = 0.05) -> nn.Module:
+    """Gives the zero-initialised (adaLN-Zero, final) layers random weights, so every parameter matters."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def inputs(coarse=True, condition="class", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, S, S, generator=g)
+    z_q = torch.randn(B, C, S, S, generator=g) if coarse else None
+    cond = {"none": None, "class": torch.tensor([0, 2]), "text": encode_text(["red", "a blue circle"], 16)}[condition]
+    return x, z_q, cond
+
+
+@pytest.mark.parametrize("arch", ["dit", "mlp"])
+@pytest.mark.parametrize("coarse", [True, False])
+def test_denoiser_shapes_zero_init_and_gradients(arch, coarse):
+    model = make(arch, coarse)
+    x, z_q, cond = inputs(coarse)
+    t = torch.tensor([0, 999])
+    out = model(x, t, z_q, cond)
+    assert out.shape == (B, C, S, S)
+    assert torch.equal(out, torch.zeros_like(out)), "adaLN-Zero: a fresh denoiser outputs exactly zero"
+
+    wake(model)
+    out = model(x, t.float(), z_q, cond)
+    assert out.abs().sum() > 0
+    out.square().mean().backward()
+    for name, p in model.named_parameters():
+        if name.startswith("class_embed"):  # only the rows of the classes in the batch
+            continue
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"{name} gets no gradient"
+
+
+@pytest.mark.parametrize("arch", ["dit", "mlp"])
+def test_text_condition_and_null(arch):
+    model = wake(make(arch, condition="text"))
+    x, z_q, cond = inputs(condition="text")
+    t = torch.tensor([10, 500])
+    out = model(x, t, z_q, cond)
+    assert out.shape == (B, C, S, S) and torch.isfinite(out).all()
+    null = model.null_condition(cond)
+    assert not null[1].any()
+    assert not torch.allclose(model(x, t, z_q, null), out)
+    dropped = model.drop_condition(cond, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(model(x, t, z_q, dropped), model(x, t, z_q, null))
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.text_encoder.parameters() if p.grad is not None)
+
+
+def test_denoiser_errors_name_the_problem():
+    refiner, baseline = make(coarse=True), make(coarse=False)
+    x, z_q, cond = inputs()
+    with pytest.raises(ValueError, match="pass z_q"):
+        refiner(x, torch.tensor([1, 2]), None, cond)
+    with pytest.raises(ValueError, match="must be None"):
+        baseline(x, torch.tensor([1, 2]), z_q, cond)
+    with pytest.raises(ValueError, match="pass cond"):
+        refiner(x, torch.tensor([1, 2]), z_q, None)
+    with pytest.raises(ValueError, match="arch"):
+        make(arch="unet")
+    with pytest.raises(ValueError, match="does not sample"):
+        Diffusion("flow", sampler="ddim")
+
+
+@pytest.mark.parametrize("objective,sampler", PAIRS)
+def test_trainer_sampler_pair_trains_and_samples(objective, sampler):
+    model = make()
+    diffusion = Diffusion(objective, sampler=sampler)
+    x0, z_q, cond = inputs()
+    loss, buckets = diffusion.loss(model, x0, z_q, cond, torch.Generator().manual_seed(0), cond_drop=0.5)
+    assert torch.isfinite(loss) and buckets and all(torch.isfinite(v) for v in buckets.values())
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    wake(model)
+    for steps in (1, 4):
+        out = diffusion.sample(model, x0.shape, z_q, cond, steps, torch.Generator().manual_seed(0), cfg=2.0)
+        assert out.shape == x0.shape and torch.isfinite(out).all(), (objective, sampler, steps)
+
+
+@pytest.mark.parametrize("prediction", ["v_prediction", "epsilon", "sample"])
+def test_one_step_schedule_never_starts_at_zero(prediction):
+    for objective, sampler in PAIRS:
+        diffusion = Diffusion(objective, prediction, sampler=sampler)
+        for steps in (1, 2, 4, 8):
+            first = diffusion.timesteps(steps)[0]
+            assert diffusion.noise_level(first[None]).item() >= 0.99, (objective, sampler, steps, first)
+
+
+class ExactModel(nn.Module):
+    """The exact denoiser of the point mass x0 = `value`: returns the true target for any x_t."""
+
+    def __init__(self, diffusion: Diffusion, value: torch.Tensor) -> None:
+        super().__init__()
+        self.d, self.value = diffusion, value
+        self.anchor = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x_t, t, z_q=None, cond=None):
+        c = self.value
+        if self.d.objective == "flow":
+            sigma = (t.float() / self.d.num_train_timesteps)[:, None, None, None]
+            noise = (x_t - (1 - sigma) * c) / sigma
+            return noise - c
+        a = self.d.train_scheduler.alphas_cumprod[t.long().cpu()][:, None, None, None]
+        noise = (x_t - a.sqrt() * c) / (1 - a).sqrt()
+        return {"v_prediction": a.sqrt() * noise - (1 - a).sqrt() * c, "epsilon": noise,
+                "sample": c.expand_as(x_t)}[self.d.prediction]
+
+
+@pytest.mark.parametrize("prediction", ["v_prediction", "epsilon", "sample"])
+def test_every_step_count_lands_on_an_exact_models_target(prediction):
+    """1..8 steps with the exact model reach x0: the scheduler settings (zero SNR, trailing spacing,
+    DPM's final sigma) are right. DDIM with 6 or 7 steps stops at t=0 (noise std ~0.01): a diffusers quirk."""
+    value = torch.full((1, C, S, S), 0.7)
+    for objective, sampler in PAIRS:
+        if objective == "flow" and prediction != "v_prediction":
+            continue
+        diffusion = Diffusion(objective, prediction, sampler=sampler)
+        model = ExactModel(diffusion, value)
+        for steps in range(1, 9):
+            out = diffusion.sample(model, (B, C, S, S), steps=steps, generator=torch.Generator().manual_seed(steps))
+            tol = 0.06 if (sampler == "ddim" and 1000 % steps) else 0.01
+            err = (out - value).abs().max().item()
+            assert err < tol, (objective, sampler, prediction, steps, err)
+
+
+@pytest.mark.parametrize("objective,sampler", [("ddpm", "ddim"), ("flow", "dpm")])
+def test_sampling_is_deterministic_per_generator(objective, sampler):
+    model = wake(make())
+    diffusion = Diffusion(objective, sampler=sampler)
+    _, z_q, cond = inputs()
+    shape = (B, C, S, S)
+
+    def sample(seed):
+        return diffusion.sample(model, shape, z_q, cond, 4, torch.Generator().manual_seed(seed), cfg=1.5)
+
+    assert torch.equal(sample(0), sample(0))
+    assert not torch.allclose(sample(0), sample(1))
+    x0 = torch.randn(shape)
+    l1, _ = diffusion.loss(model, x0, z_q, cond, torch.Generator().manual_seed(3), cond_drop=0.5)
+    l2, _ = diffusion.loss(model, x0, z_q, cond, torch.Generator().manual_seed(3), cond_drop=0.5)
+    assert torch.equal(l1, l2)
+
+
+def test_guidance_runs_cond_and_null_in_one_batch():
+    model = wake(make(), std=0.2)
+    diffusion = Diffusion("ddpm")
+    _, z_q, cond = inputs()
+    shape = (B, C, S, S)
+
+    def sample(c, cfg):
+        return diffusion.sample(model, shape, z_q, c, 2, torch.Generator().manual_seed(0), cfg=cfg)
+
+    # cfg = 0 keeps only the null branch: it equals unguided sampling with the null condition.
+    torch.testing.assert_close(sample(cond, 0.0), sample(model.null_condition(cond), 1.0))
+    assert not torch.allclose(sample(cond, 3.0), sample(cond, 1.0))
+
+
+@pytest.mark.parametrize("arch", ["dit", "mlp"])
+def test_state_dict_round_trip(arch):
+    model = wake(make(arch, condition="text"))
+    x, z_q, cond = inputs(condition="text")
+    t = torch.tensor([5, 700])
+    clone = make(arch, condition="text")
+    clone.load_state_dict(model.state_dict())
+    assert torch.equal(model(x, t, z_q, cond), clone(x, t, z_q, cond))
+
+
+def test_refiner_target_round_trip():
+    g = torch.Generator().manual_seed(0)
+    z_q = torch.randn(B, C, S, S, generator=g)
+    std = torch.tensor([0.5, 1.0, 2.0, 0.1])
+    z = z_q + torch.randn(B, C, S, S, generator=g) * std[None, :, None, None]
+    x0 = refiner_target(z, z_q, std)
+    torch.testing.assert_close(x0.std(dim=(0, 2, 3)), torch.ones(C), atol=0.5, rtol=0)
+    torch.testing.assert_close(refiner_compose(x0, z_q, std), z)
+    torch.testing.assert_close(refiner_compose(refiner_target(z, z_q, std, "latent"), z_q, std, "latent"), z)
+    with pytest.raises(ValueError, match="target"):
+        refiner_target(z, z_q, std, "image")
+
+
+def test_builds_from_config_defaults():
+    from hybrid.config import load_config
+
+    cfg = load_config(overrides=["refiner.width=32", "refiner.depth=1", "diffusion.width=32", "diffusion.depth=1"])
+    refiner = build_denoiser(cfg.refiner, C, S, coarse=True, num_classes=NUM_CLASSES)
+    baseline = build_denoiser(cfg.diffusion, C, S, coarse=False, num_classes=NUM_CLASSES)
+    assert refiner.coarse and not baseline.coarse
+    d = Diffusion.from_config(cfg.refiner)
+    assert (d.objective, d.prediction, d.sampler, d.zero_snr) == ("ddpm", "v_prediction", "ddim", True)
+    assert Diffusion.from_config(cfg.diffusion).sampler == "ddim"
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_tiny_fit_reduces_loss_and_samples_approach_target(objective):
+    """x0 = 0.5 z_q + a class constant: a few dozen steps learn it; 4-step samples land near it."""
+    torch.manual_seed(0)
+    model = make(arch="dit")
+    diffusion = Diffusion(objective)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    offsets = torch.tensor([-1.0, 0.0, 1.0])
+
+    def batch(g, n=32):
+        z_q = torch.randn(n, C, S, S, generator=g)
+        labels = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+        return 0.5 * z_q + offsets[labels][:, None, None, None], z_q, labels
+
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(60):
+        x0, z_q, labels = batch(g)
+        loss, _ = diffusion.loss(model, x0, z_q, labels, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10, losses
+
+    model.eval()
+    x0, z_q, labels = batch(torch.Generator().manual_seed(123), n=16)
+    out = diffusion.sample(model, x0.shape, z_q, labels, 4, torch.Generator().manual_seed(7))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7))
+    err, noise_err = (out - x0).square().mean().item(), (noise - x0).square().mean().item()
+    assert err < 0.5 * noise_err, (err, noise_err)
+
+
+@pytest.mark.gpu
+def test_sampling_on_cuda_with_a_cpu_generator():
+    model = wake(make()).cuda()
+    diffusion = Diffusion("ddpm", sampler="dpm")
+    x0, z_q, cond = inputs()
+    z_q, cond, x0 = z_q.cuda(), cond.cuda(), x0.cuda()
+    loss, _ = diffusion.loss(model, x0, z_q, cond, torch.Generator().manual_seed(0), cond_drop=0.5)
+    loss.backward()
+    out = diffusion.sample(model, x0.shape, z_q, cond, 4, torch.Generator().manual_seed(0), cfg=2.0)
+    assert out.device.type == "cuda" and torch.isfinite(out).all()
+    ref = diffusion.sample(model.cpu(), x0.shape, z_q.cpu(), cond.cpu(), 4, torch.Generator().manual_seed(0), cfg=2.0)
+    torch.testing.assert_close(out.cpu(), ref, atol=1e-3, rtol=1e-3)
+
+
+def test_captions_are_a_text_condition():
+    model = wake(make(condition="text"))
+    x, z_q, cond = inputs(condition="text")
+    t = torch.tensor([10, 500])
+    captions = ["red", "a blue circle"]
+    torch.testing.assert_close(model(x, t, z_q, captions), model(x, t, z_q, cond))
+    diffusion = Diffusion("ddpm")
+    a = diffusion.sample(model, x.shape, z_q, captions, 2, torch.Generator().manual_seed(0), cfg=2.0)
+    b = diffusion.sample(model, x.shape, z_q, cond, 2, torch.Generator().manual_seed(0), cfg=2.0)
+    torch.testing.assert_close(a, b)
+
+
+class _Batches(torch.utils.data.Dataset):
+    def __init__(self, n: int = 8, size: int = 16) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.rand(n, 3, size, size, generator=g) * 2 - 1
+        self.classes = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "class_id": int(self.classes[i]), "caption": f"shape number {i}"}
+
+
+@pytest.mark.parametrize("stage,condition", [("refiner", "class"), ("diffusion", "text")])
+def test_lightning_smoke_run_and_checkpoint_round_trip(tmp_path, stage, condition):
+    pl = pytest.importorskip("pytorch_lightning")
+    from pathlib import Path
+
+    from hybrid.config import load_config, to_dict
+    from hybrid.lit.refiner import DiffusionModule, RefinerModule
+
+    toy = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
+    cfg = load_config(toy, [f"run_dir={tmp_path}", f"data.num_classes={NUM_CLASSES}", f"{stage}.condition={condition}",
+                            f"{stage}.train.max_steps=2", f"{stage}.train.warmup_steps=1", f"{stage}.steps=2"])
+    config = to_dict(cfg)
+    cls = RefinerModule if stage == "refiner" else DiffusionModule
+    module = cls(config, tokenizer_config=config)  # a random tokenizer stands in for a trained one
+    loader = torch.utils.data.DataLoader(_Batches(), batch_size=4)
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=module.extra_callbacks(),
+                         default_root_dir=str(tmp_path))
+    trainer.fit(module, loader)
+    assert list((tmp_path / stage / "images").glob("*.png")), "previews are written at the end"
+    path = tmp_path / "stage.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = cls.load_from_checkpoint(path, map_location="cpu")
+    x, z_q, _ = inputs(coarse=stage == "refiner")
+    cond = torch.tensor([0, 2]) if condition == "class" else ["a", "b"]
+    t = torch.tensor([10, 900])
+    module.eval()
+    assert torch.equal(loaded.model(x, t, z_q, cond), module.model(x, t, z_q, cond))
