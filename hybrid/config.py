@@ -64,6 +64,7 @@ class DataConfig:
     caption_keep: float = 0.7  # probability that a training caption names each attribute
     two_object_prob: float = 0.3
     glyph_prob: float = 0.2  # probability that the first object is a glyph
+    num_classes: int = 0  # class count for class conditioning; 0 = the procedural dataset's (shape x color)
 
 
 @dataclass
@@ -103,8 +104,15 @@ class TokenizerConfig:
 @dataclass
 class OracleConfig:
     backbone: str = "resnet18"  # any timm model name
-    feature_dim: int = 128
+    feature_dim: int = 128  # pre-logit feature vector (the FID space)
+    stem_stride: int = 2  # ResNets: stem downsamples by 1 or 2 instead of 4 (small inputs); 0 = model's own stem
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
     path: str = ""  # empty = <cache_dir>/oracle-<image_size>.safetensors
+    holdout: list[str] = field(default_factory=lambda: ["red:triangle", "blue:circle", "green:star"])  # never seen
+    glyph_prob: float = 0.2  # training only: probability that the first object is a glyph
+    num_workers: int = 1  # DataLoader workers rendering training/eval images
+    eval_samples: int = 5000  # fresh images for the stored/printed accuracy
+    holdout_samples: int = 2000  # images of held-out color:shape combinations
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1500, lr=2e-3, batch_size=128))
 
 
