@@ -1,0 +1,106 @@
+#!/bin/bash
+# Submit a whole hybrid experiment to SLURM as dependent jobs of slurm/train.sbatch:
+#
+#   tokenizer ──┬──► ar ──────┐
+#               ├──► refiner ─┼──► eval
+#               └──► diffusion┘ (only with WITH_DIFFUSION=1)
+#   oracle ───────────────────┘   (needs no tokenizer: runs beside it)
+#
+# usage: slurm/submit_pipeline.sh [--config FILE] [--run-dir DIR] [--dry-run] [key=value ...]
+#   key=value overrides go to every stage (e.g. tokenizer.train.max_steps=500 cache_dir=/scratch/cache).
+#   --dry-run prints the sbatch commands instead of submitting them.
+# Prints one "<stage> <job id>" line per job, then how to watch them.
+#
+# Resources (environment variables):
+#   NODES          nodes per training job (default 1)
+#   GPUS_PER_NODE  GPUs per node; training jobs run one task per GPU (default 4; 0 = CPU-only cluster)
+#   TASKS_PER_NODE tasks per node when GPUS_PER_NODE=0 (default 1; DDP over gloo when > 1)
+#   CPUS_PER_TASK  CPU cores per task (default 8)
+#   TIME           time limit per training job (default 04:00:00; a job that hits it is requeued and resumes)
+#   EVAL_TIME      time limit of the oracle and eval jobs (default 02:00:00)
+#   SBATCH_ARGS    extra sbatch options for every job, space separated (e.g. "--partition=gpu --account=proj")
+#   WITH_DIFFUSION 1 = also train the pure-diffusion baseline (and pass with_diffusion=true)
+# The oracle and eval jobs use one task (and one GPU when GPUS_PER_NODE > 0).
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+config="${CONFIG:-configs/default.yaml}"
+run_dir="${RUN_DIR:-}"
+dry_run=0
+overrides=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --config) config="$2"; shift 2 ;;
+        --config=*) config="${1#*=}"; shift ;;
+        --run-dir) run_dir="$2"; shift 2 ;;
+        --run-dir=*) run_dir="${1#*=}"; shift ;;
+        --dry-run) dry_run=1; shift ;;
+        -h|--help) sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        run_dir=*) run_dir="${1#run_dir=}"; shift ;;
+        stage=*) echo "error: submit_pipeline.sh submits every stage; drop '$1' (use slurm/train.sbatch for one stage)" >&2; exit 2 ;;
+        *=*) overrides+=("$1"); shift ;;
+        *) echo "error: unknown argument '$1' (expected --config FILE, --run-dir DIR, --dry-run or key=value)" >&2; exit 2 ;;
+    esac
+done
+
+case "$config" in /*) ;; *) config="$repo/$config" ;; esac
+if [ ! -f "$config" ]; then echo "error: config file '$config' does not exist" >&2; exit 2; fi
+if [ -z "$run_dir" ]; then
+    run_dir="runs/$(basename "$config" .yaml)-$(date +%Y%m%d-%H%M%S)"
+fi
+case "$run_dir" in /*) ;; *) run_dir="$repo/$run_dir" ;; esac
+if [[ "$config$run_dir$repo" == *,* ]]; then
+    echo "error: the repository, config and run dir paths must not contain commas (sbatch --export splits on them)" >&2
+    exit 2
+fi
+
+nodes="${NODES:-1}"
+gpus="${GPUS_PER_NODE:-4}"
+cpus="${CPUS_PER_TASK:-8}"
+if [ "$gpus" -gt 0 ]; then tasks="$gpus"; else tasks="${TASKS_PER_NODE:-1}"; fi
+read -r -a site <<< "${SBATCH_ARGS:-}"
+if [ "${WITH_DIFFUSION:-0}" = 1 ]; then overrides+=("with_diffusion=true"); fi
+
+train_res=(--nodes="$nodes" --ntasks-per-node="$tasks" --gpus-per-node="$gpus" --cpus-per-task="$cpus"
+           --time="${TIME:-04:00:00}")
+single_res=(--nodes=1 --ntasks-per-node=1 --gpus-per-node="$(( gpus > 0 ? 1 : 0 ))" --cpus-per-task="$cpus"
+            --time="${EVAL_TIME:-02:00:00}")
+
+if [ "$dry_run" = 0 ]; then mkdir -p "$run_dir/slurm"; fi
+
+# submit STAGE DEPENDENCY RESOURCES...: prints the job id
+submit() {
+    local stage="$1" dependency="$2"; shift 2
+    local cmd=(sbatch --parsable --job-name="hybrid-$stage" --chdir="$repo" --output="$run_dir/slurm/%x-%j.out"
+               --export="ALL,HYBRID_DIR=$repo,CONFIG=$config,STAGE=$stage,RUN_DIR=$run_dir"
+               "$@" "${site[@]}")
+    if [ -n "$dependency" ]; then cmd+=(--dependency="afterok:$dependency" --kill-on-invalid-dep=yes); fi
+    cmd+=("$repo/slurm/train.sbatch" "${overrides[@]}")
+    if [ "$dry_run" = 1 ]; then
+        echo "${cmd[*]}" >&2
+        echo "<$stage>"
+    else
+        local out
+        out="$("${cmd[@]}")"
+        echo "${out%%;*}"  # --parsable prints "id" or "id;cluster"
+    fi
+}
+
+tokenizer=$(submit tokenizer "" "${train_res[@]}")
+oracle=$(submit oracle "" "${single_res[@]}")
+ar=$(submit ar "$tokenizer" "${train_res[@]}")
+refiner=$(submit refiner "$tokenizer" "${train_res[@]}")
+eval_deps="$ar:$refiner:$oracle"
+if [ "${WITH_DIFFUSION:-0}" = 1 ]; then
+    diffusion=$(submit diffusion "$tokenizer" "${train_res[@]}")
+    eval_deps="$eval_deps:$diffusion"
+fi
+evaluation=$(submit eval "$eval_deps" "${single_res[@]}")
+
+echo "tokenizer $tokenizer"
+echo "oracle $oracle"
+echo "ar $ar"
+echo "refiner $refiner"
+if [ "${WITH_DIFFUSION:-0}" = 1 ]; then echo "diffusion $diffusion"; fi
+echo "eval $evaluation"
+echo "# run dir: $run_dir   logs: $run_dir/slurm/   watch: squeue -u ${USER:-$(id -un)}" >&2
