@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import Callback, LambdaCallback, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger
 
 from hybrid.checkpoints import final_path, init_weights, last_path, stage_dir
@@ -126,6 +126,14 @@ def build_trainer(cfg, stage: str, extra_callbacks=()) -> pl.Trainer:
     ]
     if cfg.trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=1 if sys.stderr.isatty() else 50))
+
+    # SLURM requeue (slurm/train.sbatch): rank 0 says where each (re)started fit begins, so a job's log
+    # shows that a requeued job resumed from its hpc checkpoint instead of starting over.
+    def _say_start(trainer, _module) -> None:
+        if trainer.global_rank == 0:
+            print(f"[{stage}] fit starts at step {trainer.global_step}", flush=True)
+
+    callbacks.append(LambdaCallback(on_train_start=_say_start))
     loggers = [CSVLogger(save_dir=str(cfg.run_dir), name=stage, version="logs")]
     try:
         import tensorboard  # noqa: F401
