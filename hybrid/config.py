@@ -137,7 +137,8 @@ class ARConfig:
     drop_path: float = 0.0
     cond_drop: float = 0.1  # probability of the null condition in training (for guidance)
     max_text_len: int = 64  # bytes
-    token_cache: bool = True
+    token_cache: bool = True  # train on a pool of pre-encoded images (no tokenizer encoder in the step)
+    token_cache_size: int = 20000  # images in that pool (at most max_steps x batch_size are encoded)
     checkpoint: str = ""
     sample: SampleConfig = field(default_factory=SampleConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=2000, lr=5e-4, weight_decay=0.05))

@@ -1,0 +1,71 @@
+"""Small pure functions the AR sampler is built from: guidance schedule, guided logits, token sampling."""
+
+from __future__ import annotations
+
+import torch
+
+CFG_SCHEDULES = ("constant", "linear")
+
+
+def guidance_scale(cfg: float, schedule: str, step: int, num_steps: int) -> float:
+    """Classifier-free guidance scale at `step` of `num_steps` (scales for next-scale, tokens for raster).
+
+    "constant": `cfg` everywhere. "linear": rises from 1 (no guidance) at the first step to `cfg` at the
+    last, so the coarse layout stays diverse and the details follow the condition (as in VAR).
+    """
+    if schedule == "constant":
+        return cfg
+    if schedule == "linear":
+        return 1.0 + (cfg - 1.0) * (step / (num_steps - 1) if num_steps > 1 else 1.0)
+    raise ValueError(f"cfg_schedule '{schedule}' is unknown; choose one of {', '.join(CFG_SCHEDULES)}")
+
+
+def guide(cond_logits: torch.Tensor, null_logits: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance on logits (Ho & Salimans 2022): null + scale * (cond - null).
+
+    Written as cond + (scale - 1) * (cond - null) so that scale 1 returns `cond_logits` exactly.
+    """
+    if scale == 1.0:
+        return cond_logits
+    return cond_logits + (scale - 1.0) * (cond_logits - null_logits)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k, then nucleus (top-p, Holtzman et al. 2020) filtering: removed entries become -inf.
+
+    logits (..., V) -> (..., V). `top_k <= 0` and `top_p >= 1` switch the filters off; the most likely
+    token is always kept.
+    """
+    V = logits.shape[-1]
+    if 0 < top_k < V:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (..., 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (..., V)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs  # (..., V) mass of the more likely tokens
+        remove_sorted = mass_before >= top_p
+        remove_sorted[..., 0] = False
+        remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def sample_logits(
+    logits: torch.Tensor,
+    generator: torch.Generator,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> torch.Tensor:
+    """Draws one token per row: logits (..., V) -> (...) long. All randomness comes from `generator`.
+
+    `temperature <= 0` is greedy (argmax).
+    """
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    probs = torch.softmax(logits, dim=-1)  # (..., V)
+    flat = probs.reshape(-1, probs.shape[-1])  # (N, V)
+    idx = torch.multinomial(flat, 1, generator=generator)  # (N, 1)
+    return idx.view(probs.shape[:-1])

@@ -1,0 +1,207 @@
+"""Stage 2 in Lightning: the coarse AR model over the frozen tokenizer's codes.
+
+`ARModule` reads the frozen tokenizer (`TokenizerConsumer`) and trains an `ARModel` (held as
+`self.model`, so the pipeline finds its weights under the "model." prefix) with teacher forcing:
+cross-entropy over every image token, token accuracy overall and per scale in the logs. For
+`ar.order=next_scale` the tokenizer builds each scale's input from the indices
+(`next_scale_inputs`). The condition (class id or caption, cut to `ar.max_text_len` bytes) is dropped
+with probability `ar.cond_drop`, drawn from the step's generator (resumable).
+
+Token cache (`ar.token_cache=true`, the default): the training step never runs the tokenizer's
+encoder. Before the first step a pool of min(`ar.token_cache_size`, max_steps x batch_size) training
+images is read once (the data module's own sampler, rank 0's stream, so every rank builds the same
+pool) and encoded; batches of {"indices", "class_id", "caption"} are then drawn from the pool
+(`EpochIndexSampler`: per epoch and rank). The pool is saved as `<run_dir>/ar/token_cache.pt`, keyed by
+the tokenizer's weight hash, the data config and the pool size, and reused when a run resumes.
+With `token_cache=false` each batch of images is encoded on the fly (fresh images every step).
+
+Previews: the tokenizer's discrete reconstruction of data images / AR samples of the same conditions
+(guidance as in `ar.sample`). Validation (when `train.val_every` > 0): loss and accuracy on the
+validation images, no condition dropping.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from hybrid.checkpoints import atomic_torch_save
+from hybrid.config import to_dict
+from hybrid.data.module import EpochIndexSampler, HybridDataModule
+from hybrid.lit.base import TokenizerConsumer
+from hybrid.lit.refiner import fit_caption
+from hybrid.models import build_ar
+
+TOKEN_CACHE_FILE = "token_cache.pt"
+
+
+class TokenPool(Dataset):
+    """Pre-encoded training images: item i -> {"indices": [(s_k, s_k) int16], "class_id": int, "caption": str}."""
+
+    def __init__(self, indices: list[torch.Tensor], class_ids: torch.Tensor, captions: list[str]) -> None:
+        self.indices = indices  # K tensors (N, s_k, s_k) int16
+        self.class_ids = class_ids  # (N,) long
+        self.captions = captions
+
+    def __len__(self) -> int:
+        return len(self.class_ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"indices": [t[i] for t in self.indices], "class_id": int(self.class_ids[i]),
+                "caption": self.captions[i]}
+
+
+class TokenCacheDataModule(pl.LightningDataModule):
+    """Training batches from the module's token pool; validation images from the usual data module."""
+
+    def __init__(self, module: ARModule) -> None:
+        super().__init__()
+        self.module = module
+        cfg = module.cfg
+        self.batch_size = int(module.tcfg.batch_size)
+        self.batches_per_epoch = int(cfg.data.batches_per_epoch)
+        self.seed = int(cfg.data.seed)
+        self.pool_size = max(1, min(int(cfg.ar.token_cache_size), int(module.tcfg.max_steps) * self.batch_size))
+        # read once, never attached to the trainer: rank 0's stream on every rank, so all build the same pool
+        self.pool_images = HybridDataModule.from_config(cfg.data, batch_size=self.batch_size,
+                                                        batches_per_epoch=math.ceil(self.pool_size / self.batch_size))
+        self.images = HybridDataModule.from_config(cfg.data, batch_size=self.batch_size)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.pool_images.setup(stage)
+        self.images.setup(stage)
+
+    def train_dataloader(self) -> DataLoader:
+        pool = self.module.token_pool(self.pool_images, self.pool_size)
+        trainer = self.trainer
+        rank, world = (0, 1) if trainer is None else (int(trainer.global_rank), int(trainer.world_size))
+        sampler = EpochIndexSampler(len(pool), self.batches_per_epoch * self.batch_size, self.seed, rank, world)
+        return DataLoader(pool, batch_size=self.batch_size, sampler=sampler, drop_last=True)
+
+    def val_dataloader(self):
+        self.images.trainer = self.trainer  # validation is split across ranks
+        return self.images.val_dataloader()
+
+
+class ARModule(TokenizerConsumer):
+    """The coarse AR stage: p(tokens | class or prompt)."""
+
+    stage = "ar"
+    preview_count = 8
+
+    def __init__(
+        self,
+        config: dict,
+        tokenizer_path: str = "",
+        tokenizer_hash: str | None = None,
+        tokenizer_config: dict | None = None,
+        **extra_hparams: Any,
+    ) -> None:
+        super().__init__(config, tokenizer_path=tokenizer_path, tokenizer_hash=tokenizer_hash,
+                         tokenizer_config=tokenizer_config, **extra_hparams)
+        self.section = self.cfg.ar
+        self.model = build_ar(self.cfg, self.tokenizer)
+        self._preview: dict[str, Any] | None = None
+
+    # -- data -----------------------------------------------------------------------------------
+    def make_datamodule(self) -> pl.LightningDataModule:
+        """What the runner trains on: the token pool (ar.token_cache) or images encoded per step."""
+        if self.section.token_cache:
+            return TokenCacheDataModule(self)
+        return HybridDataModule.from_config(self.cfg.data, batch_size=self.tcfg.batch_size)
+
+    @torch.no_grad()
+    def token_pool(self, images: HybridDataModule, size: int) -> TokenPool:
+        """The first `size` training images of `images` encoded by the frozen tokenizer (cached on disk)."""
+        key = {"tokenizer_hash": self.hparams.get("tokenizer_hash"), "size": size,
+               "data": to_dict(self.cfg.data), "scales": list(self.tokenizer.scales)}
+        path = self.stage_dir / TOKEN_CACHE_FILE
+        if path.is_file():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved.get("key") == key:
+                print(f"[ar] token cache: {size} encoded images from {path}")
+                return TokenPool(saved["indices"], saved["class_id"], saved["caption"])
+            print(f"[ar] token cache {path} was made for other data or another tokenizer: encoding again")
+        start = time.time()
+        was_training = self.tokenizer.training
+        self.tokenizer.eval()
+        parts: list[list[torch.Tensor]] = []
+        class_ids, captions, n = [], [], 0
+        for batch in images.train_dataloader():
+            enc = self.tokenizer.encode(batch["image"].to(self.device))
+            parts.append([i.to("cpu", torch.int16) for i in enc.indices])  # codebooks stay below 32768
+            class_ids.append(batch["class_id"].cpu())
+            captions += list(batch["caption"])
+            n += batch["image"].shape[0]
+            if n >= size:
+                break
+        self.tokenizer.train(was_training)
+        indices = [torch.cat(scale)[:size] for scale in zip(*parts)]  # K tensors (N, s_k, s_k)
+        class_id, captions = torch.cat(class_ids)[:size], captions[:size]
+        print(f"[ar] token cache: encoded {len(class_id)} images in {time.time() - start:.0f} s")
+        if self.global_rank == 0:
+            atomic_torch_save({"key": key, "indices": indices, "class_id": class_id, "caption": captions}, path)
+        return TokenPool(indices, class_id, captions)
+
+    def tokens_of(self, batch: dict) -> list[torch.Tensor]:
+        """The batch's codes, K tensors (B, s_k, s_k) long: from the token cache, or encoded now."""
+        if "indices" in batch:
+            return [i.to(self.device, torch.long) for i in batch["indices"]]
+        with torch.no_grad():
+            return self.tokenizer.encode(batch["image"]).indices
+
+    def condition_of(self, batch: dict):
+        if self.model.condition == "class":
+            return batch["class_id"].to(self.device)
+        return [fit_caption(c, self.model.max_text_len) for c in batch["caption"]]
+
+    def scale_inputs(self, indices: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        if self.model.order != "next_scale":
+            return None
+        with torch.no_grad():
+            return self.tokenizer.next_scale_inputs(indices)  # K-1 tensors (B, C, s_k, s_k)
+
+    # -- steps ----------------------------------------------------------------------------------
+    def compute_loss(self, batch: dict):
+        indices = self.tokens_of(batch)
+        if self._preview is None:
+            n = self.preview_count
+            self._preview = {"indices": [i[:n].detach().clone() for i in indices],
+                             "class_id": batch["class_id"][:n].clone(), "caption": list(batch["caption"][:n])}
+        loss, metrics = self.model.loss(indices, self.condition_of(batch), self.scale_inputs(indices),
+                                        generator=self.step_generator())
+        return loss, {k: v for k, v in metrics.items() if k != "loss"}
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        indices = self.tokens_of(batch)
+        _, metrics = self.model.loss(indices, self.condition_of(batch), self.scale_inputs(indices))
+        B = indices[0].shape[0]
+        self.log("val/loss", metrics["loss"], sync_dist=True, batch_size=B)
+        self.log("val/acc", metrics["acc"], sync_dist=True, batch_size=B)
+
+    # -- sampling -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, cond, generator: torch.Generator | None = None, **settings) -> list[torch.Tensor]:
+        """Codes for `cond` (class ids or captions) with the `ar.sample` settings unless overridden."""
+        s = self.section.sample
+        kw = {"cfg": s.cfg, "cfg_schedule": s.cfg_schedule, "temperature": s.temperature, "top_k": s.top_k,
+              "top_p": s.top_p, **settings}
+        if generator is None:
+            generator = torch.Generator(device=self.device).manual_seed(int(self.cfg.seed))
+        return self.model.generate(cond, self.tokenizer, generator, **kw)
+
+    def preview_images(self):
+        if self._preview is None:
+            return None
+        indices = [i.to(self.device) for i in self._preview["indices"]]
+        samples = self.generate(self.condition_of(self._preview))
+        decode = self.tokenizer.decode
+        data = decode(self.tokenizer.indices_to_latent(indices))
+        sampled = decode(self.tokenizer.indices_to_latent(samples))
+        # rows: data images through the tokenizer (z_q) / AR samples of the same conditions
+        return {"samples": torch.cat([data, sampled]).clamp(-1, 1)}
