@@ -1,0 +1,233 @@
+"""`HybridDataModule`: the procedural dataset or WebDataset shards, train and val, for Lightning.
+
+Batches (default collate): {"image": (B, 3, H, W) float in [-1, 1], "class_id": (B,) long,
+"caption": list[str], "attrs": {name: (B,) long}} with attrs -1 where unknown (shards written
+from an image folder).
+
+Training is epoch-based with a fixed length on every rank (`batches_per_epoch`), so no rank
+waits for another under DDP and a resumed run repeats the same data:
+- procedural: `EpochIndexSampler` draws batches_per_epoch * batch_size indices in
+  [0, train_size) from (seed, epoch, rank);
+- shards: `shards.TrainShards` (resampled shards seeded from (seed, rank, worker, epoch)).
+Validation reads a finite set exactly once across ranks: the first `val_size` indices of the
+procedural val split (`ShardedIndexSampler`), or `val_shards` (`shards.EvalShards`). With
+source=shards and no val_shards, sibling `val-*.tar` files of the training shards are used when
+they exist, else there is no validation (with a warning).
+
+The rank and world size come from the attached trainer (0 and 1 without one).
+"""
+
+from __future__ import annotations
+
+import glob
+import inspect
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader, DistributedSampler
+
+from hybrid.data.procedural import ProceduralDataset, parse_holdout
+from hybrid.data.shards import EvalShards, SkipCounter, TrainShards, expand_shards
+
+
+class EpochIndexSampler(DistributedSampler):
+    """`num_samples` indices in [0, dataset_size) per epoch and rank, drawn from (seed, epoch, rank).
+
+    A `DistributedSampler` subclass so that Lightning calls `set_epoch` on it and does not wrap it
+    in another distributed sampler. Indices are drawn with replacement: `train_size` can be far
+    larger than what an epoch visits (the procedural dataset renders any index on demand).
+    """
+
+    def __init__(self, dataset_size: int, num_samples: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        # No super().__init__: it needs a dataset and would query torch.distributed.
+        self.dataset_size = int(dataset_size)
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.num_replicas = int(world_size)
+        self.epoch = 0
+        self.shuffle = True
+        self.drop_last = True
+        self.total_size = self.num_samples * self.num_replicas
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, 0x5A])
+        return iter(rng.integers(0, self.dataset_size, self.num_samples).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class ShardedIndexSampler(DistributedSampler):
+    """Indices rank, rank + world_size, ... of range(size): every index exactly once across ranks.
+
+    Unlike `DistributedSampler(shuffle=False)` it neither pads nor drops, so ranks can differ by
+    one sample (and one batch).
+    """
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        self.size = int(size)
+        self.rank = int(rank)
+        self.num_replicas = int(world_size)
+        self.epoch = 0
+        self.shuffle = False
+        self.drop_last = False
+        self.num_samples = len(range(self.rank, self.size, self.num_replicas))
+        self.total_size = self.size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.size, self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class EpochLoader(DataLoader):
+    """DataLoader over a dataset with `set_epoch`, told the epoch (from `epoch_fn`) before each pass.
+
+    Lightning calls `set_epoch` only on samplers, which an IterableDataset cannot have.
+    Workers are never persistent here, so each pass's workers get the new epoch.
+    """
+
+    def __init__(self, dataset, epoch_fn: Callable[[], int], **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.epoch_fn = epoch_fn
+
+    def __iter__(self):
+        self.dataset.set_epoch(self.epoch_fn())
+        return super().__iter__()
+
+
+class HybridDataModule(pl.LightningDataModule):
+    """Train/val data from `source="procedural"` (rendered on the fly) or `source="shards"`.
+
+    Keyword arguments are the `DataConfig` fields (see hybrid/config.py) plus `batch_size`
+    (per device) and optional `val_batch_size` / `shuffle_buffer`.
+    """
+
+    def __init__(self, batch_size: int = 64, source: str = "procedural", image_size: int = 32, shards: str = "",
+                 val_shards: str = "", train_size: int = 1_000_000, val_size: int = 1000, batches_per_epoch: int = 200,
+                 num_workers: int = 0, seed: int = 0, holdout: Sequence[str] = (), caption_keep: float = 0.7,
+                 two_object_prob: float = 0.3, glyph_prob: float = 0.2, num_classes: int = 0,
+                 val_batch_size: int | None = None, shuffle_buffer: int = 1000):
+        super().__init__()
+        if source not in ("procedural", "shards"):
+            raise ValueError(f"data source '{source}' is unknown; choose procedural or shards")
+        if source == "shards" and not shards:
+            raise ValueError("data.source=shards needs data.shards (a pattern, e.g. data/train-{000000..000009}.tar)")
+        if batch_size < 1 or batches_per_epoch < 1:
+            raise ValueError(f"batch_size ({batch_size}) and batches_per_epoch ({batches_per_epoch}) must be >= 1")
+        self.batch_size = int(batch_size)
+        self.val_batch_size = int(val_batch_size or batch_size)
+        self.source = source
+        self.image_size = int(image_size)
+        self.shards = shards
+        self.val_shards = val_shards
+        self.train_size = int(train_size)
+        self.val_size = int(val_size)
+        self.batches_per_epoch = int(batches_per_epoch)
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.holdout = [str(h) for h in holdout]
+        parse_holdout(self.holdout)  # unknown names fail here, before training starts
+        self.caption_keep = float(caption_keep)
+        self.two_object_prob = float(two_object_prob)
+        self.glyph_prob = float(glyph_prob)
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.num_classes = int(num_classes)  # for the models' class conditioning; not used here
+        self.train_skips = SkipCounter()
+        self.val_skips = SkipCounter()
+        self._val_pattern: str | None = None  # None: procedural val split; "": no validation
+        self._val_resolved = False
+
+    @classmethod
+    def from_config(cls, data_cfg, batch_size: int, **overrides) -> HybridDataModule:
+        """Build from a `DataConfig`-like object (dataclass, OmegaConf node: read by attribute)."""
+        names = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "batch_size")]
+        kwargs = {name: getattr(data_cfg, name) for name in names if hasattr(data_cfg, name)}
+        if "holdout" in kwargs:
+            kwargs["holdout"] = list(kwargs["holdout"])
+        kwargs.update(overrides)
+        return cls(batch_size=batch_size, **kwargs)
+
+    # ------------------------------------------------------------------------------------------
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return int(trainer.global_rank), int(trainer.world_size)
+
+    def _epoch(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return 0 if trainer is None else int(trainer.current_epoch)
+
+    def _resolve_val_pattern(self) -> str | None:
+        """val_shards, else (source=shards) sibling val-*.tar or "" (none), else None (procedural val split)."""
+        if self.val_shards:
+            return self.val_shards
+        if self.source != "shards":
+            return None
+        first = expand_shards(self.shards)[0]
+        siblings = sorted(glob.glob(os.path.join(os.path.dirname(first), "val-*.tar")))
+        if siblings:
+            return os.path.join(os.path.dirname(first), "val-*.tar")
+        warnings.warn(f"no validation data: data.val_shards is empty and there is no val-*.tar next to "
+                      f"'{first}'", stacklevel=2)
+        return ""
+
+    def setup(self, stage: str | None = None) -> None:
+        """Check shard patterns (clear errors before training starts)."""
+        if self.source == "shards":
+            expand_shards(self.shards)
+        self._val_pattern, self._val_resolved = self._resolve_val_pattern(), True
+        if self._val_pattern:
+            expand_shards(self._val_pattern)
+
+    def _loader_kwargs(self) -> dict:
+        return {"num_workers": self.num_workers, "persistent_workers": False, "pin_memory": False}
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        if self.source == "procedural":
+            data = ProceduralDataset(image_size=self.image_size, size=self.train_size, seed=self.seed, split="train",
+                                     holdout=self.holdout, caption_keep=self.caption_keep,
+                                     two_object_prob=self.two_object_prob, glyph_prob=self.glyph_prob)
+            per_rank = self.batches_per_epoch * self.batch_size
+            sampler = EpochIndexSampler(self.train_size, per_rank, self.seed, rank, world)
+            return DataLoader(data, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                              **self._loader_kwargs())
+        stream = TrainShards(self.shards, batch_size=self.batch_size, batches_per_epoch=self.batches_per_epoch,
+                             seed=self.seed, rank=rank, world_size=world, image_size=self.image_size,
+                             caption_keep=self.caption_keep, shuffle_buffer=self.shuffle_buffer,
+                             counter=self.train_skips)
+        return EpochLoader(stream, self._epoch, batch_size=self.batch_size, **self._loader_kwargs())
+
+    def val_dataloader(self) -> DataLoader | list:
+        rank, world = self._rank_world()
+        if not self._val_resolved:
+            self._val_pattern, self._val_resolved = self._resolve_val_pattern(), True
+        if self._val_pattern:
+            stream = EvalShards(self._val_pattern, rank=rank, world_size=world, image_size=self.image_size,
+                                counter=self.val_skips)
+            return DataLoader(stream, batch_size=self.val_batch_size, **self._loader_kwargs())
+        if self.source == "shards":
+            return []  # no validation data (warned in _resolve_val_pattern)
+        data = ProceduralDataset(image_size=self.image_size, size=self.val_size, seed=self.seed, split="val",
+                                 two_object_prob=self.two_object_prob, glyph_prob=self.glyph_prob)
+        return DataLoader(data, batch_size=self.val_batch_size, sampler=ShardedIndexSampler(self.val_size, rank, world),
+                          **self._loader_kwargs())
+
+    # ------------------------------------------------------------------------------------------
+
+    def skip_counts(self) -> dict[str, int]:
+        """Samples and shards skipped so far (corrupt PNG/JSON, unreadable shards), for logging."""
+        return {"train_bad_samples": self.train_skips.bad_samples, "train_bad_shards": self.train_skips.bad_shards,
+                "val_bad_samples": self.val_skips.bad_samples, "val_bad_shards": self.val_skips.bad_shards}

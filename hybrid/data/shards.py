@@ -1,0 +1,568 @@
+"""WebDataset shards: a writer CLI and two readers (resampled training, exactly-once evaluation).
+
+Writing::
+
+    python -m hybrid.data.shards write --out DIR --source procedural --count N --image-size 32 \\
+        --per-shard 1000 [--seed S] [--split train|val] [--holdout red:triangle,blue:star]
+    python -m hybrid.data.shards write --out DIR --source folder --folder PATH --image-size 32
+
+Shards are `DIR/{split}-000000.tar, ...`. Each sample is `KEY.png` (RGB, image_size x
+image_size) and `KEY.json` = {"class_id", "caption", "attrs", ...}. Procedural samples store
+their full caption and all attributes (sample i of a shard set equals `ProceduralDataset(...)[i]`
+pixel for pixel); folder samples take the class from the subfolder name (`DIR/classes.json`
+maps names to ids), the caption from a sidecar `NAME.txt` next to the image when there is one,
+else from the class name, and store no attributes (readers fill them with -1). Folder images
+of other sizes are resized (shorter side) and center-cropped; their order is shuffled with
+`--seed` so that shards mix classes.
+
+Reading (the rank and world size are arguments, never read from torch.distributed here):
+
+- `TrainShards` / `train_shards(...)` — training. Every (rank, DataLoader worker) draws
+  shards with replacement from its own RNG, seeded from (seed, rank, worker, epoch) only
+  (webdataset's default also mixes in the pid and the clock), shuffles samples in a seeded
+  buffer, and stops after a fixed number of samples, so that every rank gives exactly
+  `batches_per_epoch` batches per epoch and no rank waits for another under DDP. No node or
+  worker splitter is involved: resampling streams are independent by construction.
+- `EvalShards` / `eval_shards(...)` — evaluation. The finite set is read exactly once across
+  all ranks and workers: with at least world_size * num_workers shards, the shard list is split
+  (shard i goes to the process with flat id i mod (world_size * num_workers), flat id = rank *
+  num_workers + worker); with fewer shards, every process reads every shard and keeps sample j
+  when j mod (world_size * num_workers) equals its flat id.
+
+A sample whose PNG or JSON cannot be decoded, and a shard that cannot be opened or read to its
+end (truncated), are skipped with a `ShardWarning` and counted in a `SkipCounter` (shared with
+DataLoader worker processes); reading goes on. A pattern that matches no file raises
+`FileNotFoundError` naming the pattern, when the reader is built (before training starts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import multiprocessing
+import multiprocessing.context
+import os
+import random
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from itertools import islice
+from pathlib import Path
+
+import braceexpand
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import IterableDataset
+from webdataset import tariterators
+from webdataset.utils import make_seed
+
+from hybrid.data.attributes import ATTRIBUTES, class_id
+from hybrid.data.procedural import SPLITS, ProceduralDataset, caption, to_tensor, unknown_attrs
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+class ShardWarning(UserWarning):
+    """A corrupt sample or an unreadable shard was skipped."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Shard lists and skip counters
+# ----------------------------------------------------------------------------------------------
+
+
+def expand_shards(pattern: str | Sequence[str]) -> list[str]:
+    """Shard paths of a pattern: brace ranges (`d/train-{000000..000009}.tar`), globs (`d/*.tar`),
+    a directory (its `*.tar`), or several of these separated by `::` (or given as a list).
+
+    Raises FileNotFoundError naming the pattern when it matches no file, or naming the files that
+    a brace range lists but that do not exist.
+    """
+    parts = list(pattern) if not isinstance(pattern, str) else [p for p in pattern.split("::") if p.strip()]
+    if not parts:
+        raise FileNotFoundError("empty shard pattern: set data.shards (e.g. data/train-{000000..000009}.tar)")
+    urls: list[str] = []
+    missing: list[str] = []
+    for part in parts:
+        part = os.path.expanduser(part.strip())
+        if os.path.isdir(part):
+            urls.extend(sorted(glob.glob(os.path.join(part, "*.tar"))))
+            continue
+        for item in braceexpand.braceexpand(part):
+            if glob.has_magic(item):
+                urls.extend(sorted(glob.glob(item)))
+            elif os.path.isfile(item):
+                urls.append(item)
+            else:
+                missing.append(item)
+    if not urls:
+        raise FileNotFoundError(f"shard pattern '{pattern}' matches no file")
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise FileNotFoundError(f"shard pattern '{pattern}' lists {len(missing)} missing file(s): {shown}")
+    return urls
+
+
+class SkipCounter:
+    """Counts skipped samples and shards, shared between a process and its DataLoader workers.
+
+    The counts live in shared memory (a `multiprocessing.Array`), so the main process (e.g. the
+    data module, to log them) sees what its worker processes skipped. Copying the counter
+    outside process creation (deepcopy, pickle) gives an independent counter with the current
+    counts.
+    """
+
+    def __init__(self, bad_samples: int = 0, bad_shards: int = 0):
+        self._counts = multiprocessing.Array("q", [bad_samples, bad_shards])
+
+    def add_sample(self, n: int = 1) -> None:
+        with self._counts.get_lock():
+            self._counts[0] += n
+
+    def add_shard(self, n: int = 1) -> None:
+        with self._counts.get_lock():
+            self._counts[1] += n
+
+    @property
+    def bad_samples(self) -> int:
+        return int(self._counts[0])
+
+    @property
+    def bad_shards(self) -> int:
+        return int(self._counts[1])
+
+    def as_dict(self) -> dict[str, int]:
+        return {"bad_samples": self.bad_samples, "bad_shards": self.bad_shards}
+
+    def reset(self) -> None:
+        with self._counts.get_lock():
+            self._counts[0] = self._counts[1] = 0
+
+    def __repr__(self) -> str:
+        return f"SkipCounter(bad_samples={self.bad_samples}, bad_shards={self.bad_shards})"
+
+    def __getstate__(self):
+        if multiprocessing.context.get_spawning_popen() is not None:  # a worker being started: share
+            return {"counts": self._counts}
+        return {"values": (self.bad_samples, self.bad_shards)}
+
+    def __setstate__(self, state):
+        if "counts" in state:
+            self._counts = state["counts"]
+        else:
+            self._counts = multiprocessing.Array("q", list(state["values"]))
+
+
+def _worker_info(override: tuple[int, int] | None) -> tuple[int, int]:
+    """(worker id, number of workers) of the calling DataLoader worker; (0, 1) outside workers."""
+    if override is not None:
+        return override
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding
+# ----------------------------------------------------------------------------------------------
+
+
+def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Resize so the shorter side is `size` (bicubic, antialiased), then crop the center square."""
+    w, h = image.size
+    if (w, h) == (size, size):
+        return image
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    image = image.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def decode_sample(sample: dict, image_size: int | None = None) -> dict:
+    """Raw shard sample {"png": bytes, "json": bytes, ...} -> {"image" (3,H,W) in [-1,1], "class_id",
+    "caption", "attrs"}. Raises ValueError (naming the sample) when a part is missing or corrupt."""
+    where = f"sample '{sample.get('__key__')}' of shard '{sample.get('__url__')}'"
+    if "png" not in sample or "json" not in sample:
+        raise ValueError(f"{where} lacks its .png or .json part (has {sorted(k for k in sample if k[0] != '_')})")
+    try:
+        with Image.open(io.BytesIO(sample["png"])) as im:
+            im = im.convert("RGB")
+        if image_size is not None:
+            im = resize_center_crop(im, image_size)
+        pixels = np.asarray(im)
+    except Exception as err:  # PIL raises many types for corrupt data
+        raise ValueError(f"{where}: corrupt PNG ({type(err).__name__}: {err})") from None
+    try:
+        meta = json.loads(sample["json"])
+        attrs = unknown_attrs()
+        attrs.update({k: int(v) for k, v in meta.get("attrs", {}).items() if k in ATTRIBUTES})
+        out = {"image": to_tensor(pixels), "class_id": int(meta.get("class_id", -1)),
+               "caption": str(meta.get("caption", "")), "attrs": attrs}
+    except Exception as err:
+        raise ValueError(f"{where}: bad JSON ({type(err).__name__}: {err})") from None
+    return out
+
+
+class _ShardReader:
+    """Shared machinery of both readers: per-shard tar iteration with skip accounting."""
+
+    def __init__(self, pattern, image_size: int | None, counter: SkipCounter | None, with_keys: bool,
+                 worker: tuple[int, int] | None):
+        self.pattern = pattern
+        self.urls = expand_shards(pattern)
+        self.image_size = image_size
+        self.counter = counter if counter is not None else SkipCounter()
+        self.with_keys = with_keys
+        self.worker = worker
+
+    def _read_shard(self, url: str, count_errors: bool = True) -> Iterator[dict]:
+        """Raw samples of one shard; an unreadable or truncated shard ends early and is counted once."""
+        failed = False
+
+        def handler(exn: BaseException) -> bool:
+            nonlocal failed
+            if not failed and count_errors:
+                self.counter.add_shard()
+                reason = exn.args[0] if exn.args else exn  # webdataset appends the stream and url to args
+                warnings.warn(f"skipping the rest of unreadable shard '{url}': {type(exn).__name__}: {reason}",
+                              ShardWarning, stacklevel=2)
+            failed = True
+            return True
+
+        try:
+            stream = wds.gopen(url)
+        except Exception as err:
+            handler(err)
+            return
+        try:
+            files = tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+            yield from tariterators.group_by_keys(files, handler=handler)
+        finally:
+            stream.close()
+
+    def _decode(self, raw: dict) -> dict | None:
+        try:
+            out = decode_sample(raw, self.image_size)
+        except ValueError as err:
+            self.counter.add_sample()
+            warnings.warn(f"skipping {err}", ShardWarning, stacklevel=2)
+            return None
+        if self.with_keys:
+            out["key"] = f"{os.path.basename(raw.get('__url__', ''))}/{raw.get('__key__')}"
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: resampled shards, fixed batches per epoch on every rank
+# ----------------------------------------------------------------------------------------------
+
+
+class TrainShards(_ShardReader, IterableDataset):
+    """Infinite-source training stream with a fixed length per epoch (IterableDataset of samples).
+
+    Each (rank, worker) draws shards with `webdataset.ResampledShards` seeded deterministically
+    from (seed, rank, worker, epoch), shuffles samples in a buffer seeded the same way, and
+    yields exactly `n_w * batch_size` decoded samples, where worker w of W gets
+    n_w = batches_per_epoch // W (+1 for w < batches_per_epoch % W) batches: with the DataLoader
+    batching `batch_size` consecutive samples of one worker, a rank yields exactly
+    `batches_per_epoch` full batches whatever its number of workers. (webdataset's own
+    `with_epoch(n)` counts per worker, so it would give W times as many.)
+
+    Call `set_epoch(epoch)` before each pass; the data module does this through its DataLoader.
+    Use non-persistent workers, so each epoch's workers receive the new epoch.
+    If a training caption_keep < 1 is given, captions of samples with known attributes are
+    redrawn with that keep probability (as the procedural training split does).
+    """
+
+    def __init__(self, pattern, *, batch_size: int, batches_per_epoch: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, image_size: int | None = None, caption_keep: float = 1.0,
+                 shuffle_buffer: int = 1000, counter: SkipCounter | None = None, with_keys: bool = False,
+                 worker: tuple[int, int] | None = None):
+        super().__init__(pattern, image_size, counter, with_keys, worker)
+        if batch_size < 1 or batches_per_epoch < 1:
+            raise ValueError(f"batch_size ({batch_size}) and batches_per_epoch ({batches_per_epoch}) must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        self.batch_size = batch_size
+        self.batches_per_epoch = batches_per_epoch
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.caption_keep = caption_keep
+        self.shuffle_buffer = shuffle_buffer
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def batches_for_worker(self, worker: int, num_workers: int) -> int:
+        return self.batches_per_epoch // num_workers + (worker < self.batches_per_epoch % num_workers)
+
+    def __len__(self) -> int:
+        """Samples per epoch on this rank (all workers together)."""
+        return self.batches_per_epoch * self.batch_size
+
+    def _shard_urls(self, worker: int) -> Iterator[str]:
+        shards = wds.ResampledShards(self.urls, seed=self.seed, deterministic=True,
+                                     worker_seed=lambda: make_seed(self.rank, worker))
+        shards.epoch = self.epoch - 1  # its __iter__ increments the epoch before seeding
+        for item in shards:
+            yield item["url"]
+
+    def _raw_samples(self, worker: int) -> Iterator[dict]:
+        empty_run = 0
+        for url in self._shard_urls(worker):
+            got = False
+            for sample in self._read_shard(url):
+                got = True
+                yield sample
+            empty_run = 0 if got else empty_run + 1
+            if empty_run > 2 * len(self.urls) + 10:
+                raise RuntimeError(f"no readable sample in {empty_run} consecutive shards of '{self.pattern}'")
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, num_workers = _worker_info(self.worker)
+        count = self.batches_for_worker(worker, num_workers) * self.batch_size
+        rng = random.Random(make_seed(self.seed, self.rank, worker, self.epoch, 1))
+        raw = _shuffle(self._raw_samples(worker), self.shuffle_buffer, rng)
+        decoded = (s for s in map(self._decode, raw) if s is not None)
+        if self.caption_keep < 1.0:
+            decoded = self._recaption(decoded, worker)
+        yield from islice(decoded, count)
+
+    def _recaption(self, samples: Iterator[dict], worker: int) -> Iterator[dict]:
+        for i, sample in enumerate(samples):
+            attrs = sample["attrs"]
+            if min(attrs.values()) >= 0:
+                rng = np.random.default_rng([self.seed, self.rank, worker, self.epoch, i, 7])
+                sample["caption"] = caption(attrs, rng, self.caption_keep)
+            yield sample
+
+
+def _shuffle(items: Iterator, bufsize: int, rng: random.Random) -> Iterator:
+    """Buffer shuffle with an explicit RNG (webdataset's default seeds from the pid and the clock)."""
+    if bufsize <= 1:
+        yield from items
+        return
+    buf: list = []
+    for item in items:
+        if len(buf) < bufsize:
+            buf.append(item)
+            continue
+        j = rng.randrange(bufsize)
+        buf[j], item = item, buf[j]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def train_shards(pattern, **kwargs) -> TrainShards:
+    """Training stream; see `TrainShards` for the keyword arguments."""
+    return TrainShards(pattern, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: every sample exactly once across ranks and workers
+# ----------------------------------------------------------------------------------------------
+
+
+def split_shards(urls: Sequence[str], rank: int, world_size: int, worker: int, num_workers: int):
+    """(shards this process reads, sample filter or None) for exactly-once reading.
+
+    Node and worker splitting in one: flat id = rank * num_workers + worker among
+    world_size * num_workers processes. Enough shards: shard i goes to flat id i mod total.
+    Fewer shards than processes: every process reads all shards, and the returned filter keeps
+    sample j (in the global read order) when j mod total == flat id.
+    """
+    total = world_size * num_workers
+    flat = rank * num_workers + worker
+    if len(urls) >= total:
+        return list(urls[flat::total]), None
+    return list(urls), (lambda j: j % total == flat)
+
+
+class EvalShards(_ShardReader, IterableDataset):
+    """Finite evaluation stream: every sample exactly once across ranks x workers (see `split_shards`).
+
+    Ranks can differ by a batch (no padding, no duplicates): log validation metrics with
+    epoch-level reduction, not per-step collectives.
+    """
+
+    def __init__(self, pattern, *, rank: int = 0, world_size: int = 1, image_size: int | None = None,
+                 counter: SkipCounter | None = None, with_keys: bool = False, worker: tuple[int, int] | None = None):
+        super().__init__(pattern, image_size, counter, with_keys, worker)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        self.rank = rank
+        self.world_size = world_size
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, num_workers = _worker_info(self.worker)
+        urls, keep = split_shards(self.urls, self.rank, self.world_size, worker, num_workers)
+        # In sample-split mode every process reads every shard: only flat id 0 reports broken shards.
+        count_errors = keep is None or self.rank * num_workers + worker == 0
+        j = 0
+        for url in urls:
+            for raw in self._read_shard(url, count_errors):
+                mine = keep is None or keep(j)
+                j += 1
+                if mine and (sample := self._decode(raw)) is not None:
+                    yield sample
+
+
+def eval_shards(pattern, **kwargs) -> EvalShards:
+    """Evaluation stream; see `EvalShards` for the keyword arguments."""
+    return EvalShards(pattern, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------
+
+
+def _png_bytes(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True)
+
+
+def _shard_pattern(out: str | os.PathLike, split: str) -> str:
+    Path(out).mkdir(parents=True, exist_ok=True)
+    return str(Path(out) / f"{split}-%06d.tar")
+
+
+def _written(out, split: str) -> list[str]:
+    return sorted(glob.glob(str(Path(out) / f"{split}-*.tar")))
+
+
+def write_procedural(out: str | os.PathLike, count: int, image_size: int = 32, per_shard: int = 1000, seed: int = 0,
+                     split: str = "train", holdout: Sequence[str] = (), two_object_prob: float = 0.3,
+                     glyph_prob: float = 0.2, progress: bool = True) -> list[str]:
+    """Write samples 0..count-1 of `ProceduralDataset(split, seed, ...)` with full captions; returns the shards."""
+    if count < 1:
+        raise ValueError(f"--count must be >= 1, got {count}")
+    ds = ProceduralDataset(image_size=image_size, size=count, seed=seed, split=split, holdout=holdout,
+                           caption_keep=1.0, two_object_prob=two_object_prob, glyph_prob=glyph_prob)
+    with wds.ShardWriter(_shard_pattern(out, split), maxcount=per_shard, verbose=0) as sink, \
+            _progress(count, f"procedural {split}", progress) as bar:
+        for i in range(count):
+            pixels, attrs, text = ds.sample(i)
+            meta = {"class_id": class_id(attrs["shape"], attrs["color"]), "caption": text, "attrs": attrs,
+                    "index": i, "source": "procedural", "split": split, "seed": seed}
+            sink.write({"__key__": f"{i:09d}", "png": _png_bytes(pixels), "json": json.dumps(meta).encode()})
+            bar.update()
+    return _written(out, split)
+
+
+def folder_items(folder: str | os.PathLike) -> tuple[list[str], list[tuple[Path, int]]]:
+    """(class names, [(image path, class id)]) of an image folder with one subfolder per class."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder '{root}' does not exist")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise ValueError(f"image folder '{root}' has no class subfolders (expected {root}/<class>/<image>)")
+    items = []
+    for cid, name in enumerate(classes):
+        for path in sorted((root / name).rglob("*")):
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+                items.append((path, cid))
+    if not items:
+        raise ValueError(f"image folder '{root}' has no images ({', '.join(IMAGE_EXTENSIONS)}) in its class subfolders")
+    return classes, items
+
+
+def class_caption(name: str) -> str:
+    """Caption of an image without a sidecar: its class name, with '_' and '-' as spaces."""
+    return name.replace("_", " ").replace("-", " ").strip()
+
+
+def write_folder(out: str | os.PathLike, folder: str | os.PathLike, image_size: int = 32, per_shard: int = 1000,
+                 seed: int = 0, split: str = "train", count: int | None = None, progress: bool = True) -> list[str]:
+    """Write an image folder (class = subfolder) as shards plus `out/classes.json`; returns the shards.
+
+    Images are shuffled with `seed`, resized/center-cropped to image_size; unreadable images are
+    skipped with a warning.
+    """
+    classes, items = folder_items(folder)
+    random.Random(seed).shuffle(items)
+    if count is not None:
+        items = items[:count]
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "classes.json").write_text(json.dumps({name: i for i, name in enumerate(classes)}, indent=1))
+    skipped = 0
+    with wds.ShardWriter(_shard_pattern(out, split), maxcount=per_shard, verbose=0) as sink, \
+            _progress(len(items), f"folder {split}", progress) as bar:
+        for i, (path, cid) in enumerate(items):
+            bar.update()
+            try:
+                with Image.open(path) as im:
+                    pixels = np.asarray(resize_center_crop(im.convert("RGB"), image_size))
+            except Exception as err:
+                skipped += 1
+                warnings.warn(f"skipping unreadable image '{path}': {type(err).__name__}: {err}", ShardWarning,
+                              stacklevel=2)
+                continue
+            sidecar = path.with_suffix(".txt")
+            text = sidecar.read_text().strip() if sidecar.is_file() else ""
+            meta = {"class_id": cid, "caption": text or class_caption(classes[cid]), "attrs": {},
+                    "class_name": classes[cid], "path": str(path.relative_to(folder)), "source": "folder"}
+            sink.write({"__key__": f"{i:09d}", "png": _png_bytes(pixels), "json": json.dumps(meta).encode()})
+    if skipped:
+        print(f"skipped {skipped} unreadable image(s)", file=sys.stderr)
+    return _written(out, split)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hybrid.data.shards", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("write", help="write WebDataset shards from the procedural dataset or an image folder")
+    w.add_argument("--out", required=True, help="output directory (shards are OUT/SPLIT-000000.tar, ...)")
+    w.add_argument("--source", choices=("procedural", "folder"), default="procedural")
+    w.add_argument("--count", type=int, default=None, help="number of samples (procedural: required; folder: cap)")
+    w.add_argument("--image-size", type=int, default=32)
+    w.add_argument("--per-shard", type=int, default=1000)
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--split", choices=tuple(SPLITS), default="train")
+    w.add_argument("--folder", default=None, help="image folder with one subfolder per class (--source folder)")
+    w.add_argument("--holdout", default="", help="procedural: comma-separated color:shape pairs never drawn in train")
+    w.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+    if not 16 <= args.image_size <= 256:
+        parser.error(f"--image-size {args.image_size} is outside 16..256")
+    if args.per_shard < 1:
+        parser.error("--per-shard must be >= 1")
+    if args.source == "procedural":
+        if args.count is None:
+            parser.error("--source procedural needs --count")
+        holdout = [h for h in args.holdout.split(",") if h.strip()]
+        try:
+            shards = write_procedural(args.out, args.count, args.image_size, args.per_shard, args.seed, args.split,
+                                      holdout, progress=not args.no_progress)
+        except ValueError as err:
+            parser.error(str(err))
+    else:
+        if not args.folder:
+            parser.error("--source folder needs --folder PATH")
+        try:
+            shards = write_folder(args.out, args.folder, args.image_size, args.per_shard, args.seed, args.split,
+                                  args.count, progress=not args.no_progress)
+        except (FileNotFoundError, ValueError) as err:
+            parser.error(str(err))
+    first, last = os.path.basename(shards[0]), os.path.basename(shards[-1])
+    print(f"wrote {len(shards)} shard(s) to {args.out}: {first} .. {last}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,407 @@
+"""Data: procedural dataset (determinism, vocabulary, holdout, captions), shards (round trip, exactly-once
+evaluation, fixed-length training, skipping corrupt data), folder source, the Lightning data module."""
+
+import json
+import os
+import re
+import tarfile
+import warnings
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from hybrid.data.attributes import ATTRIBUTES, COLORS, GLYPHS, NUM_CLASSES, SHAPES, class_id
+from hybrid.data.module import EpochIndexSampler, HybridDataModule, ShardedIndexSampler
+from hybrid.data.procedural import (
+    ProceduralDataset,
+    caption,
+    parse_holdout,
+    render,
+    sample_attributes,
+    sample_second,
+)
+from hybrid.data.shards import (
+    EvalShards,
+    ShardWarning,
+    SkipCounter,
+    TrainShards,
+    expand_shards,
+    main,
+    split_shards,
+    write_folder,
+    write_procedural,
+)
+
+
+def _attrs(**kw):
+    base = {"shape": SHAPES.index("triangle"), "color": COLORS.index("red"), "position": 0, "size": 0,
+            "background": 1, "fill": 1, "glyph": 0}
+    base.update(kw)
+    return base
+
+
+# ----------------------------------------------------------------------------------------------
+# Procedural dataset
+# ----------------------------------------------------------------------------------------------
+
+
+def test_deterministic_for_seed_split_index():
+    a = ProceduralDataset(size=100, seed=3, split="train")
+    b = ProceduralDataset(size=100, seed=3, split="train")
+    for i in (0, 7, 99):
+        x, y = a[i], b[i]
+        assert torch.equal(x["image"], y["image"]) and x["caption"] == y["caption"] and x["attrs"] == y["attrs"]
+    assert not torch.equal(a[0]["image"], a[1]["image"])
+    assert not torch.equal(a[5]["image"], ProceduralDataset(size=100, seed=4)[5]["image"])
+    assert not torch.equal(a[5]["image"], ProceduralDataset(size=100, seed=3, split="val")[5]["image"])
+    # render() is a pure function of (attrs, rng state)
+    img1 = render(_attrs(), np.random.default_rng(1), 32)
+    img2 = render(_attrs(), np.random.default_rng(1), 32)
+    assert img1.dtype == np.uint8 and img1.shape == (32, 32, 3) and np.array_equal(img1, img2)
+
+
+def test_sample_fields_and_class_id():
+    ds = ProceduralDataset(size=20, split="val")
+    for i in range(20):
+        s = ds[i]
+        assert set(s) == {"image", "class_id", "caption", "attrs"}
+        assert set(s["attrs"]) == set(ATTRIBUTES)
+        assert s["class_id"] == class_id(s["attrs"]["shape"], s["attrs"]["color"]) and 0 <= s["class_id"] < NUM_CLASSES
+        for key, value in s["attrs"].items():
+            assert 0 <= value < len(ATTRIBUTES[key])
+        is_glyph = s["attrs"]["shape"] == SHAPES.index("glyph")
+        assert (s["attrs"]["glyph"] > 0) == is_glyph
+        if is_glyph:
+            assert s["attrs"]["fill"] == 0  # glyphs are always solid
+
+
+def test_every_attribute_value_appears():
+    rng = np.random.default_rng(0)
+    seen = {key: Counter() for key in ATTRIBUTES}
+    for _ in range(4000):
+        a = sample_attributes(rng, glyph_prob=0.5)
+        for key, value in a.items():
+            seen[key][value] += 1
+    for key, values in ATTRIBUTES.items():
+        assert set(seen[key]) == set(range(len(values))), f"{key}: missing {set(range(len(values))) - set(seen[key])}"
+    # and the dataset really renders them (a few hundred images, toy size)
+    ds = ProceduralDataset(image_size=16, size=300, split="val", glyph_prob=0.3)
+    shapes = {ds.sample(i)[1]["shape"] for i in range(150)}
+    assert shapes == set(range(len(SHAPES)))
+
+
+def test_holdout_never_in_train():
+    holdout = ["red:triangle", "blue:glyph", " Green : Star "]
+    banned = parse_holdout(holdout)
+    assert banned == {(SHAPES.index("triangle"), 0), (SHAPES.index("glyph"), 2), (SHAPES.index("star"), 1)}
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        a = sample_attributes(rng, holdout, glyph_prob=0.5)
+        assert (a["shape"], a["color"]) not in banned
+        b = sample_second(rng, a, holdout)
+        assert (b["shape"], b["color"]) not in banned and b["position"] != a["position"]
+    only = {(a["shape"], a["color"]) for a in (sample_attributes(rng, holdout, only_holdout=True) for _ in range(300))}
+    assert only == set(banned)
+    ds = ProceduralDataset(size=400, split="train", holdout=holdout, glyph_prob=0.5)
+    assert all((ds.sample(i)[1]["shape"], ds.sample(i)[1]["color"]) not in banned for i in range(0, 400, 4))
+    with pytest.raises(ValueError, match="teal"):
+        parse_holdout(["teal:circle"])
+    with pytest.raises(ValueError, match="blob"):
+        ProceduralDataset(holdout=["red:blob"])
+    with pytest.raises(ValueError, match="color:shape"):
+        parse_holdout(["red-circle"])
+
+
+def test_caption_contents():
+    assert caption(_attrs()) == "a small red striped triangle at the top left on a gray background"
+    glyph = _attrs(shape=SHAPES.index("glyph"), color=COLORS.index("blue"), position=4, size=1, background=2, fill=0,
+                   glyph=GLYPHS.index("K"))
+    assert caption(glyph) == "a large blue letter K at the center on a white background"
+    digit = _attrs(glyph=GLYPHS.index("7"), shape=SHAPES.index("glyph"), fill=0)
+    assert caption(digit).startswith("a small red digit 7 at")
+    assert caption(_attrs(size=1, color=COLORS.index("orange"), fill=0, shape=0, position=3)) == \
+        "a large orange solid circle on the left on a gray background"
+    rng = np.random.default_rng(0)
+    assert caption(_attrs(color=COLORS.index("orange")), rng, keep=0.0) == "a triangle"
+    full = set(caption(_attrs()).split())
+    lengths = set()
+    for _ in range(200):
+        text = caption(_attrs(), rng, keep=0.5)
+        assert "triangle" in text and set(text.split()) <= full | {"an"}
+        lengths.add(len(text.split()))
+    assert len(lengths) > 4  # subsets of different lengths
+    # training captions vary, validation captions name everything
+    train = ProceduralDataset(size=50, split="train", caption_keep=0.5)
+    val = ProceduralDataset(size=50, split="val")
+    assert any(len(train[i]["caption"]) < len(caption(train[i]["attrs"])) for i in range(20))
+    assert all(val[i]["caption"] == caption(val[i]["attrs"]) for i in range(20))
+
+
+@pytest.mark.parametrize("size", [16, 64])
+def test_image_range_and_shape(size):
+    ds = ProceduralDataset(image_size=size, size=30, split="val", two_object_prob=0.5, glyph_prob=0.3)
+    for i in range(12):
+        x = ds[i]["image"]
+        assert x.dtype == torch.float32 and x.shape == (3, size, size)
+        assert x.min() >= -1.0 and x.max() <= 1.0 and x.std() > 0.01
+    with pytest.raises(ValueError, match="8"):
+        ProceduralDataset(image_size=8)
+
+
+def test_first_object_stays_in_its_cell():
+    """Large objects (shapes and glyphs, outlined glyphs too): the object's pixels lie inside its grid cell."""
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        a = sample_attributes(rng, glyph_prob=0.4)
+        a.update(size=1, background=2 * (trial % 2))
+        img = render(a, rng, 48).astype(int)
+        ink = np.abs(img - np.median(img.reshape(-1, 3), 0)).max(-1) > 60  # object pixels
+        ys, xs = np.nonzero(ink)
+        row, col = divmod(a["position"], 3)
+        assert len(ys) > 20, f"trial {trial}: object not visible"
+        assert ys.min() >= row * 16 and ys.max() < (row + 1) * 16 and xs.min() >= col * 16 and xs.max() < (col + 1) * 16
+
+
+# ----------------------------------------------------------------------------------------------
+# Shards
+# ----------------------------------------------------------------------------------------------
+
+
+def test_shards_round_trip_bit_exact(tmp_path):
+    shards = write_procedural(tmp_path, count=25, image_size=32, per_shard=10, seed=5, split="train", progress=False)
+    assert [os.path.basename(s) for s in shards] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    ds = ProceduralDataset(size=25, seed=5, split="train", caption_keep=1.0)
+    seen = 0
+    for s in EvalShards(str(tmp_path / "train-{000000..000002}.tar"), with_keys=True):
+        ref = ds[int(s["key"].split("/")[1])]
+        assert torch.equal(s["image"], ref["image"])
+        assert s["class_id"] == ref["class_id"] and s["caption"] == ref["caption"] and s["attrs"] == ref["attrs"]
+        seen += 1
+    assert seen == 25
+
+
+def test_cli_writes_shards(tmp_path, capsys):
+    assert main(["write", "--out", str(tmp_path), "--count", "6", "--per-shard", "4", "--split", "val",
+                 "--image-size", "16", "--no-progress"]) == 0
+    assert "wrote 2 shard(s)" in capsys.readouterr().out
+    assert len(list(EvalShards(str(tmp_path / "val-*.tar")))) == 6
+    with pytest.raises(SystemExit):
+        main(["write", "--out", str(tmp_path), "--source", "folder"])  # --folder missing
+
+
+def _keys(stream):
+    return [s["key"] for s in stream]
+
+
+@pytest.mark.parametrize("num_shards, per_shard", [(6, 4), (2, 9)])  # enough shards / fewer shards than processes
+def test_eval_exactly_once_two_ranks_two_workers(tmp_path, num_shards, per_shard):
+    write_procedural(tmp_path, count=num_shards * per_shard - 1, image_size=16, per_shard=per_shard, split="val",
+                     progress=False)
+    pattern = str(tmp_path / "val-*.tar")
+    keys = []
+    for rank in range(2):
+        for worker in range(2):
+            keys += _keys(EvalShards(pattern, rank=rank, world_size=2, with_keys=True, worker=(worker, 2)))
+    assert len(keys) == num_shards * per_shard - 1 and len(set(keys)) == len(keys)
+    # the same with real DataLoader worker processes for each simulated rank
+    real = []
+    for rank in range(2):
+        loader = DataLoader(EvalShards(pattern, rank=rank, world_size=2, with_keys=True), batch_size=3, num_workers=2)
+        real += [k for batch in loader for k in batch["key"]]
+    assert sorted(real) == sorted(keys)
+
+
+def test_split_shards_covers_everything_once():
+    urls = [f"s{i}" for i in range(5)]
+    for total_workers in (1, 2, 3):
+        got = []
+        for rank in range(2):
+            for worker in range(total_workers):
+                mine, keep = split_shards(urls, rank, 2, worker, total_workers)
+                got += mine if keep is None else [(u, j) for j, u in enumerate(mine) if keep(j)]
+        assert len(got) == len(set(got)) and len(got) == 5
+
+
+def test_train_fixed_batches_per_rank_and_deterministic(tmp_path):
+    write_procedural(tmp_path, count=30, image_size=16, per_shard=10, split="train", progress=False)
+    pattern = str(tmp_path / "train-*.tar")
+    counts = []
+    for rank, workers in ((0, 0), (1, 2)):  # rank 0 without workers, rank 1 with 2 worker processes
+        stream = TrainShards(pattern, batch_size=4, batches_per_epoch=5, seed=1, rank=rank, world_size=2,
+                             shuffle_buffer=8)
+        counts.append(sum(1 for b in DataLoader(stream, batch_size=4, num_workers=workers) if len(b["caption"]) == 4))
+    assert counts == [5, 5]
+    # workers split the batches: 5 = 3 + 2, never 5 per worker (webdataset's with_epoch would give 10)
+    sizes = [len(list(TrainShards(pattern, batch_size=4, batches_per_epoch=5, worker=(w, 2)))) for w in range(2)]
+    assert sizes == [12, 8]
+
+    def captions(rank=0, epoch=0, seed=1):
+        s = TrainShards(pattern, batch_size=4, batches_per_epoch=3, seed=seed, rank=rank, world_size=2,
+                        caption_keep=0.5, shuffle_buffer=8, with_keys=True)
+        s.set_epoch(epoch)
+        return [(x["key"], x["caption"]) for x in s]
+
+    assert captions() == captions()
+    assert captions() != captions(epoch=1) and captions() != captions(rank=1) and captions() != captions(seed=2)
+
+
+def _corrupt_shards(tmp_path):
+    """good-000000.tar (5 good samples), bad-png shard (4 good + 1 corrupt PNG), truncated shard."""
+    write_procedural(tmp_path / "a", count=10, image_size=16, per_shard=5, split="val", progress=False)
+    good, second = sorted((tmp_path / "a").glob("val-*.tar"))
+    samples = list(wds.WebDataset(str(second), shardshuffle=False, nodesplitter=None, workersplitter=None))
+    with wds.TarWriter(str(tmp_path / "a" / "val-000002.tar")) as sink:
+        for i, s in enumerate(samples):
+            png = s["png"][:40] + b"garbage" if i == 2 else s["png"]
+            sink.write({"__key__": s["__key__"] + "b", "png": png, "json": s["json"]})
+    with tarfile.open(second) as tf:
+        member = tf.getmembers()[5]  # a member of the third sample
+    second.write_bytes(second.read_bytes()[: member.offset_data + member.size // 2])  # truncated mid-member
+    return str(tmp_path / "a" / "val-*.tar")
+
+
+def test_corrupt_png_and_truncated_shard_are_skipped_and_counted(tmp_path):
+    pattern = _corrupt_shards(tmp_path)
+    counter = SkipCounter()
+    with pytest.warns(ShardWarning) as record:
+        got = list(EvalShards(pattern, counter=counter, with_keys=True))
+    messages = " ".join(str(w.message) for w in record)
+    assert "val-000001.tar" in messages and "corrupt PNG" in messages
+    assert counter.bad_shards == 1 and counter.bad_samples >= 1
+    assert 5 + 4 <= len(got) < 15  # every good sample of the intact shards, and what precedes the truncation
+    # training goes on with the same damaged shards and still gives its full epoch
+    counter2 = SkipCounter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ShardWarning)
+        stream = TrainShards(pattern, batch_size=4, batches_per_epoch=6, counter=counter2, shuffle_buffer=4)
+        batches = list(DataLoader(stream, batch_size=4, num_workers=1))  # counts come back from the worker
+    assert len(batches) == 6 and counter2.bad_shards >= 1 and counter2.bad_samples >= 1
+
+
+def test_pattern_matching_nothing_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope-*.tar"))):
+        expand_shards(str(tmp_path / "nope-*.tar"))
+    write_procedural(tmp_path, count=2, per_shard=1, split="val", progress=False)
+    assert len(expand_shards(str(tmp_path / "val-{000000..000001}.tar"))) == 2
+    with pytest.raises(FileNotFoundError, match="missing"):
+        expand_shards(str(tmp_path / "val-{000000..000005}.tar"))
+    dm = HybridDataModule(batch_size=2, source="shards", shards=str(tmp_path / "train-{0..3}.tar"))
+    with pytest.raises(FileNotFoundError, match="train-"):
+        dm.setup("fit")
+
+
+# ----------------------------------------------------------------------------------------------
+# Folder source
+# ----------------------------------------------------------------------------------------------
+
+
+def test_folder_source_sidecar_captions_and_center_crop(tmp_path):
+    root = tmp_path / "images"
+    (root / "red_apple").mkdir(parents=True)
+    (root / "blue-sky").mkdir()
+    wide = np.zeros((32, 64, 3), np.uint8)  # w=64, h=32: center 32 columns red, sides blue
+    wide[:, :16] = wide[:, 48:] = (0, 0, 255)
+    wide[:, 16:48] = (255, 0, 0)
+    Image.fromarray(wide).save(root / "red_apple" / "wide.png")
+    (root / "red_apple" / "wide.txt").write_text("a shiny red apple\n")
+    Image.fromarray(np.full((80, 40, 3), 200, np.uint8)).save(root / "blue-sky" / "tall.jpg")
+    Image.fromarray(np.full((16, 16, 3), 10, np.uint8)).save(root / "blue-sky" / "small.png")
+    (root / "blue-sky" / "broken.png").write_bytes(b"not a png")
+    with pytest.warns(ShardWarning, match="broken.png"):
+        shards = write_folder(tmp_path / "out", root, image_size=32, per_shard=2, progress=False)
+    assert len(shards) == 2
+    assert json.loads((tmp_path / "out" / "classes.json").read_text()) == {"blue-sky": 0, "red_apple": 1}
+    got = {s["caption"]: s for s in EvalShards(str(tmp_path / "out" / "train-*.tar"))}
+    assert set(got) == {"a shiny red apple", "blue sky"}
+    apple = got["a shiny red apple"]
+    assert apple["class_id"] == 1 and apple["image"].shape == (3, 32, 32)
+    assert torch.allclose(apple["image"][:, :, 2:-2], torch.tensor([1.0, -1.0, -1.0])[:, None, None], atol=0.05)
+    assert all(v == -1 for v in apple["attrs"].values())
+    sky = [s for s in EvalShards(str(tmp_path / "out" / "train-*.tar")) if s["class_id"] == 0]
+    assert len(sky) == 2 and all(s["caption"] == "blue sky" and s["image"].shape == (3, 32, 32) for s in sky)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data module
+# ----------------------------------------------------------------------------------------------
+
+
+def test_datamodule_procedural_batches_and_resume():
+    from hybrid.config import DataConfig
+
+    cfg = DataConfig(image_size=16, batches_per_epoch=3, val_size=10, train_size=1000, holdout=["red:circle"])
+    dm = HybridDataModule.from_config(cfg, batch_size=4)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    batches = list(loader)
+    assert len(batches) == 3
+    b = batches[0]
+    assert b["image"].shape == (4, 3, 16, 16) and b["class_id"].dtype == torch.long and len(b["caption"]) == 4
+    assert set(b["attrs"]) == set(ATTRIBUTES) and b["attrs"]["color"].shape == (4,)
+    again = list(dm.train_dataloader())  # a resumed run at the same epoch repeats the data
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(batches, again))
+    loader.sampler.set_epoch(1)
+    assert not torch.equal(next(iter(loader))["image"], batches[0]["image"])
+    val = dm.val_dataloader()
+    assert sum(len(v["caption"]) for v in val) == 10
+
+
+def test_samplers_split_ranks():
+    a = [list(EpochIndexSampler(100, 8, seed=0, rank=r, world_size=2)) for r in range(2)]
+    assert len(a[0]) == len(a[1]) == 8 and a[0] != a[1]
+    assert list(EpochIndexSampler(100, 8, seed=0, rank=0, world_size=2)) == a[0]
+    idx = [i for r in range(2) for i in ShardedIndexSampler(7, r, 2)]
+    assert sorted(idx) == list(range(7))
+
+
+def test_datamodule_shards_source(tmp_path):
+    write_procedural(tmp_path, count=12, image_size=16, per_shard=6, split="train", progress=False)
+    write_procedural(tmp_path, count=5, image_size=16, per_shard=6, split="val", progress=False)
+    dm = HybridDataModule(batch_size=4, source="shards", shards=str(tmp_path / "train-*.tar"), image_size=16,
+                          batches_per_epoch=2, shuffle_buffer=4)
+    dm.setup("fit")
+    train = list(dm.train_dataloader())
+    assert len(train) == 2 and train[0]["image"].shape == (4, 3, 16, 16)
+    assert sum(len(b["caption"]) for b in dm.val_dataloader()) == 5  # sibling val-*.tar
+    assert dm.skip_counts() == {"train_bad_samples": 0, "train_bad_shards": 0, "val_bad_samples": 0,
+                                "val_bad_shards": 0}
+
+
+
+def test_datamodule_lightning_smoke(tmp_path):
+    """Two epochs under a real Trainer: every epoch has batches_per_epoch batches and new data."""
+    import pytorch_lightning as pl
+
+    class Probe(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.seen = []
+
+        def training_step(self, batch, _):
+            self.seen.append((self.current_epoch, batch["image"].sum().item(), len(batch["caption"])))
+            return (self.w * batch["image"].mean()).sum()
+
+        def validation_step(self, batch, _):
+            self.log("v", batch["image"].mean(), batch_size=len(batch["caption"]))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    write_procedural(tmp_path, count=8, image_size=16, per_shard=4, split="train", progress=False)
+    for dm in (HybridDataModule(batch_size=2, image_size=16, batches_per_epoch=3, val_size=4),
+               HybridDataModule(batch_size=2, source="shards", shards=str(tmp_path / "train-*.tar"), image_size=16,
+                                batches_per_epoch=3, val_size=4, shuffle_buffer=2)):
+        probe = Probe()
+        trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+        trainer.fit(probe, datamodule=dm)
+        per_epoch = Counter(e for e, _, _ in probe.seen)
+        assert per_epoch == {0: 3, 1: 3}
+        sums = [[s for e, s, _ in probe.seen if e == epoch] for epoch in (0, 1)]
+        assert sums[0] != sums[1]  # the epoch reached the sampler / the shard stream
