@@ -77,7 +77,7 @@ submit() {
     if [ -n "$dependency" ]; then cmd+=(--dependency="afterok:$dependency" --kill-on-invalid-dep=yes); fi
     cmd+=("$repo/slurm/train.sbatch" "${overrides[@]}")
     if [ "$dry_run" = 1 ]; then
-        echo "${cmd[*]}" >&2
+        printf '%q ' "${cmd[@]}" >&2; echo >&2
         echo "<$stage>"
     else
         local out
