@@ -103,13 +103,13 @@ class TokenizerConfig:
 
 @dataclass
 class OracleConfig:
-    backbone: str = "resnet18"  # any timm model name
+    backbone: str = "resnet10t"  # any timm model name (no pretrained weights)
     feature_dim: int = 128  # pre-logit feature vector (the FID space)
     stem_stride: int = 2  # ResNets: stem downsamples by 1 or 2 instead of 4 (small inputs); 0 = model's own stem
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
     path: str = ""  # empty = <cache_dir>/oracle-<image_size>.safetensors
     holdout: list[str] = field(default_factory=lambda: ["red:triangle", "blue:circle", "green:star"])  # never seen
-    glyph_prob: float = 0.2  # training only: probability that the first object is a glyph
+    glyph_prob: float = 0.3  # training only: probability that the first object is a glyph
     num_workers: int = 1  # DataLoader workers rendering training/eval images
     eval_samples: int = 5000  # fresh images for the stored/printed accuracy
     holdout_samples: int = 2000  # images of held-out color:shape combinations

@@ -1,0 +1,86 @@
+"""Instruction following, measured by the oracle: does each image show the attributes it was asked for?
+
+`requested` is a batch of attribute requests in the data's collate format, {attribute: (N,)
+long}, where -1 means "not requested" (e.g. a caption that left the attribute out, or shard
+data without attributes); those entries are skipped.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from hybrid.data.attributes import SHAPES
+
+GLYPH = SHAPES.index("glyph")
+
+
+@torch.no_grad()
+def oracle_logits(images: torch.Tensor, oracle: nn.Module, batch_size: int = 250) -> dict[str, torch.Tensor]:
+    """images (N, 3, S, S) in [-1, 1] -> {attribute: logits (N, K)} on the CPU, in batches."""
+    device = next(oracle.parameters()).device
+    chunks: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, images.shape[0], batch_size):
+        out = oracle(images[start:start + batch_size].to(device).float())
+        for name, logits in out.items():
+            chunks.setdefault(name, []).append(logits.cpu())
+    return {name: torch.cat(parts) for name, parts in chunks.items()}
+
+
+def adherence_from_logits(logits: dict[str, torch.Tensor], requested: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Accuracy per requested attribute from oracle logits {attr: (N, K)} (or predictions {attr: (N,)}).
+
+    Returns {attribute: fraction of images, among those that requested it, whose prediction
+    equals the request} for every attribute requested at least once, plus "all": the fraction
+    of images (with at least one request) whose every requested attribute is right.
+    """
+    result: dict[str, float] = {}
+    all_ok = any_req = None
+    for name, req in requested.items():
+        if name not in logits:
+            continue
+        req = torch.as_tensor(req).long().cpu()  # (N,)
+        pred = logits[name].cpu()
+        pred = pred.argmax(-1) if pred.ndim == 2 else pred.long()  # (N,)
+        if pred.shape[0] != req.shape[0]:
+            raise ValueError(f"attribute '{name}': {pred.shape[0]} predictions for {req.shape[0]} requests")
+        mask = req >= 0
+        if all_ok is None:
+            all_ok = torch.ones_like(mask)
+            any_req = torch.zeros_like(mask)
+        if not mask.any():
+            continue
+        hit = (pred == req) | ~mask  # unrequested counts as satisfied
+        result[name] = hit[mask].float().mean().item()
+        all_ok &= hit
+        any_req |= mask
+    if any_req is not None and any_req.any():
+        result["all"] = all_ok[any_req].float().mean().item()
+    return result
+
+
+def adherence(images: torch.Tensor, requested_attrs: dict[str, torch.Tensor], oracle: nn.Module,
+              batch_size: int = 250) -> dict[str, float]:
+    """Per-attribute adherence of generated images (N, 3, S, S) in [-1, 1] to their requests.
+
+    requested_attrs: {attribute: (N,) long}, -1 = not requested (skipped). Returns
+    {attribute: accuracy} (requested attributes only) and "all" (every request met at once).
+    """
+    return adherence_from_logits(oracle_logits(images, oracle, batch_size), requested_attrs)
+
+
+def glyph_accuracy(images: torch.Tensor, requested_attrs: dict[str, torch.Tensor], oracle: nn.Module,
+                   batch_size: int = 250) -> float:
+    """Text rendering: oracle accuracy on the glyph attribute for images whose requested shape is a glyph.
+
+    NaN when no image requested a glyph.
+    """
+    shape = torch.as_tensor(requested_attrs["shape"]).long().cpu()
+    glyph = torch.as_tensor(requested_attrs["glyph"]).long().cpu()
+    mask = (shape == GLYPH) & (glyph > 0)  # (N,)
+    if not mask.any():
+        return math.nan
+    logits = oracle_logits(images[mask.to(images.device)], oracle, batch_size)
+    return (logits["glyph"].argmax(-1) == glyph[mask]).float().mean().item()

@@ -1,0 +1,253 @@
+"""The oracle (attribute classifier), FID in its features (+ bootstrap), adherence, Inception FID."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+from hybrid.config import load_config
+from hybrid.data.attributes import ATTRIBUTES, SHAPES
+from hybrid.eval.adherence import adherence, adherence_from_logits, glyph_accuracy
+from hybrid.eval.fid import (
+    OracleFeatures,
+    bootstrap_fid,
+    compute_fid,
+    frechet_distance,
+    inception_fid,
+    oracle_fid_metric,
+)
+from hybrid.eval.oracle import Oracle, ensure_oracle, load_oracle, main, save_oracle, sidecar_path
+
+TINY = {"channels": [8, 16, 16, 16], "layers": [1, 1, 1, 1]}  # a toy timm ResNet
+
+
+def tiny_oracle(feature_dim: int = 16, image_size: int = 16) -> Oracle:
+    torch.manual_seed(0)
+    return Oracle("resnet18", feature_dim=feature_dim, image_size=image_size, stem_stride=2, backbone_kwargs=TINY)
+
+
+def images(n: int = 8, size: int = 16, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=g) * 2 - 1  # (N, 3, S, S) in [-1, 1]
+
+
+def test_forward_shapes_and_feature_dim():
+    oracle = tiny_oracle()
+    logits, feats = oracle.forward_with_features(images(2))
+    assert feats.shape == (2, 16)
+    assert {k: v.shape for k, v in logits.items()} == {k: (2, len(v)) for k, v in ATTRIBUTES.items()}
+    assert oracle.predict(images(2))["glyph"].dtype == torch.long
+    with pytest.raises(ValueError, match="16, 16"):
+        oracle(images(2, size=32))
+    default = load_config()  # the default config's oracle keeps the FID space small
+    assert default.oracle.feature_dim <= 128
+    # the deep-stem ResNet of the toy config adapts too
+    small = Oracle("resnet10t", feature_dim=8, image_size=16, stem_stride=2)
+    assert small.features(images(2)).shape == (2, 8)
+
+
+def test_save_load_round_trip_identical(tmp_path):
+    oracle = tiny_oracle()
+    oracle.train()
+    oracle(images(8))  # move the BatchNorm running statistics away from their init
+    oracle.eval()
+    path = save_oracle(oracle, tmp_path / "oracle-16.safetensors", {"accuracy": {"fresh": {"shape": 1.0}}})
+    assert sidecar_path(path).is_file()
+    loaded = load_oracle(path)
+    x = images(4, seed=1)
+    with torch.no_grad():
+        ref, out = oracle(x), loaded(x)
+    for name in ref:
+        assert torch.equal(ref[name], out[name]), name
+    assert torch.equal(oracle.features(x), loaded.features(x))
+    assert loaded.meta["accuracy"]["fresh"]["shape"] == 1.0
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_load_refuses_a_pickle(tmp_path):
+    path = save_oracle(tiny_oracle(), tmp_path / "o.safetensors")
+    torch.save({"x": torch.zeros(1)}, path)  # a pickle where safetensors should be
+    with pytest.raises(ValueError, match="o.safetensors"):
+        load_oracle(path)
+
+
+def test_missing_oracle_names_file_and_command(tmp_path):
+    missing = tmp_path / "cache" / "oracle-32.safetensors"
+    with pytest.raises(FileNotFoundError) as err:
+        load_oracle(missing)
+    assert str(missing) in str(err.value)
+    assert "python -m hybrid.eval.oracle train" in str(err.value)
+    cfg = load_config(None, [f"cache_dir={tmp_path}/c"])
+    with pytest.raises(FileNotFoundError, match="oracle-32.safetensors"):
+        load_oracle(cfg=cfg)
+
+
+def test_fid_self_zero_shift_positive():
+    oracle = tiny_oracle().eval()
+    x = images(64)
+    same = compute_fid(x, x, oracle, bootstrap=0)
+    assert abs(same["fid"]) < 1e-6 and same["n"] == 64
+    shifted = compute_fid((x * 0.3 + 0.6).clamp(-1, 1), x, oracle, bootstrap=0)
+    assert shifted["fid"] > 0.1
+
+
+def test_bootstrap_ci_contains_point_estimate():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 8, generator=g)
+    b = torch.randn(300, 8, generator=g) * 1.2 + 0.3
+    out = bootstrap_fid(a, b, bootstrap=50, seed=0)
+    lo, hi = out["ci"]
+    assert lo <= out["fid"] <= hi and lo < hi
+    assert out["fid"] == pytest.approx(frechet_distance(a, b))
+    assert bootstrap_fid(a, b, bootstrap=50, seed=0)["ci"] == out["ci"]  # seeded
+    self_out = bootstrap_fid(a, a, bootstrap=20)
+    assert self_out["ci"][0] <= self_out["fid"] <= self_out["ci"][1]
+
+
+class _Identity(nn.Module):
+    """A torchmetrics feature 'extractor' that is handed features already."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.num_features = dim
+
+    def forward(self, x):
+        return x
+
+
+def test_fid_matches_torchmetrics():
+    g = torch.Generator().manual_seed(1)
+    real = torch.randn(200, 8, generator=g)
+    fake = torch.randn(150, 8, generator=g) @ torch.randn(8, 8, generator=g) * 0.5 + 0.2
+    metric = FrechetInceptionDistance(feature=_Identity(8))
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    assert frechet_distance(fake, real) == pytest.approx(float(metric.compute()), rel=1e-5, abs=1e-8)
+    # the torchmetrics wrapper around the oracle takes [0, 1] images and agrees with compute_fid on [-1, 1] ones
+    oracle = tiny_oracle().eval()
+    x_real, x_fake = images(40, seed=2), (images(40, seed=3) * 0.5).clamp(-1, 1)
+    metric = oracle_fid_metric(oracle)
+    assert isinstance(metric.inception, OracleFeatures)
+    metric.update((x_real + 1) / 2, real=True)
+    metric.update((x_fake + 1) / 2, real=False)
+    ours = compute_fid(x_fake, x_real, oracle, bootstrap=0)["fid"]
+    assert ours == pytest.approx(float(metric.compute()), rel=1e-4)
+
+
+def _one_hot_logits(targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, values in ATTRIBUTES.items():
+        t = targets[name].clamp(min=0)
+        out[name] = torch.nn.functional.one_hot(t, len(values)).float() * 5.0
+    return out
+
+
+def _requests(n: int = 6) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    req = {name: torch.randint(len(values), (n,), generator=g) for name, values in ATTRIBUTES.items()}
+    req["fill"][:2] = -1  # not requested
+    req["background"][:] = -1  # never requested: absent from the result
+    req["shape"][:3] = SHAPES.index("glyph")
+    req["glyph"][:3] = torch.tensor([1, 5, 9])
+    return req
+
+
+def test_adherence_on_matching_logits_is_one():
+    req = _requests()
+    result = adherence_from_logits(_one_hot_logits(req), req)
+    assert "background" not in result
+    assert all(v == 1.0 for v in result.values()) and result["all"] == 1.0
+    wrong = _one_hot_logits(req)
+    wrong["color"] = wrong["color"].roll(1, dims=1)  # every color wrong
+    result = adherence_from_logits(wrong, req)
+    assert result["color"] == 0.0 and result["shape"] == 1.0 and result["all"] == 0.0
+
+
+class _LookupOracle(nn.Module):
+    """Returns stored logits for the images' index (written into pixel [0, 0, 0])."""
+
+    def __init__(self, logits: dict[str, torch.Tensor]):
+        super().__init__()
+        self.logits = logits
+        self.anchor = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        idx = x[:, 0, 0, 0].round().long()
+        return {k: v[idx] for k, v in self.logits.items()}
+
+
+def test_adherence_and_glyph_accuracy_through_an_oracle():
+    req = _requests()
+    logits = _one_hot_logits(req)
+    logits["glyph"][1] = logits["glyph"][1].roll(1)  # one of the three glyph images is misread
+    x = torch.zeros(6, 3, 4, 4)
+    x[:, 0, 0, 0] = torch.arange(6).float()
+    fake = _LookupOracle(logits)
+    result = adherence(x, req, fake, batch_size=4)
+    assert result["shape"] == 1.0 and result["glyph"] == pytest.approx(5 / 6)
+    assert glyph_accuracy(x, req, fake) == pytest.approx(2 / 3)
+    no_glyphs = {k: v.clone() for k, v in req.items()}
+    no_glyphs["shape"][:] = 0
+    assert math.isnan(glyph_accuracy(x, no_glyphs, fake))
+
+
+def test_cli_config_error_and_missing_oracle(tmp_path, capsys):
+    assert main(["train", "oracle.nope=1"]) == 2
+    assert "oracle.nope" in capsys.readouterr().err
+    assert main(["eval", f"oracle.path={tmp_path}/none.safetensors"]) == 1
+    err = capsys.readouterr().err
+    assert "none.safetensors" in err and "python -m hybrid.eval.oracle train" in err
+
+
+def test_ensure_oracle_trains_once_and_caches(tmp_path):
+    cfg = load_config(None, [
+        f"cache_dir={tmp_path}", "data.image_size=16", "tokenizer.scales=[1, 2, 4]", "oracle.backbone=resnet18",
+        "oracle.backbone_kwargs={channels: [8, 16, 16, 16], layers: [1, 1, 1, 1]}", "oracle.feature_dim=16",
+        "oracle.train.max_steps=3", "oracle.train.batch_size=8", "oracle.train.warmup_steps=1",
+        "oracle.num_workers=0", "oracle.eval_samples=16", "oracle.holdout_samples=8"])
+    path = ensure_oracle(cfg, device="cpu")
+    assert path == tmp_path / "oracle-16.safetensors" and path.is_file()
+    oracle = load_oracle(cfg=cfg)
+    acc = oracle.meta["accuracy"]
+    assert set(ATTRIBUTES) <= set(acc["fresh"]) and acc["fresh"]["n"] == 16 and acc["holdout"]["n"] == 8
+    assert oracle.meta["steps"] == 3 and oracle.meta["config"]["oracle"]["feature_dim"] == 16
+    mtime = path.stat().st_mtime
+    assert ensure_oracle(cfg, device="cpu") == path and path.stat().st_mtime == mtime  # cached
+
+
+def _random_inception_weights(tmp_path, monkeypatch):
+    """torch-fidelity's InceptionV3 with random init (its constructor would download weights), saved."""
+    fe = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+
+    class RandomInception(fe.FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            return None  # keep the random init
+
+    with monkeypatch.context() as m:
+        m.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
+        net = RandomInception("inception-v3-compat", ["2048"])
+    path = tmp_path / "inception-random.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_inception_fid_needs_local_plain_weights(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        inception_fid(images(4), images(4), tmp_path / "missing.pth")
+    bad = tmp_path / "pickled.pth"
+    torch.save({"net": nn.Linear(2, 2)}, bad)  # a pickled module, not a plain state dict
+    with pytest.raises(ValueError, match="pickled.pth"):
+        inception_fid(images(4), images(4), bad)
+
+
+@pytest.mark.slow  # InceptionV3 at 299 px and a 2048x2048 eigenproblem: ~30 s on a 2-core CPU
+def test_inception_fid_with_local_random_weights(tmp_path, monkeypatch):
+    weights = _random_inception_weights(tmp_path, monkeypatch)
+    same = inception_fid(images(3, seed=0), images(3, seed=0), weights)
+    other = inception_fid(images(3, seed=0), -images(3, seed=1), weights)
+    assert math.isfinite(same) and math.isfinite(other)
+    assert abs(same) < 1e-3 * max(1.0, abs(other)) and other > same
