@@ -20,6 +20,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from hybrid.checkpoints import final_path, init_weights, last_path, stage_dir
 from hybrid.config import to_dict
+from hybrid.lit.slurm import slurm_trainer_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -127,13 +128,19 @@ def build_trainer(cfg, stage: str, extra_callbacks=()) -> pl.Trainer:
     if cfg.trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=1 if sys.stderr.isatty() else 50))
 
-    # SLURM requeue (slurm/train.sbatch): rank 0 says where each (re)started fit begins, so a job's log
+    # --- SLURM (slurm/train.sbatch, hybrid/lit/slurm.py) ---------------------------------------
+    # Under srun: save the hpc checkpoint and requeue at a step boundary on SIGUSR1 (Lightning's own
+    # in-handler save can deadlock DDP); rank 0 says where each (re)started fit begins, so a job's log
     # shows that a requeued job resumed from its hpc checkpoint instead of starting over.
+    slurm = slurm_trainer_kwargs()
+    callbacks.extend(slurm["callbacks"])
+
     def _say_start(trainer, _module) -> None:
         if trainer.global_rank == 0:
             print(f"[{stage}] fit starts at step {trainer.global_step}", flush=True)
 
     callbacks.append(LambdaCallback(on_train_start=_say_start))
+    # -------------------------------------------------------------------------------------------
     loggers = [CSVLogger(save_dir=str(cfg.run_dir), name=stage, version="logs")]
     try:
         import tensorboard  # noqa: F401
@@ -164,6 +171,7 @@ def build_trainer(cfg, stage: str, extra_callbacks=()) -> pl.Trainer:
         check_val_every_n_epoch=None if tcfg.val_every > 0 else 1,
         num_sanity_val_steps=0,
         callbacks=callbacks,
+        plugins=slurm["plugins"] or None,
         logger=loggers,
         default_root_dir=str(sdir),
         deterministic=cfg.trainer.deterministic,
@@ -200,7 +208,7 @@ def fit_stage(cfg, stage: str) -> Path:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if trainer.interrupted:
         raise KeyboardInterrupt(f"stage {stage} was interrupted; re-run the same command to resume")
-    trainer.save_checkpoint(final)  # atomic (Lightning writes through an fsspec transaction)
+    trainer.save_checkpoint(final, weights_only=False)  # atomic (Lightning writes through an fsspec transaction)
     if trainer.global_rank == 0:
         print(f"[{stage}] done: {final}")
     return final

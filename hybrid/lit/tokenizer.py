@@ -17,12 +17,6 @@ from hybrid.lit.base import StageModule
 from hybrid.tokenizer import HybridTokenizer
 
 
-def psnr(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB of images in [-1, 1] (peak-to-peak 2), averaged over the batch."""
-    mse = (recon.float().clamp(-1, 1) - target.float()).pow(2).flatten(1).mean(1)  # (B,)
-    return (10 * torch.log10(4.0 / mse.clamp(min=1e-10))).mean()
-
-
 class TokenizerModule(StageModule):
     stage = "tokenizer"
 
@@ -42,8 +36,8 @@ class TokenizerModule(StageModule):
             self._preview = images[:8].detach().clone()
         discrete = self._take_discrete_path()
         out = self.tokenizer.training_losses(images, discrete=discrete, step=self.global_step)
-        logs = {k: v for k, v in out.items() if k not in ("loss", "recon_images")}
-        logs[f"psnr_{'discrete' if discrete else 'continuous'}"] = psnr(out["recon_images"].detach(), images)
+        logs = {k: v for k, v in out.items() if k not in ("loss", "recon_images", "psnr", "discrete")}
+        logs[f"psnr_{'discrete' if discrete else 'continuous'}"] = out["psnr"]
         return out["loss"], logs
 
     def preview_images(self):
