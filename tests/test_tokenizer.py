@@ -1,0 +1,311 @@
+"""Stage 1: the hybrid tokenizer (autoencoder + multi-scale residual quantizer). Toy shapes throughout."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from hybrid.tokenizer import (
+    Autoencoder,
+    HybridTokenizer,
+    MultiScaleQuantizer,
+    code_counts,
+    default_scales,
+    usage_stats,
+)
+
+TOY = dict(image_size=16, downsample=4, latent_channels=4, channels=[16, 32], codebook_size=64, scales=[1, 2, 4])
+
+
+def make(**overrides) -> HybridTokenizer:
+    torch.manual_seed(0)
+    return HybridTokenizer(**{**TOY, **overrides})
+
+
+def images(batch: int = 2, size: int = 16, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, size, size, generator=g) * 2 - 1  # (B, 3, H, W) in [-1, 1]
+
+
+def trained(tok: HybridTokenizer, steps: int = 2) -> HybridTokenizer:
+    """A few training updates so the codebook holds data vectors rather than its initial noise."""
+    tok.train()
+    for i in range(steps):
+        tok.training_losses(images(seed=i), discrete=bool(i % 2))
+    return tok.eval()
+
+
+@pytest.mark.parametrize("phi_ratio", [0.0, 0.5])
+def test_indices_round_trip_is_exact(phi_ratio):
+    tok = trained(make(phi_ratio=phi_ratio))
+    with torch.no_grad():
+        out = tok.encode(images())
+        assert [tuple(i.shape) for i in out.indices] == [(2, 1, 1), (2, 2, 2), (2, 4, 4)]
+        assert all(i.dtype == torch.long and 0 <= int(i.min()) and int(i.max()) < 64 for i in out.indices)
+        assert out.z_q.shape == out.z.shape == out.residual.shape == (2, 4, 4, 4)
+        torch.testing.assert_close(tok.indices_to_latent(out.indices), out.z_q, rtol=0, atol=1e-6)
+        torch.testing.assert_close(out.z_q + out.residual, out.z, rtol=1e-6, atol=1e-6)
+
+
+def test_encode_never_touches_the_codebook():
+    tok = trained(make())
+    before = {k: v.clone() for k, v in tok.quantizer.state_dict().items()}
+    tok.train()
+    tok.encode(images())
+    for k, v in tok.quantizer.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    tok.eval()
+    tok.training_losses(images())  # eval mode: statistics only, no update
+    for k, v in tok.quantizer.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_usage_of_a_single_code():
+    tok = make()
+    tok.quantizer.codebook.zero_()  # every code alike: argmin picks code 0 everywhere
+    out = tok.encode(images())
+    assert all(int(i.max()) == 0 for i in out.indices)
+    stats = usage_stats(code_counts(out.indices, tok.codebook_size))
+    for k, s in enumerate(tok.scales):
+        assert stats[f"usage/s{k}"].item() == pytest.approx(1 / min(64, 2 * s * s))
+        assert stats[f"perplexity/s{k}"].item() == pytest.approx(1.0)
+    assert stats["usage_pooled"].item() == pytest.approx(1 / min(64, 2 * (1 + 4 + 16)))
+    assert stats["usage_finest"].item() == pytest.approx(1 / 32)
+
+
+def test_usage_of_distinct_codes():
+    counts = torch.zeros(2, 8, dtype=torch.long)
+    counts[0, :4] = 1  # 4 positions, 4 codes
+    counts[1] = 2  # 16 positions, all 8 codes equally
+    stats = usage_stats(counts)
+    assert stats["usage/s0"].item() == pytest.approx(1.0)
+    assert stats["perplexity/s0"].item() == pytest.approx(4.0)
+    assert stats["usage/s1"].item() == pytest.approx(1.0)
+    assert stats["perplexity/s1"].item() == pytest.approx(8.0)
+    assert stats["usage_pooled"].item() == pytest.approx(1.0)
+
+
+def test_dead_code_restart_changes_only_dead_codes():
+    q = MultiScaleQuantizer(4, 4, [1, 2, 4], codebook_size=16, dead_code_steps=3)
+    q.codebook.copy_(torch.randn(16, 4))
+    q.code_age.zero_()
+    dead = torch.tensor([1, 5, 6, 15])
+    q.code_age[dead] = 3
+    before = q.codebook.clone()
+    pool = torch.randn(40, 4) + 10.0  # far from every live code
+    assert q.restart_dead_codes(pool) == 4
+    changed = (q.codebook != before).any(1)
+    assert changed.nonzero().flatten().tolist() == dead.tolist()
+    assert (q.codebook[dead] - 10.0).abs().max() < 6  # drawn from the pool
+    assert int(q.code_age.max()) == 0
+
+
+def test_restarts_keep_the_codebook_in_use():
+    torch.manual_seed(0)
+    q = MultiScaleQuantizer(4, 8, [1, 2, 4, 8], codebook_size=32, dead_code_steps=2)
+    for _ in range(20):
+        indices, _ = q(torch.randn(8, 4, 8, 8), update=True)
+    stats = usage_stats(code_counts(indices, 32))
+    assert stats["usage_pooled"].item() >= 0.9
+    assert stats["usage_finest"].item() >= 0.5
+
+
+@pytest.mark.parametrize("downsample,patch_size,latent,shortcut",
+                         [(4, 1, 4, True), (8, 1, 2, False), (4, 2, 4, True), (8, 4, 2, True), (8, 2, 2, False)])
+def test_autoencoder_shapes(downsample, patch_size, latent, shortcut):
+    ae = Autoencoder(downsample=downsample, latent_channels=4, channels=[16, 32], patch_size=patch_size,
+                     shortcut=shortcut)
+    x = images()
+    z = ae.encode(x)
+    assert z.shape == (2, 4, latent, latent)
+    assert ae.decode(z).shape == x.shape
+
+
+def test_shortcut_autoencoder_starts_as_downsample_plus_bicubic():
+    import torch.nn.functional as F
+
+    ae = Autoencoder(downsample=4, latent_channels=4, channels=[16, 32], patch_size=2)
+    x = images()
+    with torch.no_grad():
+        z = ae.encode(x)
+        torch.testing.assert_close(z[:, :3], F.interpolate(x, size=(4, 4), mode="area"))
+        assert torch.equal(z[:, 3:], torch.zeros_like(z[:, 3:]))
+        up = F.interpolate(z[:, :3], size=(16, 16), mode="bicubic", align_corners=False)
+        torch.testing.assert_close(ae.decode(z), up)
+
+
+def test_without_shortcut_the_latent_has_unit_rms():
+    ae = Autoencoder(downsample=4, latent_channels=4, channels=[16, 32], shortcut=False)
+    with torch.no_grad():
+        z = ae.encode(images())
+    torch.testing.assert_close(z.pow(2).mean((1, 2, 3)), torch.ones(2), rtol=1e-4, atol=1e-4)
+
+
+def test_channel_levels_are_checked():
+    with pytest.raises(ValueError, match="tokenizer.channels"):
+        Autoencoder(downsample=4, channels=[16, 32, 32, 32])
+    with pytest.raises(ValueError, match="tokenizer.scales"):
+        make(scales=[1, 2, 3])
+    with pytest.raises(ValueError, match="tokenizer.loss"):
+        make(loss="l3")
+
+
+def test_state_dict_round_trip():
+    tok = trained(make(phi_ratio=0.5))
+    tok.measure_residual_std([images(seed=5)])
+    buf = io.BytesIO()
+    torch.save(tok.state_dict(), buf)
+    buf.seek(0)
+    other = make(phi_ratio=0.5)
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    other.eval()
+    x = images(seed=3)
+    with torch.no_grad():
+        a, b = tok.encode(x), other.encode(x)
+        assert all(torch.equal(i, j) for i, j in zip(a.indices, b.indices))
+        assert torch.equal(a.z_q, b.z_q) and torch.equal(a.residual, b.residual)
+        assert torch.equal(tok.decode(a.z), other.decode(b.z))
+    assert torch.equal(tok.residual_std, other.residual_std)
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+def test_training_losses_give_finite_gradients(discrete):
+    tok = make(phi_ratio=0.5).train()
+    out = tok.training_losses(images(), discrete=discrete)
+    for key in ("loss", "recon", "commit", "quant", "psnr", "usage_pooled", "usage_finest", "usage/s0",
+                "perplexity/s2"):
+        assert torch.isfinite(out[key]), key
+    out["loss"].backward()
+    grads = {n: p.grad for n, p in tok.named_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values()), [n for n, g in grads.items()
+                                                                                      if g is None]
+    # straight-through: the decoder's loss reaches the encoder in both modes
+    assert grads["autoencoder.encoder.conv_out.weight"].abs().sum() > 0
+    assert out["discrete"].item() == float(discrete)
+
+
+def test_discrete_draw_follows_the_generator():
+    tok = make(discrete_prob=0.5).eval()
+    x = images()
+
+    def draws(seeds):
+        with torch.no_grad():
+            return [tok.training_losses(x, generator=torch.Generator().manual_seed(s))["discrete"].item()
+                    for s in seeds]
+
+    expected = [float(torch.rand((), generator=torch.Generator().manual_seed(s)) < 0.5) for s in range(4)]
+    assert draws(range(4)) == expected
+    tok.discrete_prob = 1.0
+    assert draws([0]) == [1.0]
+
+
+def test_next_scale_inputs_match_step_by_step_accumulation():
+    tok = trained(make(scales=[1, 2, 3, 4]))
+    with torch.no_grad():
+        out = tok.encode(images())
+        inputs = tok.next_scale_inputs(out.indices)
+        assert [tuple(t.shape) for t in inputs] == [(2, 4, 2, 2), (2, 4, 3, 3), (2, 4, 4, 4)]
+        z_acc = None
+        for k in range(1, len(tok.scales)):
+            z_acc = tok.accumulate(z_acc, out.indices[k - 1], k - 1)
+            torch.testing.assert_close(inputs[k - 1], tok.downsample(z_acc, tok.scales[k]), rtol=0, atol=0)
+        z_acc = tok.accumulate(z_acc, out.indices[-1], len(tok.scales) - 1)
+        torch.testing.assert_close(z_acc, out.z_q, rtol=0, atol=0)
+    assert tok.tokens_per_scale == [1, 4, 9, 16] and tok.seq_len == 30
+    assert tok.downsample(out.z, 4) is out.z
+    with pytest.raises(ValueError, match="scale 1"):
+        tok.accumulate(None, out.indices[0], 1)
+
+
+def test_lookup_and_corrupt_indices():
+    tok = trained(make())
+    out = tok.encode(images())
+    codes = tok.lookup(out.indices[1])
+    assert codes.shape == (2, 4, 2, 2)
+    torch.testing.assert_close(codes[:, :, 0, 1], tok.quantizer.codebook[out.indices[1][:, 0, 1]])
+    same = tok.corrupt_indices(out.indices, 0.0, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(same, out.indices))
+    a = tok.corrupt_indices(out.indices, 0.5, torch.Generator().manual_seed(1))
+    b = tok.corrupt_indices(out.indices, 0.5, torch.Generator().manual_seed(1))
+    assert all(torch.equal(x, y) and x.shape == y.shape for x, y in zip(a, b))
+    assert all(0 <= int(x.min()) and int(x.max()) < tok.codebook_size for x in a)
+    big = [torch.zeros(4, 16, 16, dtype=torch.long)]
+    hit = (tok.corrupt_indices(big, 1.0, torch.Generator().manual_seed(0))[0] != 0).float().mean()
+    assert hit > 0.9  # nearly every index replaced (a random code may be 0 again)
+
+
+def test_decode_of_continuous_latent_is_the_autoencoder_path():
+    tok = trained(make())
+    x = images()
+    with torch.no_grad():
+        out = tok.encode(x)
+        direct = tok.autoencoder.decode(tok.autoencoder.encode(x))
+        torch.testing.assert_close(tok.decode(out.z), direct)
+        torch.testing.assert_close(tok.decode(out.z_q + out.residual), direct, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(tok.reconstruct(x), direct)
+
+
+def test_measure_residual_std():
+    tok = trained(make())
+    batches = [{"image": images(seed=s)} for s in range(3)]
+    stats = tok.measure_residual_std(batches)
+    zs = torch.cat([tok.encode(b["image"]).z for b in batches])
+    rs = torch.cat([tok.encode(b["image"]).residual for b in batches])
+    torch.testing.assert_close(tok.latent_std, zs.transpose(0, 1).reshape(4, -1).std(1, correction=0))
+    torch.testing.assert_close(tok.residual_std, rs.transpose(0, 1).reshape(4, -1).std(1, correction=0))
+    assert stats["residual_std"].shape == (4,) and "residual_std" in tok.state_dict()
+
+
+def test_from_config():
+    from hybrid.config import TokenizerConfig
+
+    cfg = TokenizerConfig(channels=[16, 32], codebook_size=64, scales=[1, 2, 4])
+    tok = HybridTokenizer.from_config(cfg, image_size=16)
+    assert tok.scales == [1, 2, 4] and tok.codebook_size == 64 and tok.latent_size == 4
+    assert tok.latent_channels == cfg.latent_channels
+
+
+def test_default_scales():
+    assert default_scales(8) == [1, 2, 3, 4, 6, 8]
+    assert default_scales(4) == [1, 2, 3, 4]
+    assert default_scales(16)[-1] == 16 and default_scales(1) == [1]
+
+
+def _tiny_vae_folder(path):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=4, sample_size=16, scaling_factor=0.5,
+    )
+    vae.save_pretrained(path)
+    return vae
+
+
+def test_pretrained_autoencoder_from_a_local_folder(tmp_path):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from hybrid.tokenizer import HybridAttnProcessor
+
+    vae = _tiny_vae_folder(tmp_path / "vae").eval()
+    tok = HybridTokenizer(image_size=16, pretrained=str(tmp_path / "vae"), codebook_size=64)
+    assert tok.latent_size == 4 and tok.scales == [1, 2, 3, 4] and tok.latent_channels == 4
+    assert all(isinstance(p, HybridAttnProcessor) for p in tok.autoencoder.vae.attn_processors.values())
+    x = images()
+    with torch.no_grad():
+        out = tok.encode(x)
+        torch.testing.assert_close(out.z, vae.encode(x).latent_dist.mean * 0.5, rtol=1e-4, atol=1e-5)
+        vae.set_attn_processor(AttnProcessor2_0())  # our attention processor == diffusers' SDPA one
+        torch.testing.assert_close(tok.decode(out.z), vae.decode(out.z / 0.5).sample, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(tok.indices_to_latent(out.indices), out.z_q, rtol=0, atol=1e-6)
+    trainable = [n for n, p in tok.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("quantizer.phi") for n in trainable)
+    tok.train()
+    assert not tok.autoencoder.vae.training  # frozen model stays in eval mode
+    losses = tok.training_losses(x)
+    losses["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in tok.parameters() if p.requires_grad)
