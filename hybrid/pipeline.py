@@ -307,7 +307,7 @@ class HybridPipeline:
             self.diffusion, (B, C, h, h), cond=cond, steps=s.steps or dcfg.steps, generator=generator,
             cfg=s.refiner_cfg, sampler=s.sampler, device=self.device,
         )
-        z = x0 * self.tokenizer.latent_std.to(x0)[None, :, None, None]  # standardised latent -> z
+        z = self.tokenizer.unstandardize(x0)  # standardised latent -> z
         return self.tokenizer.decode(z).clamp(-1, 1)
 
 

@@ -309,3 +309,15 @@ def test_pretrained_autoencoder_from_a_local_folder(tmp_path):
     losses = tok.training_losses(x)
     losses["loss"].backward()
     assert all(torch.isfinite(p.grad).all() for p in tok.parameters() if p.requires_grad)
+
+
+def test_standardize_round_trip_uses_mean_and_std():
+    from hybrid.tokenizer import HybridTokenizer
+
+    tok = HybridTokenizer(image_size=16, downsample=4, channels=[16, 32], scales=[1, 2, 4], codebook_size=16)
+    tok.latent_mean.copy_(torch.tensor([0.5, -1.0, 0.0, 2.0]))
+    tok.latent_std.copy_(torch.tensor([2.0, 0.5, 1.0, 4.0]))
+    z = torch.randn(2, 4, 4, 4)
+    x = tok.standardize(z)
+    torch.testing.assert_close(x[:, 3], (z[:, 3] - 2.0) / 4.0)
+    torch.testing.assert_close(tok.unstandardize(x), z)

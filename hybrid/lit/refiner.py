@@ -9,7 +9,7 @@ so the pipeline finds its weights under the "model." prefix) with the `Diffusion
   the coarse tokens is replaced by random codes before z_q is formed, and the target is still the
   residual to the true z, so the refiner learns to repair AR mistakes.
 - `DiffusionModule` (stage "diffusion"): the pure-diffusion baseline on the whole latent,
-  x0 = z / latent_std (the tokenizer's per-channel statistics), no coarse input.
+  x0 = (z - latent_mean) / latent_std (the tokenizer's per-channel statistics), no coarse input.
 
 Both drop the condition with probability `cond_drop` (classifier-free guidance) and log the loss per
 noise-level bucket (`train/loss_t0-25`, ...). Previews: originals / z_q decoded / refined / z
@@ -145,13 +145,10 @@ class DiffusionModule(DenoiserStage):
     stage = "diffusion"
     coarse = False
 
-    def _latent_std(self, like: torch.Tensor) -> torch.Tensor:
-        return self.tokenizer.latent_std.to(like)[None, :, None, None]  # (1, C, 1, 1)
-
     @torch.no_grad()
     def targets(self, images, generator):
         enc = self.tokenizer.encode(images)
-        return enc.z / self._latent_std(enc.z), None, enc  # (B, C, h, w)
+        return self.tokenizer.standardize(enc.z), None, enc  # (B, C, h, w)
 
     @torch.no_grad()
     def generate(self, cond, batch: int, steps: int | None = None, generator=None, cfg: float = 1.0):
@@ -159,7 +156,7 @@ class DiffusionModule(DenoiserStage):
         C, h = self.tokenizer.latent_channels, self.tokenizer.latent_size
         x0 = self.diffusion.sample(self.model, (batch, C, h, h), None, cond, steps or self.section.steps,
                                    generator, cfg=cfg, device=self.device)
-        return x0 * self._latent_std(x0)
+        return self.tokenizer.unstandardize(x0)
 
     def preview_images(self):
         if self._preview is None:

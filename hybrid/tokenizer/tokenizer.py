@@ -194,6 +194,14 @@ class HybridTokenizer(nn.Module):
         out = self.encode(images)
         return self.decode(out.z_q if discrete else out.z)
 
+    def standardize(self, z: torch.Tensor) -> torch.Tensor:
+        """(z - latent_mean) / latent_std per channel: the pure-diffusion baseline's target. (B, C, h, w)."""
+        return (z - self.latent_mean.to(z)[None, :, None, None]) / self.latent_std.to(z)[None, :, None, None]
+
+    def unstandardize(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of `standardize`: x * latent_std + latent_mean. (B, C, h, w)."""
+        return x * self.latent_std.to(x)[None, :, None, None] + self.latent_mean.to(x)[None, :, None, None]
+
     def lookup(self, indices):
         """Code vectors: idx (B, s, s) -> (B, C, s, s); a list of index maps gives a list."""
         if isinstance(indices, (list, tuple)):
