@@ -4,19 +4,29 @@ Resume rules, in order: a SLURM auto-requeue checkpoint (`hpc_ckpt_*.ckpt` in th
 directory) is picked up by Lightning itself when `fit` gets no `ckpt_path`; else the stage's
 `checkpoints/last.ckpt` (written atomically every `train.ckpt_every` steps); else a fresh start.
 A stage whose `final.ckpt` exists is skipped unless `retrain=true`.
+
+Resume and faults: every checkpoint goes through `AtomicCheckpointIO` (a temporary file in the
+target's folder, fsync, `os.replace`), so a SIGKILL at any moment leaves the previous complete
+file; re-running the same command resumes from it (global step, optimizer, LR schedule, EMA, and
+the data loader's place in the epoch), loaded with `weights_only=True`.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.plugins.io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback, LambdaCallback, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 
 from hybrid.checkpoints import final_path, init_weights, last_path, stage_dir
 from hybrid.config import to_dict
@@ -100,13 +110,40 @@ class _StageTimer(Callback):
         pl_module.hparams["train_minutes"] = (time.time() - self.start) / 60
 
 
-class _LastGood(Callback):
-    """Keeps the module's idea of the last good checkpoint current (for the non-finite-loss message)."""
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary file next to it, fsyncs it and renames it over the target.
 
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        cb = trainer.checkpoint_callback
-        if cb is not None and cb.last_model_path:
-            pl_module.last_good_checkpoint = cb.last_model_path
+    Lightning's own save goes through an fsspec transaction, which for local paths writes the
+    temporary file into the system temp dir and `shutil.move`s it: on a node whose /tmp is another
+    file system than the run dir (usual on clusters) that is a copy into the target, and a kill
+    during the copy leaves a half-written checkpoint. `os.replace` within one folder is atomic.
+    Remote (fsspec URL) paths keep Lightning's behaviour.
+    """
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if "://" in str(path) or storage_options is not None:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed while writing
+            stale.unlink(missing_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        try:  # make the rename itself durable
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
 
 
 def build_trainer(cfg, stage: str, extra_callbacks=()) -> pl.Trainer:
@@ -122,7 +159,6 @@ def build_trainer(cfg, stage: str, extra_callbacks=()) -> pl.Trainer:
             save_on_train_epoch_end=False,
         ),
         _StageTimer(),
-        _LastGood(),
         *extra_callbacks,
     ]
     if cfg.trainer.progress_bar:
@@ -141,7 +177,7 @@ def build_trainer(cfg, stage: str, extra_callbacks=()) -> pl.Trainer:
 
     callbacks.append(LambdaCallback(on_train_start=_say_start))
     # -------------------------------------------------------------------------------------------
-    loggers = [CSVLogger(save_dir=str(cfg.run_dir), name=stage, version="logs")]
+    loggers = [AppendingCSVLogger(save_dir=str(cfg.run_dir), name=stage, version="logs")]
     try:
         import tensorboard  # noqa: F401
         from pytorch_lightning.loggers import TensorBoardLogger
@@ -171,7 +207,7 @@ def build_trainer(cfg, stage: str, extra_callbacks=()) -> pl.Trainer:
         check_val_every_n_epoch=None if tcfg.val_every > 0 else 1,
         num_sanity_val_steps=0,
         callbacks=callbacks,
-        plugins=slurm["plugins"] or None,
+        plugins=[*slurm["plugins"], AtomicCheckpointIO()],
         logger=loggers,
         default_root_dir=str(sdir),
         deterministic=cfg.trainer.deterministic,
@@ -180,12 +216,34 @@ def build_trainer(cfg, stage: str, extra_callbacks=()) -> pl.Trainer:
     )
 
 
+class _AppendingWriter(ExperimentWriter):
+    """Keeps the rows a stage logged before an interruption: a resumed stage appends to metrics.csv
+    (Lightning's writer deletes it when the log folder exists)."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = sorted(next(csv.reader(f), []))
+
+
+class AppendingCSVLogger(CSVLogger):
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
 def resume_path(cfg, stage: str) -> str | None:
+    """The checkpoint a re-run resumes from (None = fresh, or Lightning's own hpc_ckpt pick-up)."""
     sdir = stage_dir(cfg.run_dir, stage)
-    if any(sdir.glob("hpc_ckpt_*.ckpt")):
-        return None  # Lightning's SLURM connector resumes from it by itself
     last = last_path(cfg.run_dir, stage)
-    return str(last) if last.is_file() else None
+    hpc = sorted(sdir.glob("hpc_ckpt_*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if hpc and not (last.is_file() and last.stat().st_mtime > hpc[-1].stat().st_mtime):
+        return None  # Lightning's SLURM connector resumes from the newest hpc checkpoint by itself
+    return str(last) if last.is_file() else None  # a newer last.ckpt wins over a stale hpc checkpoint
 
 
 def fit_stage(cfg, stage: str) -> Path:
@@ -205,10 +263,11 @@ def fit_stage(cfg, stage: str) -> Path:
     datamodule = build_datamodule(cfg, stage, module)
     if ckpt_path:
         print(f"[{stage}] resuming from {ckpt_path}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    # weights_only: a resumed checkpoint runs no code (torch's default too; said here so it stays so)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if trainer.interrupted:
         raise KeyboardInterrupt(f"stage {stage} was interrupted; re-run the same command to resume")
-    trainer.save_checkpoint(final, weights_only=False)  # atomic (Lightning writes through an fsspec transaction)
+    trainer.save_checkpoint(final, weights_only=False)  # weights_only=False: full state; atomic (AtomicCheckpointIO)
     if trainer.global_rank == 0:
         print(f"[{stage}] done: {final}")
     return final

@@ -1,0 +1,37 @@
+"""Runner details: resumed stages keep their earlier log rows; the newest checkpoint wins on resume."""
+
+import os
+import time
+
+from hybrid.config import load_config
+from hybrid.lit.runner import AppendingCSVLogger, resume_path
+
+
+def test_resumed_stage_appends_to_its_metrics_csv(tmp_path):
+    for run in range(2):
+        logger = AppendingCSVLogger(save_dir=str(tmp_path), name="ar", version="logs")
+        logger.log_metrics({"loss": float(run)}, step=run)
+        if run == 1:
+            logger.log_metrics({"acc": 0.5}, step=2)  # a new column rewrites the header, keeps the rows
+        logger.save()
+    rows = (tmp_path / "ar" / "logs" / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "acc,loss,step" and len(rows) == 4
+    assert rows[1] == ",0.0,0" and rows[2] == ",1.0,1" and rows[3] == "0.5,,2"
+
+
+def test_resume_prefers_the_newest_of_hpc_and_last(tmp_path):
+    cfg = load_config(None, [f"run_dir={tmp_path}"])
+    sdir = tmp_path / "ar"
+    (sdir / "checkpoints").mkdir(parents=True)
+    assert resume_path(cfg, "ar") is None  # fresh
+    last = sdir / "checkpoints" / "last.ckpt"
+    last.write_bytes(b"x")
+    assert resume_path(cfg, "ar") == str(last)
+    hpc = sdir / "hpc_ckpt_1.ckpt"
+    hpc.write_bytes(b"x")
+    now = time.time()
+    os.utime(last, (now - 10, now - 10))
+    os.utime(hpc, (now, now))
+    assert resume_path(cfg, "ar") is None  # Lightning picks the newer hpc checkpoint up itself
+    os.utime(last, (now + 10, now + 10))
+    assert resume_path(cfg, "ar") == str(last)  # a later last.ckpt beats a stale hpc checkpoint
