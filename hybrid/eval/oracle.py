@@ -409,9 +409,18 @@ def _train(cfg, device: torch.device, progress: bool) -> tuple[Oracle, dict]:
     meta = {"accuracy": accuracy, "train_seconds": round(train_seconds, 1), "eval_seconds": round(time.time() - t0, 1),
             "steps": step, "images_seen": images_seen, "device": str(device), "torch": torch.__version__,
             "timm": timm.__version__, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "train_command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]) if sys.argv else "",
+            "train_command": _command_line(),
             "config": to_dict(cfg)}
     return oracle.requires_grad_(False), meta
+
+
+def _command_line() -> str:
+    """How this process was started, e.g. 'python -m hybrid.eval.oracle train data.image_size=32'."""
+    if not sys.argv:
+        return ""
+    if sys.argv[0].endswith(os.path.join("eval", "oracle.py")):
+        return " ".join(["python -m hybrid.eval.oracle"] + sys.argv[1:])
+    return " ".join(["python", Path(sys.argv[0]).name] + sys.argv[1:])
 
 
 def _is_rank_zero() -> bool:
