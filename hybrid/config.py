@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -318,6 +319,18 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     if not cfg.run_dir:
         cfg.run_dir = str(Path("runs") / cfg.name)
     return cfg
+
+
+def load_cli_config(path: str | os.PathLike | None, overrides: list[str] | None) -> DictConfig:
+    """`load_config` for the command-line tools: no --config means configs/default.yaml (when it
+    exists); a ConfigError is printed as one line and exits with status 2."""
+    if path is None and Path("configs/default.yaml").is_file():
+        path = "configs/default.yaml"
+    try:
+        return load_config(path, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def validate(cfg: DictConfig) -> None:

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from hybrid.config import ConfigError, config_groups, load_config, to_dict
+from hybrid.config import ConfigError, config_groups, load_cli_config, to_dict
 
 USAGE_EPILOG = """\
 overrides are key=value pairs on the config schema, e.g.
@@ -66,14 +66,7 @@ def _is_rank_zero() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    config = args.config
-    if config is None and Path("configs/default.yaml").is_file():
-        config = "configs/default.yaml"
-    try:
-        cfg = load_config(config, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_cli_config(args.config, args.overrides)
     if args.print_config:
         from omegaconf import OmegaConf
 

@@ -509,16 +509,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default: auto)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
-    from hybrid.config import ConfigError, load_config
+    from hybrid.config import load_cli_config
 
-    config = args.config
-    if config is None and Path("configs/default.yaml").is_file():
-        config = "configs/default.yaml"
-    try:
-        cfg = load_config(config, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_cli_config(args.config, args.overrides)
     try:
         if args.command == "train":
             ensure_oracle(cfg, retrain=True, device=args.device)
