@@ -15,6 +15,10 @@ source=shards and no val_shards, sibling `val-*.tar` files of the training shard
 they exist, else there is no validation (with a warning).
 
 The rank and world size come from the attached trainer (0 and 1 without one).
+
+Resume: the procedural training loader is a `ResumableLoader` (Lightning stores its `state_dict`
+-- epoch and batches handed out -- in every checkpoint and hands it back on resume), so a run
+killed at any step continues with exactly the batches an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -54,13 +58,59 @@ class EpochIndexSampler(DistributedSampler):
         self.shuffle = True
         self.drop_last = True
         self.total_size = self.num_samples * self.num_replicas
+        self._next_pass: tuple[int, int] | None = None  # (epoch, samples to skip), set by a ResumableLoader
+
+    def start_pass(self, epoch: int, skip: int = 0) -> None:
+        """Fixes the next pass: `epoch`'s indices from the `skip`-th on (a `set_epoch` before it is ignored)."""
+        self.epoch = int(epoch)
+        self._next_pass = (int(epoch), int(skip))
 
     def __iter__(self) -> Iterator[int]:
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, 0x5A])
-        return iter(rng.integers(0, self.dataset_size, self.num_samples).tolist())
+        (epoch, skip), self._next_pass = self._next_pass or (self.epoch, 0), None
+        self.epoch = epoch
+        rng = np.random.default_rng([self.seed, epoch, self.rank, 0x5A])
+        return iter(rng.integers(0, self.dataset_size, self.num_samples).tolist()[skip:])
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over an `EpochIndexSampler` that Lightning can resume at any step (it is "stateful").
+
+    It counts epochs itself: each pass continues where the previous one stopped (the next epoch
+    after a complete pass). `state_dict()` -> {"epoch", "batches"}: the pass's epoch and the batches
+    handed out in it. Lightning asks when it saves a checkpoint (its fit loop fetches no batch ahead
+    from a loader with a length, so these are exactly the batches trained on) and gives it back to
+    `load_state_dict()` on resume; the next pass then starts after them (the sampler skips their
+    indices, so nothing is loaded twice). Lightning's own `set_epoch` is not used: after resuming from
+    a checkpoint written at the end of an epoch its sampler epoch (`epoch_progress.current.processed`)
+    can lag the real epoch (seen with Lightning 2.6.6), which would repeat an epoch's data.
+    """
+
+    def __init__(self, dataset, sampler: EpochIndexSampler, batch_size: int, **kwargs):
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **kwargs)
+        self._epoch, self._done = 0, 0  # the current pass: its epoch, batches handed out (skipped ones included)
+        self._resume: dict[str, int] | None = None
+
+    def __iter__(self):
+        state, self._resume = self._resume or self.state_dict(), None
+        self._epoch, self._done = int(state["epoch"]), int(state["batches"])
+        self.sampler.start_pass(self._epoch, self._done * self.batch_size)
+        return self._counted(super().__iter__())
+
+    def _counted(self, batches):
+        for batch in batches:
+            self._done += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        if self._done >= len(self):  # after the epoch's last batch: the next epoch, from its start
+            return {"epoch": self._epoch + 1, "batches": 0}
+        return {"epoch": self._epoch, "batches": self._done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
 
 
 class ShardedIndexSampler(DistributedSampler):
@@ -202,8 +252,7 @@ class HybridDataModule(pl.LightningDataModule):
                                      two_object_prob=self.two_object_prob, glyph_prob=self.glyph_prob)
             per_rank = self.batches_per_epoch * self.batch_size
             sampler = EpochIndexSampler(self.train_size, per_rank, self.seed, rank, world)
-            return DataLoader(data, batch_size=self.batch_size, sampler=sampler, drop_last=True,
-                              **self._loader_kwargs())
+            return ResumableLoader(data, sampler, self.batch_size, **self._loader_kwargs())
         stream = TrainShards(self.shards, batch_size=self.batch_size, batches_per_epoch=self.batches_per_epoch,
                              seed=self.seed, rank=rank, world_size=world, image_size=self.image_size,
                              caption_keep=self.caption_keep, shuffle_buffer=self.shuffle_buffer,

@@ -28,11 +28,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from hybrid.checkpoints import atomic_torch_save
 from hybrid.config import to_dict
-from hybrid.data.module import EpochIndexSampler, HybridDataModule
+from hybrid.data.module import EpochIndexSampler, HybridDataModule, ResumableLoader
 from hybrid.lit.base import TokenizerConsumer
 from hybrid.lit.refiner import fit_caption
 from hybrid.models import build_ar
@@ -76,12 +76,12 @@ class TokenCacheDataModule(pl.LightningDataModule):
         self.pool_images.setup(stage)
         self.images.setup(stage)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
         pool = self.module.token_pool(self.pool_images, self.pool_size)
         trainer = self.trainer
         rank, world = (0, 1) if trainer is None else (int(trainer.global_rank), int(trainer.world_size))
         sampler = EpochIndexSampler(len(pool), self.batches_per_epoch * self.batch_size, self.seed, rank, world)
-        return DataLoader(pool, batch_size=self.batch_size, sampler=sampler, drop_last=True)
+        return ResumableLoader(pool, sampler, self.batch_size)  # a run resumed mid-epoch sees the same batches
 
     def val_dataloader(self):
         self.images.trainer = self.trainer  # validation is split across ranks

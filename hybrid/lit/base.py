@@ -2,8 +2,11 @@
 
 - `StageModule`: saves the resolved config (plain dict) and the stage name as hyper-parameters, so
   `load_from_checkpoint(path)` needs nothing beside the file; AdamW with warm-up + cosine decay; the
-  non-finite-loss stop; per-step random generators derived from (seed, global step, rank), so noise
-  does not depend on how often a run was interrupted; PNG grids in `<stage dir>/images/`.
+  non-finite stop (a NaN/inf loss on any rank stops every rank before the step reaches the weights,
+  and a checkpoint with non-finite weights is refused before it is written; the error names the
+  stage, the step and the last good checkpoint on disk); per-step random generators derived from
+  (seed, global step, rank), so noise does not depend on how often a run was interrupted; PNG grids
+  in `<stage dir>/images/`.
 - `TokenizerConsumer`: a stage that reads the frozen tokenizer (AR, refiner, diffusion). It keeps the
   tokenizer as a frozen submodule (so its checkpoint is self-contained) and records the tokenizer
   checkpoint's path and weight hash.
@@ -16,6 +19,7 @@ Subclasses implement `compute_loss(batch) -> (loss, logs)` and optionally `previ
 from __future__ import annotations
 
 import math
+import os
 import zlib
 from pathlib import Path
 from typing import Any
@@ -25,14 +29,15 @@ import torch
 from pytorch_lightning.callbacks import EMAWeightAveraging
 from pytorch_lightning.callbacks.weight_averaging import WeightAveraging
 
-from hybrid.checkpoints import checkpoint_config, load_checkpoint, sub_state_dict, weights_hash
+from hybrid.checkpoints import checkpoint_config, last_path, load_checkpoint, stage_dir, sub_state_dict, weights_hash
 from hybrid.config import from_dict
 from hybrid.images import save_grid
 from hybrid.models import build_tokenizer
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/inf loss; raised before the bad step touches the weights."""
+    """Training produced a NaN/inf loss (raised before the bad step touches the weights) or non-finite
+    weights (raised before they are written to a checkpoint)."""
 
 
 class StageModule(pl.LightningModule):
@@ -43,7 +48,6 @@ class StageModule(pl.LightningModule):
         self.save_hyperparameters({"config": config, "stage": self.stage, **extra_hparams})
         self.cfg = from_dict(config)
         self.tcfg = self.cfg[self.stage].train
-        self.last_good_checkpoint = "none yet"  # set by the runner's checkpoint callback
 
     # -- to implement ---------------------------------------------------------------------------
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -71,16 +75,52 @@ class StageModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, logs = self.compute_loss(batch)
-        if not torch.isfinite(loss.detach()).all():
-            raise NonFiniteLossError(
-                f"stage {self.stage}: the loss is {loss.item()} at step {self.global_step}; stopped before "
-                f"writing non-finite weights. Last good checkpoint: {self.last_good_checkpoint}"
-            )
+        self._stop_if_non_finite(loss)
         batch_size = _batch_size(batch)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
         for key, value in logs.items():
             self.log(f"train/{key}", value, batch_size=batch_size)
         return loss
+
+    # -- non-finite stop ---------------------------------------------------------------------------
+    def _stop_if_non_finite(self, loss: torch.Tensor) -> None:
+        here = bool(torch.isfinite(loss.detach()).all())
+        finite = here
+        if self._trainer is not None:  # all ranks agree (one tiny all-reduce under DDP): every rank stops
+            finite = self.trainer.strategy.reduce_boolean_decision(here, all=True)
+        if not finite:
+            value = loss.detach().float().mean().item()
+            where = f"rank {self.global_rank}: {value}" if not here else f"on another rank than {self.global_rank}"
+            raise NonFiniteLossError(
+                f"stage {self.stage}: non-finite loss at step {self.global_step} ({where}); stopped before it "
+                f"reached the weights; last good checkpoint: {self.last_good_checkpoint()}"
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # runs after the callbacks' hooks: with EMA, state_dict holds the EMA and current_model_state the raw weights
+        for key in ("state_dict", "current_model_state"):
+            bad = [name for name, t in (checkpoint.get(key) or {}).items()
+                   if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all()]
+            if bad:
+                raise NonFiniteLossError(
+                    f"stage {self.stage}: non-finite weights at step {self.global_step} ({key}: {bad[0]}"
+                    f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}; learning rate too high?); not saved; "
+                    f"last good checkpoint: {self.last_good_checkpoint()}"
+                )
+
+    def last_good_checkpoint(self) -> str:
+        """The newest checkpoint of this stage on disk (last.ckpt or a SLURM hpc checkpoint) and its step."""
+        candidates = [last_path(self.cfg.run_dir, self.stage), *stage_dir(self.cfg.run_dir, self.stage).glob(
+            "hpc_ckpt_*.ckpt")]
+        existing = [p for p in candidates if p.is_file()]
+        if not existing:
+            return "none (no checkpoint written yet)"
+        path = max(existing, key=os.path.getmtime)
+        try:
+            step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", "?")
+        except Exception:  # noqa: BLE001 - only for the message
+            step = "?"
+        return f"{path} (step {step})"
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         every = self.tcfg.image_every
