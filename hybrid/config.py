@@ -321,16 +321,16 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return cfg
 
 
-def load_cli_config(path: str | os.PathLike | None, overrides: list[str] | None) -> DictConfig:
+def load_cli_config(path: str | os.PathLike | None, overrides: list[str] | None) -> DictConfig | None:
     """`load_config` for the command-line tools: no --config means configs/default.yaml (when it
-    exists); a ConfigError is printed as one line and exits with status 2."""
+    exists); a ConfigError is printed as one line and None is returned (the tool exits with 2)."""
     if path is None and Path("configs/default.yaml").is_file():
         path = "configs/default.yaml"
     try:
         return load_config(path, overrides)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        return None
 
 
 def validate(cfg: DictConfig) -> None:

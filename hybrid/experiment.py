@@ -67,6 +67,8 @@ def _is_rank_zero() -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_cli_config(args.config, args.overrides)
+    if cfg is None:
+        return 2
     if args.print_config:
         from omegaconf import OmegaConf
 

@@ -512,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     from hybrid.config import load_cli_config
 
     cfg = load_cli_config(args.config, args.overrides)
+    if cfg is None:
+        return 2
     try:
         if args.command == "train":
             ensure_oracle(cfg, retrain=True, device=args.device)

@@ -94,16 +94,9 @@ class ARModule(TokenizerConsumer):
     stage = "ar"
     preview_count = 8
 
-    def __init__(
-        self,
-        config: dict,
-        tokenizer_path: str = "",
-        tokenizer_hash: str | None = None,
-        tokenizer_config: dict | None = None,
-        **extra_hparams: Any,
-    ) -> None:
-        super().__init__(config, tokenizer_path=tokenizer_path, tokenizer_hash=tokenizer_hash,
-                         tokenizer_config=tokenizer_config, **extra_hparams)
+    def __init__(self, config: dict, **kwargs: Any) -> None:
+        """kwargs: tokenizer_path (fresh run) or tokenizer_config/tokenizer_hash (from a checkpoint)."""
+        super().__init__(config, **kwargs)
         self.section = self.cfg.ar
         self.model = build_ar(self.cfg, self.tokenizer)
         self._preview: dict[str, Any] | None = None

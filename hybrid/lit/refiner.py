@@ -39,16 +39,9 @@ class DenoiserStage(TokenizerConsumer):
     coarse = True
     preview_count = 8
 
-    def __init__(
-        self,
-        config: dict,
-        tokenizer_path: str = "",
-        tokenizer_hash: str | None = None,
-        tokenizer_config: dict | None = None,
-        **extra_hparams: Any,
-    ) -> None:
-        super().__init__(config, tokenizer_path=tokenizer_path, tokenizer_hash=tokenizer_hash,
-                         tokenizer_config=tokenizer_config, **extra_hparams)
+    def __init__(self, config: dict, **kwargs: Any) -> None:
+        """kwargs: tokenizer_path (fresh run) or tokenizer_config/tokenizer_hash (from a checkpoint)."""
+        super().__init__(config, **kwargs)
         self.section = self.cfg[self.stage]
         self.model = build_denoiser(self.cfg, self.stage, self.tokenizer)
         self.diffusion = build_diffusion(self.cfg, self.stage)
