@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -329,14 +328,3 @@ def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path) -
             f"unexpected {result.unexpected_keys[:5]})"
         )
 
-
-def time_generation(pipe: HybridPipeline, mode: str, classes: list[int], batch_size: int, repeats: int = 3,
-                    **settings) -> float:
-    """Median seconds per image of `pipe(...)` at `batch_size` (one warm-up call first)."""
-    pipe(classes=classes[:batch_size], mode=mode, batch_size=batch_size, **settings)
-    times = []
-    for r in range(repeats):
-        start = time.perf_counter()
-        pipe(classes=classes[:batch_size], mode=mode, batch_size=batch_size, seed=r, **settings)
-        times.append((time.perf_counter() - start) / batch_size)
-    return sorted(times)[len(times) // 2]

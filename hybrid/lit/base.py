@@ -29,7 +29,7 @@ import torch
 from pytorch_lightning.callbacks import EMAWeightAveraging
 from pytorch_lightning.callbacks.weight_averaging import WeightAveraging
 
-from hybrid.checkpoints import checkpoint_config, last_path, load_checkpoint, stage_dir, sub_state_dict, weights_hash
+from hybrid.checkpoints import last_path, load_checkpoint, stage_dir, sub_state_dict, weights_hash
 from hybrid.config import from_dict
 from hybrid.images import save_grid
 from hybrid.models import build_tokenizer
@@ -212,11 +212,6 @@ class TokenizerConsumer(StageModule):
 
     def trainable_parameters(self):
         return [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("tokenizer.")]
-
-
-def tokenizer_config_of(path: str | Path):
-    """The typed config of a tokenizer checkpoint (for building shapes before loading weights)."""
-    return checkpoint_config(load_checkpoint(path, expect_stage="tokenizer"))
 
 
 def _warmup_ema(decay: float, warmup: float):
