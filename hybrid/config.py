@@ -117,7 +117,7 @@ class OracleConfig:
     path: str = ""  # empty = <cache_dir>/oracle-<image_size>.safetensors
     holdout: list[str] = field(default_factory=lambda: ["red:triangle", "blue:circle", "green:star"])  # never seen
     glyph_prob: float = 0.3  # training only: probability that the first object is a glyph
-    num_workers: int = 1  # DataLoader workers rendering training/eval images
+    num_workers: int = 0  # DataLoader workers rendering images; 0 measured faster on a 2-core CPU (0.78 vs 1.16 s/step)
     eval_samples: int = 5000  # fresh images for the stored/printed accuracy
     holdout_samples: int = 2000  # images of held-out color:shape combinations
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1500, lr=2e-3, batch_size=128))

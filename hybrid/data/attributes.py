@@ -7,7 +7,7 @@ oracle (which predicts them). Index 0.. of each list is the attribute's integer 
 from __future__ import annotations
 
 # Object kinds. "glyph" objects carry a character from GLYPHS; the rest are geometric shapes.
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "star", "hexagon", "glyph")
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "star", "cross", "glyph")
 COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
 # 3x3 grid, row-major; the caption words for each cell.
 POSITIONS: tuple[str, ...] = (
