@@ -70,6 +70,41 @@ def test_loader_resumes_at_any_batch_with_the_same_batches(num_workers):
         assert _passes(resumed, 1)[0] == epochs[following]  # the following epoch is whole
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_shard_loader_resumes_at_any_batch_with_the_same_batches(tmp_path, num_workers):
+    """The shard training loader is stateful too: resumed at any batch (workers or not), it hands out
+    exactly the batches an uninterrupted run would have, then whole following epochs."""
+    from hybrid.data.module import ShardLoader
+    from hybrid.data.shards import TrainShards, write_procedural
+
+    write_procedural(tmp_path, count=40, image_size=16, per_shard=10, split="train", progress=False)
+
+    def loader(workers=0):
+        stream = TrainShards(str(tmp_path / "train-*.tar"), batch_size=3, batches_per_epoch=5, seed=2,
+                             shuffle_buffer=8, with_keys=True)
+        return ShardLoader(stream, batch_size=3, num_workers=workers)
+
+    def keys(batches):
+        return [list(b["key"]) for b in batches]
+
+    reference = loader(num_workers)
+    epochs = [keys(reference) for _ in range(3)]  # each pass is the next epoch
+    assert epochs[0] != epochs[1] and all(len(e) == 5 for e in epochs)
+    for epoch, done in [(0, 2), (1, 3), (0, 5)]:
+        first = loader(num_workers)  # (the data depends on the worker count, as in webdataset)
+        for _ in range(epoch):
+            keys(first)
+        it = iter(first)
+        for _ in range(done):
+            next(it)
+        state = first.state_dict()
+        resumed = loader(num_workers)
+        resumed.load_state_dict(state)
+        rest = keys(resumed)
+        assert rest == (epochs[epoch][done:] if done < 5 else epochs[epoch + 1]), (epoch, done)
+        assert keys(resumed) == epochs[state["epoch"] + 1]
+
+
 def test_atomic_checkpoint_io_never_leaves_a_half_written_file(tmp_path, monkeypatch):
     from hybrid.lit.runner import AtomicCheckpointIO
 

@@ -16,9 +16,10 @@ they exist, else there is no validation (with a warning).
 
 The rank and world size come from the attached trainer (0 and 1 without one).
 
-Resume: the procedural training loader is a `ResumableLoader` (Lightning stores its `state_dict`
--- epoch and batches handed out -- in every checkpoint and hands it back on resume), so a run
-killed at any step continues with exactly the batches an uninterrupted run would have seen.
+Resume: both training loaders (`ResumableLoader` for procedural data, `ShardLoader` for shards)
+are stateful: Lightning stores their `state_dict` -- epoch and batches handed out -- in every
+checkpoint and hands it back on resume, so a run killed at any step continues with exactly the
+batches an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import glob
 import inspect
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -75,28 +76,30 @@ class EpochIndexSampler(DistributedSampler):
         return self.num_samples
 
 
-class ResumableLoader(DataLoader):
-    """A DataLoader over an `EpochIndexSampler` that Lightning can resume at any step (it is "stateful").
+class _PassCounter:
+    """Mixin for a DataLoader that Lightning can resume at any step (it is "stateful").
 
     It counts epochs itself: each pass continues where the previous one stopped (the next epoch
     after a complete pass). `state_dict()` -> {"epoch", "batches"}: the pass's epoch and the batches
     handed out in it. Lightning asks when it saves a checkpoint (its fit loop fetches no batch ahead
     from a loader with a length, so these are exactly the batches trained on) and gives it back to
-    `load_state_dict()` on resume; the next pass then starts after them (the sampler skips their
-    indices, so nothing is loaded twice). Lightning's own `set_epoch` is not used: after resuming from
+    `load_state_dict()` on resume; the next pass then starts after them (`_start_pass` tells the
+    sampler or dataset to skip them). Lightning's own `set_epoch` is not used: after resuming from
     a checkpoint written at the end of an epoch its sampler epoch (`epoch_progress.current.processed`)
     can lag the real epoch (seen with Lightning 2.6.6), which would repeat an epoch's data.
     """
 
-    def __init__(self, dataset, sampler: EpochIndexSampler, batch_size: int, **kwargs):
-        super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **kwargs)
-        self._epoch, self._done = 0, 0  # the current pass: its epoch, batches handed out (skipped ones included)
-        self._resume: dict[str, int] | None = None
+    _epoch = 0  # the current pass's epoch
+    _done = 0  # batches handed out in it (skipped ones included)
+    _resume: dict[str, int] | None = None
+
+    def _start_pass(self, epoch: int, batches_done: int) -> None:
+        raise NotImplementedError
 
     def __iter__(self):
         state, self._resume = self._resume or self.state_dict(), None
         self._epoch, self._done = int(state["epoch"]), int(state["batches"])
-        self.sampler.start_pass(self._epoch, self._done * self.batch_size)
+        self._start_pass(self._epoch, self._done)
         return self._counted(super().__iter__())
 
     def _counted(self, batches):
@@ -111,6 +114,17 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+
+
+class ResumableLoader(_PassCounter, DataLoader):
+    """A resumable DataLoader (see `_PassCounter`) over an `EpochIndexSampler`: on resume the sampler
+    skips the indices of the batches already trained on, so nothing is loaded twice."""
+
+    def __init__(self, dataset, sampler: EpochIndexSampler, batch_size: int, **kwargs):
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **kwargs)
+
+    def _start_pass(self, epoch: int, batches_done: int) -> None:
+        self.sampler.start_pass(epoch, batches_done * self.batch_size)
 
 
 class ShardedIndexSampler(DistributedSampler):
@@ -139,20 +153,18 @@ class ShardedIndexSampler(DistributedSampler):
         return self.num_samples
 
 
-class EpochLoader(DataLoader):
-    """DataLoader over a dataset with `set_epoch`, told the epoch (from `epoch_fn`) before each pass.
+class ShardLoader(_PassCounter, DataLoader):
+    """A resumable DataLoader (see `_PassCounter`) over `shards.TrainShards`.
 
-    Lightning calls `set_epoch` only on samplers, which an IterableDataset cannot have.
-    Workers are never persistent here, so each pass's workers get the new epoch.
+    Each pass tells the stream its epoch and how many of the epoch's batches to skip (their
+    samples are still read and decoded, so the stream, its shuffle buffer and its corrupt-sample
+    skips stay exactly those of an uninterrupted pass). Lightning calls `set_epoch` only on
+    samplers, which an IterableDataset cannot have. Workers are never persistent here, so each
+    pass's workers get the new epoch.
     """
 
-    def __init__(self, dataset, epoch_fn: Callable[[], int], **kwargs):
-        super().__init__(dataset, **kwargs)
-        self.epoch_fn = epoch_fn
-
-    def __iter__(self):
-        self.dataset.set_epoch(self.epoch_fn())
-        return super().__iter__()
+    def _start_pass(self, epoch: int, batches_done: int) -> None:
+        self.dataset.start_pass(epoch, batches_done)
 
 
 class HybridDataModule(pl.LightningDataModule):
@@ -215,10 +227,6 @@ class HybridDataModule(pl.LightningDataModule):
             return 0, 1
         return int(trainer.global_rank), int(trainer.world_size)
 
-    def _epoch(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        return 0 if trainer is None else int(trainer.current_epoch)
-
     def _resolve_val_pattern(self) -> str | None:
         """val_shards, else (source=shards) sibling val-*.tar or "" (none), else None (procedural val split)."""
         if self.val_shards:
@@ -257,7 +265,7 @@ class HybridDataModule(pl.LightningDataModule):
                              seed=self.seed, rank=rank, world_size=world, image_size=self.image_size,
                              caption_keep=self.caption_keep, shuffle_buffer=self.shuffle_buffer,
                              counter=self.train_skips)
-        return EpochLoader(stream, self._epoch, batch_size=self.batch_size, **self._loader_kwargs())
+        return ShardLoader(stream, batch_size=self.batch_size, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader | list:
         rank, world = self._rank_world()

@@ -272,7 +272,8 @@ class TrainShards(_ShardReader, IterableDataset):
     `batches_per_epoch` full batches whatever its number of workers. (webdataset's own
     `with_epoch(n)` counts per worker, so it would give W times as many.)
 
-    Call `set_epoch(epoch)` before each pass; the data module does this through its DataLoader.
+    Call `set_epoch(epoch)` (or `start_pass(epoch, skip_batches)` to resume mid-epoch) before each
+    pass; the data module's `ShardLoader` does this.
     Use non-persistent workers, so each epoch's workers receive the new epoch.
     If a training caption_keep < 1 is given, captions of samples with known attributes are
     redrawn with that keep probability (as the procedural training split does).
@@ -295,9 +296,24 @@ class TrainShards(_ShardReader, IterableDataset):
         self.caption_keep = caption_keep
         self.shuffle_buffer = shuffle_buffer
         self.epoch = 0
+        self.skip_batches = 0  # batches of this epoch (all workers together) already trained on
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+        self.skip_batches = 0
+
+    def start_pass(self, epoch: int, skip_batches: int = 0) -> None:
+        """The next pass: epoch `epoch`, without its first `skip_batches` batches (a resumed run)."""
+        self.epoch = int(epoch)
+        self.skip_batches = int(skip_batches)
+
+    def skipped_for_worker(self, worker: int, num_workers: int) -> int:
+        """How many of worker `worker`'s batches fall among the first `skip_batches` batches.
+
+        The DataLoader hands out the workers' batches in turn (batch j comes from worker j % W), and
+        a worker's count differs from another's by at most one, so this holds to the epoch's end.
+        """
+        return max(0, (self.skip_batches - worker + num_workers - 1) // num_workers)
 
     def batches_for_worker(self, worker: int, num_workers: int) -> int:
         return self.batches_per_epoch // num_workers + (worker < self.batches_per_epoch % num_workers)
@@ -326,13 +342,17 @@ class TrainShards(_ShardReader, IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         worker, num_workers = _worker_info(self.worker)
+        # The DataLoader takes its first batch from worker process 0; after skipping s batches the
+        # next one is the (s % W)-th stream's, so process k plays stream (k + s) % W.
+        worker = (worker + self.skip_batches) % num_workers
         count = self.batches_for_worker(worker, num_workers) * self.batch_size
+        skip = min(count, self.skipped_for_worker(worker, num_workers) * self.batch_size)
         rng = random.Random(make_seed(self.seed, self.rank, worker, self.epoch, 1))
         raw = _shuffle(self._raw_samples(worker), self.shuffle_buffer, rng)
         decoded = (s for s in map(self._decode, raw) if s is not None)
         if self.caption_keep < 1.0:
             decoded = self._recaption(decoded, worker)
-        yield from islice(decoded, count)
+        yield from islice(decoded, skip, count)
 
     def _recaption(self, samples: Iterator[dict], worker: int) -> Iterator[dict]:
         for i, sample in enumerate(samples):
