@@ -111,6 +111,34 @@ def test_restarts_keep_the_codebook_in_use():
     assert stats["usage_pooled"].item() >= 0.9
     assert stats["usage_finest"].item() >= 0.5
 
+def test_restarts_resume_exactly_and_ignore_the_global_rng():
+    """A run interrupted after 6 updates and resumed from its state dict (with the global RNG
+    reseeded, as a restarted process does) ends with the codebook of an uninterrupted run."""
+    batches = [torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(12)]
+
+    def fresh():
+        q = MultiScaleQuantizer(4, 8, [1, 2, 4, 8], codebook_size=32, dead_code_steps=2)
+        q.seed = 7
+        return q
+
+    whole = fresh()
+    torch.manual_seed(0)
+    for z in batches:
+        whole(z, update=True)
+    first = fresh()
+    torch.manual_seed(0)
+    for z in batches[:6]:
+        first(z, update=True)
+    resumed = fresh()
+    resumed.load_state_dict(first.state_dict())
+    torch.manual_seed(12345)  # a different global RNG state: must not matter
+    for z in batches[6:]:
+        resumed(z, update=True)
+    assert int(resumed.updates) == 12
+    assert torch.equal(resumed.codebook, whole.codebook)
+    assert torch.equal(resumed.code_age, whole.code_age)
+
+
 
 @pytest.mark.parametrize("downsample,patch_size,latent,shortcut",
                          [(4, 1, 4, True), (8, 1, 2, False), (4, 2, 4, True), (8, 4, 2, True), (8, 2, 2, False)])

@@ -23,6 +23,7 @@ class TokenizerModule(StageModule):
     def __init__(self, config: dict) -> None:
         super().__init__(config)
         self.tokenizer = HybridTokenizer.from_config(self.cfg.tokenizer, self.cfg.data.image_size)
+        self.tokenizer.quantizer.seed = int(self.cfg.seed)  # codebook (re)starts draw from (seed, update)
         self._preview: torch.Tensor | None = None
 
     def _take_discrete_path(self) -> bool:

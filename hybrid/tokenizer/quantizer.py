@@ -23,6 +23,8 @@ broadcast from rank 0, so every rank holds the same codebook. Statistics are upd
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -105,6 +107,7 @@ class MultiScaleQuantizer(nn.Module):
         self.eps = eps
         self.phi = None
         self.last_restarts = 0  # codes restarted by the latest update (a statistic, not state)
+        self.seed = 0  # with the update count, seeds the random draws of (re)initialisation (set by the trainer)
         if phi_ratio > 0:
             self.phi = nn.Conv2d(dim, dim, 3, padding=1)
             with torch.no_grad():  # identity at initialisation
@@ -115,6 +118,8 @@ class MultiScaleQuantizer(nn.Module):
         self.register_buffer("ema_count", torch.zeros(codebook_size))  # (K,)
         self.register_buffer("ema_sum", torch.zeros(codebook_size, dim))  # (K, C)
         self.register_buffer("code_age", torch.full((codebook_size,), dead_code_steps, dtype=torch.long))  # (K,)
+        # EMA updates so far: saved with the weights, so a resumed run draws the same restarts
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
 
     # ---- the deterministic maps (used identically by encode and indices_to_latent) ----
 
@@ -193,17 +198,24 @@ class MultiScaleQuantizer(nn.Module):
     def _sample(self, pools: list[torch.Tensor], n: int) -> torch.Tensor:
         """n random vectors from per-scale pools [(N_k, C)], equal on every rank.
 
-        Each draw picks a scale uniformly, then a random row of it: the few coarse-scale vectors get as
-        many codes as the many fine-scale residuals (a uniform draw over positions would leave the coarse
-        scales with a handful of codes, i.e. almost no information in the first tokens).
+        The draws come from a generator seeded with (`seed`, update count), not from the global RNG,
+        so an interrupted and resumed run (whose global RNG restarts from the seed) restarts the same
+        codes with the same vectors as an uninterrupted one. Each draw picks a scale uniformly, then a
+        random row of it: the few coarse-scale vectors get as many codes as the many fine-scale
+        residuals (a uniform draw over positions would leave the coarse scales with a handful of codes,
+        i.e. almost no information in the first tokens).
         """
         device = pools[0].device
+        gen = torch.Generator(device=device).manual_seed(
+            zlib.crc32(f"quantizer:{self.seed}:{int(self.updates)}".encode()))
         sizes = torch.tensor([p.shape[0] for p in pools], device=device)  # (S,)
         starts = torch.cumsum(sizes, 0) - sizes  # (S,)
-        scale = torch.randint(len(pools), (n,), device=device)  # (n,)
-        rows = starts[scale] + (torch.rand(n, device=device) * sizes[scale]).long().clamp_max(sizes[scale] - 1)
+        scale = torch.randint(len(pools), (n,), device=device, generator=gen)  # (n,)
+        pick = torch.rand(n, device=device, generator=gen)  # (n,)
+        rows = starts[scale] + (pick * sizes[scale]).long().clamp_max(sizes[scale] - 1)
         flat = torch.cat(pools).float()  # (N, C)
-        picked = flat[rows] + 1e-3 * flat.std() * torch.randn(n, self.dim, device=device)  # (n, C) jittered
+        jitter = torch.randn(n, self.dim, device=device, generator=gen)  # (n, C)
+        picked = flat[rows] + 1e-3 * flat.std() * jitter  # (n, C) jittered
         if _distributed():
             dist.broadcast(picked, src=0)
         return picked
@@ -226,6 +238,7 @@ class MultiScaleQuantizer(nn.Module):
         self.codebook.copy_(self.ema_sum / smoothed[:, None])
         self.code_age.add_(1)
         self.code_age[count > 0] = 0
+        self.updates.add_(1)
         self.last_restarts = self.restart_dead_codes(targets)
 
     @torch.no_grad()
