@@ -89,7 +89,7 @@ def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
         if not isinstance(value, torch.Tensor):
             continue
         h.update(name.encode())
-        t = value.detach().to("cpu").contiguous()
+        t = value.detach().to("cpu").contiguous().reshape(-1)  # 0-dim tensors (counters) too
         h.update(str(t.dtype).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]

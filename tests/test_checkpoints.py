@@ -67,6 +67,8 @@ def test_weights_hash_tracks_values():
     b = {"b": torch.zeros(1), "w": torch.ones(3)}
     c = {"w": torch.ones(3) * 2, "b": torch.zeros(1)}
     assert weights_hash(a) == weights_hash(b) != weights_hash(c)
+    counter = {"w": torch.ones(3), "n": torch.tensor(5)}  # 0-dim buffers (e.g. the quantizer's update count)
+    assert weights_hash(counter) != weights_hash({**counter, "n": torch.tensor(6)})
 
 
 def test_init_weights_strict_and_lenient(tmp_path):
