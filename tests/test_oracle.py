@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,6 +202,9 @@ def test_cli_config_error_and_missing_oracle(tmp_path, capsys):
     assert main(["eval", f"oracle.path={tmp_path}/none.safetensors"]) == 1
     err = capsys.readouterr().err
     assert "none.safetensors" in err and "python -m hybrid.eval.oracle train" in err
+    # overrides after --options (the documented usage: train [--config FILE] [key=value ...])
+    assert main(["eval", "--config", str(Path(__file__).parents[1] / "configs" / "toy.yaml"), f"oracle.path={tmp_path}/none.safetensors"]) == 1
+    assert "none.safetensors" in capsys.readouterr().err
 
 
 def test_ensure_oracle_trains_once_and_caches(tmp_path):

@@ -508,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="YAML experiment file (default: configs/default.yaml if any)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default: auto)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may follow --options
     from hybrid.config import load_cli_config
 
     cfg = load_cli_config(args.config, args.overrides)
