@@ -246,8 +246,11 @@ def resume_path(cfg, stage: str) -> str | None:
     return str(last) if last.is_file() else None  # a newer last.ckpt wins over a stale hpc checkpoint
 
 
-def fit_stage(cfg, stage: str) -> Path:
-    """Trains `stage` (or skips it when its final checkpoint exists); returns the final checkpoint."""
+def fit_stage(cfg, stage: str, callbacks=()) -> Path:
+    """Trains `stage` (or skips it when its final checkpoint exists); returns the final checkpoint.
+
+    `callbacks`: extra Lightning callbacks (benchmarks use them to measure during training).
+    """
     final = final_path(cfg.run_dir, stage)
     if final.is_file() and not cfg.retrain:
         print(f"[{stage}] {final} exists: skipped (retrain=true trains it again)")
@@ -259,6 +262,7 @@ def fit_stage(cfg, stage: str) -> Path:
         skipped = init_weights(module, cfg.init_from, stage, strict=cfg.init_strict)
         print(f"[{stage}] initialised from {cfg.init_from}" + (f" (skipped {len(skipped)} keys)" if skipped else ""))
     extra = list(module.extra_callbacks()) if hasattr(module, "extra_callbacks") else []
+    extra.extend(callbacks)
     trainer = build_trainer(cfg, stage, extra)
     datamodule = build_datamodule(cfg, stage, module)
     if ckpt_path:

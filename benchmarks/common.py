@@ -1,0 +1,77 @@
+"""What the benchmarks share: machine description, held-out images, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+
+def machine() -> dict:
+    """Where the numbers came from: CPU, cores, threads, torch, GPU (if any)."""
+    info = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def heldout_samples(image_size: int, n: int, seed: int, two_object_prob: float = 0.3,
+                    glyph_prob: float = 0.2) -> dict:
+    """n procedural validation samples (a seed no training run draws) as one batch:
+    {"image": (n, 3, S, S) in [-1, 1], "class_id": (n,), "attrs": {name: (n,)}, "caption": [str]}."""
+    from torch.utils.data import default_collate
+
+    from hybrid.data.procedural import ProceduralDataset
+
+    data = ProceduralDataset(image_size=image_size, size=n, seed=seed, split="val", two_object_prob=two_object_prob,
+                             glyph_prob=glyph_prob)
+    return default_collate([data[i] for i in range(n)])
+
+
+def heldout_images(image_size: int, n: int, seed: int, **kwargs) -> torch.Tensor:
+    """The images of `heldout_samples`: (n, 3, S, S) in [-1, 1]."""
+    return heldout_samples(image_size, n, seed, **kwargs)["image"]
+
+
+def median_seconds(fn, repeats: int = 3) -> float:
+    """Median wall time of fn() over `repeats` calls, after one warm-up call."""
+    import statistics
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def write_result(path: str | os.PathLike | None, result: dict) -> None:
+    if not path:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def fmt_ci(entry: dict) -> str:
+    """'12.34 [11.90, 12.80]' from a bootstrap_fid result."""
+    lo, hi = entry["ci"]
+    return f"{entry['fid']:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def disjoint(better: dict, worse: dict) -> bool:
+    """True when `better`'s FID interval lies wholly below `worse`'s."""
+    return better["ci"][1] < worse["ci"][0]

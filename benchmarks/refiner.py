@@ -1,0 +1,213 @@
+"""Stage 3 benchmark: how much the refiner adds to ground-truth z_q, in how few steps, and the baseline.
+
+    python -m benchmarks.refiner --run-dir runs/bench/refiner --out runs/bench/refiner.json \\
+        [--tokenizer runs/bench/tokenizer/tokenizer/final.ckpt] [--baseline] [--config FILE] [key=value ...]
+
+Trains what the run directory lacks, exactly as `python train.py stage=...` does: the tokenizer
+(unless `--tokenizer` names a trained one), the refiner, and with `--baseline` the pure-diffusion
+baseline. Then, on `--num-images` held-out images (procedural val split, a seed no run trains on)
+against as many fresh real ones, all in oracle features with 95% bootstrap intervals:
+- FID of decode(z_q) (the coarse code alone), decode(z) (the tokenizer's ceiling) and
+  decode(z_q + refined r) with the refiner's EMA weights, for 1, 2, 4 and 8 steps with each sampler
+  of its objective (ddpm: ddim, dpm; flow: euler, dpm), each with its images/s;
+- per-attribute adherence (oracle accuracy against the images' true attributes) of z_q and of the
+  refined images;
+- EMA against raw weights: the same refinement with the checkpoint's raw (`current_model_state`) weights;
+- the baseline (`--baseline`): FID and images/s (batch 16) of class-conditional samples at 10, 25 and
+  50 steps; for both denoisers the parameters and the forward time per image (batch 64).
+Targets (issue #5): refined FID below z_q's outside the intervals, adherence no lower; 4 steps within
+the interval of 8 steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from benchmarks.common import disjoint, fmt_ci, heldout_images, heldout_samples, machine, median_seconds, write_result
+
+EVAL_SEED = 41_001
+REAL_SEED = 41_002
+SAMPLERS = {"ddpm": ("ddim", "dpm"), "flow": ("euler", "dpm")}
+
+
+def load_stage(path, stage: str, raw: bool = False):
+    """The LightningModule of a refiner/diffusion checkpoint, eval mode; `raw` swaps in the non-EMA weights."""
+    from hybrid.checkpoints import load_checkpoint, sub_state_dict
+    from hybrid.lit.refiner import DiffusionModule, RefinerModule
+
+    cls = RefinerModule if stage == "refiner" else DiffusionModule
+    module = cls.load_from_checkpoint(str(path), map_location="cpu", weights_only=True).eval()
+    if raw:
+        ckpt = load_checkpoint(path, expect_stage=stage)
+        if "current_model_state" not in ckpt:
+            raise ValueError(f"{path} holds no raw weights (current_model_state): was it trained with EMA?")
+        module.model.load_state_dict(sub_state_dict(ckpt["current_model_state"], "model"))
+    return module
+
+
+@torch.no_grad()
+def refine_all(module, z_q: torch.Tensor, classes: torch.Tensor, steps: int, sampler: str, batch: int = 250,
+               seed: int = 0) -> torch.Tensor:
+    """decode(z_q + refined residual) for every row of z_q (N, C, h, w): images (N, 3, H, W) in [-1, 1]."""
+    from hybrid.refiner.diffusion import refiner_compose
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, z_q.shape[0], batch):
+        zq = z_q[start:start + batch]
+        cond = classes[start:start + batch] if module.model.condition == "class" else None
+        x0 = module.diffusion.sample(module.model, tuple(zq.shape), zq, cond, steps, gen, sampler=sampler)
+        z = refiner_compose(x0, zq, module.tokenizer.residual_std, module.section.target)
+        out.append(module.tokenizer.decode(z).clamp(-1, 1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def sample_baseline(module, classes: torch.Tensor, steps: int, batch: int = 250, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, classes.shape[0], batch):
+        cond = classes[start:start + batch] if module.model.condition == "class" else None
+        z = module.generate(cond, min(batch, classes.shape[0] - start), steps, gen)
+        out.append(module.tokenizer.decode(z).clamp(-1, 1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def forward_ms_per_image(module, coarse: bool, batch: int = 64) -> float:
+    """Median ms per image of one denoiser forward at batch `batch`."""
+    tok = module.tokenizer
+    shape = (batch, tok.latent_channels, tok.latent_size, tok.latent_size)
+    x = torch.randn(shape)
+    z_q = torch.randn(shape) if coarse else None
+    t = torch.full((batch,), 500)
+    cond = torch.zeros(batch, dtype=torch.long) if module.model.condition == "class" else None
+    return 1000 * median_seconds(lambda: module.model(x, t, z_q, cond), repeats=5) / batch
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.refiner", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=None, help="experiment YAML (default: configs/default.yaml)")
+    parser.add_argument("--run-dir", default="runs/bench/refiner", help="run directory the stages train into")
+    parser.add_argument("--tokenizer", default="", help="a trained tokenizer checkpoint to use (else trained)")
+    parser.add_argument("--baseline", action="store_true", help="also train and measure the pure-diffusion baseline")
+    parser.add_argument("--num-images", type=int, default=2000, help="held-out images (and real images) for FID")
+    parser.add_argument("--steps", default="1,2,4,8", help="refiner step counts")
+    parser.add_argument("--baseline-steps", default="10,25,50", help="baseline step counts")
+    parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the FID intervals")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may follow --options
+
+    from hybrid.checkpoints import final_path
+    from hybrid.config import load_cli_config
+    from hybrid.eval.adherence import adherence
+    from hybrid.eval.fid import bootstrap_fid, oracle_features
+    from hybrid.eval.oracle import load_oracle
+    from hybrid.lit.runner import fit_stage
+
+    overrides = [*args.overrides, f"run_dir={args.run_dir}"]
+    if args.tokenizer:
+        overrides.append(f"tokenizer.checkpoint={args.tokenizer}")
+    cfg = load_cli_config(args.config, overrides)
+    if cfg is None:
+        return 2
+    try:
+        oracle = load_oracle(cfg=cfg)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    result = {"machine": machine(), "command": " ".join(["python -m benchmarks.refiner", *(argv or sys.argv[1:])])}
+    stages = ([] if args.tokenizer else ["tokenizer"]) + ["refiner"] + (["diffusion"] if args.baseline else [])
+    result["train_minutes"] = {}
+    for stage in stages:
+        t0 = time.time()
+        trained = not final_path(cfg.run_dir, stage).is_file()
+        fit_stage(cfg, stage)
+        if trained:
+            result["train_minutes"][stage] = round((time.time() - t0) / 60, 2)
+
+    refiner = load_stage(final_path(cfg.run_dir, "refiner"), "refiner")
+    tok = refiner.tokenizer
+    rcfg = refiner.section
+    result["refiner"] = {k: rcfg[k] for k in ("arch", "width", "depth", "objective", "prediction", "target",
+                                               "condition", "corrupt_prob")}
+    torch.manual_seed(0)
+    data = heldout_samples(tok.image_size, args.num_images, EVAL_SEED)
+    images, classes, attrs = data["image"], data["class_id"], data["attrs"]
+    real = oracle_features(heldout_images(tok.image_size, args.num_images, REAL_SEED), oracle)
+
+    def judge(fake: torch.Tensor) -> dict:
+        return {"fid": bootstrap_fid(oracle_features(fake, oracle), real, args.bootstrap),
+                "adherence": adherence(fake, attrs, oracle)}
+
+    with torch.no_grad():
+        enc = [tok.encode(images[i:i + 250]) for i in range(0, images.shape[0], 250)]
+        z = torch.cat([e.z for e in enc])
+        z_q = torch.cat([e.z_q for e in enc])
+        decode = lambda lat: torch.cat([tok.decode(lat[i:i + 250]).clamp(-1, 1) for i in range(0, lat.shape[0], 250)])  # noqa: E731
+        result["z_q"] = judge(decode(z_q))
+        result["z"] = judge(decode(z))
+    print(f"decode(z_q)  FID {fmt_ci(result['z_q']['fid'])}")
+    print(f"decode(z)    FID {fmt_ci(result['z']['fid'])}")
+    steps_list = [int(s) for s in args.steps.split(",")]
+    result["ablation"] = {}
+    for sampler in SAMPLERS[rcfg.objective]:
+        for steps in steps_list:
+            t0 = time.perf_counter()
+            refined = refine_all(refiner, z_q, classes, steps, sampler)
+            seconds = time.perf_counter() - t0
+            entry = judge(refined)
+            entry["images_per_s"] = args.num_images / seconds  # refine + decode, batch 250
+            result["ablation"][f"{sampler}/{steps}"] = entry
+            print(f"refined {sampler:5s} {steps} steps  FID {fmt_ci(entry['fid'])}  "
+                  f"adherence(all) {100 * entry['adherence']['all']:.1f}%  {entry['images_per_s']:.0f} img/s")
+    default_key = f"{rcfg.sampler}/{rcfg.steps}"
+    raw = load_stage(final_path(cfg.run_dir, "refiner"), "refiner", raw=True)
+    result["raw_weights"] = {"setting": default_key,
+                             **judge(refine_all(raw, z_q, classes, rcfg.steps, rcfg.sampler))}
+    print(f"raw weights {default_key}  FID {fmt_ci(result['raw_weights']['fid'])} "
+          f"(EMA: {fmt_ci(result['ablation'][default_key]['fid'])})")
+    result["refiner_params"] = sum(p.numel() for p in refiner.model.parameters())
+    result["refiner_forward_ms_per_image"] = forward_ms_per_image(refiner, coarse=True)
+
+    if args.baseline:
+        base = load_stage(final_path(cfg.run_dir, "diffusion"), "diffusion")
+        dcfg = base.section
+        result["baseline"] = {"config": {k: dcfg[k] for k in ("arch", "width", "depth", "objective", "sampler")},
+                              "params": sum(p.numel() for p in base.model.parameters()),
+                              "forward_ms_per_image": forward_ms_per_image(base, coarse=False), "steps": {}}
+        for steps in [int(s) for s in args.baseline_steps.split(",")]:
+            entry = judge(sample_baseline(base, classes, steps))
+            entry["images_per_s"] = 16 / median_seconds(lambda s=steps: sample_baseline(base, classes[:16], s))
+            result["baseline"]["steps"][str(steps)] = entry
+            print(f"baseline {steps:2d} steps  FID {fmt_ci(entry['fid'])}  {entry['images_per_s']:.1f} img/s (b16)")
+    result["targets"] = targets(result, default_key, steps_list)
+    print("targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in result["targets"].items()))
+    write_result(args.out, result)
+    return 0
+
+
+def targets(r: dict, default_key: str, steps_list: list[int]) -> dict:
+    refined = r["ablation"][default_key]
+    attrs = [k for k in r["z_q"]["adherence"] if k != "all"]
+    out = {
+        f"refined({default_key})_fid_below_z_q_outside_ci": disjoint(refined["fid"], r["z_q"]["fid"]),
+        "refined_adherence_no_lower_than_z_q": all(
+            refined["adherence"][a] >= r["z_q"]["adherence"][a] for a in attrs),
+        "ema_fid_below_raw": refined["fid"]["fid"] < r["raw_weights"]["fid"]["fid"],
+        "ema_fid_below_raw_outside_ci": disjoint(refined["fid"], r["raw_weights"]["fid"]),
+    }
+    if 4 in steps_list and 8 in steps_list:
+        for sampler in {k.split("/")[0] for k in r["ablation"]}:
+            four, eight = r["ablation"][f"{sampler}/4"]["fid"], r["ablation"][f"{sampler}/8"]["fid"]
+            out[f"{sampler}: 4 steps within the interval of 8"] = eight["ci"][0] <= four["fid"] <= eight["ci"][1]
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
