@@ -203,7 +203,8 @@ def test_cli_config_error_and_missing_oracle(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "none.safetensors" in err and "python -m hybrid.eval.oracle train" in err
     # overrides after --options (the documented usage: train [--config FILE] [key=value ...])
-    assert main(["eval", "--config", str(Path(__file__).parents[1] / "configs" / "toy.yaml"), f"oracle.path={tmp_path}/none.safetensors"]) == 1
+    toy = str(Path(__file__).parents[1] / "configs" / "toy.yaml")
+    assert main(["eval", "--config", toy, f"oracle.path={tmp_path}/none.safetensors"]) == 1
     assert "none.safetensors" in capsys.readouterr().err
 
 
