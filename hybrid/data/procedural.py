@@ -104,6 +104,7 @@ MAX_ROTATION: dict[str, float | None] = {"circle": None, "square": math.radians(
 SECOND_OPACITY = (0.40, 0.50)
 PATTERN_RIM = 0.4  # pixels at 32x32 (scaled with the image)
 PATTERN_MAX_ROTATION = math.radians(15)  # patterns stay near the image axes (stripes: either axis)
+DOT_RADIUS = 0.33  # of the dot lattice's period (0.28 left the central dot of small stars near invisible)
 CROSS_ARM = 0.42  # half-width of a cross's bars (unit frame): fat enough to carry a fill pattern
 
 
@@ -434,7 +435,7 @@ def _pattern(fill: int, dx: np.ndarray, dy: np.ndarray, u: np.ndarray, extent: f
     if fill == 2:
         dist = np.sqrt(fa * fa + fb * fb)
         dist *= -period
-        dist += 0.28 * period + 0.5
+        dist += DOT_RADIUS * period + 0.5
         return _clip01(dist)
     # checker: 0.5 + 2 * (soft square wave a) * (soft square wave b), each in [-0.5, 0.5]
     np.abs(fa, out=fa)

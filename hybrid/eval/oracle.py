@@ -285,7 +285,7 @@ def measure(oracle: Oracle, dataset, batch_size: int = 256, num_workers: int = 0
 
 def evaluate_oracle(oracle: Oracle, cfg, num_samples: int | None = None, holdout_samples: int | None = None,
                     batch_size: int = 256, num_workers: int = 0) -> dict[str, dict]:
-    """Accuracy on fresh samples (`fresh`) and on the held-out color:shape combinations (`holdout`).
+    """Accuracy on fresh samples (`fresh`) and on the `oracle.holdout` color:shape combinations (`holdout`).
 
     Fresh samples come from the procedural val split with a reserved seed and the data config's
     object/glyph probabilities; held-out samples draw their first object from `oracle.holdout`
@@ -331,10 +331,11 @@ def train_oracle(cfg, device: str | torch.device | None = "auto", progress: bool
     """Train a fresh oracle on an infinite stream of procedural samples; returns (oracle, meta).
 
     Every step draws new images (procedural "train" split, a distinct index per image, rendered
-    by `oracle.num_workers` DataLoader workers) with the `oracle.holdout` color:shape pairs never
-    shown. Optimiser: AdamW, linear warm-up then cosine decay over `oracle.train.max_steps` (or
-    over `oracle.train.max_minutes` when that is set and comes first); loss: the sum of the
-    heads' cross-entropies. No augmentation: the data is infinite and varied by construction.
+    by `oracle.num_workers` DataLoader workers); with `oracle.exclude_holdout` the `oracle.holdout`
+    color:shape pairs are never shown (off by default: see the config's comment). Optimiser: AdamW,
+    linear warm-up then cosine decay over `oracle.train.max_steps` (or over `oracle.train.max_minutes`
+    when that is set and comes first); loss: the sum of the heads' cross-entropies. No augmentation:
+    the data is infinite and varied by construction.
     `meta` holds the accuracies (`evaluate_oracle`), the training time and the config.
     """
     device = _resolve_device(device)
@@ -349,7 +350,8 @@ def _train(cfg, device: torch.device, progress: bool) -> tuple[Oracle, dict]:
     torch.manual_seed(cfg.seed)
     # channels_last: ~20% faster convolutions on CPU (oneDNN) and GPU alike
     oracle = build_oracle(cfg).to(device, memory_format=torch.channels_last).train()
-    data = _dataset(cfg, tc.max_steps * tc.batch_size, cfg.seed, "train", holdout=cfg.oracle.holdout,
+    excluded = cfg.oracle.holdout if cfg.oracle.exclude_holdout else ()
+    data = _dataset(cfg, tc.max_steps * tc.batch_size, cfg.seed, "train", holdout=excluded,
                     glyph_prob=cfg.oracle.glyph_prob)
     workers = cfg.oracle.num_workers
     loader = DataLoader(data, batch_size=tc.batch_size, shuffle=False, drop_last=True, num_workers=workers,
