@@ -41,6 +41,7 @@ def load_stage(path, stage: str, raw: bool = False):
 
     cls = RefinerModule if stage == "refiner" else DiffusionModule
     module = cls.load_from_checkpoint(str(path), map_location="cpu", weights_only=True).eval()
+    module.checkpoint_path = str(path)
     if raw:
         ckpt = load_checkpoint(path, expect_stage=stage)
         if "current_model_state" not in ckpt:
@@ -89,12 +90,43 @@ def forward_ms_per_image(module, coarse: bool, batch: int = 64) -> float:
     return 1000 * median_seconds(lambda: module.model(x, t, z_q, cond), repeats=5) / batch
 
 
+def measure_refiner(refiner, z_q, classes, steps_list, judge, result) -> str:
+    """The step ablation per sampler, EMA vs raw weights, size and forward time; returns the default setting."""
+    rcfg = refiner.section
+    result["refiner"] = {k: rcfg[k] for k in ("arch", "width", "depth", "objective", "prediction", "target",
+                                               "condition", "corrupt_prob", "sampler", "steps")}
+    n = z_q.shape[0]
+    result["ablation"] = {}
+    for sampler in SAMPLERS[rcfg.objective]:
+        for steps in steps_list:
+            t0 = time.perf_counter()
+            refined = refine_all(refiner, z_q, classes, steps, sampler)
+            seconds = time.perf_counter() - t0
+            entry = judge(refined)
+            entry["images_per_s"] = n / seconds  # refine + decode, batch 250
+            result["ablation"][f"{sampler}/{steps}"] = entry
+            print(f"refined {sampler:5s} {steps} steps  FID {fmt_ci(entry['fid'])}  "
+                  f"adherence(all) {100 * entry['adherence']['all']:.1f}%  {entry['images_per_s']:.0f} img/s")
+    default_key = f"{rcfg.sampler}/{rcfg.steps}"
+    if default_key not in result["ablation"]:
+        result["ablation"][default_key] = judge(refine_all(refiner, z_q, classes, rcfg.steps, rcfg.sampler))
+    raw = load_stage(refiner.checkpoint_path, "refiner", raw=True)
+    result["raw_weights"] = {"setting": default_key, **judge(refine_all(raw, z_q, classes, rcfg.steps, rcfg.sampler))}
+    print(f"raw weights {default_key}  FID {fmt_ci(result['raw_weights']['fid'])} "
+          f"(EMA: {fmt_ci(result['ablation'][default_key]['fid'])})")
+    result["refiner_params"] = sum(p.numel() for p in refiner.model.parameters())
+    result["refiner_forward_ms_per_image"] = forward_ms_per_image(refiner, coarse=True)
+    return default_key
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.refiner", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=None, help="experiment YAML (default: configs/default.yaml)")
     parser.add_argument("--run-dir", default="runs/bench/refiner", help="run directory the stages train into")
     parser.add_argument("--tokenizer", default="", help="a trained tokenizer checkpoint to use (else trained)")
     parser.add_argument("--baseline", action="store_true", help="also train and measure the pure-diffusion baseline")
+    parser.add_argument("--no-refiner", dest="refiner", action="store_false",
+                        help="skip the refiner measurements (e.g. to add the baseline to an earlier run)")
     parser.add_argument("--num-images", type=int, default=2000, help="held-out images (and real images) for FID")
     parser.add_argument("--steps", default="1,2,4,8", help="refiner step counts")
     parser.add_argument("--baseline-steps", default="10,25,50", help="baseline step counts")
@@ -122,7 +154,8 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     result = {"machine": machine(), "command": " ".join(["python -m benchmarks.refiner", *(argv or sys.argv[1:])])}
-    stages = ([] if args.tokenizer else ["tokenizer"]) + ["refiner"] + (["diffusion"] if args.baseline else [])
+    stages = (([] if args.tokenizer else ["tokenizer"]) + (["refiner"] if args.refiner else [])
+              + (["diffusion"] if args.baseline else []))
     result["train_minutes"] = {}
     for stage in stages:
         t0 = time.time()
@@ -131,12 +164,10 @@ def main(argv=None) -> int:
         if trained:
             result["train_minutes"][stage] = round((time.time() - t0) / 60, 2)
 
-    refiner = load_stage(final_path(cfg.run_dir, "refiner"), "refiner")
-    tok = refiner.tokenizer
-    rcfg = refiner.section
-    result["refiner"] = {k: rcfg[k] for k in ("arch", "width", "depth", "objective", "prediction", "target",
-                                               "condition", "corrupt_prob")}
     torch.manual_seed(0)
+    first = "refiner" if args.refiner else "diffusion"
+    probe = load_stage(final_path(cfg.run_dir, first), first)
+    tok = probe.tokenizer
     data = heldout_samples(tok.image_size, args.num_images, EVAL_SEED)
     images, classes, attrs = data["image"], data["class_id"], data["attrs"]
     real = oracle_features(heldout_images(tok.image_size, args.num_images, REAL_SEED), oracle)
@@ -155,26 +186,9 @@ def main(argv=None) -> int:
     print(f"decode(z_q)  FID {fmt_ci(result['z_q']['fid'])}")
     print(f"decode(z)    FID {fmt_ci(result['z']['fid'])}")
     steps_list = [int(s) for s in args.steps.split(",")]
-    result["ablation"] = {}
-    for sampler in SAMPLERS[rcfg.objective]:
-        for steps in steps_list:
-            t0 = time.perf_counter()
-            refined = refine_all(refiner, z_q, classes, steps, sampler)
-            seconds = time.perf_counter() - t0
-            entry = judge(refined)
-            entry["images_per_s"] = args.num_images / seconds  # refine + decode, batch 250
-            result["ablation"][f"{sampler}/{steps}"] = entry
-            print(f"refined {sampler:5s} {steps} steps  FID {fmt_ci(entry['fid'])}  "
-                  f"adherence(all) {100 * entry['adherence']['all']:.1f}%  {entry['images_per_s']:.0f} img/s")
-    default_key = f"{rcfg.sampler}/{rcfg.steps}"
-    raw = load_stage(final_path(cfg.run_dir, "refiner"), "refiner", raw=True)
-    result["raw_weights"] = {"setting": default_key,
-                             **judge(refine_all(raw, z_q, classes, rcfg.steps, rcfg.sampler))}
-    print(f"raw weights {default_key}  FID {fmt_ci(result['raw_weights']['fid'])} "
-          f"(EMA: {fmt_ci(result['ablation'][default_key]['fid'])})")
-    result["refiner_params"] = sum(p.numel() for p in refiner.model.parameters())
-    result["refiner_forward_ms_per_image"] = forward_ms_per_image(refiner, coarse=True)
-
+    if args.refiner:
+        default_key = measure_refiner(probe, z_q, classes, steps_list, judge, result)
+        result["targets"] = targets(result, default_key, steps_list)
     if args.baseline:
         base = load_stage(final_path(cfg.run_dir, "diffusion"), "diffusion")
         dcfg = base.section
@@ -186,8 +200,8 @@ def main(argv=None) -> int:
             entry["images_per_s"] = 16 / median_seconds(lambda s=steps: sample_baseline(base, classes[:16], s))
             result["baseline"]["steps"][str(steps)] = entry
             print(f"baseline {steps:2d} steps  FID {fmt_ci(entry['fid'])}  {entry['images_per_s']:.1f} img/s (b16)")
-    result["targets"] = targets(result, default_key, steps_list)
-    print("targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in result["targets"].items()))
+    if "targets" in result:
+        print("targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in result["targets"].items()))
     write_result(args.out, result)
     return 0
 

@@ -89,7 +89,11 @@ class TrainerConfig:
 class TokenizerConfig:
     pretrained: str = ""  # local diffusers AutoencoderKL folder (frozen); empty = train our own
     downsample: int = 4  # 4 or 8
-    latent_channels: int = 4
+    # 16: the continuous latent carries detail (texture, exact edges) that the shared 1024-code
+    # quantizer cannot, so the residual is worth refining. Measured at 400 steps on 1000 held-out
+    # images (benchmarks.tokenizer): reconstruction FID continuous / discrete 94.7 / 96.0 with 4
+    # channels, 89.6 / 96.8 with 8, 79.9 / 87.5 with 16, at the same PSNR (28.7-29.0 / 28.2-28.4 dB).
+    latent_channels: int = 16
     # conv channels per resolution level (padded with the last entry); [32, 64] with patch_size 2: a
     # batch-64 32x32 step is ~0.3 s on 2 CPU cores ([64, 128, 128] without the stem costs ~14x the FLOPs)
     channels: list[int] = field(default_factory=lambda: [32, 64])
@@ -105,7 +109,8 @@ class TokenizerConfig:
     ema_decay: float = 0.99  # EMA codebook decay
     phi_ratio: float = 0.0  # VAR-style shared refinement conv on upsampled codes; 0 = none (0.5 with pretrained)
     checkpoint: str = ""  # use this tokenizer checkpoint instead of the run's own
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=3000, lr=1e-3))
+    # 900 steps: the stage fits its 8-minute budget on a 2-core CPU (~0.45 s/step at batch 64)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=900, lr=1e-3))
 
 
 @dataclass
@@ -180,15 +185,15 @@ class DenoiserConfig:
 class RefinerConfig(DenoiserConfig):
     target: str = "residual"  # residual | latent
     corrupt_prob: float = 0.1  # fraction of coarse tokens replaced by random codes in training
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=2000, lr=5e-4))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1200, lr=5e-4))
 
 
 @dataclass
 class DiffusionConfig(DenoiserConfig):
     width: int = 192
-    depth: int = 6
+    depth: int = 4
     steps: int = 25
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=2000, lr=5e-4))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=800, lr=5e-4))
 
 
 @dataclass
