@@ -11,6 +11,23 @@ from pathlib import Path
 import torch
 
 
+def config_and_oracle(config: str | None, overrides: list[str]):
+    """(resolved config, trained oracle), or (None, exit code) after printing why (bad config: 2; no oracle: 1)."""
+    import sys
+
+    from hybrid.config import load_cli_config
+    from hybrid.eval.oracle import load_oracle
+
+    cfg = load_cli_config(config, overrides)
+    if cfg is None:
+        return None, 2
+    try:
+        return cfg, load_oracle(cfg=cfg)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None, 1
+
+
 def machine() -> dict:
     """Where the numbers came from: CPU, cores, threads, torch, GPU (if any)."""
     info = {

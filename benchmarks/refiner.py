@@ -27,7 +27,16 @@ import time
 
 import torch
 
-from benchmarks.common import disjoint, fmt_ci, heldout_images, heldout_samples, machine, median_seconds, write_result
+from benchmarks.common import (
+    config_and_oracle,
+    disjoint,
+    fmt_ci,
+    heldout_images,
+    heldout_samples,
+    machine,
+    median_seconds,
+    write_result,
+)
 
 EVAL_SEED = 41_001
 REAL_SEED = 41_002
@@ -136,23 +145,16 @@ def main(argv=None) -> int:
     args = parser.parse_intermixed_args(argv)  # key=value overrides may follow --options
 
     from hybrid.checkpoints import final_path
-    from hybrid.config import load_cli_config
     from hybrid.eval.adherence import adherence
     from hybrid.eval.fid import bootstrap_fid, oracle_features
-    from hybrid.eval.oracle import load_oracle
     from hybrid.lit.runner import fit_stage
 
     overrides = [*args.overrides, f"run_dir={args.run_dir}"]
     if args.tokenizer:
         overrides.append(f"tokenizer.checkpoint={args.tokenizer}")
-    cfg = load_cli_config(args.config, overrides)
+    cfg, oracle = config_and_oracle(args.config, overrides)
     if cfg is None:
-        return 2
-    try:
-        oracle = load_oracle(cfg=cfg)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return oracle  # the exit code
     result = {"machine": machine(), "command": " ".join(["python -m benchmarks.refiner", *(argv or sys.argv[1:])])}
     stages = (([] if args.tokenizer else ["tokenizer"]) + (["refiner"] if args.refiner else [])
               + (["diffusion"] if args.baseline else []))

@@ -26,7 +26,7 @@ import time
 import torch
 from pytorch_lightning import Callback
 
-from benchmarks.common import disjoint, fmt_ci, heldout_images, machine, median_seconds, write_result
+from benchmarks.common import config_and_oracle, disjoint, fmt_ci, heldout_images, machine, median_seconds, write_result
 
 CURVE_SEED = 31_337
 EVAL_SEED = 31_338
@@ -143,18 +143,12 @@ def main(argv=None) -> int:
     args = parser.parse_intermixed_args(argv)  # key=value overrides may follow --options
 
     from hybrid.checkpoints import final_path
-    from hybrid.config import load_cli_config, to_dict
-    from hybrid.eval.oracle import load_oracle
+    from hybrid.config import to_dict
     from hybrid.lit.base import load_tokenizer
 
-    cfg = load_cli_config(args.config, [*args.overrides, f"run_dir={args.run_dir}", "stage=tokenizer"])
+    cfg, oracle = config_and_oracle(args.config, [*args.overrides, f"run_dir={args.run_dir}", "stage=tokenizer"])
     if cfg is None:
-        return 2
-    try:
-        oracle = load_oracle(cfg=cfg)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return oracle  # the exit code
     tok_cfg = to_dict(cfg)["tokenizer"]
     result = {"machine": machine(), "command": " ".join(["python -m benchmarks.tokenizer", *(argv or sys.argv[1:])]),
               "tokenizer_config": tok_cfg}
