@@ -184,7 +184,8 @@ class DenoiserConfig:
 @dataclass
 class RefinerConfig(DenoiserConfig):
     target: str = "residual"  # residual | latent
-    corrupt_prob: float = 0.1  # fraction of coarse tokens replaced by random codes in training
+    corrupt_prob: float = 0.1  # fraction of coarse tokens replaced by other codes in training (repair)
+    corrupt_neighbors: int = 8  # a replacement is one of the k codes nearest the true one; 0 = any code
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1200, lr=5e-4))
 
 

@@ -262,6 +262,13 @@ def test_lookup_and_corrupt_indices():
     big = [torch.zeros(4, 16, 16, dtype=torch.long)]
     hit = (tok.corrupt_indices(big, 1.0, torch.Generator().manual_seed(0))[0] != 0).float().mean()
     assert hit > 0.9  # nearly every index replaced (a random code may be 0 again)
+    # near misses: every replaced code is one of the 3 codes nearest to the true one, never itself
+    cb = tok.quantizer.codebook
+    near = torch.cdist(cb, cb).fill_diagonal_(float("inf")).topk(3, largest=False).indices  # (K, 3)
+    true = [torch.randint(tok.codebook_size, (4, 8, 8), generator=torch.Generator().manual_seed(2))]
+    swapped = tok.corrupt_indices(true, 1.0, torch.Generator().manual_seed(0), neighbors=3)[0]
+    assert (swapped != true[0]).all()
+    assert (swapped[..., None] == near[true[0]]).any(-1).all()
 
 
 def test_decode_of_continuous_latent_is_the_autoencoder_path():

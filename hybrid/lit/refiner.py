@@ -6,8 +6,9 @@ so the pipeline finds its weights under the "model." prefix) with the `Diffusion
 
 - `RefinerModule` (stage "refiner"): x0 = (z - z_q) / residual_std ("residual") or z ("latent"),
   conditioned on the coarse latent z_q. Repair training: with `refiner.corrupt_prob` > 0 a fraction of
-  the coarse tokens is replaced by random codes before z_q is formed, and the target is still the
-  residual to the true z, so the refiner learns to repair AR mistakes.
+  the coarse tokens is replaced by near-miss codes (one of the `refiner.corrupt_neighbors` nearest;
+  0 = any code) before z_q is formed, and the target is still the residual to the true z, so the
+  refiner learns to repair AR mistakes.
 - `DiffusionModule` (stage "diffusion"): the pure-diffusion baseline on the whole latent,
   x0 = (z - latent_mean) / latent_std (the tokenizer's per-channel statistics), no coarse input.
 
@@ -104,7 +105,8 @@ class RefinerModule(DenoiserStage):
         z_q = enc.z_q  # (B, C, h, w)
         prob = self.section.corrupt_prob
         if generator is not None and prob > 0:
-            indices = self.tokenizer.corrupt_indices(enc.indices, prob, generator)
+            indices = self.tokenizer.corrupt_indices(enc.indices, prob, generator,
+                                                     neighbors=self.section.corrupt_neighbors)
             z_q = self.tokenizer.indices_to_latent(indices)  # (B, C, h, w)
         return enc, z_q
 

@@ -232,13 +232,28 @@ class HybridTokenizer(nn.Module):
         return inputs
 
     def corrupt_indices(self, indices: list[torch.Tensor], prob: float,
-                        generator: torch.Generator | None = None) -> list[torch.Tensor]:
-        """Replace each index, with probability `prob`, by a uniformly random code (new tensors)."""
+                        generator: torch.Generator | None = None, neighbors: int = 0) -> list[torch.Tensor]:
+        """Replace each index, with probability `prob`, by another code (new tensors).
+
+        neighbors = 0: a uniformly random code of the whole codebook. neighbors = k > 0: one of the k
+        codes nearest (L2) to the true one, a near miss like the AR model's own mistakes; a random
+        code of the shared multi-scale codebook is mostly a coarse-scale vector, tens of times larger
+        than the fine-scale residual it replaces.
+        """
         out = []
         device = generator.device if generator is not None else indices[0].device
+        near = None
+        if neighbors > 0:
+            cb = self.quantizer.codebook.float()  # (K, C)
+            k = min(int(neighbors), self.codebook_size - 1)
+            near = torch.cdist(cb, cb).fill_diagonal_(float("inf")).topk(k, largest=False).indices  # (K, k)
         for idx in indices:
             hit = torch.rand(idx.shape, generator=generator, device=device) < prob
-            rnd = torch.randint(self.codebook_size, idx.shape, generator=generator, device=device)
+            if near is None:
+                rnd = torch.randint(self.codebook_size, idx.shape, generator=generator, device=device)
+            else:
+                pick = torch.randint(near.shape[1], idx.shape, generator=generator, device=device)
+                rnd = near.to(idx.device)[idx, pick.to(idx.device)]
             out.append(torch.where(hit.to(idx.device), rnd.to(idx.device), idx))
         return out
 
