@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -45,17 +46,21 @@ SAMPLERS = {"ddpm": ("ddim", "dpm"), "flow": ("euler", "dpm")}
 
 def load_stage(path, stage: str, raw: bool = False):
     """The LightningModule of a refiner/diffusion checkpoint, eval mode; `raw` swaps in the non-EMA weights."""
-    from hybrid.checkpoints import load_checkpoint, sub_state_dict
+    from hybrid.checkpoints import last_path, load_checkpoint, sub_state_dict
     from hybrid.lit.refiner import DiffusionModule, RefinerModule
 
     cls = RefinerModule if stage == "refiner" else DiffusionModule
     module = cls.load_from_checkpoint(str(path), map_location="cpu", weights_only=True).eval()
     module.checkpoint_path = str(path)
     if raw:
-        ckpt = load_checkpoint(path, expect_stage=stage)
-        if "current_model_state" not in ckpt:
-            raise ValueError(f"{path} holds no raw weights (current_model_state): was it trained with EMA?")
-        module.model.load_state_dict(sub_state_dict(ckpt["current_model_state"], "model"))
+        # Lightning's EMA callback copies the average into the model when training ends, so final.ckpt's
+        # current_model_state is the average too; the raw weights of the last step are in last.ckpt
+        final = load_checkpoint(path, expect_stage=stage)
+        last = load_checkpoint(last_path(Path(path).parents[1], stage), expect_stage=stage)
+        if "current_model_state" not in last or last.get("global_step") != final.get("global_step"):
+            raise ValueError(f"no raw weights of step {final.get('global_step')} beside {path}: last.ckpt is "
+                             f"missing, from another step, or holds no current_model_state (trained without EMA?)")
+        module.model.load_state_dict(sub_state_dict(last["current_model_state"], "model"))
     return module
 
 
