@@ -356,3 +356,27 @@ def test_standardize_round_trip_uses_mean_and_std():
     x = tok.standardize(z)
     torch.testing.assert_close(x[:, 3], (z[:, 3] - 2.0) / 4.0)
     torch.testing.assert_close(tok.unstandardize(x), z)
+
+
+def test_lightning_fit_and_load_from_checkpoint_alone(tmp_path):
+    """A toy tokenizer stage through train.py's code; its final.ckpt alone (no config file beside it)
+    rebuilds the same tokenizer with `load_from_checkpoint`."""
+    from pathlib import Path
+
+    from hybrid.experiment import main
+    from hybrid.lit.tokenizer import TokenizerModule
+
+    toy = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
+    run = tmp_path / "run"
+    assert main(["--config", str(toy), f"run_dir={run}", "stage=tokenizer", "trainer.progress_bar=false",
+                 "trainer.accelerator=cpu", "tokenizer.train.max_steps=4", "tokenizer.train.batch_size=4",
+                 "data.val_size=8"]) == 0
+    alone = tmp_path / "alone" / "tokenizer.ckpt"
+    alone.parent.mkdir()
+    (run / "tokenizer" / "final.ckpt").rename(alone)
+    loaded = TokenizerModule.load_from_checkpoint(alone, map_location="cpu", weights_only=True).tokenizer.eval()
+    assert int(loaded.quantizer.updates) == 4  # trained weights and buffers, not a fresh model
+    x = images()
+    out = loaded.encode(x)
+    assert torch.equal(loaded.indices_to_latent(out.indices), out.z_q)
+    assert not torch.equal(loaded.residual_std, torch.ones_like(loaded.residual_std))  # measured at the end
