@@ -56,13 +56,16 @@ def build_denoiser(config, stage: str, tokenizer):
     cfg = _cfg(config)
     if stage not in ("refiner", "diffusion"):
         raise ValueError(f"build_denoiser: stage must be 'refiner' or 'diffusion', got '{stage}'")
-    return _build(
+    model = _build(
         cfg[stage],
         latent_channels=tokenizer.latent_channels,
         latent_size=tokenizer.latent_size,
         coarse=stage == "refiner",
         num_classes=num_classes(cfg),
     )
+    if model.coarse:  # z_q enters standardised with the tokenizer's latent statistics
+        model.set_coarse_stats(tokenizer.latent_mean, tokenizer.latent_std.clamp_min(1e-4))
+    return model
 
 
 def build_diffusion(config, stage: str):

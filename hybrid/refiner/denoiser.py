@@ -16,7 +16,13 @@ the null class used for classifier-free guidance); or "text" (the pooled output 
 `ByteTextEncoder` trained with the denoiser; an all-padding caption is the null condition).
 
 `coarse=True` is the refiner (input x_t and z_q); `coarse=False` is the pure-diffusion baseline
-(input x_t only, z_q must be None).
+(input x_t only, z_q must be None). The refiner standardises z_q per channel before it enters the
+network, (z_q - coarse_mean) / coarse_std, with statistics `set_coarse_stats` takes from the
+tokenizer (`hybrid.models.build_denoiser` does it). Raw, the tokenizer's learned channels have a
+std of 0.05-0.09 beside the unit-variance noisy target, so the z_q half of the input projection
+learns ~15x slower than the x_t half; measured, a refiner fed raw z_q added almost nothing to it
+(issue #5). The statistics are saved with the weights; a checkpoint from before they existed loads
+with the identity (mean 0, std 1), which is what it was trained with.
 
 Init (DiT's adaLN-Zero): every block starts as the identity and the final projection is zero, so
 a fresh denoiser outputs exactly zero, whatever the input.
@@ -120,7 +126,32 @@ class Denoiser(nn.Module):
             self.zq_proj = nn.Linear(C, width) if coarse else None
             self.blocks = nn.ModuleList(ResBlock(width, mlp_ratio, dropout) for _ in range(depth))
         self.final = FinalLayer(width, C, cond_dim=width)
+        if coarse:
+            self.register_buffer("coarse_mean", torch.zeros(C))  # (C,)
+            self.register_buffer("coarse_std", torch.ones(C))  # (C,)
         self._init_weights()
+
+    def set_coarse_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Per-channel statistics (C,) each used to standardise z_q on the way in (refiners only)."""
+        if not self.coarse:
+            raise ValueError("set_coarse_stats: this denoiser has no coarse input (coarse=False)")
+        mean, std = torch.as_tensor(mean).float().flatten(), torch.as_tensor(std).float().flatten()
+        if mean.numel() != self.latent_channels or std.numel() != self.latent_channels:
+            raise ValueError(f"set_coarse_stats: expected {self.latent_channels} channels, got mean "
+                             f"{tuple(mean.shape)} and std {tuple(std.shape)}")
+        if not bool((std > 0).all()):
+            raise ValueError(f"set_coarse_stats: every std must be > 0, got {std.tolist()}")
+        self.coarse_mean.copy_(mean)
+        self.coarse_std.copy_(std)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # checkpoints from before the z_q statistics existed were trained on raw z_q: load them as the identity
+        if self.coarse:
+            for name, value in (("coarse_mean", 0.0), ("coarse_std", 1.0)):
+                state_dict.setdefault(prefix + name, torch.full((self.latent_channels,), value))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _init_weights(self) -> None:
         # Linear layers: xavier (DiT); the adaLN and final projections were zeroed by their modules
@@ -221,7 +252,10 @@ class Denoiser(nn.Module):
         if ce is not None:
             c = c + ce  # (B, D)
         x = x_t.flatten(2).transpose(1, 2)  # (B, L, C), L = h*w row-major
-        zq = z_q.flatten(2).transpose(1, 2) if z_q is not None else None  # (B, L, C)
+        zq = None
+        if z_q is not None:
+            zq = (z_q - self.coarse_mean.to(z_q)[None, :, None, None]) / self.coarse_std.to(z_q)[None, :, None, None]
+            zq = zq.flatten(2).transpose(1, 2)  # (B, L, C) standardised
 
         if self.arch == "dit":
             if zq is not None:
