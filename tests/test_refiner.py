@@ -134,6 +134,23 @@ class ExactModel(nn.Module):
                 "sample": c.expand_as(x_t)}[self.d.prediction]
 
 
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_euler_takes_steps_of_equal_work(shift):
+    """diffusers' own flow Euler spacing made the last of N steps go from sigma 0.001 to 0 (N steps = N - 1
+    steps of work; 2 steps gave the 1-step result): every step now spans an equal share before the shift."""
+    d = Diffusion(objective="flow", sampler="euler", flow_shift=shift)
+    for steps in (1, 2, 4, 8):
+        sigmas = d.ready_sampler(steps).sigmas.double()
+        assert len(sigmas) == steps + 1 and sigmas[0] == 1.0 and sigmas[-1] == 0.0
+        unshifted = sigmas / (shift - (shift - 1) * sigmas)  # inverse of s -> shift s / (1 + (shift - 1) s)
+        torch.testing.assert_close(unshifted, torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), atol=1e-5,
+                                   rtol=0)
+    model = wake(make())
+    x, z_q, cond = inputs()
+    one, two = (d.sample(model, tuple(x.shape), z_q, cond, n, torch.Generator().manual_seed(0)) for n in (1, 2))
+    assert not torch.allclose(one, two, atol=1e-4)
+
+
 @pytest.mark.parametrize("prediction", ["v_prediction", "epsilon", "sample"])
 def test_every_step_count_lands_on_an_exact_models_target(prediction):
     """1..8 steps with the exact model reach x0: the scheduler settings (zero SNR, trailing spacing,
@@ -191,6 +208,50 @@ def test_state_dict_round_trip(arch):
     clone = make(arch, condition="text")
     clone.load_state_dict(model.state_dict())
     assert torch.equal(model(x, t, z_q, cond), clone(x, t, z_q, cond))
+
+
+@pytest.mark.parametrize("arch", ["dit", "mlp"])
+def test_coarse_input_is_standardised_with_saved_statistics(arch):
+    """z_q enters as (z_q - mean) / std: a refiner with statistics (m, s) given z_q equals one with the
+    identity given (z_q - m) / s; the statistics travel in the state dict, and a state dict from before
+    they existed loads as the identity (what such a checkpoint was trained with)."""
+    model = wake(make(arch))
+    x, z_q, cond = inputs()
+    t = torch.tensor([5, 700])
+    mean, std = torch.tensor([0.1, -0.2, 0.0, 0.3]), torch.tensor([0.05, 0.09, 1.0, 2.0])
+    plain = model(x, t, (z_q - mean[None, :, None, None]) / std[None, :, None, None], cond)
+    model.set_coarse_stats(mean, std)
+    out = model(x, t, z_q, cond)
+    torch.testing.assert_close(out, plain)
+    assert not torch.allclose(out, model(x, t, z_q * 2, cond))  # the coarse input still matters
+    clone = make(arch)
+    clone.load_state_dict(model.state_dict())
+    assert torch.equal(clone(x, t, z_q, cond), out)
+    old = {k: v for k, v in model.state_dict().items() if not k.startswith("coarse_")}
+    clone.load_state_dict(old)
+    assert torch.equal(clone.coarse_mean, torch.zeros(C)) and torch.equal(clone.coarse_std, torch.ones(C))
+    with pytest.raises(ValueError, match="std"):
+        model.set_coarse_stats(mean, torch.tensor([1.0, 0.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="channels"):
+        model.set_coarse_stats(mean[:2], std[:2])
+    with pytest.raises(ValueError, match="coarse"):
+        make(arch, coarse=False).set_coarse_stats(mean, std)
+    assert "coarse_mean" not in make(arch, coarse=False).state_dict()
+
+
+def test_build_denoiser_takes_the_tokenizer_statistics():
+    from types import SimpleNamespace
+
+    from hybrid.config import load_config
+    from hybrid.models import build_denoiser as build_for_stage
+
+    cfg = load_config(overrides=["refiner.width=32", "refiner.depth=1", "diffusion.width=32", "diffusion.depth=1"])
+    tok = SimpleNamespace(latent_channels=C, latent_size=S, latent_mean=torch.tensor([0.1, 0.2, 0.3, 0.4]),
+                          latent_std=torch.tensor([0.05, 0.06, 0.07, 0.0]))
+    refiner = build_for_stage(cfg, "refiner", tok)
+    torch.testing.assert_close(refiner.coarse_mean, tok.latent_mean)
+    torch.testing.assert_close(refiner.coarse_std, torch.tensor([0.05, 0.06, 0.07, 1e-4]))  # a dead channel is floored
+    assert not hasattr(build_for_stage(cfg, "diffusion", tok), "coarse_mean")
 
 
 def test_refiner_target_round_trip():

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
@@ -245,11 +246,25 @@ class Diffusion:
             flow_shift=config.shift, final_sigmas_type="zero", lower_order_final=True, algorithm_type="dpmsolver++",
             solver_order=2)
 
+    def ready_sampler(self, steps: int, sampler: str | None = None, device=None):
+        """`make_sampler` with `steps` timesteps set.
+
+        The flow Euler scheduler's own spacing, linspace(1, 1/num_train_timesteps, steps), ends its
+        last step at sigma 0.001 and then takes a final step to 0 of almost nothing: N steps did the
+        work of N - 1 (2 steps gave exactly the 1-step result). It gets equal steps instead,
+        sigmas 1, (N-1)/N, ..., 1/N, then 0 (its shift still applies), like the trailing spacing
+        the DDPM samplers use.
+        """
+        sched = self.make_sampler(sampler)
+        if isinstance(sched, FlowMatchEulerDiscreteScheduler):
+            sched.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps).tolist(), device=device)
+        else:
+            sched.set_timesteps(steps, device=device)
+        return sched
+
     def timesteps(self, steps: int, sampler: str | None = None) -> torch.Tensor:
         """The sampling timesteps of `steps` steps, in the denoiser's units (first = noisiest)."""
-        sched = self.make_sampler(sampler)
-        sched.set_timesteps(steps)
-        return sched.timesteps
+        return self.ready_sampler(steps, sampler).timesteps
 
     @torch.no_grad()
     def sample(
@@ -274,8 +289,7 @@ class Diffusion:
             raise ValueError(f"sampling needs steps >= 1, got {steps}")
         if device is None:
             device = z_q.device if z_q is not None else next(model.parameters()).device
-        sched = self.make_sampler(sampler)
-        sched.set_timesteps(steps, device=device)
+        sched = self.ready_sampler(steps, sampler, device)
         x = randn(shape, generator, device, torch.float32) * getattr(sched, "init_noise_sigma", 1.0)  # (B, C, h, w)
         B = shape[0]
         if hasattr(model, "prepare_condition"):
