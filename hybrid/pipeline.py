@@ -99,27 +99,37 @@ class HybridPipeline:
         tok_path = final_path(run_dir, "tokenizer")
         if not tok_path.is_file():
             raise PipelineError(f"run directory '{run_dir}' has no trained tokenizer ({tok_path} is missing)")
-        ckpt = load_checkpoint(tok_path, expect_stage="tokenizer")
+        stages = {stage: final_path(run_dir, stage) for stage in ("ar", "refiner", "diffusion")}
+        stages = {stage: path for stage, path in stages.items() if path.is_file()}
+        if "ar" not in stages and "diffusion" not in stages:
+            raise PipelineError(f"run directory '{run_dir}' has no trained AR or diffusion stage yet")
+        return cls.from_checkpoints(tok_path, device=device, **stages)
+
+    @classmethod
+    def from_checkpoints(cls, tokenizer: str | os.PathLike, ar=None, refiner=None, diffusion=None,
+                         device: str | torch.device = "cpu") -> HybridPipeline:
+        """Loads explicit stage checkpoints (Lightning `.ckpt` files), e.g. a refiner from another run.
+
+        Every stage must have been trained with this tokenizer (checked by weights hash)."""
+        ckpt = load_checkpoint(tokenizer, expect_stage="tokenizer")
         configs = {"tokenizer": ckpt["hyper_parameters"]["config"]}
-        tokenizer = build_tokenizer(configs["tokenizer"])
+        tok = build_tokenizer(configs["tokenizer"])
         tok_state = sub_state_dict(ckpt["state_dict"], "tokenizer")
-        tokenizer.load_state_dict(tok_state)
+        tok.load_state_dict(tok_state)
         tok_hash = weights_hash(tok_state)
         models: dict[str, Any] = {}
-        for stage in ("ar", "refiner", "diffusion"):
-            path = final_path(run_dir, stage)
-            if not path.is_file():
+        for stage, path in (("ar", ar), ("refiner", refiner), ("diffusion", diffusion)):
+            if path is None:
                 continue
+            if not Path(path).is_file():
+                raise PipelineError(f"{stage} checkpoint '{path}' does not exist")
             ckpt = load_checkpoint(path, expect_stage=stage)
             check_tokenizer_match(ckpt, tok_hash, path)
             configs[stage] = ckpt["hyper_parameters"]["config"]
-            model = build_ar(configs[stage], tokenizer) if stage == "ar" else build_denoiser(
-                configs[stage], stage, tokenizer)
+            model = build_ar(configs[stage], tok) if stage == "ar" else build_denoiser(configs[stage], stage, tok)
             _load_strict(model, sub_state_dict(ckpt["state_dict"], "model"), path)
             models[stage] = model
-        if not models:
-            raise PipelineError(f"run directory '{run_dir}' has no trained AR or diffusion stage yet")
-        return cls(tokenizer, configs, **models).to(device)
+        return cls(tok, configs, **models).to(device)
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Writes every stage as `<stage>.safetensors` plus `pipeline.json` (configs, hashes)."""

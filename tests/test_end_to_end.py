@@ -111,3 +111,74 @@ def test_sample_cli_missing_stage_is_a_clear_error(tmp_path):
     out = subprocess.run([sys.executable, "sample.py", "--run", str(tmp_path / "run"), "--class", "1"],
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2 and "tokenizer" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_curve_benchmark_trains_ar_with_snapshots_and_judges_each(toy_run, tmp_path):
+    """benchmarks/curve.py on a copy of the toy run without its AR stage: snapshots at the asked steps,
+    their training times, and a judged row per snapshot for both ar and hybrid."""
+    import shutil
+
+    run_dir, base, _ = toy_run
+    curve_run = tmp_path / "curve"
+    for stage in ("tokenizer", "refiner"):
+        shutil.copytree(run_dir / stage, curve_run / stage)
+    out_json = tmp_path / "curve.json"
+    out = _run(["-m", "benchmarks.curve", "--config", "configs/toy.yaml", "--run-dir", str(curve_run),
+                "--at", "10", "30", "--num-samples", "40", "--out", str(out_json), f"cache_dir={base / 'cache'}",
+                "trainer.progress_bar=false"])
+    assert (curve_run / "ar" / "final.ckpt").is_file()
+    result = json.loads(out_json.read_text())
+    assert [row["step"] for row in result["rows"]] == [10, 30]
+    first, last = result["rows"]
+    assert 0 < first["ar_minutes"] < last["ar_minutes"]
+    for row in result["rows"]:
+        for mode in ("ar", "hybrid"):
+            entry = row[mode]
+            assert np.isfinite(entry["fid"]) and entry["fid_ci"][0] <= entry["fid"] <= entry["fid_ci"][1]
+            assert 0 <= entry["adherence"]["shape"] <= 1
+    # different weights at the two points: the step-10 and step-30 snapshots are judged as themselves
+    assert first["ar"]["fid"] != last["ar"]["fid"]
+    assert result["stage_minutes"]["tokenizer"] > 0 and result["stage_minutes"]["refiner"] > 0
+    assert "step" in out.stdout
+
+
+def test_pipeline_from_explicit_checkpoints_matches_the_run(toy_run, tmp_path):
+    from hybrid.pipeline import HybridPipeline, PipelineError
+
+    run_dir, _, _ = toy_run
+    paths = {stage: run_dir / stage / "final.ckpt" for stage in ("tokenizer", "ar", "refiner")}
+    explicit = HybridPipeline.from_checkpoints(paths["tokenizer"], ar=paths["ar"], refiner=paths["refiner"])
+    whole = HybridPipeline.from_run(run_dir)
+    assert explicit.modes == whole.modes == ["ar", "hybrid"]
+    a = explicit(classes=torch.tensor([0, 3]), mode="hybrid", seed=5)
+    b = whole(classes=torch.tensor([0, 3]), mode="hybrid", seed=5)
+    assert torch.equal(a, b)
+    assert HybridPipeline.from_checkpoints(paths["tokenizer"], ar=paths["ar"]).modes == ["ar"]
+    with pytest.raises(PipelineError, match="refiner checkpoint .*missing.ckpt"):
+        HybridPipeline.from_checkpoints(paths["tokenizer"], ar=paths["ar"], refiner=tmp_path / "missing.ckpt")
+
+
+def test_repair_benchmark_trains_each_variant_and_judges_hybrid_samples(toy_run, tmp_path):
+    import shutil
+
+    run_dir, base, _ = toy_run
+    bench_run = tmp_path / "repair"
+    for stage in ("tokenizer", "ar"):
+        shutil.copytree(run_dir / stage, bench_run / stage)
+    out_json = tmp_path / "repair.json"
+    _run(["-m", "benchmarks.repair", "--config", "configs/toy.yaml", "--run-dir", str(bench_run),
+          "--variant", "repair:refiner.corrupt_prob=0.5", "--variant", "plain:refiner.corrupt_prob=0",
+          "--num-samples", "40", "--out", str(out_json), f"cache_dir={base / 'cache'}", "trainer.progress_bar=false"])
+    result = json.loads(out_json.read_text())
+    assert set(result["variants"]) == {"repair", "plain"}
+    assert result["variants"]["repair"]["corrupt_prob"] == 0.5 and result["variants"]["plain"]["corrupt_prob"] == 0
+    for entry in [result["ar"], *result["variants"].values()]:
+        assert np.isfinite(entry["fid"]) and entry["fid_ci"][0] <= entry["fid"] <= entry["fid_ci"][1]
+        assert 0 <= entry["adherence"]["shape"] <= 1
+    for name in ("repair", "plain"):
+        assert (bench_run / "repair" / name / "refiner" / "final.ckpt").is_file()
+    # the two refiners differ, so their hybrid images (same AR tokens, same seeds) do too
+    assert result["variants"]["repair"]["fid"] != result["variants"]["plain"]["fid"]
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.repair", "--run-dir", str(tmp_path / "nothing")],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 1 and "no trained tokenizer" in bad.stderr

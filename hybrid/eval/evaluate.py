@@ -80,15 +80,19 @@ def _fid_fields(result: dict) -> dict:
 @torch.no_grad()
 def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100, bootstrap: int = 200,
                  modes=("tokenizer", "ar", "hybrid", "diffusion"), device="cpu", real_kwargs: dict | None = None,
-                 timing: bool = True) -> dict:
-    """Evaluates the run's trained modes (see the module docstring); returns the metrics dict."""
+                 timing: bool = True, pipe=None) -> dict:
+    """Evaluates the run's trained modes (see the module docstring); returns the metrics dict.
+
+    `pipe`: an already loaded `HybridPipeline` to judge instead of the run's (benchmarks swap in
+    intermediate weights); `run_dir` still receives the PNG grids."""
     from hybrid.data.procedural import ProceduralDataset
     from hybrid.eval.adherence import adherence, glyph_accuracy
     from hybrid.eval.fid import bootstrap_fid, oracle_features, real_images
     from hybrid.pipeline import HybridPipeline
 
     run_dir = Path(run_dir)
-    pipe = HybridPipeline.from_run(run_dir, device=device)
+    if pipe is None:
+        pipe = HybridPipeline.from_run(run_dir, device=device)
     counts = pipe.parameter_counts()
     real = real_images(oracle, num_samples, **(real_kwargs or {}))  # (N, 3, S, S)
     real_feats = oracle_features(real, oracle)

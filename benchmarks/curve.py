@@ -1,0 +1,144 @@
+"""The main job's training curve (issue #6): FID and adherence of `ar` and `hybrid` against AR training minutes.
+
+    python -m benchmarks.curve --run-dir runs/default --at 250 500 1000 --out runs/bench/curve.json \\
+        [--num-samples 1000] [--config FILE] [key=value ...]
+
+The run directory must hold a trained tokenizer (and a refiner, for the `hybrid` column). When it
+has no AR stage yet, the AR stage is trained here exactly as `python train.py stage=ar` does, with a
+callback that saves the AR weights at each step of `--at` (under `<run-dir>/ar/curve/`) and records
+the training wall time up to that step (snapshot saving excluded). An AR stage trained earlier is
+reused together with the snapshots and times it left. Each snapshot is then judged like
+`train.py stage=eval` judges the final weights (`hybrid.eval.evaluate.evaluate_run`, class prompts,
+oracle features, 95% bootstrap intervals), with `--num-samples` images per mode.
+The tokenizer's and refiner's training minutes (recorded in their final checkpoints) are written
+beside the rows, so the whole experiment's training time at each point can be stated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import config_and_oracle, machine, write_result
+
+ATTRS = ("shape", "color", "position", "size", "fill")
+
+
+class Snapshots:
+    """Lightning callback: at each global step in `steps`, save the weights and note the training seconds."""
+
+    def __init__(self, folder: Path, steps: list[int]) -> None:
+        import pytorch_lightning as pl
+
+        outer = self
+
+        class _Callback(pl.Callback):
+            def on_train_start(self, trainer, pl_module) -> None:
+                outer.start = time.perf_counter()
+                outer.paused = 0.0
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+                step = trainer.global_step
+                if step in outer.steps and step not in outer.seconds and trainer.is_global_zero:
+                    t0 = time.perf_counter()
+                    outer.seconds[step] = t0 - outer.start - outer.paused
+                    trainer.save_checkpoint(outer.folder / f"step-{step}.ckpt", weights_only=True)
+                    outer.paused += time.perf_counter() - t0
+                    (outer.folder / "seconds.json").write_text(json.dumps(outer.seconds, indent=1))
+
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.steps = set(steps)
+        self.seconds: dict[int, float] = {}
+        self.callback = _Callback()
+
+
+def stage_minutes(run_dir: Path, stage: str) -> float | None:
+    """Training minutes a stage's final checkpoint records (`train_minutes`), or None."""
+    from hybrid.checkpoints import final_path, load_checkpoint
+
+    path = final_path(run_dir, stage)
+    if not path.is_file():
+        return None
+    value = load_checkpoint(path, expect_stage=stage).get("hyper_parameters", {}).get("train_minutes")
+    return None if value is None else float(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--at", type=int, nargs="+", required=True, help="AR steps to judge (<= max_steps)")
+    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--out", default=None)
+    args, overrides = parser.parse_known_args(argv)
+    cfg, oracle = config_and_oracle(args.config, [f"run_dir={args.run_dir}", *overrides])
+    if cfg is None:
+        return oracle
+    from hybrid.checkpoints import final_path, load_checkpoint, sub_state_dict
+    from hybrid.eval.evaluate import evaluate_run
+    from hybrid.lit.runner import fit_stage
+    from hybrid.pipeline import HybridPipeline, _load_strict
+
+    run_dir = Path(args.run_dir)
+    if not final_path(run_dir, "tokenizer").is_file():
+        print(f"error: {run_dir} has no trained tokenizer; run `python train.py stage=tokenizer run_dir={run_dir}`",
+              file=sys.stderr)
+        return 1
+    folder = run_dir / "ar" / "curve"
+    steps = sorted(set(args.at))
+    if not final_path(run_dir, "ar").is_file():
+        snaps = Snapshots(folder, steps)
+        fit_stage(cfg, "ar", callbacks=[snaps.callback])
+    seconds_file = folder / "seconds.json"
+    seconds = {int(k): v for k, v in json.loads(seconds_file.read_text()).items()} if seconds_file.is_file() else {}
+    missing = [s for s in steps if not (folder / f"step-{s}.ckpt").is_file()]
+    if missing:
+        print(f"error: no AR snapshot for steps {missing} in {folder} (the AR stage ran past them without the "
+              "curve callback, or max_steps is smaller): retrain with retrain=true", file=sys.stderr)
+        return 1
+
+    pipe = HybridPipeline.from_run(run_dir)
+    modes = tuple(m for m in ("ar", "hybrid") if m in pipe.modes)
+    real_kwargs = {"two_object_prob": cfg.data.two_object_prob, "glyph_prob": cfg.data.glyph_prob}
+    other = {s: stage_minutes(run_dir, s) for s in ("tokenizer", "refiner")}
+    rows = []
+    print(f"{'step':>6} {'AR min':>7}  " + "  ".join(f"{m + ' FID':>22} {m + ' shape/color':>15}" for m in modes))
+    for step in steps:
+        path = folder / f"step-{step}.ckpt"
+        _load_strict(pipe.ar, sub_state_dict(load_checkpoint(path, expect_stage="ar")["state_dict"], "model"), path)
+        torch.manual_seed(0)
+        metrics = evaluate_run(run_dir / "ar" / "curve" / f"eval-{step}", oracle, num_samples=args.num_samples,
+                               batch_size=cfg.eval.batch_size, bootstrap=cfg.eval.bootstrap, modes=modes,
+                               real_kwargs=real_kwargs, timing=False, pipe=pipe)
+        row = {"step": step, "ar_minutes": seconds.get(step, float("nan")) / 60.0}
+        for mode in modes:
+            m = metrics[mode]
+            row[mode] = {"fid": m["fid"], "fid_ci": m["fid_ci"],
+                         "adherence": {a: m["adherence"]["class"].get(a) for a in ("shape", "color")}}
+        rows.append(row)
+        cells = []
+        for mode in modes:
+            r = row[mode]
+            lo, hi = r["fid_ci"]
+            cells.append(f"{r['fid']:7.2f} [{lo:6.2f}, {hi:6.2f}] "
+                         f"{100 * r['adherence']['shape']:6.1f}/{100 * r['adherence']['color']:5.1f}%")
+        print(f"{step:6d} {row['ar_minutes']:7.1f}  " + "  ".join(cells), flush=True)
+    command = "python -m benchmarks.curve " + " ".join(sys.argv[1:] if argv is None else argv)
+    result = {"machine": machine(), "command": command,
+              "num_samples": args.num_samples, "stage_minutes": other,
+              "ar": {"width": cfg.ar.width, "depth": cfg.ar.depth, "heads": cfg.ar.heads,
+                     "max_steps": cfg.ar.train.max_steps, "batch_size": cfg.ar.train.batch_size,
+                     "params": sum(p.numel() for p in pipe.ar.parameters())},
+              "rows": rows}
+    write_result(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

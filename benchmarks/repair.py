@@ -1,0 +1,110 @@
+"""Does repair training help where it matters? Hybrid samples from AR-sampled tokens, per refiner variant (issue #6).
+
+    python -m benchmarks.repair --run-dir runs/main --out runs/bench/repair.json \\
+        [--variant repair:refiner.corrupt_prob=0.1 --variant plain:refiner.corrupt_prob=0] \\
+        [--num-samples 2000] [--config FILE] [key=value ...]
+
+The run directory must hold a trained tokenizer and AR stage. Each `--variant NAME:key=value,...`
+is a refiner trained (when `<run-dir>/repair/NAME/refiner/final.ckpt` is missing) exactly as
+`python train.py stage=refiner` trains one, on the run's tokenizer, with those overrides. Then the
+run's AR model samples tokens for the same class prompts (same seeds) and each refiner refines them:
+FID (oracle features, 95% bootstrap interval) and class-prompt adherence per variant, beside the
+pure-AR images (z_q decoded alone). `refiner.corrupt_prob` is the repair knob (the fraction of coarse
+tokens replaced by near-miss codes in training); 0 trains on clean tokens only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import config_and_oracle, machine, write_result
+
+DEFAULT_VARIANTS = ["repair:refiner.corrupt_prob=0.1", "plain:refiner.corrupt_prob=0"]
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    name, _, rest = text.partition(":")
+    if not name or not name.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"--variant '{text}': expected NAME:key=value,... with a plain NAME")
+    overrides = [o for o in rest.split(",") if o]
+    for o in overrides:
+        if "=" not in o:
+            raise ValueError(f"--variant '{text}': '{o}' is not key=value")
+    return name, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--variant", action="append", default=None, help="NAME:key=value,... (repeatable)")
+    parser.add_argument("--num-samples", type=int, default=2000)
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--out", default=None)
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        variants = [parse_variant(v) for v in (args.variant or DEFAULT_VARIANTS)]
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from hybrid.checkpoints import final_path
+    from hybrid.config import load_cli_config
+    from hybrid.eval.evaluate import evaluate_run
+    from hybrid.lit.runner import fit_stage
+    from hybrid.pipeline import HybridPipeline
+
+    run_dir = Path(args.run_dir)
+    tok_path, ar_path = final_path(run_dir, "tokenizer"), final_path(run_dir, "ar")
+    for what, path in (("tokenizer", tok_path), ("AR stage", ar_path)):
+        if not path.is_file():
+            print(f"error: {run_dir} has no trained {what} ({path} is missing)", file=sys.stderr)
+            return 1
+    cfg, oracle = config_and_oracle(args.config, [f"run_dir={run_dir}", *overrides])
+    if cfg is None:
+        return oracle
+    real_kwargs = {"two_object_prob": cfg.data.two_object_prob, "glyph_prob": cfg.data.glyph_prob}
+    result = {"machine": machine(), "command": "python -m benchmarks.repair " + " ".join(
+        sys.argv[1:] if argv is None else argv), "num_samples": args.num_samples, "variants": {}}
+
+    def judge(pipe, name: str, mode: str) -> dict:
+        torch.manual_seed(0)
+        metrics = evaluate_run(run_dir / "repair" / name, oracle, num_samples=args.num_samples,
+                               batch_size=cfg.eval.batch_size, bootstrap=cfg.eval.bootstrap, modes=(mode,),
+                               real_kwargs=real_kwargs, timing=False, pipe=pipe)[mode]
+        return {"fid": metrics["fid"], "fid_ci": metrics["fid_ci"], "adherence": metrics["adherence"]["class"]}
+
+    def line(name: str, entry: dict) -> str:
+        lo, hi = entry["fid_ci"]
+        adh = entry["adherence"]
+        return (f"{name:12s} FID {entry['fid']:7.2f} [{lo:6.2f}, {hi:6.2f}]  shape {100 * adh['shape']:5.1f}%  "
+                f"color {100 * adh['color']:5.1f}%")
+
+    for name, extra in variants:
+        vdir = run_dir / "repair" / name
+        vcfg = load_cli_config(args.config, [*overrides, *extra, f"run_dir={vdir}", f"tokenizer.checkpoint={tok_path}"])
+        if vcfg is None:
+            return 2
+        t0 = time.time()
+        trained = not final_path(vdir, "refiner").is_file()
+        fit_stage(vcfg, "refiner")
+        result["variants"][name] = {"overrides": extra, "corrupt_prob": vcfg.refiner.corrupt_prob,
+                                    "corrupt_neighbors": vcfg.refiner.corrupt_neighbors,
+                                    "train_minutes": round((time.time() - t0) / 60, 2) if trained else None}
+    pipe = HybridPipeline.from_checkpoints(tok_path, ar=ar_path)
+    result["ar"] = judge(pipe, "ar", "ar")
+    print(line("pure AR", result["ar"]), flush=True)
+    for name, _ in variants:
+        pipe = HybridPipeline.from_checkpoints(tok_path, ar=ar_path, refiner=final_path(run_dir / "repair" / name,
+                                                                                        "refiner"))
+        result["variants"][name].update(judge(pipe, name, "hybrid"))
+        print(line(name, result["variants"][name]), flush=True)
+    write_result(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
