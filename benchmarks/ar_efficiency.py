@@ -2,7 +2,7 @@
 
     python -m benchmarks.ar_efficiency --out runs/bench/ar_efficiency.json
 
-Default size: ARConfig's defaults (width 256, depth 6, heads 4, mlp_ratio 4) on the default tokenizer
+Default size: ARConfig's defaults (width 192, depth 6, heads 4, mlp_ratio 4) on the default tokenizer
 layout (TokenizerConfig's: scales 1,2,3,4,6,8 -> 130 tokens, codebook 1024, its latent channels), class condition.
 A stand-in layout (random codebook, bilinear upsampling) replaces the tokenizer: only the AR cost is measured.
 
