@@ -7,7 +7,7 @@ The run directory must hold a trained tokenizer (and a refiner, for the `hybrid`
 has no AR stage yet, the AR stage is trained here exactly as `python train.py stage=ar` does, with a
 callback that saves the AR weights at each step of `--at` (under `<run-dir>/ar/curve/`) and records
 the training wall time up to that step (snapshot saving excluded). An AR stage trained earlier is
-reused together with the snapshots and times it left. Each snapshot is then judged like
+reused together with the snapshots and times it left (`retrain=true` trains it again). Each snapshot is then judged like
 `train.py stage=eval` judges the final weights (`hybrid.eval.evaluate.evaluate_run`, class prompts,
 oracle features, 95% bootstrap intervals), with `--num-samples` images per mode.
 The tokenizer's and refiner's training minutes (recorded in their final checkpoints) are written
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     folder = run_dir / "ar" / "curve"
     steps = sorted(set(args.at))
-    if not final_path(run_dir, "ar").is_file():
+    if cfg.retrain or not final_path(run_dir, "ar").is_file():
         snaps = Snapshots(folder, steps)
         fit_stage(cfg, "ar", callbacks=[snaps.callback])
     seconds_file = folder / "seconds.json"

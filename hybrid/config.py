@@ -154,6 +154,7 @@ class ARConfig:
     drop_path: float = 0.0
     cond_drop: float = 0.1  # probability of the null condition in training (for guidance)
     max_text_len: int = 64  # bytes
+    adaln: bool = True  # the condition also modulates every block (adaLN-Zero); false = in-context start token only
     token_cache: bool = True  # train on a pool of pre-encoded images (no tokenizer encoder in the step)
     token_cache_size: int = 20000  # images in that pool (at most max_steps x batch_size are encoded)
     checkpoint: str = ""

@@ -31,6 +31,8 @@ def build_ar(config, tokenizer):
 
     cfg = _cfg(config)
     a = cfg.ar
+    # a config stored before `ar.adaln` existed describes a model without it
+    adaln = bool(a.adaln) and not (isinstance(config, dict) and "adaln" not in config.get("ar", {}))
     return ARModel(
         scales=list(tokenizer.scales),
         codebook_size=tokenizer.codebook_size,
@@ -46,6 +48,7 @@ def build_ar(config, tokenizer):
         drop_path=a.drop_path,
         cond_drop=a.cond_drop,
         max_text_len=a.max_text_len,
+        adaln=adaln,
     )
 
 

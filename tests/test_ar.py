@@ -52,8 +52,13 @@ def make_model(order="next_scale", condition="class", seed=0, **kw):
     kw = {"cond_drop": 0.0, **kw}
     model = ARModel(scales=SCALES, codebook_size=V, latent_channels=C, num_classes=NUM_CLASSES, order=order,
                     condition=condition, width=32, depth=2, heads=2, **kw)
-    # a freshly built model has a zero head (uniform logits); give every test a non-trivial function
+    # a freshly built model has a zero head (uniform logits) and adaLN-Zero blocks (identity); give
+    # every test a non-trivial function
     torch.nn.init.normal_(model.head.linear.weight, std=0.5)
+    for m in model.modules():
+        if hasattr(m, "ada"):
+            torch.nn.init.normal_(m.ada[1].weight, std=0.2)
+            torch.nn.init.normal_(m.ada[1].bias, std=0.2)
     return model.eval()
 
 
@@ -149,11 +154,12 @@ def test_text_padding_is_invisible(order):
     assert not torch.allclose(logits_of(model, indices, ["green", "a big blue square"])[0], base[0])
 
 
+@pytest.mark.parametrize("adaln", [True, False])
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("condition", CONDITIONS)
-def test_kv_cache_equals_full_forward(order, condition, backend):
+def test_kv_cache_equals_full_forward(order, condition, backend, adaln):
     """The logits the cached sampler drew from equal a full teacher-forced forward on its tokens (fp32)."""
-    model = make_model(order, condition)
+    model = make_model(order, condition, adaln=adaln)
     cond = make_cond(condition)
     tokens, cached = model.generate(cond, LAYOUT, torch.Generator().manual_seed(0), return_logits=True)
     assert [tuple(t.shape) for t in tokens] == [(B, s, s) for s in SCALES]
@@ -191,13 +197,14 @@ def test_same_generator_same_tokens(order, condition):
     assert first.min() >= 0 and first.max() < V
 
 
+@pytest.mark.parametrize("adaln", [True, False])
 @pytest.mark.parametrize("condition", CONDITIONS)
 @pytest.mark.parametrize("order", ORDERS)
-def test_conditioning_learns(order, condition):
+def test_conditioning_learns(order, condition, adaln):
     """On a fixed tiny batch whose tokens depend only on the condition, the loss falls and the model
     predicts the first token exactly (impossible without reading the condition: two conditions, two tokens)."""
     torch.manual_seed(0)
-    model = make_model(order, condition).train()
+    model = make_model(order, condition, adaln=adaln).train()
     torch.nn.init.zeros_(model.head.linear.weight)
     indices = random_indices(seed=5, batch=2)
     indices[0] = torch.tensor([3, 11]).view(2, 1, 1)
@@ -241,6 +248,31 @@ def test_cond_drop_uses_the_null_condition(condition):
     null = model.null_condition(cond)
     expected = logits_of(model.eval(), indices, null)
     torch.testing.assert_close(logits_of(model.train(), indices, cond), expected)
+
+
+def test_adaln_blocks_start_as_identity_and_old_configs_build_without_them():
+    """adaLN-Zero: a fresh model's blocks pass their input through unchanged, whatever the condition; a
+    config stored before `ar.adaln` existed (no such key) rebuilds the in-context-only model it describes."""
+    from types import SimpleNamespace
+
+    from hybrid.config import load_config, to_dict
+    from hybrid.models import build_ar
+
+    torch.manual_seed(0)
+    fresh = ARModel(scales=SCALES, codebook_size=V, latent_channels=C, num_classes=NUM_CLASSES, width=32, depth=2,
+                    heads=2)
+    x = torch.randn(B, sum(s * s for s in SCALES), 32)
+    for cls in (torch.tensor([0, 1]), torch.tensor([2, 3])):
+        c = fresh._cond_vector(*fresh._embed_condition(fresh.prepare_condition(cls)))
+        assert torch.equal(fresh._transformer(x, 0, None, c=c), x)
+    layout = SimpleNamespace(scales=SCALES, codebook_size=V, latent_channels=C)
+    cfg = to_dict(load_config(overrides=["ar.width=32", "ar.depth=1", "ar.heads=2"]))
+    assert build_ar(cfg, layout).adaln
+    del cfg["ar"]["adaln"]
+    old = build_ar(cfg, layout)
+    assert not old.adaln and not hasattr(old.blocks[0], "ada")
+    cfg["ar"]["adaln"] = False
+    assert not build_ar(cfg, layout).adaln
 
 
 def test_state_dict_round_trip():

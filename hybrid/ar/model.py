@@ -24,6 +24,12 @@ shared by all scales (the finest grid's) plus a learned scale embedding. Text ro
 class id is the dropped condition); with `condition="text"` the UTF-8 bytes of the prompt are a prefix
 of the same sequence and the start token is a learned special token (the empty prompt is the dropped
 condition). One vocabulary table serves the sequence: [text bytes 0..255 | image codes | start].
+
+With `adaln=True` (the default) the condition also modulates every block and the output head
+(adaLN-Zero, as VAR does): a class model uses its class embedding, a text model the mean of its
+prompt's byte embeddings. Measured on the default experiment (issue #6), the in-context start token
+alone left class adherence at chance after 1200 steps on a CPU; old checkpoints, whose config has
+no `ar.adaln`, rebuild without it.
 """
 
 from __future__ import annotations
@@ -94,7 +100,7 @@ class ARModel(nn.Module):
         codebook_size: number of image codes (the output vocabulary).
         latent_channels: channels of the tokenizer's latent (next_scale inputs).
         num_classes: class count for `condition="class"` (id `num_classes` is the null class).
-        order, condition, width, depth, heads, mlp_ratio, dropout, drop_path, cond_drop, max_text_len:
+        order, condition, width, depth, heads, mlp_ratio, dropout, drop_path, cond_drop, max_text_len, adaln:
             as in `ARConfig` (hybrid/config.py).
     """
 
@@ -115,6 +121,7 @@ class ARModel(nn.Module):
         drop_path: float = 0.0,
         cond_drop: float = 0.1,
         max_text_len: int = 64,
+        adaln: bool = True,
     ) -> None:
         super().__init__()
         if order not in ORDERS:
@@ -151,8 +158,11 @@ class ARModel(nn.Module):
         self.scale_embed = ScaleEmbedding(len(self.scales), width)
 
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth, deeper = more
-        self.blocks = nn.ModuleList(TransformerBlock(width, heads, mlp_ratio, dropout, r) for r in rates)
-        self.head = FinalLayer(width, codebook_size)
+        self.adaln = adaln
+        cond_dim = width if adaln else None
+        self.blocks = nn.ModuleList(TransformerBlock(width, heads, mlp_ratio, dropout, r, cond_dim=cond_dim)
+                                    for r in rates)
+        self.head = FinalLayer(width, codebook_size, cond_dim=cond_dim)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -167,6 +177,10 @@ class ARModel(nn.Module):
             nn.init.normal_(self.text_pos, std=0.02)
         nn.init.zeros_(self.head.linear.weight)  # start at uniform logits
         nn.init.zeros_(self.head.linear.bias)
+        for m in self.modules():  # adaLN-Zero: every conditioned block starts as the identity
+            if hasattr(m, "ada"):
+                nn.init.zeros_(m.ada[1].weight)
+                nn.init.zeros_(m.ada[1].bias)
 
     # ------------------------------------------------------------------------------------------
     # Conditions
@@ -254,12 +268,22 @@ class ARModel(nn.Module):
             mask = AttnMask(scale_lengths=staircase, key_padding=key_valid)
         return None if mask.is_empty else mask
 
-    def _transformer(self, x, n_prefix, key_valid, caches=None) -> torch.Tensor:
-        """x (B, Lq, D) rows appended after the cached ones -> hidden states (B, Lq, D)."""
+    def _cond_vector(self, prefix, prefix_valid, start) -> torch.Tensor | None:
+        """The adaLN condition (B, D): the class embedding, or the mean of the valid prompt rows; None without adaLN."""
+        if not self.adaln:
+            return None
+        if prefix is None:
+            return start  # (B, D)
+        w = prefix_valid.to(prefix.dtype)[..., None]  # (B, T, 1)
+        return (prefix * w).sum(1) / w.sum(1).clamp_min(1.0)  # (B, D); an empty prompt -> 0
+
+    def _transformer(self, x, n_prefix, key_valid, caches=None, c=None) -> torch.Tensor:
+        """x (B, Lq, D) rows appended after the cached ones; c (B, D) adaLN condition -> hidden states (B, Lq, D)."""
         lk = x.shape[1] + (caches[0].length if caches else 0)
         mask = self._mask(x.shape[1], lk, n_prefix, None if key_valid is None else key_valid[:, :lk])
+        extra = {"cond": c} if self.adaln else {}
         for i, block in enumerate(self.blocks):
-            x = block(x, mask=mask, cache=caches[i] if caches else None)
+            x = block(x, mask=mask, cache=caches[i] if caches else None, **extra)
         return x
 
     def forward(
@@ -309,8 +333,9 @@ class ARModel(nn.Module):
             n_prefix = prefix.shape[1]
             x = torch.cat([prefix, x], dim=1)  # (B, T + L_img, D)
             key_valid = torch.cat([prefix_valid, prefix_valid.new_ones(B, self.seq_len)], dim=1)  # (B, T + L_img)
-        x = self._transformer(x, n_prefix, key_valid)  # (B, T + L_img, D)
-        return self.head(x[:, n_prefix:])  # (B, L_img, V)
+        c = self._cond_vector(prefix, prefix_valid, start)  # (B, D) or None
+        x = self._transformer(x, n_prefix, key_valid, c=c)  # (B, T + L_img, D)
+        return self.head(x[:, n_prefix:], c)  # (B, L_img, V)
 
     def loss(self, indices: list[torch.Tensor], cond, scale_inputs: list[torch.Tensor] | None = None,
              generator: torch.Generator | None = None):
@@ -387,6 +412,7 @@ class ARModel(nn.Module):
         if doubled:
             cond = self._cat_conditions(cond, self.null_condition(cond))  # rows: cond (B), then null (B)
         prefix, prefix_valid, start = self._embed_condition(cond)
+        c = self._cond_vector(prefix, prefix_valid, start)  # (B2, D) or None
         B2 = start.shape[0]
         B = B2 // 2 if doubled else B2
         n_prefix, key_valid = 0, None
@@ -398,8 +424,8 @@ class ARModel(nn.Module):
 
         def step(x: torch.Tensor, t: int, n_out: int, num_steps: int) -> torch.Tensor:
             """Appends rows x (B2, Lq, D); samples the last n_out rows' tokens -> (B, n_out)."""
-            h = self._transformer(x, n_prefix, key_valid, caches)  # (B2, Lq, D)
-            logits = self.head(h[:, -n_out:]).float()  # (B2, n_out, V)
+            h = self._transformer(x, n_prefix, key_valid, caches, c)  # (B2, Lq, D)
+            logits = self.head(h[:, -n_out:], c).float()  # (B2, n_out, V)
             cond_logits = logits[:B]  # (B, n_out, V)
             if doubled:
                 logits = guide(cond_logits, logits[B:], guidance_scale(cfg, cfg_schedule, t, num_steps))
