@@ -146,7 +146,7 @@ class SampleConfig:
 class ARConfig:
     order: str = "next_scale"  # next_scale | raster
     condition: str = "class"  # class | text
-    width: int = 192  # 2.9 M params: ~1.3 s per batch-64 step on 2 CPU cores (256 wide: ~3 s)
+    width: int = 192  # 2.9 M params: 1.83 s per batch-64 step on 2 CPU cores (256 wide: ~3 s or more)
     depth: int = 6
     heads: int = 4
     mlp_ratio: float = 4.0
