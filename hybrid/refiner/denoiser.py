@@ -19,10 +19,11 @@ the null class used for classifier-free guidance); or "text" (the pooled output 
 (input x_t only, z_q must be None). The refiner standardises z_q per channel before it enters the
 network, (z_q - coarse_mean) / coarse_std, with statistics `set_coarse_stats` takes from the
 tokenizer (`hybrid.models.build_denoiser` does it). Raw, the tokenizer's learned channels have a
-std of 0.05-0.09 beside the unit-variance noisy target, so the z_q half of the input projection
-learns ~15x slower than the x_t half; measured, a refiner fed raw z_q added almost nothing to it
-(issue #5). The statistics are saved with the weights; a checkpoint from before they existed loads
-with the identity (mean 0, std 1), which is what it was trained with.
+std of 0.05-0.20 beside the unit-variance noisy target, so the z_q half of the input projection
+would learn far slower than the x_t half. Measured (issue #5): standardising did not change the
+refiner's FID on its own; it is kept so that both input halves start on an equal footing. The
+statistics are saved with the weights; a checkpoint from before they existed loads with the
+identity (mean 0, std 1), which is what it was trained with.
 
 Init (DiT's adaLN-Zero): every block starts as the identity and the final projection is zero, so
 a fresh denoiser outputs exactly zero, whatever the input.
