@@ -28,6 +28,20 @@ def config_and_oracle(config: str | None, overrides: list[str]):
         return None, 1
 
 
+def judge_class_prompts(pipe, oracle, cfg, out_dir, modes, num_samples: int) -> dict:
+    """`train.py stage=eval`'s judgement of a loaded pipeline, class prompts only, no timing:
+    {mode: {"fid", "fid_ci", "adherence" (per attribute)}}; PNG grids go to `out_dir`."""
+    from hybrid.eval.evaluate import evaluate_run
+
+    torch.manual_seed(0)
+    real_kwargs = {"two_object_prob": cfg.data.two_object_prob, "glyph_prob": cfg.data.glyph_prob}
+    metrics = evaluate_run(out_dir, oracle, num_samples=num_samples, batch_size=cfg.eval.batch_size,
+                           bootstrap=cfg.eval.bootstrap, modes=tuple(modes), real_kwargs=real_kwargs, timing=False,
+                           pipe=pipe)
+    return {mode: {"fid": metrics[mode]["fid"], "fid_ci": metrics[mode]["fid_ci"],
+                   "adherence": metrics[mode]["adherence"]["class"]} for mode in modes}
+
+
 def machine() -> dict:
     """Where the numbers came from: CPU, cores, threads, torch, GPU (if any)."""
     info = {

@@ -7,9 +7,10 @@ The run directory must hold a trained tokenizer (and a refiner, for the `hybrid`
 has no AR stage yet, the AR stage is trained here exactly as `python train.py stage=ar` does, with a
 callback that saves the AR weights at each step of `--at` (under `<run-dir>/ar/curve/`) and records
 the training wall time up to that step (snapshot saving excluded). An AR stage trained earlier is
-reused together with the snapshots and times it left (`retrain=true` trains it again). Each snapshot is then judged like
-`train.py stage=eval` judges the final weights (`hybrid.eval.evaluate.evaluate_run`, class prompts,
-oracle features, 95% bootstrap intervals), with `--num-samples` images per mode.
+reused together with the snapshots and times it left (`retrain=true` trains it again). Each
+snapshot is then judged like `train.py stage=eval` judges the final weights
+(`benchmarks.common.judge_class_prompts`: class prompts, oracle features, 95% bootstrap
+intervals), with `--num-samples` images per mode.
 The tokenizer's and refiner's training minutes (recorded in their final checkpoints) are written
 beside the rows, so the whole experiment's training time at each point can be stated.
 """
@@ -22,40 +23,36 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+import pytorch_lightning as pl
 
-from benchmarks.common import config_and_oracle, machine, write_result
-
-ATTRS = ("shape", "color", "position", "size", "fill")
+from benchmarks.common import config_and_oracle, judge_class_prompts, machine, write_result
 
 
-class Snapshots:
-    """Lightning callback: at each global step in `steps`, save the weights and note the training seconds."""
+class Snapshots(pl.Callback):
+    """At each global step in `steps`: save the weights to `<folder>/step-<n>.ckpt` and note the training
+    seconds so far (snapshot saving excluded) in `<folder>/seconds.json`."""
 
     def __init__(self, folder: Path, steps: list[int]) -> None:
-        import pytorch_lightning as pl
-
-        outer = self
-
-        class _Callback(pl.Callback):
-            def on_train_start(self, trainer, pl_module) -> None:
-                outer.start = time.perf_counter()
-                outer.paused = 0.0
-
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-                step = trainer.global_step
-                if step in outer.steps and step not in outer.seconds and trainer.is_global_zero:
-                    t0 = time.perf_counter()
-                    outer.seconds[step] = t0 - outer.start - outer.paused
-                    trainer.save_checkpoint(outer.folder / f"step-{step}.ckpt", weights_only=True)
-                    outer.paused += time.perf_counter() - t0
-                    (outer.folder / "seconds.json").write_text(json.dumps(outer.seconds, indent=1))
-
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.steps = set(steps)
         self.seconds: dict[int, float] = {}
-        self.callback = _Callback()
+        self.start = self.paused = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start, self.paused = time.perf_counter(), 0.0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step not in self.steps or step in self.seconds:
+            return
+        t0 = time.perf_counter()
+        self.seconds[step] = t0 - self.start - self.paused
+        # every rank calls it (Lightning synchronises and writes on rank 0 only)
+        trainer.save_checkpoint(self.folder / f"step-{step}.ckpt", weights_only=True)
+        if trainer.is_global_zero:
+            (self.folder / "seconds.json").write_text(json.dumps(self.seconds, indent=1))
+        self.paused += time.perf_counter() - t0
 
 
 def stage_minutes(run_dir: Path, stage: str) -> float | None:
@@ -81,7 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return oracle
     from hybrid.checkpoints import final_path, load_checkpoint, sub_state_dict
-    from hybrid.eval.evaluate import evaluate_run
     from hybrid.lit.runner import fit_stage
     from hybrid.pipeline import HybridPipeline, _load_strict
 
@@ -93,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = run_dir / "ar" / "curve"
     steps = sorted(set(args.at))
     if cfg.retrain or not final_path(run_dir, "ar").is_file():
-        snaps = Snapshots(folder, steps)
-        fit_stage(cfg, "ar", callbacks=[snaps.callback])
+        fit_stage(cfg, "ar", callbacks=[Snapshots(folder, steps)])
     seconds_file = folder / "seconds.json"
     seconds = {int(k): v for k, v in json.loads(seconds_file.read_text()).items()} if seconds_file.is_file() else {}
     missing = [s for s in steps if not (folder / f"step-{s}.ckpt").is_file()]
@@ -105,22 +100,19 @@ def main(argv: list[str] | None = None) -> int:
 
     pipe = HybridPipeline.from_run(run_dir)
     modes = tuple(m for m in ("ar", "hybrid") if m in pipe.modes)
-    real_kwargs = {"two_object_prob": cfg.data.two_object_prob, "glyph_prob": cfg.data.glyph_prob}
     other = {s: stage_minutes(run_dir, s) for s in ("tokenizer", "refiner")}
     rows = []
     print(f"{'step':>6} {'AR min':>7}  " + "  ".join(f"{m + ' FID':>22} {m + ' shape/color':>15}" for m in modes))
     for step in steps:
         path = folder / f"step-{step}.ckpt"
         _load_strict(pipe.ar, sub_state_dict(load_checkpoint(path, expect_stage="ar")["state_dict"], "model"), path)
-        torch.manual_seed(0)
-        metrics = evaluate_run(run_dir / "ar" / "curve" / f"eval-{step}", oracle, num_samples=args.num_samples,
-                               batch_size=cfg.eval.batch_size, bootstrap=cfg.eval.bootstrap, modes=modes,
-                               real_kwargs=real_kwargs, timing=False, pipe=pipe)
+        metrics = judge_class_prompts(pipe, oracle, cfg, run_dir / "ar" / "curve" / f"eval-{step}", modes,
+                                      args.num_samples)
         row = {"step": step, "ar_minutes": seconds.get(step, float("nan")) / 60.0}
         for mode in modes:
             m = metrics[mode]
             row[mode] = {"fid": m["fid"], "fid_ci": m["fid_ci"],
-                         "adherence": {a: m["adherence"]["class"].get(a) for a in ("shape", "color")}}
+                         "adherence": {a: m["adherence"].get(a) for a in ("shape", "color")}}
         rows.append(row)
         cells = []
         for mode in modes:

@@ -20,9 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from benchmarks.common import config_and_oracle, machine, write_result
+from benchmarks.common import config_and_oracle, judge_class_prompts, machine, write_result
 
 DEFAULT_VARIANTS = ["repair:refiner.corrupt_prob=0.1", "plain:refiner.corrupt_prob=0"]
 
@@ -53,7 +51,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from hybrid.checkpoints import final_path
     from hybrid.config import load_cli_config
-    from hybrid.eval.evaluate import evaluate_run
     from hybrid.lit.runner import fit_stage
     from hybrid.pipeline import HybridPipeline
 
@@ -66,16 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg, oracle = config_and_oracle(args.config, [f"run_dir={run_dir}", *overrides])
     if cfg is None:
         return oracle
-    real_kwargs = {"two_object_prob": cfg.data.two_object_prob, "glyph_prob": cfg.data.glyph_prob}
     result = {"machine": machine(), "command": "python -m benchmarks.repair " + " ".join(
         sys.argv[1:] if argv is None else argv), "num_samples": args.num_samples, "variants": {}}
 
     def judge(pipe, name: str, mode: str) -> dict:
-        torch.manual_seed(0)
-        metrics = evaluate_run(run_dir / "repair" / name, oracle, num_samples=args.num_samples,
-                               batch_size=cfg.eval.batch_size, bootstrap=cfg.eval.bootstrap, modes=(mode,),
-                               real_kwargs=real_kwargs, timing=False, pipe=pipe)[mode]
-        return {"fid": metrics["fid"], "fid_ci": metrics["fid_ci"], "adherence": metrics["adherence"]["class"]}
+        return judge_class_prompts(pipe, oracle, cfg, run_dir / "repair" / name, (mode,), args.num_samples)[mode]
 
     def line(name: str, entry: dict) -> str:
         lo, hi = entry["fid_ci"]
