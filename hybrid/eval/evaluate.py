@@ -56,14 +56,14 @@ def _generate(pipe, mode: str, batch_size: int, desc: str, **request) -> torch.T
     return torch.cat(out)
 
 
-def _timing(pipe, mode: str, classes: torch.Tensor) -> dict:
-    """images/s at batch 16 and ms/image at batch 1, medians of 3 after a warm-up."""
+def measure_speed(pipe, mode: str, classes: torch.Tensor, **settings) -> dict:
+    """images/s at batch 16 and ms/image at batch 1, medians of 3 after a warm-up (`settings` go to the pipeline)."""
     def median_seconds(batch: int, repeats: int = 3) -> float:
-        pipe(classes=classes[:batch], mode=mode, seed=0, batch_size=batch)
+        pipe(classes=classes[:batch], mode=mode, seed=0, batch_size=batch, **settings)
         times = []
         for r in range(repeats):
             start = time.perf_counter()
-            pipe(classes=classes[:batch], mode=mode, seed=r + 1, batch_size=batch)
+            pipe(classes=classes[:batch], mode=mode, seed=r + 1, batch_size=batch, **settings)
             times.append(time.perf_counter() - start)
         return float(np.median(times))
 
@@ -140,7 +140,7 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
             entry["adherence"]["text"] = None
             entry["glyph_accuracy"] = None
         if timing:
-            entry.update(_timing(pipe, mode, requests["classes"]))
+            entry.update(measure_speed(pipe, mode, requests["classes"]))
         used = {"ar": ("tokenizer", "ar"), "hybrid": ("tokenizer", "ar", "refiner"),
                 "diffusion": ("tokenizer", "diffusion")}[mode]
         entry["params"] = {k: counts[k] for k in used if k in counts}
