@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hybrid.ar import ARModel, filter_logits, guidance_scale, sample_logits
+from hybrid.ar import ARModel, draw_categorical, filter_logits, guidance_scale, sample_logits
 from hybrid.nn.attention import get_default_backend, set_default_backend
 
 SCALES, V, C, NUM_CLASSES = [1, 2, 3], 16, 4, 5
@@ -328,6 +328,25 @@ def test_sampling_helpers():
     assert (kept == 3).all()
     assert guidance_scale(3.0, "constant", 0, 6) == 3.0
     assert [guidance_scale(3.0, "linear", k, 3) for k in range(3)] == [1.0, 2.0, 3.0]
+
+
+def test_draw_categorical_follows_the_probabilities_and_never_draws_a_zero():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])  # zeros first, inside and last
+    n = 200_000
+    draws = draw_categorical(probs.expand(n, -1), g)
+    counts = torch.bincount(draws, minlength=6).double()
+    assert counts[probs == 0].sum() == 0
+    expected = probs.double() * n
+    chi2 = ((counts - expected)[probs > 0] ** 2 / expected[probs > 0]).sum()
+    assert chi2 < 13.8  # 2 degrees of freedom: p = 0.001
+    # unnormalised rows, each with one entry: always that entry (u can never reach the row's total)
+    one_hot = torch.eye(6)[torch.randint(0, 6, (1000,), generator=g)] * 7.5
+    assert torch.equal(draw_categorical(one_hot, g), one_hot.argmax(-1))
+    # the generator alone decides
+    a = draw_categorical(probs.expand(50, -1), torch.Generator().manual_seed(3))
+    b = draw_categorical(probs.expand(50, -1), torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
 
 
 # ------------------------------------------------------------------------------------------------

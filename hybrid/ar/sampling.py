@@ -66,6 +66,19 @@ def sample_logits(
         return logits.argmax(dim=-1)
     logits = filter_logits(logits.float() / temperature, top_k, top_p)
     probs = torch.softmax(logits, dim=-1)  # (..., V)
-    flat = probs.reshape(-1, probs.shape[-1])  # (N, V)
-    idx = torch.multinomial(flat, 1, generator=generator)  # (N, 1)
-    return idx.view(probs.shape[:-1])
+    return draw_categorical(probs.reshape(-1, probs.shape[-1]), generator).view(probs.shape[:-1])
+
+
+def draw_categorical(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One draw per row of probs (N, V) (rows need not sum to 1) by inverting the CDF: (N,) long.
+
+    One uniform number per row and a cumulative sum, where `torch.multinomial` draws V exponentials per
+    row: those were 11% of a hybrid batch's sampling time (profiled: batch 16, 130 tokens, V = 1024),
+    ~60 ms where this takes ~5 ms. A zero-probability entry is never drawn: its CDF step is empty, and
+    u stays strictly below the row's total.
+    """
+    cdf = probs.float().cumsum(dim=-1)  # (N, V); float32 rounding moves each mass by ~1e-7 of the total
+    total = cdf[:, -1:]  # (N, 1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # rounding must not reach the total
+    return torch.searchsorted(cdf, u, right=True).squeeze(1)  # first entry whose CDF exceeds u
