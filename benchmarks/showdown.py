@@ -67,6 +67,10 @@ MODE = {"ar": "ar", "raster": "ar", "diffusion": "diffusion", "hybrid": "hybrid"
 LABEL = {"ar": "pure AR (next-scale)", "raster": "pure AR (raster)", "diffusion": "pure diffusion",
          "hybrid": "hybrid (AR + refiner)"}
 TOLERANCE = 0.20  # the issue's +-20% on parameters and training FLOPs
+# part of every cached image set's key: bump it when a code change alters the images a seed gives
+# (2: AR tokens drawn by inverting the CDF instead of torch.multinomial)
+SAMPLING_VERSION = 2
+TIMING_REPEATS = 5  # medians of 5 timed calls per batch size (the machine is shared and noisy)
 
 
 class ShowdownError(ValueError):
@@ -290,7 +294,8 @@ class Judge:
         from hybrid.eval.fid import oracle_features
 
         n = n or self.n
-        key = hashlib.sha1(f"{tag}|{mode}|{settings_key(settings)}|{seed}|{n}|{kind}".encode()).hexdigest()[:16]
+        key = f"{tag}|{mode}|{settings_key(settings)}|{seed}|{n}|{kind}|v{SAMPLING_VERSION}"
+        key = hashlib.sha1(key.encode()).hexdigest()[:16]
         path = self.cache / f"{key}.pt"
         if path.is_file():
             return torch.load(path, weights_only=True)
@@ -332,7 +337,7 @@ class Judge:
         from hybrid.eval.evaluate import TIMING_BATCH, measure_speed
 
         classes = self.requests[0]["classes"]
-        out = measure_speed(pipe, mode, classes, **settings)
+        out = measure_speed(pipe, mode, classes, repeats=TIMING_REPEATS, **settings)
         counters = Counters(pipe)
         try:
             pipe(classes=classes[:TIMING_BATCH], mode=mode, seed=0, batch_size=TIMING_BATCH, **settings)
@@ -498,8 +503,12 @@ def verdicts(systems: dict) -> dict:
     if h and d:
         speed = h["images_per_s"] / d["images_per_s"]
         no_worse = h["fid"] <= d["fid_ci"][1]
+        # why the speed-up is what it is: speed-up = (FLOP ratio) x (the hybrid's FLOP/s over the baseline's)
+        flop_ratio = d["flops_per_image"] / h["flops_per_image"]
         out["hybrid_vs_diffusion"] = {"speedup": speed, "fid_no_worse": no_worse, "target_speedup": 9.0,
-                                      "met": bool(no_worse and speed >= 9.0)}
+                                      "met": bool(no_worse and speed >= 9.0), "flop_ratio": flop_ratio,
+                                      "gflops_per_s": {"hybrid": h["images_per_s"] * h["flops_per_image"] / 1e9,
+                                                       "diffusion": d["images_per_s"] * d["flops_per_image"] / 1e9}}
     if h and a:
         slower = a["images_per_s"] / h["images_per_s"]
         better = h["fid_ci"][1] < a["fid_ci"][0]
@@ -567,6 +576,11 @@ def markdown(result: dict) -> str:
         x = v["hybrid_vs_diffusion"]
         lines.append(f"- hybrid vs diffusion: {x['speedup']:.1f}x the images/s (target >= 9x), FID no worse: "
                      f"{x['fid_no_worse']} -> {'met' if x['met'] else 'NOT met'}")
+        if "flop_ratio" in x:
+            g = x["gflops_per_s"]
+            lines.append(f"  - why: the baseline spends {x['flop_ratio']:.1f}x the hybrid's FLOPs per image; "
+                         f"the hybrid runs at {g['hybrid']:.1f} GFLOP/s, the baseline at {g['diffusion']:.1f} GFLOP/s "
+                         f"(batch 16), so the speed-up is {x['flop_ratio']:.1f} x {g['hybrid'] / g['diffusion']:.2f}")
     if "hybrid_vs_ar" in v:
         x = v["hybrid_vs_ar"]
         lines.append(f"- hybrid vs pure AR: FID better outside the interval: {x['fid_better_outside_interval']}; "

@@ -236,6 +236,9 @@ def test_showdown_trains_every_system_and_measures_them_side_by_side(toy_run, tm
     params = result["fairness"]["params"]
     assert params["ratio"] == pytest.approx(params["diffusion"] / params["hybrid"])
     assert set(result["verdicts"]) == {"hybrid_vs_diffusion", "hybrid_vs_ar"}
+    why = result["verdicts"]["hybrid_vs_diffusion"]  # the speed-up splits into FLOP ratio x FLOP/s ratio
+    rate = why["gflops_per_s"]
+    assert why["speedup"] == pytest.approx(why["flop_ratio"] * rate["hybrid"] / rate["diffusion"])
     for name in ("showdown.md", "fid_vs_speed.png", "fid_vs_refiner_steps.png"):
         assert (out_dir / name).is_file(), name
     assert "The debate, measured" in (out_dir / "showdown.md").read_text()

@@ -56,9 +56,10 @@ def _generate(pipe, mode: str, batch_size: int, desc: str, **request) -> torch.T
     return torch.cat(out)
 
 
-def measure_speed(pipe, mode: str, classes: torch.Tensor, **settings) -> dict:
-    """images/s at batch 16 and ms/image at batch 1, medians of 3 after a warm-up (`settings` go to the pipeline)."""
-    def median_seconds(batch: int, repeats: int = 3) -> float:
+def measure_speed(pipe, mode: str, classes: torch.Tensor, repeats: int = 3, **settings) -> dict:
+    """images/s at batch 16 and ms/image at batch 1, medians of `repeats` after a warm-up (`settings` go to
+    the pipeline)."""
+    def median_seconds(batch: int) -> float:
         pipe(classes=classes[:batch], mode=mode, seed=0, batch_size=batch, **settings)
         times = []
         for r in range(repeats):
