@@ -16,6 +16,9 @@ A stand-in layout (random codebook, bilinear upsampling) replaces the tokenizer:
     backend) divided by its time (forward + backward + grad clipping + AdamW step, batch 64, token
     cache on: indices given, the scale inputs built from them as the LightningModule does), over the
     fp32 matmul FLOP/s of `torch.mm` on 2048x2048 measured in the same run. Target: >= 40% on a CPU.
+(d) token draw: one categorical draw per token of a batch (sample batch x L_img rows over the
+    codebook), `torch.multinomial` (the sampler before 2026-11-27) vs the sampler's inverse-CDF
+    `draw_categorical`, timed in alternation; medians.
 
 On a CPU shared with other jobs, two threads can wait on each other at every small op (decoding is
 all small ops): `--threads 1` gives steadier (a) and (b) timings there. The load average is recorded.
@@ -36,6 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from hybrid.ar import ARModel
 from hybrid.ar.model import PreallocatedKVCache
+from hybrid.ar.sampling import draw_categorical
 from hybrid.config import ARConfig, SampleConfig, TokenizerConfig
 from hybrid.nn.attention import get_default_backend, set_default_backend
 
@@ -179,6 +183,24 @@ def bench_sampling(args, device) -> dict:
     return out
 
 
+@torch.no_grad()
+def bench_draw(args, device) -> dict:
+    """(d) multinomial vs inverse-CDF draws over (batch x L_img, V) softmax rows, alternated."""
+    rows = args.sample_batch * sum(s * s for s in args.scales)
+    g = torch.Generator(device).manual_seed(0)
+    probs = torch.softmax(2 * torch.randn(rows, args.codebook, generator=g, device=device), dim=-1)
+    fns = {"multinomial": lambda: torch.multinomial(probs, 1, generator=g),
+           "inverse_cdf": lambda: draw_categorical(probs, g)}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(args.repeats):
+        for name, fn in fns.items():
+            times[name] += timed(fn, device, 1, warmup=0)
+    out = {"rows": rows, "codebook": args.codebook,
+           "ms": {k: 1000 * statistics.median(v) for k, v in times.items()}}
+    out["speedup"] = out["ms"]["multinomial"] / out["ms"]["inverse_cdf"]
+    return out
+
+
 def mm_flops_per_second(device, repeats: int = 10) -> float:
     a = torch.randn(2048, 2048, device=device)
     b = torch.randn(2048, 2048, device=device)
@@ -246,8 +268,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0 = torch's default)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the model for the training step")
-    p.add_argument("--parts", nargs="+", default=["decode", "sampling", "training"],
-                   choices=["decode", "sampling", "training"])
+    p.add_argument("--parts", nargs="+", default=["decode", "sampling", "training", "draw"],
+                   choices=["decode", "sampling", "training", "draw"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     if args.threads:
@@ -265,6 +287,8 @@ def main() -> None:
         result["sampling"] = bench_sampling(args, device)
     if "training" in args.parts:
         result["training"] = bench_training(args, device)
+    if "draw" in args.parts:
+        result["draw"] = bench_draw(args, device)
     result["load_average_after"] = load()
 
     size = result["size"]
@@ -293,6 +317,10 @@ def main() -> None:
         rows.append(("(c) achieved / torch.mm 2048^2 FLOP/s",
                      f"{t['achieved_flops_per_second'] / 1e9:.1f} / {t['mm_flops_per_second'] / 1e9:.1f} GFLOP/s"))
         rows.append(("(c) utilization (target >= 40%)", f"{100 * t['utilization']:.1f}%"))
+    if "draw" in result:
+        d = result["draw"]
+        rows.append((f"(d) token draw, {d['rows']} rows x {d['codebook']}: multinomial / inverse CDF",
+                     f"{d['ms']['multinomial']:.1f} / {d['ms']['inverse_cdf']:.1f} ms ({d['speedup']:.1f}x)"))
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")

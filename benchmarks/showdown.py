@@ -194,10 +194,12 @@ def train_system_stages(cfg, run_dir: Path, systems: list[str], match_flops: boo
         half = max(1, int(scfg[stage].train.max_steps) // 2)
         folder = Path(scfg.run_dir) / stage / "curve"
         print(f"[showdown] {LABEL.get(key, key)}: stage '{stage}' in {scfg.run_dir}")
+        reused, start = final.is_file(), time.perf_counter()
         fit_stage(scfg, stage, callbacks=[Snapshots(folder, [half])])
         snapshot = folder / f"step-{half}.ckpt"
         stages[key] = {"final": str(final), "half": str(snapshot) if snapshot.is_file() else None,
-                       "half_step": half, **training_flops(scfg, stage)}
+                       "half_step": half, "reused": reused, "seconds": time.perf_counter() - start,
+                       **training_flops(scfg, stage)}
     return stages
 
 
@@ -418,10 +420,12 @@ def run(args, cfg, oracle) -> dict:
     judge = Judge(oracle, cfg, out_dir, args.num_samples, args.seeds, cfg.eval.bootstrap, cfg.eval.batch_size)
     result: dict = {"systems": {}, "stages": stages, "fairness": fair}
 
+    eval_seconds: dict[str, float] = {}
     for system in systems:
         if system not in pipes:
             print(f"[showdown] {system}: not trained, skipped", file=sys.stderr)
             continue
+        start = time.perf_counter()
         pipe, tag = pipes[system]
         mode = MODE[system]
         default_steps = {"hybrid": cfg.refiner.steps, "diffusion": cfg.diffusion.steps}.get(system)
@@ -454,7 +458,9 @@ def run(args, cfg, oracle) -> dict:
                  "glyph_accuracy": text_rendering(pipe, mode, op["settings"], judge, system)}
         result["systems"][system] = entry
         result["systems"][system]["params"] = system_params(pipe, system)
+        eval_seconds[system] = time.perf_counter() - start
 
+    start = time.perf_counter()
     halves = load_pipes(run_dir, stages, which="half")
     for system, entry in result["systems"].items():
         op = next(r for r in entry["rows"] if r["steps"] == entry["operating_point"])
@@ -468,7 +474,9 @@ def run(args, cfg, oracle) -> dict:
                                 "full_fid_ci_seed0": full["fid_ci"],
                                 "still_improving": full["fid_ci"][1] < half["fid_ci"][0]}
     result["verdicts"] = verdicts(result["systems"])
-    result["seconds"] = {"training": train_seconds, "total": time.perf_counter() - t0}
+    eval_seconds["half_budget"] = time.perf_counter() - start
+    # judged image sets come from <out>/cache when they exist: a re-run's eval seconds are small
+    result["seconds"] = {"training": train_seconds, "eval": eval_seconds, "total": time.perf_counter() - t0}
     return result
 
 
@@ -555,11 +563,17 @@ def markdown(result: dict) -> str:
     for what, f in result["fairness"].items():
         lines.append(f"- {what}: {f['diffusion']:.4g} vs {f['hybrid']:.4g} (ratio {f['ratio']:.2f}, "
                      f"{'within' if f['within_20_percent'] else 'OUTSIDE'} +-20%)")
-    lines += ["", "## Training budget per stage", "", "| stage | steps | params | GFLOP/step | total TFLOP |",
-              "|---|---|---|---|---|"]
+    lines += ["", "## Training budget per stage", "",
+              "| stage | steps | params | GFLOP/step | total TFLOP | minutes (this run) |", "|---|---|---|---|---|---|"]
     for key, st in result["stages"].items():
+        minutes = "reused" if st.get("reused") else (f"{st['seconds'] / 60:.1f}" if "seconds" in st else "n/a")
         lines.append(f"| {key} | {st['steps']} | {st['params']:,} | {st['flops_per_step'] / 1e9:.2f} "
-                     f"| {st['flops'] / 1e12:.2f} |")
+                     f"| {st['flops'] / 1e12:.2f} | {minutes} |")
+    sec = result.get("seconds", {})
+    if sec:
+        parts = ", ".join(f"{k} {v / 60:.1f}" for k, v in sec.get("eval", {}).items())
+        lines.append(f"\nWall time: {sec['total'] / 60:.1f} min in all; training {sec['training'] / 60:.1f} min"
+                     + (f"; judging per system (min): {parts}" if parts else ""))
     lines += ["", "## Convergence (FID at half and full budget, operating point, seed 0)", ""]
     for s in result["systems"].values():
         hb = s.get("half_budget")

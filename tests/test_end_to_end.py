@@ -229,6 +229,8 @@ def test_showdown_trains_every_system_and_measures_them_side_by_side(toy_run, tm
     stages = result["stages"]
     for key in ("ar", "refiner", "raster", "diffusion"):
         assert Path(stages[key]["half"]).is_file(), key
+        assert stages[key]["reused"] is False and stages[key]["seconds"] > 0, key
+    assert set(result["seconds"]["eval"]) == {"ar", "raster", "diffusion", "hybrid", "half_budget"}
     target = stages["ar"]["flops"] + stages["refiner"]["flops"]
     assert abs(stages["diffusion"]["steps"] * stages["diffusion"]["flops_per_step"] - target) \
         <= stages["diffusion"]["flops_per_step"]  # the baseline's budget matches AR + refiner to one step
@@ -247,7 +249,9 @@ def test_showdown_trains_every_system_and_measures_them_side_by_side(toy_run, tm
     again = _run(["benchmarks/showdown.py", *common, "--systems", "ar", "--num-samples", "32", "--seeds", "2",
                   "--sweep-samples", "16", "--cfg-sweep", "1", "2"])
     assert "exists: skipped" in again.stdout
-    rerun = json.loads((out_dir / "showdown.json").read_text())["systems"]["ar"]
+    rerun = json.loads((out_dir / "showdown.json").read_text())
+    assert rerun["stages"]["ar"]["reused"] is True
+    rerun = rerun["systems"]["ar"]
     assert rerun["rows"][0]["fid"] == systems["ar"]["rows"][0]["fid"]
     # stages trained with other held-out pairs are refused, in one line
     bad = subprocess.run([sys.executable, "benchmarks/showdown.py", *common, "--systems", "ar", "--no-holdout"],
