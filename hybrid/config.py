@@ -204,6 +204,10 @@ class EvalConfig:
     batch_size: int = 100
     bootstrap: int = 200
     modes: list[str] = field(default_factory=lambda: ["tokenizer", "ar", "hybrid"])
+    # A local copy of torch-fidelity's InceptionV3 weights (the 'fid' extra): adds classic Inception
+    # FID beside the oracle's; with data.source=shards it is the only FID (the oracle judges the
+    # procedural data only). Nothing is downloaded.
+    inception_weights: str = ""
 
 
 @dataclass
@@ -253,7 +257,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 # Keys that name files or folders which must exist when set.
 PATH_KEYS = ("tokenizer.pretrained", "tokenizer.checkpoint", "ar.checkpoint", "refiner.checkpoint",
-             "diffusion.checkpoint", "init_from")
+             "diffusion.checkpoint", "init_from", "eval.inception_weights")
 
 
 # --------------------------------------------------------------------------------------------

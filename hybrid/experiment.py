@@ -17,7 +17,7 @@ overrides are key=value pairs on the config schema, e.g.
   python train.py --config configs/toy.yaml run_dir=/tmp/toy
 
 stages: tokenizer | oracle | ar | refiner | diffusion | eval | all (default: all =
-tokenizer, oracle, ar, refiner, [diffusion when with_diffusion=true], eval)
+tokenizer, oracle (procedural data only), ar, refiner, [diffusion when with_diffusion=true], eval)
 
 config groups and their keys:
 """
@@ -39,7 +39,10 @@ def parse_args(argv: list[str] | None):
 def stage_plan(cfg) -> list[str]:
     if cfg.stage != "all":
         return [cfg.stage]
+    # The oracle judges the procedural data only: on the user's own shards it is not trained.
     plan = ["tokenizer", "oracle", "ar", "refiner"]
+    if cfg.data.source != "procedural":
+        plan.remove("oracle")
     if cfg.with_diffusion:
         plan.append("diffusion")
     return plan + ["eval"]
@@ -110,9 +113,15 @@ def print_summary(cfg, seconds: float) -> None:
 
         data = json.loads(metrics.read_text())
         for mode, values in data.items():
-            if isinstance(values, dict) and "fid" in values:
-                ci = values.get("fid_ci", ["?", "?"])
+            if not isinstance(values, dict) or "fid" not in values:
+                continue
+            if values["fid"] is None:
+                print(f"  {mode:10s} FID not measured (no judge for these images; see metrics.json)")
+            elif values.get("fid_ci"):
+                ci = values["fid_ci"]
                 print(f"  {mode:10s} FID {values['fid']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]")
+            else:
+                print(f"  {mode:10s} FID {values['fid']:.2f} ({values.get('fid_judge') or 'oracle'})")
         print(f"  all metrics: {metrics}")
     if (run_dir / "ar" / "final.ckpt").is_file():
         print(f"sample with: python sample.py --run {run_dir} --class 0 -n 16 --out {run_dir}/samples")

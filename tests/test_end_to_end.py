@@ -257,3 +257,48 @@ def test_showdown_trains_every_system_and_measures_them_side_by_side(toy_run, tm
     bad = subprocess.run([sys.executable, "benchmarks/showdown.py", *common, "--systems", "ar", "--no-holdout"],
                          cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "data.holdout" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow  # the toy stages on a folder of images, then InceptionV3 at 299 px: ~2 min on 2 cores
+def test_own_images_folder_to_shards_to_train_to_eval(tmp_path, random_inception_weights):
+    """The README's bring-your-own-images path: folder -> shards CLI -> train.py (all stages) -> metrics.json
+    -> sample.py. The procedural oracle is neither trained nor used; FID comes only from a local Inception."""
+    rng = np.random.default_rng(0)
+    for name, channel in (("apples", 0), ("sky", 2)):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(12):
+            pixels = rng.integers(0, 80, (24, 20, 3), dtype=np.uint8)
+            pixels[..., channel] += 170
+            Image.fromarray(pixels).save(tmp_path / "images" / name / f"{i}.png")
+    shards = tmp_path / "shards"
+    for split in ("train", "val"):
+        _run(["-m", "hybrid.data.shards", "write", "--source", "folder", "--folder", str(tmp_path / "images"),
+              "--out", str(shards), "--image-size", "16", "--split", split])
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    common = ["train.py", "--config", "configs/toy.yaml", f"run_dir={run_dir}", f"cache_dir={cache}",
+              "data.source=shards", f"data.shards={shards / 'train-*.tar'}", "data.num_classes=2",
+              "eval.num_samples=16", "trainer.progress_bar=false"]
+    out = _run(common)
+    assert not any(cache.glob("oracle*"))  # no procedural oracle trained
+    assert "FID not measured" in out.stdout
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["judge"]["fid_features"] == "none" and metrics["judge"]["n"] == 16
+    assert "val-" in metrics["judge"]["real_images"]  # the sibling validation shards, not the training ones
+    assert np.isfinite(metrics["tokenizer"]["psnr_continuous"]) and metrics["tokenizer"]["fid"] is None
+    for mode in ("ar", "hybrid"):
+        entry = metrics[mode]
+        assert entry["fid"] is None and entry["adherence"] is None
+        assert entry["images_per_s"] > 0 and entry["ms_per_image_b1"] > 0 and entry["params"]["ar"] > 0
+        assert (run_dir / "eval" / f"{mode}-class.png").is_file()
+
+    _run(common + ["stage=eval", f"eval.inception_weights={random_inception_weights}"])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["judge"]["fid_features"] == "inception"
+    for mode in ("tokenizer", "ar", "hybrid"):
+        assert np.isfinite(metrics[mode]["fid"]) and metrics[mode]["fid_judge"] == "inception", mode
+
+    sample = _run(["sample.py", "--run", str(run_dir), "--class", "1", "-n", "2", "--out", str(tmp_path / "s")])
+    assert "images/s" in sample.stdout
+    bad = subprocess.run([sys.executable, "sample.py", "--run", str(run_dir), "--class", "2", "--out",
+                          str(tmp_path / "s2")], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "class id 2" in bad.stderr

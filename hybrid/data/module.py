@@ -227,7 +227,7 @@ class HybridDataModule(pl.LightningDataModule):
             return 0, 1
         return int(trainer.global_rank), int(trainer.world_size)
 
-    def _resolve_val_pattern(self) -> str | None:
+    def resolve_val_pattern(self) -> str | None:
         """val_shards, else (source=shards) sibling val-*.tar or "" (none), else None (procedural val split)."""
         if self.val_shards:
             return self.val_shards
@@ -245,7 +245,7 @@ class HybridDataModule(pl.LightningDataModule):
         """Check shard patterns (clear errors before training starts)."""
         if self.source == "shards":
             expand_shards(self.shards)
-        self._val_pattern, self._val_resolved = self._resolve_val_pattern(), True
+        self._val_pattern, self._val_resolved = self.resolve_val_pattern(), True
         if self._val_pattern:
             expand_shards(self._val_pattern)
 
@@ -270,13 +270,13 @@ class HybridDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         rank, world = self._rank_world()
         if not self._val_resolved:
-            self._val_pattern, self._val_resolved = self._resolve_val_pattern(), True
+            self._val_pattern, self._val_resolved = self.resolve_val_pattern(), True
         if self._val_pattern:
             stream = EvalShards(self._val_pattern, rank=rank, world_size=world, image_size=self.image_size,
                                 counter=self.val_skips)
             return DataLoader(stream, batch_size=self.val_batch_size, **self._loader_kwargs())
         if self.source == "shards":
-            return []  # no validation data (warned in _resolve_val_pattern)
+            return []  # no validation data (warned in resolve_val_pattern)
         data = ProceduralDataset(image_size=self.image_size, size=self.val_size, seed=self.seed, split="val",
                                  two_object_prob=self.two_object_prob, glyph_prob=self.glyph_prob)
         return DataLoader(data, batch_size=self.val_batch_size, sampler=ShardedIndexSampler(self.val_size, rank, world),

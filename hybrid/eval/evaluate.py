@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -56,15 +57,17 @@ def _generate(pipe, mode: str, batch_size: int, desc: str, **request) -> torch.T
     return torch.cat(out)
 
 
-def measure_speed(pipe, mode: str, classes: torch.Tensor, repeats: int = 3, **settings) -> dict:
-    """images/s at batch 16 and ms/image at batch 1, medians of `repeats` after a warm-up (`settings` go to
-    the pipeline)."""
+def measure_speed(pipe, mode: str, classes: torch.Tensor | None, repeats: int = 3,
+                  prompts: list[str] | None = None, **settings) -> dict:
+    """images/s at batch 16 and ms/image at batch 1, medians of `repeats` after a warm-up, for the first
+    class ids of `classes` (or, when it is None, the first `prompts`); `settings` go to the pipeline."""
     def median_seconds(batch: int) -> float:
-        pipe(classes=classes[:batch], mode=mode, seed=0, batch_size=batch, **settings)
+        request = {"classes": classes[:batch]} if classes is not None else {"prompts": prompts[:batch]}
+        pipe(**request, mode=mode, seed=0, batch_size=batch, **settings)
         times = []
         for r in range(repeats):
             start = time.perf_counter()
-            pipe(classes=classes[:batch], mode=mode, seed=r + 1, batch_size=batch, **settings)
+            pipe(**request, mode=mode, seed=r + 1, batch_size=batch, **settings)
             times.append(time.perf_counter() - start)
         return float(np.median(times))
 
@@ -81,14 +84,15 @@ def _fid_fields(result: dict) -> dict:
 @torch.no_grad()
 def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100, bootstrap: int = 200,
                  modes=("tokenizer", "ar", "hybrid", "diffusion"), device="cpu", real_kwargs: dict | None = None,
-                 timing: bool = True, pipe=None) -> dict:
+                 timing: bool = True, pipe=None, inception_weights: str = "") -> dict:
     """Evaluates the run's trained modes (see the module docstring); returns the metrics dict.
 
     `pipe`: an already loaded `HybridPipeline` to judge instead of the run's (benchmarks swap in
-    intermediate weights); `run_dir` still receives the PNG grids."""
+    intermediate weights); `run_dir` still receives the PNG grids. `inception_weights`: a local
+    InceptionV3 weights file; adds `inception_fid` (against the same real images) to every mode."""
     from hybrid.data.procedural import ProceduralDataset
     from hybrid.eval.adherence import adherence, glyph_accuracy
-    from hybrid.eval.fid import bootstrap_fid, oracle_features, real_images
+    from hybrid.eval.fid import bootstrap_fid, inception_fid, oracle_features, real_images
     from hybrid.pipeline import HybridPipeline
 
     run_dir = Path(run_dir)
@@ -105,13 +109,7 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
         data = ProceduralDataset(image_size=pipe.tokenizer.image_size, size=num_samples, seed=1, split="val",
                                  **(real_kwargs or {}))
         images = torch.stack([data[i]["image"] for i in range(num_samples)])
-        recon_c, recon_d = [], []
-        for start in tqdm(range(0, num_samples, batch_size), desc="eval tokenizer", leave=False, unit="batch"):
-            x = images[start : start + batch_size].to(pipe.device)
-            enc = pipe.tokenizer.encode(x)
-            recon_c.append(pipe.tokenizer.decode(enc.z).clamp(-1, 1).cpu())
-            recon_d.append(pipe.tokenizer.decode(enc.z_q).clamp(-1, 1).cpu())
-        recon_c, recon_d = torch.cat(recon_c), torch.cat(recon_d)
+        recon_c, recon_d = _reconstruct(pipe, images, batch_size, run_dir)
         cont = bootstrap_fid(oracle_features(recon_c, oracle), real_feats, bootstrap)
         disc = bootstrap_fid(oracle_features(recon_d, oracle), real_feats, bootstrap)
         metrics["tokenizer"] = {
@@ -120,15 +118,15 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
             "psnr_continuous": _psnr(recon_c, images), "psnr_discrete": _psnr(recon_d, images),
             "params": {"tokenizer": counts["tokenizer"]},
         }
-        save_grid(torch.cat([images[:16], recon_d[:16], recon_c[:16]]), run_dir / "eval" / "tokenizer.png", nrow=16)
+        if inception_weights:
+            metrics["tokenizer"]["inception_fid"] = inception_fid(recon_c, real, inception_weights)
 
-    for mode in ("ar", "hybrid", "diffusion"):
-        if mode not in modes or mode not in pipe.modes:
-            continue
-        gen_model = pipe.diffusion if mode == "diffusion" else pipe.ar
-        text_model = getattr(gen_model, "condition", "class") == "text"
+    for mode in _generating_modes(pipe, modes):
+        text_model = _condition(pipe, mode) == "text"
         images = _generate(pipe, mode, batch_size, f"eval {mode}", classes=requests["classes"])
         entry = _fid_fields(bootstrap_fid(oracle_features(images, oracle), real_feats, bootstrap))
+        if inception_weights:
+            entry["inception_fid"] = inception_fid(images, real, inception_weights)
         entry["adherence"] = {"class": adherence(images, class_request_attrs(requests["attrs"]), oracle)}
         save_grid(images[:64], run_dir / "eval" / f"{mode}-class.png")
         if text_model:
@@ -142,9 +140,107 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
             entry["glyph_accuracy"] = None
         if timing:
             entry.update(measure_speed(pipe, mode, requests["classes"]))
-        used = {"ar": ("tokenizer", "ar"), "hybrid": ("tokenizer", "ar", "refiner"),
-                "diffusion": ("tokenizer", "diffusion")}[mode]
-        entry["params"] = {k: counts[k] for k in used if k in counts}
+        entry["params"] = _mode_params(mode, counts)
+        metrics[mode] = entry
+    return metrics
+
+
+def _generating_modes(pipe, modes) -> list[str]:
+    """The asked-for generating modes (ar, hybrid, diffusion) that the pipeline can run."""
+    return [m for m in ("ar", "hybrid", "diffusion") if m in modes and m in pipe.modes]
+
+
+def _condition(pipe, mode: str) -> str:
+    """'class', 'text' or 'none': what the generating model of `mode` is conditioned on."""
+    return getattr(pipe.diffusion if mode == "diffusion" else pipe.ar, "condition", "class")
+
+
+def _mode_params(mode: str, counts: dict[str, int]) -> dict[str, int]:
+    used = {"ar": ("tokenizer", "ar"), "hybrid": ("tokenizer", "ar", "refiner"),
+            "diffusion": ("tokenizer", "diffusion")}[mode]
+    return {k: counts[k] for k in used if k in counts}
+
+
+def _reconstruct(pipe, images: torch.Tensor, batch_size: int, run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """decode(z) and decode(z_q) of `images` (each (N, 3, S, S) in [-1, 1]); saves the comparison grid."""
+    recon_c, recon_d = [], []
+    for start in tqdm(range(0, images.shape[0], batch_size), desc="eval tokenizer", leave=False, unit="batch"):
+        x = images[start : start + batch_size].to(pipe.device)
+        enc = pipe.tokenizer.encode(x)
+        recon_c.append(pipe.tokenizer.decode(enc.z).clamp(-1, 1).cpu())
+        recon_d.append(pipe.tokenizer.decode(enc.z_q).clamp(-1, 1).cpu())
+    recon_c, recon_d = torch.cat(recon_c), torch.cat(recon_d)
+    save_grid(torch.cat([images[:16], recon_d[:16], recon_c[:16]]), run_dir / "eval" / "tokenizer.png", nrow=16)
+    return recon_c, recon_d
+
+
+def read_shard_images(pattern: str, num_samples: int, image_size: int) -> dict:
+    """The first `num_samples` readable samples of `pattern` (corrupt ones skipped and warned):
+    {"images": (N, 3, S, S) in [-1, 1], "classes": (N,) long, "captions": [str]}; N <= num_samples.
+    Raises ValueError naming the pattern when it holds no readable image."""
+    from hybrid.data.shards import eval_shards
+
+    images, classes, captions = [], [], []
+    for sample in eval_shards(pattern, image_size=image_size):
+        images.append(sample["image"])
+        classes.append(sample["class_id"])
+        captions.append(sample["caption"])
+        if len(images) == num_samples:
+            break
+    if not images:
+        raise ValueError(f"evaluation shards '{pattern}' hold no readable image")
+    return {"images": torch.stack(images), "classes": torch.tensor(classes, dtype=torch.long), "captions": captions}
+
+
+@torch.no_grad()
+def evaluate_shards_run(run_dir, real: dict, num_samples: int = 2000, batch_size: int = 100,
+                        modes=("tokenizer", "ar", "hybrid", "diffusion"), device="cpu", inception_weights: str = "",
+                        timing: bool = True, real_source: str = "") -> dict:
+    """Evaluation on the user's own images (data.source=shards), where the oracle cannot judge.
+
+    `real`: `read_shard_images`' output. Generators are asked for the real images' classes (or their
+    captions, for text-conditioned models), so the two sets compare like with like. FID is
+    Inception FID when `inception_weights` is given, else null (no judge for these images: the
+    oracle knows the procedural attributes only); adherence and glyph accuracy are null. The
+    tokenizer's PSNR, images/s, ms/image and parameter counts are measured either way.
+    """
+    from hybrid.eval.fid import inception_fid
+    from hybrid.pipeline import HybridPipeline
+
+    run_dir = Path(run_dir)
+    pipe = HybridPipeline.from_run(run_dir, device=device)
+    counts = pipe.parameter_counts()
+    images, classes = real["images"], real["classes"]
+    n = images.shape[0]
+    judge = "inception" if inception_weights else None
+
+    def fid_fields(fake: torch.Tensor) -> dict:
+        fid = inception_fid(fake, images, inception_weights) if inception_weights else None
+        return {"fid": fid, "fid_ci": None, "fid_n": n, "fid_judge": judge}
+
+    metrics: dict[str, dict] = {"judge": {
+        "source": "shards", "real_images": real_source, "n": n, "fid_features": judge or "none",
+        "note": None if judge else "no FID: set eval.inception_weights=PATH (a local InceptionV3 weights file, "
+                                   "pip install 'hybrid[fid]'); the oracle judges the procedural data only"}}
+    if "tokenizer" in modes:
+        recon_c, recon_d = _reconstruct(pipe, images, batch_size, run_dir)
+        metrics["tokenizer"] = {**fid_fields(recon_c),
+                                "fid_discrete": inception_fid(recon_d, images, inception_weights) if judge else None,
+                                "psnr_continuous": _psnr(recon_c, images), "psnr_discrete": _psnr(recon_d, images),
+                                "params": {"tokenizer": counts["tokenizer"]}}
+    for mode in _generating_modes(pipe, modes):
+        condition = _condition(pipe, mode)
+        if condition == "class" and bool((classes < 0).any()):
+            raise ValueError(f"evaluation shards '{real_source}' have samples without a class id; a class-conditioned "
+                             f"{mode} model needs one per image")
+        request = {"prompts": real["captions"]} if condition == "text" else {"classes": classes}
+        fake = _generate(pipe, mode, batch_size, f"eval {mode}", **request)
+        entry = {**fid_fields(fake), "adherence": None, "glyph_accuracy": None}
+        save_grid(fake[:64], run_dir / "eval" / f"{mode}-{'text' if condition == 'text' else 'class'}.png")
+        if timing:
+            entry.update(measure_speed(pipe, mode, None, prompts=request["prompts"]) if condition == "text"
+                         else measure_speed(pipe, mode, classes))
+        entry["params"] = _mode_params(mode, counts)
         metrics[mode] = entry
     return metrics
 
@@ -159,14 +255,43 @@ def run_evaluation(cfg) -> dict:
     from hybrid.eval.oracle import ensure_oracle, load_oracle
 
     device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
-    oracle = load_oracle(ensure_oracle(cfg), device=device).eval()
-    real_kwargs = {"two_object_prob": cfg.data.two_object_prob, "glyph_prob": cfg.data.glyph_prob}
-    metrics = evaluate_run(cfg.run_dir, oracle, num_samples=cfg.eval.num_samples, batch_size=cfg.eval.batch_size,
-                           bootstrap=cfg.eval.bootstrap, modes=tuple(cfg.eval.modes) + ("diffusion",),
-                           device=device, real_kwargs=real_kwargs)
+    modes = tuple(cfg.eval.modes) + ("diffusion",)
+    if cfg.data.source == "shards":
+        pattern, source = eval_shard_pattern(cfg)
+        print(f"[eval] real images: the first {cfg.eval.num_samples} readable samples of {source} '{pattern}'")
+        real = read_shard_images(pattern, cfg.eval.num_samples, cfg.data.image_size)
+        if not cfg.eval.inception_weights:
+            print("[eval] no FID for your own images without a judge: set eval.inception_weights=PATH (a local "
+                  "InceptionV3 weights file; the oracle judges the procedural data only)")
+        metrics = evaluate_shards_run(cfg.run_dir, real, num_samples=cfg.eval.num_samples,
+                                      batch_size=cfg.eval.batch_size, modes=modes, device=device,
+                                      inception_weights=cfg.eval.inception_weights, real_source=pattern)
+    else:
+        oracle = load_oracle(ensure_oracle(cfg), device=device).eval()
+        real_kwargs = {"two_object_prob": cfg.data.two_object_prob, "glyph_prob": cfg.data.glyph_prob}
+        metrics = evaluate_run(cfg.run_dir, oracle, num_samples=cfg.eval.num_samples, batch_size=cfg.eval.batch_size,
+                               bootstrap=cfg.eval.bootstrap, modes=modes, device=device, real_kwargs=real_kwargs,
+                               inception_weights=cfg.eval.inception_weights)
     write_json(Path(cfg.run_dir) / "metrics.json", _finite(metrics))
     print(f"[eval] wrote {Path(cfg.run_dir) / 'metrics.json'}")
     return metrics
+
+
+def eval_shard_pattern(cfg) -> tuple[str, str]:
+    """(pattern, what it is) of the real images for data.source=shards: data.val_shards, else the
+    sibling val-*.tar of the training shards, else the training shards themselves (with a warning:
+    FID against training images flatters a model that memorises)."""
+    from hybrid.data.module import HybridDataModule
+
+    dm = HybridDataModule.from_config(cfg.data, batch_size=cfg.eval.batch_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # resolve_val_pattern warns about missing validation data; said below
+        pattern = dm.resolve_val_pattern()
+    if pattern:
+        return pattern, "data.val_shards" if cfg.data.val_shards else "the validation shards"
+    warnings.warn(f"no validation shards (data.val_shards is empty, no val-*.tar beside '{cfg.data.shards}'): "
+                  "evaluating against the training shards", stacklevel=2)
+    return cfg.data.shards, "the training shards"
 
 
 def _finite(value):
