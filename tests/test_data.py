@@ -15,7 +15,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from hybrid.data.attributes import ATTRIBUTES, COLORS, GLYPHS, NUM_CLASSES, SHAPES, class_id
+from hybrid.data.attributes import ATTRIBUTES, COLORS, FILLS, GLYPHS, NUM_CLASSES, SHAPES, class_id
 from hybrid.data.module import EpochIndexSampler, HybridDataModule, ShardedIndexSampler
 from hybrid.data.procedural import (
     ProceduralDataset,
@@ -76,8 +76,23 @@ def test_sample_fields_and_class_id():
             assert 0 <= value < len(ATTRIBUTES[key])
         is_glyph = s["attrs"]["shape"] == SHAPES.index("glyph")
         assert (s["attrs"]["glyph"] > 0) == is_glyph
-        if is_glyph:
-            assert s["attrs"]["fill"] == 0  # glyphs are always solid
+        if is_glyph or s["attrs"]["shape"] == SHAPES.index("star"):
+            assert s["attrs"]["fill"] == 0  # glyphs and stars are always solid
+
+
+def test_stars_and_glyphs_are_solid_and_their_captions_never_name_a_fill():
+    rng = np.random.default_rng(3)
+    fills = {shape: Counter() for shape in range(len(SHAPES))}
+    for _ in range(3000):
+        a = sample_attributes(rng, glyph_prob=0.2)
+        fills[a["shape"]][a["fill"]] += 1
+    for shape, counts in fills.items():
+        if SHAPES[shape] in ("star", "glyph"):
+            assert set(counts) == {0}, SHAPES[shape]
+        else:
+            assert set(counts) == set(range(len(FILLS))), SHAPES[shape]  # the other shapes keep every pattern
+    star = _attrs(shape=SHAPES.index("star"), fill=0)
+    assert caption(star) == "a small red star at the top left on a gray background"
 
 
 def test_every_attribute_value_appears():

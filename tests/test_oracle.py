@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from hybrid.config import load_config
 from hybrid.data.attributes import ATTRIBUTES, SHAPES
+from hybrid.data.procedural import DATA_VERSION
 from hybrid.eval.adherence import adherence, adherence_from_logits, glyph_accuracy
 from hybrid.eval.fid import (
     OracleFeatures,
@@ -21,7 +23,7 @@ from hybrid.eval.fid import (
     inception_fid,
     oracle_fid_metric,
 )
-from hybrid.eval.oracle import Oracle, ensure_oracle, load_oracle, main, save_oracle, sidecar_path
+from hybrid.eval.oracle import Oracle, ensure_oracle, load_oracle, main, oracle_path, save_oracle, sidecar_path
 
 TINY = {"channels": [8, 16, 16, 16], "layers": [1, 1, 1, 1]}  # a toy timm ResNet
 
@@ -83,7 +85,7 @@ def test_missing_oracle_names_file_and_command(tmp_path):
     assert str(missing) in str(err.value)
     assert "python -m hybrid.eval.oracle train" in str(err.value)
     cfg = load_config(None, [f"cache_dir={tmp_path}/c"])
-    with pytest.raises(FileNotFoundError, match="oracle-32.safetensors"):
+    with pytest.raises(FileNotFoundError, match=f"oracle-32-data{DATA_VERSION}.safetensors"):
         load_oracle(cfg=cfg)
 
 
@@ -215,8 +217,9 @@ def test_ensure_oracle_trains_once_and_caches(tmp_path):
         "oracle.train.max_steps=3", "oracle.train.batch_size=8", "oracle.train.warmup_steps=1",
         "oracle.num_workers=0", "oracle.eval_samples=16", "oracle.holdout_samples=8"])
     path = ensure_oracle(cfg, device="cpu")
-    assert path == tmp_path / "oracle-16.safetensors" and path.is_file()
+    assert path == tmp_path / f"oracle-16-data{DATA_VERSION}.safetensors" and path.is_file()
     oracle = load_oracle(cfg=cfg)
+    assert oracle.meta["data_version"] == DATA_VERSION
     acc = oracle.meta["accuracy"]
     assert set(ATTRIBUTES) <= set(acc["fresh"]) and acc["fresh"]["n"] == 16 and acc["holdout"]["n"] == 8
     assert oracle.meta["steps"] == 3 and oracle.meta["config"]["oracle"]["feature_dim"] == 16
@@ -224,20 +227,16 @@ def test_ensure_oracle_trains_once_and_caches(tmp_path):
     assert ensure_oracle(cfg, device="cpu") == path and path.stat().st_mtime == mtime  # cached
 
 
-def _random_inception_weights(tmp_path, monkeypatch):
-    """torch-fidelity's InceptionV3 with random init (its constructor would download weights), saved."""
-    fe = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
-
-    class RandomInception(fe.FeatureExtractorInceptionV3):
-        def load_state_dict(self, state_dict, strict=True, assign=False):
-            return None  # keep the random init
-
-    with monkeypatch.context() as m:
-        m.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
-        net = RandomInception("inception-v3-compat", ["2048"])
-    path = tmp_path / "inception-random.pth"
-    torch.save(net.state_dict(), path)
-    return path
+def test_an_oracle_of_older_data_is_not_picked_up_and_warns_when_loaded(tmp_path):
+    old = save_oracle(tiny_oracle(), tmp_path / "oracle-16.safetensors", {"data_version": DATA_VERSION - 1})
+    cfg = load_config(None, [f"cache_dir={tmp_path}", "data.image_size=16", "tokenizer.scales=[1, 2, 4]"])
+    assert oracle_path(cfg) != old  # the default cache path carries the data version
+    with pytest.warns(UserWarning, match=f"data version {DATA_VERSION - 1}"):
+        load_oracle(old)
+    current = save_oracle(tiny_oracle(), tmp_path / "current.safetensors", {"data_version": DATA_VERSION})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_oracle(current)
 
 
 def test_inception_fid_needs_local_plain_weights(tmp_path):
@@ -250,8 +249,8 @@ def test_inception_fid_needs_local_plain_weights(tmp_path):
 
 
 @pytest.mark.slow  # InceptionV3 at 299 px and a 2048x2048 eigenproblem: ~30 s on a 2-core CPU
-def test_inception_fid_with_local_random_weights(tmp_path, monkeypatch):
-    weights = _random_inception_weights(tmp_path, monkeypatch)
+def test_inception_fid_with_local_random_weights(random_inception_weights):
+    weights = random_inception_weights
     same = inception_fid(images(3, seed=0), images(3, seed=0), weights)
     other = inception_fid(images(3, seed=0), -images(3, seed=1), weights)
     assert math.isfinite(same) and math.isfinite(other)

@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from hybrid.data.attributes import ATTRIBUTES, SHAPES
+from hybrid.data.procedural import DATA_VERSION
 
 FORMAT = "hybrid-oracle"
 FORMAT_VERSION = 1
@@ -155,10 +157,12 @@ def _plain(node) -> Any:
 
 
 def oracle_path(cfg) -> Path:
-    """`cfg.oracle.path`, or `<cache_dir>/oracle-<image_size>.safetensors`."""
+    """`cfg.oracle.path`, or `<cache_dir>/oracle-<image_size>-data<DATA_VERSION>.safetensors`: an oracle
+    trained on an earlier version of the procedural data is never picked up by default (its file
+    stays where it is, for reproducing numbers judged with it)."""
     if cfg.oracle.path:
         return Path(cfg.oracle.path)
-    return Path(cfg.cache_dir) / f"oracle-{cfg.data.image_size}.safetensors"
+    return Path(cfg.cache_dir) / f"oracle-{cfg.data.image_size}-data{DATA_VERSION}.safetensors"
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
@@ -167,13 +171,15 @@ def sidecar_path(path: str | os.PathLike) -> Path:
 
 
 def save_oracle(oracle: Oracle, path: str | os.PathLike, meta: dict | None = None) -> Path:
-    """Write weights (safetensors) and sidecar (JSON: build arguments + `meta`), each atomically.
+    """Write weights (safetensors) and sidecar (JSON: build arguments, the data version unless `meta`
+    gives one, + `meta`), each atomically.
 
     The sidecar is written first, so the weights file existing means the oracle is complete.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    side = {"format": FORMAT, "version": FORMAT_VERSION, "model": oracle.config, **(meta or {})}
+    side = {"format": FORMAT, "version": FORMAT_VERSION, "model": oracle.config, "data_version": DATA_VERSION,
+            **(meta or {})}
     side_tmp = sidecar_path(path).with_suffix(".json.tmp")
     side_tmp.write_text(json.dumps(side, indent=2) + "\n")
     os.replace(side_tmp, sidecar_path(path))
@@ -222,6 +228,11 @@ def load_oracle(path: str | os.PathLike | None = None, cfg=None, device: str | t
     except RuntimeError as err:
         raise ValueError(f"oracle weights '{path}' do not match the model in '{side}': "
                          f"{str(err).splitlines()[0]}") from None
+    trained_on = int(meta.get("data_version", 1))
+    if trained_on != DATA_VERSION:
+        warnings.warn(f"oracle '{path}' was trained on procedural data version {trained_on}; this code renders "
+                      f"version {DATA_VERSION}, so its FID and adherence are not comparable with a current oracle's",
+                      stacklevel=2)
     oracle.meta = meta
     oracle.path = path
     return oracle.to(device).eval().requires_grad_(False)
@@ -410,7 +421,7 @@ def _train(cfg, device: torch.device, progress: bool) -> tuple[Oracle, dict]:
     accuracy = evaluate_oracle(oracle, cfg, num_workers=workers)
     meta = {"accuracy": accuracy, "train_seconds": round(train_seconds, 1), "eval_seconds": round(time.time() - t0, 1),
             "steps": step, "images_seen": images_seen, "device": str(device), "torch": torch.__version__,
-            "timm": timm.__version__, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "timm": timm.__version__, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "data_version": DATA_VERSION,
             "train_command": _command_line(),
             "config": to_dict(cfg)}
     return oracle.requires_grad_(False), meta
