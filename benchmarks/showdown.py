@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
 import sys
 import time
@@ -71,6 +72,8 @@ TOLERANCE = 0.20  # the issue's +-20% on parameters and training FLOPs
 # (2: AR tokens drawn by inverting the CDF instead of torch.multinomial)
 SAMPLING_VERSION = 2
 TIMING_REPEATS = 5  # medians of 5 timed calls per batch size (the machine is shared and noisy)
+SIDE_BY_SIDE_ROUNDS = 9  # interleaved rounds behind the verdicts' speed ratios
+TIMING_CLASSES = 16  # class prompts timed (batch 16)
 
 
 class ShowdownError(ValueError):
@@ -277,6 +280,10 @@ class Judge:
         self.real = oracle_features(real_images(oracle, total, **real_kwargs), oracle)  # (S*N, D)
         self.requests = [make_requests(num_samples, seed=EVAL_REQUEST_SEED + 101 * s) for s in range(seeds)]
         self.holdout = [str(p) for p in cfg.data.holdout]
+        # Cached features belong to the oracle that computed them (another oracle, e.g. one trained on
+        # a later data version, must not reuse them).
+        meta = getattr(oracle, "meta", {})
+        self.oracle_id = f"{Path(getattr(oracle, 'path', 'oracle')).name}@{meta.get('created', '')}"
 
     # -- generated images -> cached features and adherence ----------------------------------------
     def _generate(self, pipe, mode, classes, seed, settings) -> torch.Tensor:
@@ -296,7 +303,7 @@ class Judge:
         from hybrid.eval.fid import oracle_features
 
         n = n or self.n
-        key = f"{tag}|{mode}|{settings_key(settings)}|{seed}|{n}|{kind}|v{SAMPLING_VERSION}"
+        key = f"{tag}|{mode}|{settings_key(settings)}|{seed}|{n}|{kind}|v{SAMPLING_VERSION}|{self.oracle_id}"
         key = hashlib.sha1(key.encode()).hexdigest()[:16]
         path = self.cache / f"{key}.pt"
         if path.is_file():
@@ -473,8 +480,16 @@ def run(args, cfg, oracle) -> dict:
         entry["half_budget"] = {"fid": half["fid"], "fid_ci": half["fid_ci"], "full_fid_seed0": full["fid"],
                                 "full_fid_ci_seed0": full["fid_ci"],
                                 "still_improving": full["fid_ci"][1] < half["fid_ci"][0]}
-    result["verdicts"] = verdicts(result["systems"])
     eval_seconds["half_budget"] = time.perf_counter() - start
+    start = time.perf_counter()
+    ops = {system: (pipes[system][0], MODE[system],
+                    next(r for r in entry["rows"] if r["steps"] == entry["operating_point"])["settings"])
+           for system, entry in result["systems"].items()}
+    result["side_by_side"] = side_by_side_speed(ops, judge.requests[0]["classes"], rounds=SIDE_BY_SIDE_ROUNDS)
+    print("[showdown] side by side, images/s at batch 16: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in result["side_by_side"]["images_per_s"].items()), flush=True)
+    eval_seconds["side_by_side"] = time.perf_counter() - start
+    result["verdicts"] = verdicts(result["systems"], result["side_by_side"]["images_per_s"])
     # judged image sets come from <out>/cache when they exist: a re-run's eval seconds are small
     result["seconds"] = {"training": train_seconds, "eval": eval_seconds, "total": time.perf_counter() - t0}
     return result
@@ -500,25 +515,52 @@ def text_rendering(pipe, mode: str, settings: dict, judge: Judge, system: str) -
     return glyph_accuracy(images, req["attrs"], judge.oracle)
 
 
-def verdicts(systems: dict) -> dict:
-    """The issue's two targets, measured at the operating points."""
+def side_by_side_speed(ops: dict, classes: torch.Tensor, rounds: int) -> dict:
+    """images/s at batch 16 of each system's operating point, timed interleaved: every round times one
+    call of each system, in an order rotated round by round, after one untimed warm-up round, so a
+    drift of the machine's speed (or whichever system happens to run first) falls on all of them
+    alike. `ops`: {system: (pipeline, mode, settings)}. Returns {"images_per_s": {system: median},
+    "rounds": rounds}."""
+    from hybrid.eval.evaluate import TIMING_BATCH
+
+    names = list(ops)
+    batch = classes[:TIMING_BATCH]
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds + 1):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            pipe, mode, settings = ops[name]
+            start = time.perf_counter()
+            pipe(classes=batch, mode=mode, seed=r, batch_size=TIMING_BATCH, **settings)
+            if r > 0:  # round 0 warms every pipeline up
+                times[name].append(time.perf_counter() - start)
+    return {"images_per_s": {n: TIMING_BATCH / float(np.median(t)) for n, t in times.items()}, "rounds": rounds}
+
+
+def verdicts(systems: dict, side_by_side: dict | None = None) -> dict:
+    """The issue's two targets, measured at the operating points; the speed ratios come from
+    `side_by_side` ({system: images/s}, interleaved timing) when given, else from the rows' timings."""
     def op(name):
         s = systems.get(name)
         return None if s is None else next(r for r in s["rows"] if r["steps"] == s["operating_point"])
 
+    def speed_of(name, row):
+        return (side_by_side or {}).get(name, row["images_per_s"])
+
     out = {}
     h, d, a = op("hybrid"), op("diffusion"), op("ar")
     if h and d:
-        speed = h["images_per_s"] / d["images_per_s"]
+        speed = speed_of("hybrid", h) / speed_of("diffusion", d)
         no_worse = h["fid"] <= d["fid_ci"][1]
         # why the speed-up is what it is: speed-up = (FLOP ratio) x (the hybrid's FLOP/s over the baseline's)
         flop_ratio = d["flops_per_image"] / h["flops_per_image"]
         out["hybrid_vs_diffusion"] = {"speedup": speed, "fid_no_worse": no_worse, "target_speedup": 9.0,
                                       "met": bool(no_worse and speed >= 9.0), "flop_ratio": flop_ratio,
-                                      "gflops_per_s": {"hybrid": h["images_per_s"] * h["flops_per_image"] / 1e9,
-                                                       "diffusion": d["images_per_s"] * d["flops_per_image"] / 1e9}}
+                                      "gflops_per_s": {"hybrid": speed_of("hybrid", h) * h["flops_per_image"] / 1e9,
+                                                       "diffusion": speed_of("diffusion", d) * d["flops_per_image"]
+                                                       / 1e9}}
     if h and a:
-        slower = a["images_per_s"] / h["images_per_s"]
+        slower = speed_of("ar", a) / speed_of("hybrid", h)
         better = h["fid_ci"][1] < a["fid_ci"][0]
         out["hybrid_vs_ar"] = {"fid_better_outside_interval": better, "ar_over_hybrid_speed": slower,
                                "met": bool(better and slower <= 1.5)}
@@ -585,6 +627,12 @@ def markdown(result: dict) -> str:
         lines.append(f"- {s['label']}: half {hb['fid']:.2f} [{lo:.2f}, {hi:.2f}] -> full {hb['full_fid_seed0']:.2f} "
                      f"[{flo:.2f}, {fhi:.2f}]" + (" (still improving)" if hb["still_improving"] else ""))
     lines += ["", "## Verdicts", ""]
+    if result.get("side_by_side"):
+        sbs = result["side_by_side"]
+        lines += [f"Speeds compared side by side (operating points timed interleaved, rotating order, medians of "
+                  f"{sbs['rounds']} rounds, batch 16): "
+                  + ", ".join(f"{result['systems'][k]['label']} {v:.1f}" for k, v in sbs["images_per_s"].items())
+                  + " images/s.", ""]
     v = result["verdicts"]
     if "hybrid_vs_diffusion" in v:
         x = v["hybrid_vs_diffusion"]
@@ -628,6 +676,7 @@ def plots(result: dict, out_dir: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     written = []
     fig, ax = plt.subplots(figsize=(6, 4.2))
@@ -641,6 +690,10 @@ def plots(result: dict, out_dir: Path) -> list[str]:
                 ax.annotate(str(r["steps"]), (r["images_per_s"], r["fid"]), textcoords="offset points", xytext=(4, 4),
                             fontsize=7)
     ax.set_xscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)  # 2, 5, 10, 20 ... instead of overlapping 2x10^0 labels
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
+        lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
     ax.set_xlabel("images/s at batch 16 (log)")
     ax.set_ylabel("FID (oracle features), 95% CI")
     ax.set_title(f"FID vs speed ({result['machine'].get('gpu') or 'CPU'}, {result['machine']['cores']} cores)")
@@ -660,6 +713,7 @@ def plots(result: dict, out_dir: Path) -> list[str]:
             ax.axhline(r["fid"], color="gray", linestyle="--", label="pure AR (z_q decoded)")
             ax.axhspan(r["fid_ci"][0], r["fid_ci"][1], color="gray", alpha=0.15)
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_xlabel("refiner steps")
         ax.set_ylabel("FID (oracle features), 95% CI")
         ax.legend(fontsize=8)
@@ -668,6 +722,31 @@ def plots(result: dict, out_dir: Path) -> list[str]:
         plt.close(fig)
         written.append(str(out_dir / "fid_vs_refiner_steps.png"))
     return written
+
+
+def retime(run_dir: Path, out_dir: Path) -> int:
+    """`--retime`: the side-by-side timing again for an existing showdown.json; verdicts and markdown rewritten."""
+    from hybrid.eval.evaluate import EVAL_REQUEST_SEED, make_requests
+
+    path = out_dir / "showdown.json"
+    if not path.is_file():
+        print(f"error: --retime needs an earlier run's '{path}'", file=sys.stderr)
+        return 2
+    result = json.loads(path.read_text())
+    pipes = load_pipes(run_dir, result["stages"])
+    ops = {system: (pipes[system][0], MODE[system],
+                    next(r for r in entry["rows"] if r["steps"] == entry["operating_point"])["settings"])
+           for system, entry in result["systems"].items()}
+    start = time.perf_counter()
+    classes = make_requests(TIMING_CLASSES, seed=EVAL_REQUEST_SEED)["classes"]
+    result["side_by_side"] = side_by_side_speed(ops, classes, rounds=SIDE_BY_SIDE_ROUNDS)
+    result["side_by_side"]["retimed"] = {"machine": machine(), "seconds": time.perf_counter() - start}
+    result["verdicts"] = verdicts(result["systems"], result["side_by_side"]["images_per_s"])
+    write_result(path, result)
+    (out_dir / "showdown.md").write_text(markdown(result))
+    print(markdown(result))
+    print(f"rewrote {path} and {out_dir / 'showdown.md'}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -689,7 +768,12 @@ def main(argv: list[str] | None = None) -> int:
                         "generators' training data (composition is measured on them)")
     parser.add_argument("--match-flops", action=argparse.BooleanOptionalAction, default=True,
                         help="set the diffusion baseline's step budget to AR + refiner training FLOPs")
+    parser.add_argument("--retime", action="store_true", help="only re-run the side-by-side timing of the operating "
+                        "points recorded in OUT/showdown.json (on a quiet machine) and rewrite its verdicts and "
+                        "markdown; nothing is trained or judged")
     args, overrides = parser.parse_known_args(argv)
+    if args.retime:
+        return retime(Path(args.run_dir), Path(args.out))
     for name in ("num_samples", "seeds", "sweep_samples"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")

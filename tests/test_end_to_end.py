@@ -230,7 +230,7 @@ def test_showdown_trains_every_system_and_measures_them_side_by_side(toy_run, tm
     for key in ("ar", "refiner", "raster", "diffusion"):
         assert Path(stages[key]["half"]).is_file(), key
         assert stages[key]["reused"] is False and stages[key]["seconds"] > 0, key
-    assert set(result["seconds"]["eval"]) == {"ar", "raster", "diffusion", "hybrid", "half_budget"}
+    assert set(result["seconds"]["eval"]) == {"ar", "raster", "diffusion", "hybrid", "half_budget", "side_by_side"}
     target = stages["ar"]["flops"] + stages["refiner"]["flops"]
     assert abs(stages["diffusion"]["steps"] * stages["diffusion"]["flops_per_step"] - target) \
         <= stages["diffusion"]["flops_per_step"]  # the baseline's budget matches AR + refiner to one step
@@ -241,9 +241,24 @@ def test_showdown_trains_every_system_and_measures_them_side_by_side(toy_run, tm
     why = result["verdicts"]["hybrid_vs_diffusion"]  # the speed-up splits into FLOP ratio x FLOP/s ratio
     rate = why["gflops_per_s"]
     assert why["speedup"] == pytest.approx(why["flop_ratio"] * rate["hybrid"] / rate["diffusion"])
+    # the verdicts' speed ratios come from the interleaved side-by-side timing of the operating points
+    sbs = result["side_by_side"]["images_per_s"]
+    assert set(sbs) == set(systems) and all(v > 0 for v in sbs.values())
+    assert why["speedup"] == pytest.approx(sbs["hybrid"] / sbs["diffusion"])
+    assert result["verdicts"]["hybrid_vs_ar"]["ar_over_hybrid_speed"] == pytest.approx(sbs["ar"] / sbs["hybrid"])
     for name in ("showdown.md", "fid_vs_speed.png", "fid_vs_refiner_steps.png"):
         assert (out_dir / name).is_file(), name
     assert "The debate, measured" in (out_dir / "showdown.md").read_text()
+    # --retime: only the side-by-side timing again, verdicts and markdown rewritten, nothing re-judged
+    (out_dir / "showdown.md").write_text("stale")
+    cached = sorted((out_dir / "cache").iterdir())
+    _run(["benchmarks/showdown.py", "--retime", "--run-dir", str(show_run), "--out", str(out_dir)])
+    again = json.loads((out_dir / "showdown.json").read_text())
+    assert again["side_by_side"]["retimed"]["seconds"] > 0 and again["systems"] == systems
+    assert again["verdicts"]["hybrid_vs_diffusion"]["speedup"] == pytest.approx(
+        again["side_by_side"]["images_per_s"]["hybrid"] / again["side_by_side"]["images_per_s"]["diffusion"])
+    assert "Speeds compared side by side" in (out_dir / "showdown.md").read_text()
+    assert sorted((out_dir / "cache").iterdir()) == cached
 
     # a re-run reuses the stages and the judged images: same numbers, no training
     again = _run(["benchmarks/showdown.py", *common, "--systems", "ar", "--num-samples", "32", "--seeds", "2",
