@@ -50,6 +50,26 @@ def test_train_writes_every_stage_and_metrics(toy_run):
     assert "sample.py" in stdout  # the summary says how to sample
 
 
+@pytest.mark.slow  # InceptionV3 at 299 px on the toy run's images: ~1 min on 2 cores
+def test_eval_adds_inception_fid_when_given_local_weights(toy_run, tmp_path, random_inception_weights):
+    import shutil
+
+    run_dir, base, _ = toy_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    _run(["train.py", "--config", "configs/toy.yaml", f"run_dir={copy}", f"cache_dir={base / 'cache'}", "stage=eval",
+          f"eval.inception_weights={random_inception_weights}", "trainer.progress_bar=false"])
+    metrics = json.loads((copy / "metrics.json").read_text())
+    for mode in ("tokenizer", "ar", "hybrid"):
+        assert np.isfinite(metrics[mode]["inception_fid"]), mode
+        assert np.isfinite(metrics[mode]["fid"])  # the oracle's FID stays beside it
+    missing = subprocess.run([sys.executable, "train.py", "--config", "configs/toy.yaml", f"run_dir={copy}",
+                              "stage=eval", f"eval.inception_weights={tmp_path / 'none.pth'}"],
+                             cwd=ROOT, capture_output=True, text=True)
+    assert missing.returncode != 0 and "eval.inception_weights" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
 def test_rerun_skips_finished_stages(toy_run):
     run_dir, base, _ = toy_run
     out = _run(["train.py", "--config", "configs/toy.yaml", f"run_dir={run_dir}", f"cache_dir={base / 'cache'}",
