@@ -210,14 +210,16 @@ def test_cli_config_error_and_missing_oracle(tmp_path, capsys):
     assert "none.safetensors" in capsys.readouterr().err
 
 
-def test_ensure_oracle_trains_once_and_caches(tmp_path):
+def test_ensure_oracle_trains_once_and_caches(tmp_path, capsys):
     cfg = load_config(None, [
-        f"cache_dir={tmp_path}", "data.image_size=16", "tokenizer.scales=[1, 2, 4]", "oracle.backbone=resnet18",
+        f"cache_dir={tmp_path}", "data.image_size=16", "trainer.progress_bar=false", "tokenizer.scales=[1, 2, 4]",
+        "oracle.backbone=resnet18",
         "oracle.backbone_kwargs={channels: [8, 16, 16, 16], layers: [1, 1, 1, 1]}", "oracle.feature_dim=16",
         "oracle.train.max_steps=3", "oracle.train.batch_size=8", "oracle.train.warmup_steps=1",
         "oracle.num_workers=0", "oracle.eval_samples=16", "oracle.holdout_samples=8"])
     path = ensure_oracle(cfg, device="cpu")
     assert path == tmp_path / f"oracle-16-data{DATA_VERSION}.safetensors" and path.is_file()
+    assert "it/s" not in capsys.readouterr().out  # trainer.progress_bar=false hides the oracle's bar too
     oracle = load_oracle(cfg=cfg)
     assert oracle.meta["data_version"] == DATA_VERSION
     acc = oracle.meta["accuracy"]

@@ -463,7 +463,7 @@ def ensure_oracle(cfg, retrain: bool | None = None, device: str | torch.device |
             time.sleep(5)
         return path
     print(f"training the oracle ({cfg.oracle.backbone}, {cfg.data.image_size}px) -> {path}", flush=True)
-    oracle, meta = train_oracle(cfg, device=device)
+    oracle, meta = train_oracle(cfg, device=device, progress=bool(cfg.trainer.progress_bar))
     save_oracle(oracle, path, meta)
     print(format_table(meta["accuracy"]))
     print(f"oracle trained in {meta['train_seconds'] / 60:.1f} min; saved {path} and {sidecar_path(path)}")
