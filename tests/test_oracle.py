@@ -16,6 +16,7 @@ from hybrid.data.attributes import ATTRIBUTES, SHAPES
 from hybrid.data.procedural import DATA_VERSION
 from hybrid.eval.adherence import adherence, adherence_from_logits, glyph_accuracy
 from hybrid.eval.fid import (
+    InceptionJudge,
     OracleFeatures,
     bootstrap_fid,
     compute_fid,
@@ -257,3 +258,9 @@ def test_inception_fid_with_local_random_weights(random_inception_weights):
     other = inception_fid(images(3, seed=0), -images(3, seed=1), weights)
     assert math.isfinite(same) and math.isfinite(other)
     assert abs(same) < 1e-3 * max(1.0, abs(other)) and other > same
+    # one judge, several fake sets: the real features are kept, the fake ones reset between calls
+    judge = InceptionJudge(images(3, seed=0), weights)
+    tol = 1e-3 * max(1.0, abs(other))
+    assert judge(-images(3, seed=1)) == pytest.approx(other, abs=tol)
+    assert judge(images(3, seed=0)) == pytest.approx(same, abs=tol)
+    assert judge(-images(3, seed=1)) == pytest.approx(other, abs=tol)

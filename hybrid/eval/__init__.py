@@ -12,7 +12,7 @@ _EXPORTS = {
     "Oracle": "oracle", "load_oracle": "oracle", "ensure_oracle": "oracle", "train_oracle": "oracle",
     "evaluate_oracle": "oracle", "oracle_path": "oracle",
     "compute_fid": "fid", "frechet_distance": "fid", "bootstrap_fid": "fid", "OracleFeatures": "fid",
-    "oracle_fid_metric": "fid", "inception_fid": "fid",
+    "oracle_fid_metric": "fid", "inception_fid": "fid", "InceptionJudge": "fid",
     "adherence": "adherence", "adherence_from_logits": "adherence", "glyph_accuracy": "adherence",
 }
 

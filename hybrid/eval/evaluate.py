@@ -92,7 +92,7 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
     InceptionV3 weights file; adds `inception_fid` (against the same real images) to every mode."""
     from hybrid.data.procedural import ProceduralDataset
     from hybrid.eval.adherence import adherence, glyph_accuracy
-    from hybrid.eval.fid import bootstrap_fid, inception_fid, oracle_features, real_images
+    from hybrid.eval.fid import InceptionJudge, bootstrap_fid, oracle_features, real_images
     from hybrid.pipeline import HybridPipeline
 
     run_dir = Path(run_dir)
@@ -101,6 +101,7 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
     counts = pipe.parameter_counts()
     real = real_images(oracle, num_samples, **(real_kwargs or {}))  # (N, 3, S, S)
     real_feats = oracle_features(real, oracle)
+    inception = InceptionJudge(real, inception_weights) if inception_weights else None
     requests = make_requests(num_samples)
     glyph_requests = make_requests(max(1, num_samples // 4), seed=EVAL_REQUEST_SEED + 1, glyph_prob=1.0)
     metrics: dict[str, dict] = {}
@@ -118,15 +119,15 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
             "psnr_continuous": _psnr(recon_c, images), "psnr_discrete": _psnr(recon_d, images),
             "params": {"tokenizer": counts["tokenizer"]},
         }
-        if inception_weights:
-            metrics["tokenizer"]["inception_fid"] = inception_fid(recon_c, real, inception_weights)
+        if inception is not None:
+            metrics["tokenizer"]["inception_fid"] = inception(recon_c)
 
     for mode in _generating_modes(pipe, modes):
         text_model = _condition(pipe, mode) == "text"
         images = _generate(pipe, mode, batch_size, f"eval {mode}", classes=requests["classes"])
         entry = _fid_fields(bootstrap_fid(oracle_features(images, oracle), real_feats, bootstrap))
-        if inception_weights:
-            entry["inception_fid"] = inception_fid(images, real, inception_weights)
+        if inception is not None:
+            entry["inception_fid"] = inception(images)
         entry["adherence"] = {"class": adherence(images, class_request_attrs(requests["attrs"]), oracle)}
         save_grid(images[:64], run_dir / "eval" / f"{mode}-class.png")
         if text_model:
@@ -193,7 +194,7 @@ def read_shard_images(pattern: str, num_samples: int, image_size: int) -> dict:
 
 
 @torch.no_grad()
-def evaluate_shards_run(run_dir, real: dict, num_samples: int = 2000, batch_size: int = 100,
+def evaluate_shards_run(run_dir, real: dict, batch_size: int = 100,
                         modes=("tokenizer", "ar", "hybrid", "diffusion"), device="cpu", inception_weights: str = "",
                         timing: bool = True, real_source: str = "") -> dict:
     """Evaluation on the user's own images (data.source=shards), where the oracle cannot judge.
@@ -204,7 +205,7 @@ def evaluate_shards_run(run_dir, real: dict, num_samples: int = 2000, batch_size
     oracle knows the procedural attributes only); adherence and glyph accuracy are null. The
     tokenizer's PSNR, images/s, ms/image and parameter counts are measured either way.
     """
-    from hybrid.eval.fid import inception_fid
+    from hybrid.eval.fid import InceptionJudge
     from hybrid.pipeline import HybridPipeline
 
     run_dir = Path(run_dir)
@@ -213,10 +214,10 @@ def evaluate_shards_run(run_dir, real: dict, num_samples: int = 2000, batch_size
     images, classes = real["images"], real["classes"]
     n = images.shape[0]
     judge = "inception" if inception_weights else None
+    inception = InceptionJudge(images, inception_weights) if inception_weights else None
 
     def fid_fields(fake: torch.Tensor) -> dict:
-        fid = inception_fid(fake, images, inception_weights) if inception_weights else None
-        return {"fid": fid, "fid_ci": None, "fid_n": n, "fid_judge": judge}
+        return {"fid": inception(fake) if inception else None, "fid_ci": None, "fid_n": n, "fid_judge": judge}
 
     metrics: dict[str, dict] = {"judge": {
         "source": "shards", "real_images": real_source, "n": n, "fid_features": judge or "none",
@@ -225,7 +226,7 @@ def evaluate_shards_run(run_dir, real: dict, num_samples: int = 2000, batch_size
     if "tokenizer" in modes:
         recon_c, recon_d = _reconstruct(pipe, images, batch_size, run_dir)
         metrics["tokenizer"] = {**fid_fields(recon_c),
-                                "fid_discrete": inception_fid(recon_d, images, inception_weights) if judge else None,
+                                "fid_discrete": inception(recon_d) if inception else None,
                                 "psnr_continuous": _psnr(recon_c, images), "psnr_discrete": _psnr(recon_d, images),
                                 "params": {"tokenizer": counts["tokenizer"]}}
     for mode in _generating_modes(pipe, modes):
@@ -263,8 +264,7 @@ def run_evaluation(cfg) -> dict:
         if not cfg.eval.inception_weights:
             print("[eval] no FID for your own images without a judge: set eval.inception_weights=PATH (a local "
                   "InceptionV3 weights file; the oracle judges the procedural data only)")
-        metrics = evaluate_shards_run(cfg.run_dir, real, num_samples=cfg.eval.num_samples,
-                                      batch_size=cfg.eval.batch_size, modes=modes, device=device,
+        metrics = evaluate_shards_run(cfg.run_dir, real, batch_size=cfg.eval.batch_size, modes=modes, device=device,
                                       inception_weights=cfg.eval.inception_weights, real_source=pattern)
     else:
         oracle = load_oracle(ensure_oracle(cfg), device=device).eval()

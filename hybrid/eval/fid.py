@@ -171,33 +171,50 @@ def compute_fid(fake_images: torch.Tensor, real_images_or_none: torch.Tensor | N
 # --------------------------------------------------------------------------------------------
 
 
-def inception_fid(fake: torch.Tensor, real: torch.Tensor, weights_path: str | os.PathLike,
-                  batch_size: int = 50) -> float:
-    """Classic FID on InceptionV3 pool features (2048), via torchmetrics and torch-fidelity's network.
+class InceptionJudge:
+    """Classic FID on InceptionV3 pool features (2048), via torchmetrics and torch-fidelity's network,
+    against one real set whose features are computed once: `judge(fake) -> float`, any number of times.
 
-    fake, real: (N, 3, H, W) float in [-1, 1] (or uint8 [0, 255]); any size (resized to 299).
+    real: (N, 3, H, W) float in [-1, 1] (or uint8 [0, 255]); any size (resized to 299).
     weights_path: a local copy of torch-fidelity's InceptionV3 weights (`INCEPTION_WEIGHTS_URL`);
     nothing is downloaded. The file is first checked to hold plain tensors
     (`torch.load(weights_only=True)`) because torch-fidelity itself unpickles it.
     """
-    path = Path(weights_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Inception weights '{path}' do not exist; download {INCEPTION_WEIGHTS_URL} "
-                                "and pass its local path (the 'fid' extra: pip install 'hybrid[fid]')")
-    try:
-        import torch_fidelity  # noqa: F401
-    except ImportError:
-        raise ImportError("inception_fid needs torch-fidelity: pip install 'hybrid[fid]'") from None
-    try:
-        torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # not a plain state dict
-        raise ValueError(f"Inception weights '{path}' are not a plain tensor state dict: {err}") from None
-    metric = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(path))
-    metric = metric.to(fake.device)
-    for images, is_real in ((real, True), (fake, False)):
-        for start in range(0, images.shape[0], batch_size):
-            x = images[start:start + batch_size]
+
+    def __init__(self, real: torch.Tensor, weights_path: str | os.PathLike, batch_size: int = 50):
+        path = Path(weights_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"Inception weights '{path}' do not exist; download {INCEPTION_WEIGHTS_URL} "
+                                    "and pass its local path (the 'fid' extra: pip install 'hybrid[fid]')")
+        try:
+            import torch_fidelity  # noqa: F401
+        except ImportError:
+            raise ImportError("Inception FID needs torch-fidelity: pip install 'hybrid[fid]'") from None
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # not a plain state dict
+            raise ValueError(f"Inception weights '{path}' are not a plain tensor state dict: {err}") from None
+        self.batch_size = batch_size
+        # reset_real_features=False: reset() clears the fake statistics only, so the real ones are kept
+        self.metric = FrechetInceptionDistance(feature=2048, normalize=True, reset_real_features=False,
+                                               feature_extractor_weights_path=str(path)).to(real.device)
+        self._update(real, is_real=True)
+
+    def _update(self, images: torch.Tensor, is_real: bool) -> None:
+        for start in range(0, images.shape[0], self.batch_size):
+            x = images[start:start + self.batch_size]
             x = x.float() / 255.0 if x.dtype == torch.uint8 else ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
-            metric.update(x, real=is_real)
-    with _one_thread():  # a 2048x2048 eigenproblem
-        return float(metric.compute())
+            self.metric.update(x, real=is_real)
+
+    def __call__(self, fake: torch.Tensor) -> float:
+        self.metric.reset()
+        self._update(fake, is_real=False)
+        with _one_thread():  # a 2048x2048 eigenproblem
+            return float(self.metric.compute())
+
+
+def inception_fid(fake: torch.Tensor, real: torch.Tensor, weights_path: str | os.PathLike,
+                  batch_size: int = 50) -> float:
+    """Classic FID of `fake` against `real` on InceptionV3 features; see `InceptionJudge` (use it to
+    judge several fake sets against one real set)."""
+    return InceptionJudge(real, weights_path, batch_size)(fake)
