@@ -470,7 +470,7 @@ def run(args, cfg, oracle) -> dict:
     start = time.perf_counter()
     halves = load_pipes(run_dir, stages, which="half")
     for system, entry in result["systems"].items():
-        op = next(r for r in entry["rows"] if r["steps"] == entry["operating_point"])
+        op = op_row(entry)
         if system not in halves:
             entry["half_budget"] = None
             continue
@@ -482,10 +482,8 @@ def run(args, cfg, oracle) -> dict:
                                 "still_improving": full["fid_ci"][1] < half["fid_ci"][0]}
     eval_seconds["half_budget"] = time.perf_counter() - start
     start = time.perf_counter()
-    ops = {system: (pipes[system][0], MODE[system],
-                    next(r for r in entry["rows"] if r["steps"] == entry["operating_point"])["settings"])
-           for system, entry in result["systems"].items()}
-    result["side_by_side"] = side_by_side_speed(ops, judge.requests[0]["classes"], rounds=SIDE_BY_SIDE_ROUNDS)
+    result["side_by_side"] = side_by_side_speed(timed_operating_points(result["systems"], pipes),
+                                                judge.requests[0]["classes"], rounds=SIDE_BY_SIDE_ROUNDS)
     print("[showdown] side by side, images/s at batch 16: "
           + ", ".join(f"{k} {v:.1f}" for k, v in result["side_by_side"]["images_per_s"].items()), flush=True)
     eval_seconds["side_by_side"] = time.perf_counter() - start
@@ -515,6 +513,16 @@ def text_rendering(pipe, mode: str, settings: dict, judge: Judge, system: str) -
     return glyph_accuracy(images, req["attrs"], judge.oracle)
 
 
+def op_row(entry: dict) -> dict:
+    """The row of a system's entry at its operating point."""
+    return next(r for r in entry["rows"] if r["steps"] == entry["operating_point"])
+
+
+def timed_operating_points(systems: dict, pipes: dict) -> dict:
+    """{system: (pipeline, mode, operating-point settings)} for `side_by_side_speed`."""
+    return {name: (pipes[name][0], MODE[name], op_row(entry)["settings"]) for name, entry in systems.items()}
+
+
 def side_by_side_speed(ops: dict, classes: torch.Tensor, rounds: int) -> dict:
     """images/s at batch 16 of each system's operating point, timed interleaved: every round times one
     call of each system, in an order rotated round by round, after one untimed warm-up round, so a
@@ -542,7 +550,7 @@ def verdicts(systems: dict, side_by_side: dict | None = None) -> dict:
     `side_by_side` ({system: images/s}, interleaved timing) when given, else from the rows' timings."""
     def op(name):
         s = systems.get(name)
-        return None if s is None else next(r for r in s["rows"] if r["steps"] == s["operating_point"])
+        return None if s is None else op_row(s)
 
     def speed_of(name, row):
         return (side_by_side or {}).get(name, row["images_per_s"])
@@ -651,7 +659,7 @@ def markdown(result: dict) -> str:
     lines += ["", "## The debate, measured (each system at its operating point)", "",
               "| | " + " | ".join(s["label"] for s in result["systems"].values()) + " |",
               "|---|" + "---|" * len(result["systems"])]
-    ops = {k: next(r for r in s["rows"] if r["steps"] == s["operating_point"]) for k, s in result["systems"].items()}
+    ops = {k: op_row(s) for k, s in result["systems"].items()}
     rows = [
         ("generation steps (sequential network evaluations)", lambda k, r: str(r["sequential_evals"])),
         ("parallelism (network evaluations per stage)",
@@ -734,12 +742,10 @@ def retime(run_dir: Path, out_dir: Path) -> int:
         return 2
     result = json.loads(path.read_text())
     pipes = load_pipes(run_dir, result["stages"])
-    ops = {system: (pipes[system][0], MODE[system],
-                    next(r for r in entry["rows"] if r["steps"] == entry["operating_point"])["settings"])
-           for system, entry in result["systems"].items()}
     start = time.perf_counter()
     classes = make_requests(TIMING_CLASSES, seed=EVAL_REQUEST_SEED)["classes"]
-    result["side_by_side"] = side_by_side_speed(ops, classes, rounds=SIDE_BY_SIDE_ROUNDS)
+    result["side_by_side"] = side_by_side_speed(timed_operating_points(result["systems"], pipes), classes,
+                                                rounds=SIDE_BY_SIDE_ROUNDS)
     result["side_by_side"]["retimed"] = {"machine": machine(), "seconds": time.perf_counter() - start}
     result["verdicts"] = verdicts(result["systems"], result["side_by_side"]["images_per_s"])
     write_result(path, result)
