@@ -367,9 +367,9 @@ def validate(cfg: DictConfig) -> None:
     scales = list(cfg.tokenizer.scales)
     if scales != sorted(set(scales)) or not scales or scales[0] < 1:
         raise ConfigError(f"config key 'tokenizer.scales' must be strictly increasing positive ints, got {scales}")
-    if not cfg.tokenizer.pretrained and scales[-1] != latent:
+    if not cfg.tokenizer.pretrained and scales[-1] > latent:
         raise ConfigError(
-            f"config key 'tokenizer.scales' must end at the latent size {latent} "
+            f"config key 'tokenizer.scales' must not exceed the latent size {latent} "
             f"(data.image_size {cfg.data.image_size} / tokenizer.downsample {cfg.tokenizer.downsample}), got {scales}")
     for name in ("refiner", "diffusion"):
         sec = cfg[name]

@@ -30,6 +30,8 @@ def test_defaults_and_overrides(tmp_path):
         ("tokenizer.pretrained=/nonexistent/vae", "tokenizer.pretrained"),
         ("refiner.corrupt_prob=1.5", "refiner.corrupt_prob"),
         ("novalue", "key=value"),
+        ("tokenizer.scales=[1,2,16]", "tokenizer.scales' must not exceed the latent size 8"),
+        ("tokenizer.scales=[1,3,2]", "tokenizer.scales"),
     ],
 )
 def test_bad_values_name_the_key(override, needle):
@@ -37,6 +39,10 @@ def test_bad_values_name_the_key(override, needle):
         load_config(None, [override])
     message = str(info.value)
     assert needle in message and "\n" not in message
+
+
+def test_token_grids_coarser_than_the_latent_are_accepted():
+    assert list(load_config(None, ["tokenizer.scales=[1,2,3,4,6]"]).tokenizer.scales) == [1, 2, 3, 4, 6]
 
 
 def test_missing_config_file():

@@ -49,6 +49,19 @@ def test_indices_round_trip_is_exact(phi_ratio):
         torch.testing.assert_close(out.z_q + out.residual, out.z, rtol=1e-6, atol=1e-6)
 
 
+def test_a_token_grid_coarser_than_the_latent_leaves_the_detail_to_the_residual():
+    """scales ending below the latent size: the finest codes are upsampled, so z_q cannot hold the
+    latent's finest detail; the residual does, and the round trip stays exact."""
+    tok = trained(make(scales=[1, 2, 3]))
+    with torch.no_grad():
+        out = tok.encode(images())
+        assert [tuple(i.shape) for i in out.indices] == [(2, 1, 1), (2, 2, 2), (2, 3, 3)]
+        assert out.z_q.shape == out.z.shape == (2, 4, 4, 4)
+        torch.testing.assert_close(tok.indices_to_latent(out.indices), out.z_q, rtol=0, atol=1e-6)
+        torch.testing.assert_close(out.z_q + out.residual, out.z, rtol=1e-6, atol=1e-6)
+        assert out.residual.abs().max() > 0
+
+
 def test_encode_never_touches_the_codebook():
     tok = trained(make())
     before = {k: v.clone() for k, v in tok.quantizer.state_dict().items()}
@@ -174,8 +187,10 @@ def test_without_shortcut_the_latent_has_unit_rms():
 def test_channel_levels_are_checked():
     with pytest.raises(ValueError, match="tokenizer.channels"):
         Autoencoder(downsample=4, channels=[16, 32, 32, 32])
-    with pytest.raises(ValueError, match="tokenizer.scales"):
-        make(scales=[1, 2, 3])
+    with pytest.raises(ValueError, match="tokenizer.scales must not exceed the latent size 4"):
+        make(scales=[1, 2, 8])
+    with pytest.raises(ValueError, match="tokenizer.scales must be strictly increasing"):
+        make(scales=[1, 4, 2])
     with pytest.raises(ValueError, match="tokenizer.loss"):
         make(loss="l3")
 

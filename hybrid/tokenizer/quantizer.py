@@ -93,8 +93,8 @@ class MultiScaleQuantizer(nn.Module):
         scales = [int(s) for s in scales]
         if not scales or scales != sorted(set(scales)) or scales[0] < 1:
             raise ValueError(f"tokenizer.scales must be strictly increasing positive ints, got {scales}")
-        if scales[-1] != latent_size:
-            raise ValueError(f"tokenizer.scales must end at the latent size {latent_size}, got {scales}")
+        if scales[-1] > latent_size:
+            raise ValueError(f"tokenizer.scales must not exceed the latent size {latent_size}, got {scales}")
         if not 0.0 <= phi_ratio <= 1.0:
             raise ValueError(f"tokenizer.phi_ratio must be within [0, 1], got {phi_ratio}")
         self.dim = dim

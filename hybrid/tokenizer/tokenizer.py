@@ -116,7 +116,7 @@ class HybridTokenizer(nn.Module):
         if scales is None:
             scales = default_scales(self.latent_size)
         scales = [int(s) for s in scales]
-        if pretrained and scales[-1] != self.latent_size:
+        if pretrained and scales[-1] > self.latent_size:
             adapted = default_scales(self.latent_size)
             log.warning("tokenizer.scales %s do not end at the pretrained latent size %d; using %s",
                         scales, self.latent_size, adapted)
