@@ -100,6 +100,9 @@ class TokenizerConfig:
     layers_per_block: int = 1
     patch_size: int = 2  # space-to-depth stem: the convs run at image_size / patch_size
     shortcut: bool = True  # fixed low-pass shortcut around the conv stacks (DC-AE style residual autoencoding)
+    # token grid sides, increasing, at most the latent size (image_size / downsample); ending below it
+    # leaves finer detail to the refiner. Measured at 900 steps (version-2 oracle, 2,000 images):
+    # [1,2,3,4,6] decodes z at FID 141 against 60 for the default, so the default ends at the latent size
     scales: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 6, 8])
     codebook_size: int = 1024
     commitment: float = 0.25

@@ -1,14 +1,16 @@
 """Multi-scale residual vector quantizer (next-scale style, as in VAR) with one shared codebook.
 
-For scales s_1 < ... < s_K (the last one is the latent size h):
+For scales s_1 < ... < s_K <= h (h = the latent size; usually s_K = h):
 
     rest = z
     for k:  idx_k = nearest_code(area_downsample(rest, s_k))          # (B, s_k, s_k)
             h_k   = phi(bicubic_upsample(codebook[idx_k], h))          # (B, C, h, w)
             z_q  += h_k ;  rest = z - z_q
 
-z_q is the sum of the upsampled codes, r = z - z_q the continuous residual. Codes are summed as raw
-vectors and matched by plain L2 distance. `phi` is an optional shared 3x3 conv with a residual ratio
+z_q is the sum of the upsampled codes, r = z - z_q the continuous residual. With s_K < h the token
+grid is coarser than the latent, so r holds the detail finer than s_K as well as the quantization
+error (measured in issue #5: at the default budget that costs the continuous path more than it
+gives the refiner). Codes are summed as raw vectors and matched by plain L2 distance. `phi` is an optional shared 3x3 conv with a residual ratio
 (VAR's "phi"): h = (1 - ratio) * h + ratio * conv(h), identity at initialisation; it is part of
 `code_to_latent` so `indices -> z_q` is exact.
 
@@ -80,7 +82,7 @@ class MultiScaleQuantizer(nn.Module):
     Args:
         dim: code dimension = latent channels C.
         latent_size: h = w of the latent.
-        scales: strictly increasing, ending at latent_size.
+        scales: strictly increasing, at most latent_size (usually ending at it).
         codebook_size: K.
         dead_code_steps: restart codes unused for this many updates.
         ema_decay: decay of the codebook EMA.

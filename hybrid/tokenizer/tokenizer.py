@@ -118,7 +118,7 @@ class HybridTokenizer(nn.Module):
         scales = [int(s) for s in scales]
         if pretrained and scales[-1] > self.latent_size:
             adapted = default_scales(self.latent_size)
-            log.warning("tokenizer.scales %s do not end at the pretrained latent size %d; using %s",
+            log.warning("tokenizer.scales %s exceed the pretrained latent size %d; using %s",
                         scales, self.latent_size, adapted)
             scales = adapted
         self.quantizer = MultiScaleQuantizer(self.latent_channels, self.latent_size, scales, codebook_size,
