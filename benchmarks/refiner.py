@@ -7,8 +7,9 @@ Trains what the run directory lacks, exactly as `python train.py stage=...` does
 (unless `--tokenizer` names a trained one), the refiner, and with `--baseline` the pure-diffusion
 baseline. Then, on `--num-images` held-out images (procedural val split, a seed no run trains on)
 against as many fresh real ones, all in oracle features with 95% bootstrap intervals:
-- FID of decode(z_q) (the coarse code alone), decode(z) (the tokenizer's ceiling) and
-  decode(z_q + refined r) with the refiner's EMA weights, for 1, 2, 4 and 8 steps with each sampler
+- FID of decode(z_q) (the coarse code alone), decode(z) (the tokenizer's ceiling),
+  decode(z_q + Gaussian noise of the residual's per-channel std) (what a refiner that learned only
+  the residual's scale would give) and decode(z_q + refined r) with the refiner's EMA weights, for 1, 2, 4 and 8 steps with each sampler
   of its objective (ddpm: ddim, dpm; flow: euler, dpm), each with its images/s;
 - per-attribute adherence (oracle accuracy against the images' true attributes) of z_q and of the
   refined images;
@@ -79,6 +80,15 @@ def refine_all(module, z_q: torch.Tensor, classes: torch.Tensor, steps: int, sam
         z = refiner_compose(x0, zq, module.tokenizer.residual_std, module.section.target)
         out.append(module.tokenizer.decode(z).clamp(-1, 1))
     return torch.cat(out)
+
+
+def noise_residual(z_q: torch.Tensor, residual_std: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """z_q + Gaussian noise with the residual's per-channel std: the refiner's floor. A refiner that
+    knew nothing about the residual but its scale would write this, so one worth its steps beats it."""
+    from hybrid.refiner.diffusion import refiner_compose
+
+    noise = torch.randn(z_q.shape, generator=torch.Generator().manual_seed(seed))
+    return refiner_compose(noise, z_q, residual_std)
 
 
 @torch.no_grad()
@@ -190,8 +200,10 @@ def main(argv=None) -> int:
         decode = lambda lat: torch.cat([tok.decode(lat[i:i + 250]).clamp(-1, 1) for i in range(0, lat.shape[0], 250)])  # noqa: E731
         result["z_q"] = judge(decode(z_q))
         result["z"] = judge(decode(z))
+        result["z_q_plus_noise"] = judge(decode(noise_residual(z_q, tok.residual_std)))
     print(f"decode(z_q)  FID {fmt_ci(result['z_q']['fid'])}")
     print(f"decode(z)    FID {fmt_ci(result['z']['fid'])}")
+    print(f"decode(z_q + noise of the residual's scale)  FID {fmt_ci(result['z_q_plus_noise']['fid'])}")
     steps_list = [int(s) for s in args.steps.split(",")]
     if args.refiner:
         default_key = measure_refiner(probe, z_q, classes, steps_list, judge, result)
@@ -218,6 +230,7 @@ def targets(r: dict, default_key: str, steps_list: list[int]) -> dict:
     attrs = [k for k in r["z_q"]["adherence"] if k != "all"]
     out = {
         f"refined({default_key})_fid_below_z_q_outside_ci": disjoint(refined["fid"], r["z_q"]["fid"]),
+        f"refined({default_key})_fid_below_z_q_plus_noise": refined["fid"]["fid"] < r["z_q_plus_noise"]["fid"]["fid"],
         "refined_adherence_no_lower_than_z_q": all(
             refined["adherence"][a] >= r["z_q"]["adherence"][a] for a in attrs),
         "ema_fid_below_raw": refined["fid"]["fid"] < r["raw_weights"]["fid"]["fid"],

@@ -178,6 +178,40 @@ def test_pipeline_from_explicit_checkpoints_matches_the_run(toy_run, tmp_path):
         HybridPipeline.from_checkpoints(paths["tokenizer"], ar=paths["ar"], refiner=tmp_path / "missing.ckpt")
 
 
+def test_refiner_benchmark_judges_z_q_z_noise_and_each_sampler_on_a_trained_run(toy_run, tmp_path):
+    import shutil
+
+    run_dir, base, _ = toy_run
+    bench_run = tmp_path / "refbench"
+    for stage in ("tokenizer", "refiner"):
+        shutil.copytree(run_dir / stage, bench_run / stage)
+    out_json = tmp_path / "refiner.json"
+    out = _run(["-m", "benchmarks.refiner", "--config", "configs/toy.yaml", "--run-dir", str(bench_run),
+                "--tokenizer", str(bench_run / "tokenizer" / "final.ckpt"), "--num-images", "48", "--steps", "1,2",
+                "--bootstrap", "20", "--out", str(out_json), f"cache_dir={base / 'cache'}"])
+    result = json.loads(out_json.read_text())
+    assert result["train_minutes"] == {}  # both stages were reused
+    assert set(result["ablation"]) == {"ddim/1", "ddim/2", "dpm/1", "dpm/2"}
+    for entry in [result["z_q"], result["z"], result["z_q_plus_noise"], *result["ablation"].values()]:
+        assert np.isfinite(entry["fid"]["fid"]) and entry["fid"]["ci"][0] <= entry["fid"]["fid"] <= entry["fid"]["ci"][1]
+    # the floor row really adds noise: its images, and so its FID, differ from z_q's
+    assert result["z_q_plus_noise"]["fid"]["fid"] != result["z_q"]["fid"]["fid"]
+    assert "refined(ddim/2)_fid_below_z_q_plus_noise" in result["targets"]
+    assert "noise of the residual's scale" in out.stdout
+
+
+def test_noise_residual_has_the_residual_scale_and_follows_the_seed():
+    from benchmarks.refiner import noise_residual
+
+    z_q = torch.randn(64, 3, 8, 8)
+    std = torch.tensor([0.5, 1.0, 2.0])
+    noisy = noise_residual(z_q, std, seed=3)
+    per_channel = (noisy - z_q).transpose(0, 1).flatten(1).std(1)
+    torch.testing.assert_close(per_channel, std, rtol=0.05, atol=0)
+    torch.testing.assert_close(noise_residual(z_q, std, seed=3), noisy)
+    assert not torch.equal(noise_residual(z_q, std, seed=4), noisy)
+
+
 def test_repair_benchmark_trains_each_variant_and_judges_hybrid_samples(toy_run, tmp_path):
     import shutil
 
