@@ -9,8 +9,8 @@ baseline. Then, on `--num-images` held-out images (procedural val split, a seed 
 against as many fresh real ones, all in oracle features with 95% bootstrap intervals:
 - FID of decode(z_q) (the coarse code alone), decode(z) (the tokenizer's ceiling),
   decode(z_q + Gaussian noise of the residual's per-channel std) (what a refiner that learned only
-  the residual's scale would give) and decode(z_q + refined r) with the refiner's EMA weights, for 1, 2, 4 and 8 steps with each sampler
-  of its objective (ddpm: ddim, dpm; flow: euler, dpm), each with its images/s;
+  the residual's scale would give) and decode(z_q + refined r) with the refiner's EMA weights, for
+  1, 2, 4 and 8 steps with each sampler of its objective (ddpm: ddim, dpm; flow: euler, dpm), each with its images/s;
 - per-attribute adherence (oracle accuracy against the images' true attributes) of z_q and of the
   refined images;
 - EMA against raw weights: the same refinement with the checkpoint's raw (`current_model_state`) weights;

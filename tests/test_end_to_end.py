@@ -193,7 +193,8 @@ def test_refiner_benchmark_judges_z_q_z_noise_and_each_sampler_on_a_trained_run(
     assert result["train_minutes"] == {}  # both stages were reused
     assert set(result["ablation"]) == {"ddim/1", "ddim/2", "dpm/1", "dpm/2"}
     for entry in [result["z_q"], result["z"], result["z_q_plus_noise"], *result["ablation"].values()]:
-        assert np.isfinite(entry["fid"]["fid"]) and entry["fid"]["ci"][0] <= entry["fid"]["fid"] <= entry["fid"]["ci"][1]
+        fid, (lo, hi) = entry["fid"]["fid"], entry["fid"]["ci"]
+        assert np.isfinite(fid) and lo <= fid <= hi
     # the floor row really adds noise: its images, and so its FID, differ from z_q's
     assert result["z_q_plus_noise"]["fid"]["fid"] != result["z_q"]["fid"]["fid"]
     assert "refined(ddim/2)_fid_below_z_q_plus_noise" in result["targets"]

@@ -10,9 +10,9 @@ For scales s_1 < ... < s_K <= h (h = the latent size; usually s_K = h):
 z_q is the sum of the upsampled codes, r = z - z_q the continuous residual. With s_K < h the token
 grid is coarser than the latent, so r holds the detail finer than s_K as well as the quantization
 error (measured in issue #5: at the default budget that costs the continuous path more than it
-gives the refiner). Codes are summed as raw vectors and matched by plain L2 distance. `phi` is an optional shared 3x3 conv with a residual ratio
-(VAR's "phi"): h = (1 - ratio) * h + ratio * conv(h), identity at initialisation; it is part of
-`code_to_latent` so `indices -> z_q` is exact.
+gives the refiner). Codes are summed as raw vectors and matched by plain L2 distance. `phi` is an
+optional shared 3x3 conv with a residual ratio (VAR's "phi"): h = (1 - ratio) * h + ratio * conv(h),
+identity at initialisation; it is part of `code_to_latent` so `indices -> z_q` is exact.
 
 Codebook learning: exponential moving averages of the assigned vectors (k-means style, decay `ema_decay`,
 Laplace-smoothed counts), pooled over all scales; no optimizer touches the codebook. Codes unused for
