@@ -107,6 +107,8 @@ class TokenizerConfig:
     codebook_size: int = 1024
     commitment: float = 0.25
     discrete_prob: float = 0.5  # probability that a batch trains the decoder on z_q
+    # a z_q batch's gradient reaches the encoder; false = only z batches (and the commitment loss) train it
+    straight_through: bool = True
     loss: str = "l1"  # l1 | mse
     dead_code_steps: int = 50  # restart codes unused for this many steps
     ema_decay: float = 0.99  # EMA codebook decay

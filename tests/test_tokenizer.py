@@ -229,6 +229,24 @@ def test_training_losses_give_finite_gradients(discrete):
     assert out["discrete"].item() == float(discrete)
 
 
+@pytest.mark.parametrize("straight_through", [True, False])
+def test_straight_through_decides_whether_a_z_q_batch_trains_the_encoder(straight_through):
+    tok = make(commitment=0.0, straight_through=straight_through).train()
+    out = tok.training_losses(images(), discrete=True)
+    out["loss"].backward()
+    encoder = tok.autoencoder.encoder.conv_out.weight.grad
+    decoder = tok.autoencoder.decoder.conv_out.weight.grad
+    assert decoder is not None and decoder.abs().sum() > 0  # the decoder learns to decode z_q either way
+    if straight_through:
+        assert encoder is not None and encoder.abs().sum() > 0
+    else:
+        assert encoder is None or encoder.abs().sum() == 0
+    # a z batch trains the encoder whatever the setting
+    tok.zero_grad()
+    tok.training_losses(images(), discrete=False)["loss"].backward()
+    assert tok.autoencoder.encoder.conv_out.weight.grad.abs().sum() > 0
+
+
 def test_discrete_draw_follows_the_generator():
     tok = make(discrete_prob=0.5).eval()
     x = images()

@@ -7,9 +7,10 @@
     latent (z, z_q or z_q + r) -> images                  autoencoder.decode
 
 Hybrid training (as in HART): each batch the decoder reconstructs from the continuous z or, with
-probability `discrete_prob`, from z_q (straight-through to the encoder). `training_losses` returns the
-loss and its terms; the LightningModule only has to call it and step the optimizer over the
-parameters that require grad (with a pretrained, frozen AutoencoderKL that is the quantizer's phi conv).
+probability `discrete_prob`, from z_q (straight-through to the encoder, unless
+`straight_through=False`). `training_losses` returns the loss and its terms; the LightningModule only
+has to call it and step the optimizer over the parameters that require grad (with a pretrained,
+frozen AutoencoderKL that is the quantizer's phi conv).
 After training call `measure_residual_std(batches)` to store the latent/residual statistics that the
 refiner and the pure-diffusion baseline standardise with.
 """
@@ -58,10 +59,13 @@ class HybridTokenizer(nn.Module):
         latent_channels: C (ignored with `pretrained`).
         channels: channels per resolution level of our autoencoder (padded with its last entry).
         layers_per_block: resnets per level (the decoder has one more, as in diffusers).
-        scales: token map sizes, strictly increasing, ending at the latent size; None = default_scales.
+        scales: token map sizes, strictly increasing, at most the latent size; None = default_scales.
         codebook_size: K codes shared by all scales; code dimension = C.
         commitment: weight of the commitment loss |z - sg(z_q)|^2.
         discrete_prob: probability that a training batch decodes z_q instead of z.
+        straight_through: a z_q batch's reconstruction gradient reaches the encoder (straight-through);
+            False = only z batches and the commitment loss train the encoder (the decoder still
+            learns to decode z_q), so the encoder is not pulled toward what the codes can express.
         loss: reconstruction loss, "l1" or "mse".
         dead_code_steps: restart codes unused for this many training steps.
         pretrained: local diffusers AutoencoderKL folder (frozen); "" = train our own autoencoder.
@@ -84,6 +88,7 @@ class HybridTokenizer(nn.Module):
         codebook_size: int = 1024,
         commitment: float = 0.25,
         discrete_prob: float = 0.5,
+        straight_through: bool = True,
         loss: str = "l1",
         dead_code_steps: int = 50,
         pretrained: str = "",
@@ -125,6 +130,7 @@ class HybridTokenizer(nn.Module):
                                              dead_code_steps, ema_decay, phi_ratio)
         self.commitment = commitment
         self.discrete_prob = discrete_prob
+        self.straight_through = bool(straight_through)
         self.loss_type = loss
         c = self.latent_channels
         self.register_buffer("latent_mean", torch.zeros(c))  # (C,)
@@ -136,8 +142,8 @@ class HybridTokenizer(nn.Module):
     def from_config(cls, tok_cfg, image_size: int) -> HybridTokenizer:
         """Build from a `TokenizerConfig`-like object (attribute access; no omegaconf needed)."""
         keys = ("downsample", "latent_channels", "channels", "layers_per_block", "scales", "codebook_size",
-                "commitment", "discrete_prob", "loss", "dead_code_steps", "pretrained", "phi_ratio", "ema_decay",
-                "patch_size", "shortcut")
+                "commitment", "discrete_prob", "straight_through", "loss", "dead_code_steps", "pretrained", "phi_ratio",
+                "ema_decay", "patch_size", "shortcut")
         kwargs = {k: getattr(tok_cfg, k) for k in keys if hasattr(tok_cfg, k)}
         for k in ("channels", "scales"):
             if kwargs.get(k) is not None:
@@ -288,8 +294,8 @@ class HybridTokenizer(nn.Module):
             commit = F.mse_loss(z, z_q.detach())
             quant = F.mse_loss(z_q, z.detach())
         loss = self.commitment * commit + (quant if self.quantizer.phi is not None else 0.0)
-        # straight-through: the value is z_q, the gradient reaches the encoder (and phi)
-        latent = z_q + (z - z.detach()) if discrete else z  # (B, C, h, w)
+        # straight-through: the value is z_q, the gradient reaches the encoder (and phi); without it only phi
+        latent = (z_q + (z - z.detach()) if self.straight_through else z_q) if discrete else z  # (B, C, h, w)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable):
             recon = self.decode(latent)  # (B, 3, H, W)
             recon_loss = F.l1_loss(recon, images) if self.loss_type == "l1" else F.mse_loss(recon, images)
