@@ -107,7 +107,9 @@ class TokenizerConfig:
     codebook_size: int = 1024
     commitment: float = 0.25
     discrete_prob: float = 0.5  # probability that a batch trains the decoder on z_q
-    # a z_q batch's gradient reaches the encoder; false = only z batches (and the commitment loss) train it
+    # a z_q batch's gradient reaches the encoder; false = only z batches (and the commitment loss) train it.
+    # Measured with scales [1,2,3,4,6], commitment 0.05, 900 steps (version-2 oracle, 2,000 images): false
+    # decodes z at FID 190.7 against 117.1 with it (discrete_prob 0.5 vs 0.3, so not a one-key comparison)
     straight_through: bool = True
     loss: str = "l1"  # l1 | mse
     dead_code_steps: int = 50  # restart codes unused for this many steps
