@@ -20,6 +20,15 @@ def _run(args, cwd=ROOT, timeout=900):
     return out
 
 
+def _copy_stages(toy_run, dest: Path, stages) -> Path:
+    """A new run directory `dest` holding copies of the toy run's `stages` (so a benchmark reuses them)."""
+    import shutil
+
+    for stage in stages:
+        shutil.copytree(toy_run[0] / stage, dest / stage)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("e2e")
@@ -136,12 +145,8 @@ def test_sample_cli_missing_stage_is_a_clear_error(tmp_path):
 def test_curve_benchmark_trains_ar_with_snapshots_and_judges_each(toy_run, tmp_path):
     """benchmarks/curve.py on a copy of the toy run without its AR stage: snapshots at the asked steps,
     their training times, and a judged row per snapshot for both ar and hybrid."""
-    import shutil
-
-    run_dir, base, _ = toy_run
-    curve_run = tmp_path / "curve"
-    for stage in ("tokenizer", "refiner"):
-        shutil.copytree(run_dir / stage, curve_run / stage)
+    base = toy_run[1]
+    curve_run = _copy_stages(toy_run, tmp_path / "curve", ("tokenizer", "refiner"))
     out_json = tmp_path / "curve.json"
     out = _run(["-m", "benchmarks.curve", "--config", "configs/toy.yaml", "--run-dir", str(curve_run),
                 "--at", "10", "30", "--num-samples", "40", "--out", str(out_json), f"cache_dir={base / 'cache'}",
@@ -179,12 +184,8 @@ def test_pipeline_from_explicit_checkpoints_matches_the_run(toy_run, tmp_path):
 
 
 def test_refiner_benchmark_judges_z_q_z_noise_and_each_sampler_on_a_trained_run(toy_run, tmp_path):
-    import shutil
-
-    run_dir, base, _ = toy_run
-    bench_run = tmp_path / "refbench"
-    for stage in ("tokenizer", "refiner"):
-        shutil.copytree(run_dir / stage, bench_run / stage)
+    base = toy_run[1]
+    bench_run = _copy_stages(toy_run, tmp_path / "refbench", ("tokenizer", "refiner"))
     out_json = tmp_path / "refiner.json"
     out = _run(["-m", "benchmarks.refiner", "--config", "configs/toy.yaml", "--run-dir", str(bench_run),
                 "--tokenizer", str(bench_run / "tokenizer" / "final.ckpt"), "--num-images", "48", "--steps", "1,2",
@@ -214,12 +215,8 @@ def test_noise_residual_has_the_residual_scale_and_follows_the_seed():
 
 
 def test_repair_benchmark_trains_each_variant_and_judges_hybrid_samples(toy_run, tmp_path):
-    import shutil
-
-    run_dir, base, _ = toy_run
-    bench_run = tmp_path / "repair"
-    for stage in ("tokenizer", "ar"):
-        shutil.copytree(run_dir / stage, bench_run / stage)
+    base = toy_run[1]
+    bench_run = _copy_stages(toy_run, tmp_path / "repair", ("tokenizer", "ar"))
     out_json = tmp_path / "repair.json"
     _run(["-m", "benchmarks.repair", "--config", "configs/toy.yaml", "--run-dir", str(bench_run),
           "--variant", "repair:refiner.corrupt_prob=0.5", "--variant", "plain:refiner.corrupt_prob=0",
