@@ -41,8 +41,11 @@ def test_bad_values_name_the_key(override, needle):
     assert needle in message and "\n" not in message
 
 
-def test_token_grids_coarser_than_the_latent_are_accepted():
-    assert list(load_config(None, ["tokenizer.scales=[1,2,3,4,6]"]).tokenizer.scales) == [1, 2, 3, 4, 6]
+def test_token_grids_coarser_than_the_latent_need_coarse_grid():
+    with pytest.raises(ConfigError, match="set tokenizer.coarse_grid=true"):  # e.g. a new image size, old scales
+        load_config(None, ["data.image_size=64"])
+    cfg = load_config(None, ["tokenizer.scales=[1,2,3,4,6]", "tokenizer.coarse_grid=true"])
+    assert list(cfg.tokenizer.scales) == [1, 2, 3, 4, 6]
 
 
 def test_missing_config_file():

@@ -52,7 +52,9 @@ def test_indices_round_trip_is_exact(phi_ratio):
 def test_a_token_grid_coarser_than_the_latent_leaves_the_detail_to_the_residual():
     """scales ending below the latent size: the finest codes are upsampled, so z_q cannot hold the
     latent's finest detail; the residual does, and the round trip stays exact."""
-    tok = trained(make(scales=[1, 2, 3]))
+    with pytest.raises(ValueError, match="tokenizer.coarse_grid=true"):
+        make(scales=[1, 2, 3])
+    tok = trained(make(scales=[1, 2, 3], coarse_grid=True))
     with torch.no_grad():
         out = tok.encode(images())
         assert [tuple(i.shape) for i in out.indices] == [(2, 1, 1), (2, 2, 2), (2, 3, 3)]

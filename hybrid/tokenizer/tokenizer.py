@@ -59,7 +59,10 @@ class HybridTokenizer(nn.Module):
         latent_channels: C (ignored with `pretrained`).
         channels: channels per resolution level of our autoencoder (padded with its last entry).
         layers_per_block: resnets per level (the decoder has one more, as in diffusers).
-        scales: token map sizes, strictly increasing, at most the latent size; None = default_scales.
+        scales: token map sizes, strictly increasing, ending at the latent size; None = default_scales.
+        coarse_grid: allow scales to end below the latent size (a coarser token grid; the residual keeps
+            the finer detail). Without it such scales are an error (a pretrained autoencoder's latent
+            gets default_scales instead, with a warning).
         codebook_size: K codes shared by all scales; code dimension = C.
         commitment: weight of the commitment loss |z - sg(z_q)|^2.
         discrete_prob: probability that a training batch decodes z_q instead of z.
@@ -89,6 +92,7 @@ class HybridTokenizer(nn.Module):
         commitment: float = 0.25,
         discrete_prob: float = 0.5,
         straight_through: bool = True,
+        coarse_grid: bool = False,
         loss: str = "l1",
         dead_code_steps: int = 50,
         pretrained: str = "",
@@ -121,11 +125,16 @@ class HybridTokenizer(nn.Module):
         if scales is None:
             scales = default_scales(self.latent_size)
         scales = [int(s) for s in scales]
-        if pretrained and scales[-1] > self.latent_size:
+        finest = max(scales, default=self.latent_size)  # an unordered list is the quantizer's error to name
+        fits = finest == self.latent_size or (coarse_grid and finest < self.latent_size)
+        if pretrained and not fits:
             adapted = default_scales(self.latent_size)
-            log.warning("tokenizer.scales %s exceed the pretrained latent size %d; using %s",
+            log.warning("tokenizer.scales %s do not fit the pretrained latent size %d; using %s",
                         scales, self.latent_size, adapted)
             scales = adapted
+        elif finest < self.latent_size and not coarse_grid:
+            raise ValueError(f"tokenizer.scales {scales} end below the latent size {self.latent_size}; "
+                             "set tokenizer.coarse_grid=true for a token grid coarser than the latent")
         self.quantizer = MultiScaleQuantizer(self.latent_channels, self.latent_size, scales, codebook_size,
                                              dead_code_steps, ema_decay, phi_ratio)
         self.commitment = commitment
@@ -142,8 +151,8 @@ class HybridTokenizer(nn.Module):
     def from_config(cls, tok_cfg, image_size: int) -> HybridTokenizer:
         """Build from a `TokenizerConfig`-like object (attribute access; no omegaconf needed)."""
         keys = ("downsample", "latent_channels", "channels", "layers_per_block", "scales", "codebook_size",
-                "commitment", "discrete_prob", "straight_through", "loss", "dead_code_steps", "pretrained", "phi_ratio",
-                "ema_decay", "patch_size", "shortcut")
+                "commitment", "discrete_prob", "straight_through", "coarse_grid", "loss", "dead_code_steps",
+                "pretrained", "phi_ratio", "ema_decay", "patch_size", "shortcut")
         kwargs = {k: getattr(tok_cfg, k) for k in keys if hasattr(tok_cfg, k)}
         for k in ("channels", "scales"):
             if kwargs.get(k) is not None:
