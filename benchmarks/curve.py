@@ -1,7 +1,7 @@
 """The main job's training curve (issue #6): FID and adherence of `ar` and `hybrid` against AR training minutes.
 
     python -m benchmarks.curve --run-dir runs/default --at 250 500 1000 --out runs/bench/curve.json \\
-        [--num-samples 1000] [--config FILE] [key=value ...]
+        [--num-samples 1000] [--sample cfg=4,temperature=0.5,top_k=10] [--config FILE] [key=value ...]
 
 The run directory must hold a trained tokenizer (and a refiner, for the `hybrid` column). When it
 has no AR stage yet, the AR stage is trained here exactly as `python train.py stage=ar` does, with a
@@ -10,7 +10,10 @@ the training wall time up to that step (snapshot saving excluded). An AR stage t
 reused together with the snapshots and times it left (`retrain=true` trains it again). Each
 snapshot is then judged like `train.py stage=eval` judges the final weights
 (`benchmarks.common.judge_class_prompts`: class prompts, oracle features, 95% bootstrap
-intervals), with `--num-samples` images per mode.
+intervals), with `--num-samples` images per mode. `--sample` judges them with other generation
+settings than the AR checkpoint's config (`ar.sample`): guidance, temperature, top-k/top-p, and the
+refiner's steps and sampler; running the benchmark again with another `--sample` reuses the snapshots,
+so it is also a sampling sweep of a trained AR stage.
 The tokenizer's and refiner's training minutes (recorded in their final checkpoints) are written
 beside the rows, so the whole experiment's training time at each point can be stated.
 """
@@ -73,7 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--config", default=None)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--sample", default="", help="generation settings, comma-separated KEY=VALUE (cfg, "
+                        "cfg_schedule, temperature, top_k, top_p, steps, sampler, refiner_cfg); default: the config's")
     args, overrides = parser.parse_known_args(argv)
+    from hybrid.pipeline import GenerationSettings
+
+    try:
+        settings = GenerationSettings.parse(args.sample)
+    except ValueError as err:
+        print(f"error: --sample: {err}", file=sys.stderr)
+        return 2
     cfg, oracle = config_and_oracle(args.config, [f"run_dir={args.run_dir}", *overrides])
     if cfg is None:
         return oracle
@@ -107,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         path = folder / f"step-{step}.ckpt"
         _load_strict(pipe.ar, sub_state_dict(load_checkpoint(path, expect_stage="ar")["state_dict"], "model"), path)
         metrics = judge_class_prompts(pipe, oracle, cfg, run_dir / "ar" / "curve" / f"eval-{step}", modes,
-                                      args.num_samples)
+                                      args.num_samples, settings)
         row = {"step": step, "ar_minutes": seconds.get(step, float("nan")) / 60.0}
         for mode in modes:
             m = metrics[mode]
@@ -123,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{step:6d} {row['ar_minutes']:7.1f}  " + "  ".join(cells), flush=True)
     command = "python -m benchmarks.curve " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {"machine": machine(), "command": command,
-              "num_samples": args.num_samples, "stage_minutes": other,
+              "num_samples": args.num_samples, "settings": settings, "stage_minutes": other,
               "ar": {"width": cfg.ar.width, "depth": cfg.ar.depth, "heads": cfg.ar.heads,
                      "max_steps": cfg.ar.train.max_steps, "batch_size": cfg.ar.train.batch_size,
                      "params": sum(p.numel() for p in pipe.ar.parameters())},

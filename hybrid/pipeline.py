@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,24 @@ class GenerationSettings:
     steps: int | None = None  # refiner / diffusion steps
     sampler: str | None = None
     refiner_cfg: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> dict[str, Any]:
+        """"cfg=4,temperature=0.5,top_k=10" -> {"cfg": 4.0, "temperature": 0.5, "top_k": 10}, typed by
+        the field; an unknown key, a missing '=' or a value of the wrong type is a ValueError naming it."""
+        kinds = {f.name: str(f.type) for f in fields(cls)}
+        out: dict[str, Any] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            key, sep, value = part.partition("=")
+            key = key.strip()
+            if not sep or key not in kinds:
+                raise ValueError(f"generation setting '{part}': expected KEY=VALUE with KEY one of {', '.join(kinds)}")
+            kind = int if kinds[key].startswith("int") else float if kinds[key].startswith("float") else str
+            try:
+                out[key] = kind(value.strip())
+            except ValueError:
+                raise ValueError(f"generation setting '{part}': {key} takes {kind.__name__}, got '{value}'") from None
+        return out
 
 
 class HybridPipeline:

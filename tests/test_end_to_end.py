@@ -142,6 +142,19 @@ def test_sample_cli_missing_stage_is_a_clear_error(tmp_path):
     assert out.returncode == 2 and "tokenizer" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_generation_settings_parse_types_each_key_and_names_bad_ones():
+    from hybrid.pipeline import GenerationSettings
+
+    parsed = GenerationSettings.parse("cfg=4, temperature=0.5,top_k=10,cfg_schedule=linear,")
+    assert parsed == {"cfg": 4.0, "temperature": 0.5, "top_k": 10, "cfg_schedule": "linear"}
+    assert isinstance(parsed["top_k"], int) and isinstance(parsed["cfg"], float)
+    GenerationSettings(**parsed)  # every parsed key is a field
+    assert GenerationSettings.parse("") == {}
+    for bad, named in (("temprature=1", "temprature"), ("top_k=ten", "top_k"), ("cfg", "cfg")):
+        with pytest.raises(ValueError, match=named):
+            GenerationSettings.parse(bad)
+
+
 def test_curve_benchmark_trains_ar_with_snapshots_and_judges_each(toy_run, tmp_path):
     """benchmarks/curve.py on a copy of the toy run without its AR stage: snapshots at the asked steps,
     their training times, and a judged row per snapshot for both ar and hybrid."""
@@ -164,7 +177,22 @@ def test_curve_benchmark_trains_ar_with_snapshots_and_judges_each(toy_run, tmp_p
     # different weights at the two points: the step-10 and step-30 snapshots are judged as themselves
     assert first["ar"]["fid"] != last["ar"]["fid"]
     assert result["stage_minutes"]["tokenizer"] > 0 and result["stage_minutes"]["refiner"] > 0
-    assert "step" in out.stdout
+    assert "step" in out.stdout and result["settings"] == {}
+
+    # --sample judges the same snapshots with other generation settings (no retraining): greedy AR
+    # tokens give other images, so another FID, and the settings are recorded
+    mtime = (curve_run / "ar" / "final.ckpt").stat().st_mtime
+    greedy_json = tmp_path / "curve-greedy.json"
+    _run(["-m", "benchmarks.curve", "--config", "configs/toy.yaml", "--run-dir", str(curve_run), "--at", "30",
+          "--num-samples", "40", "--sample", "temperature=0,cfg=1,steps=2", "--out", str(greedy_json),
+          f"cache_dir={base / 'cache'}", "trainer.progress_bar=false"])
+    greedy = json.loads(greedy_json.read_text())
+    assert (curve_run / "ar" / "final.ckpt").stat().st_mtime == mtime
+    assert greedy["settings"] == {"temperature": 0.0, "cfg": 1.0, "steps": 2}
+    assert greedy["rows"][0]["ar"]["fid"] != last["ar"]["fid"]
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.curve", "--run-dir", str(curve_run), "--at", "30",
+                          "--sample", "temprature=0"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "temprature" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_pipeline_from_explicit_checkpoints_matches_the_run(toy_run, tmp_path):

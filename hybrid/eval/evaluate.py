@@ -47,13 +47,13 @@ def class_request_attrs(attrs: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {k: (v if k in ("shape", "color") else torch.full_like(v, -1)) for k, v in attrs.items()}
 
 
-def _generate(pipe, mode: str, batch_size: int, desc: str, **request) -> torch.Tensor:
+def _generate(pipe, mode: str, batch_size: int, desc: str, settings: dict | None = None, **request) -> torch.Tensor:
     key = "classes" if "classes" in request else "prompts"
     items = request[key]
     out = []
     for start in tqdm(range(0, len(items), batch_size), desc=desc, leave=False, unit="batch"):
         part = items[start : start + batch_size]
-        out.append(pipe(**{key: part}, mode=mode, seed=start, batch_size=batch_size).cpu())
+        out.append(pipe(**{key: part}, mode=mode, seed=start, batch_size=batch_size, **(settings or {})).cpu())
     return torch.cat(out)
 
 
@@ -84,12 +84,14 @@ def _fid_fields(result: dict) -> dict:
 @torch.no_grad()
 def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100, bootstrap: int = 200,
                  modes=("tokenizer", "ar", "hybrid", "diffusion"), device="cpu", real_kwargs: dict | None = None,
-                 timing: bool = True, pipe=None, inception_weights: str = "") -> dict:
+                 timing: bool = True, pipe=None, inception_weights: str = "", settings: dict | None = None) -> dict:
     """Evaluates the run's trained modes (see the module docstring); returns the metrics dict.
 
     `pipe`: an already loaded `HybridPipeline` to judge instead of the run's (benchmarks swap in
     intermediate weights); `run_dir` still receives the PNG grids. `inception_weights`: a local
-    InceptionV3 weights file; adds `inception_fid` (against the same real images) to every mode."""
+    InceptionV3 weights file; adds `inception_fid` (against the same real images) to every mode.
+    `settings`: generation settings for every generating mode (`GenerationSettings` keys: cfg,
+    temperature, top_k, ...); None = each stage's config defaults."""
     from hybrid.data.procedural import ProceduralDataset
     from hybrid.eval.adherence import adherence, glyph_accuracy
     from hybrid.eval.fid import InceptionJudge, bootstrap_fid, oracle_features, real_images
@@ -124,23 +126,24 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
 
     for mode in _generating_modes(pipe, modes):
         text_model = _condition(pipe, mode) == "text"
-        images = _generate(pipe, mode, batch_size, f"eval {mode}", classes=requests["classes"])
+        images = _generate(pipe, mode, batch_size, f"eval {mode}", settings, classes=requests["classes"])
         entry = _fid_fields(bootstrap_fid(oracle_features(images, oracle), real_feats, bootstrap))
         if inception is not None:
             entry["inception_fid"] = inception(images)
         entry["adherence"] = {"class": adherence(images, class_request_attrs(requests["attrs"]), oracle)}
         save_grid(images[:64], run_dir / "eval" / f"{mode}-class.png")
         if text_model:
-            text_images = _generate(pipe, mode, batch_size, f"eval {mode} text", prompts=requests["captions"])
+            text_images = _generate(pipe, mode, batch_size, f"eval {mode} text", settings, prompts=requests["captions"])
             entry["adherence"]["text"] = adherence(text_images, requests["attrs"], oracle)
-            glyph_images = _generate(pipe, mode, batch_size, f"eval {mode} glyphs", prompts=glyph_requests["captions"])
+            glyph_images = _generate(pipe, mode, batch_size, f"eval {mode} glyphs", settings,
+                                     prompts=glyph_requests["captions"])
             entry["glyph_accuracy"] = glyph_accuracy(glyph_images, glyph_requests["attrs"], oracle)
             save_grid(text_images[:64], run_dir / "eval" / f"{mode}-text.png")
         else:
             entry["adherence"]["text"] = None
             entry["glyph_accuracy"] = None
         if timing:
-            entry.update(measure_speed(pipe, mode, requests["classes"]))
+            entry.update(measure_speed(pipe, mode, requests["classes"], **(settings or {})))
         entry["params"] = _mode_params(mode, counts)
         metrics[mode] = entry
     return metrics
