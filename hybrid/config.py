@@ -168,7 +168,10 @@ class ARConfig:
     token_cache_size: int = 20000  # images in that pool (at most max_steps x batch_size are encoded)
     checkpoint: str = ""
     sample: SampleConfig = field(default_factory=SampleConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1200, lr=5e-4, weight_decay=0.05))
+    # lr 2e-3 (was 5e-4): measured side by side on the default tokenizer (version-2 data and oracle, 1,000 class
+    # prompts), at 150 / 300 / 450 steps color adherence 67.8 / 85.2 / 91.4% against 18.3 / 45.3 / 68.6%, shape
+    # 14.2 / 19.3 / 28.1% against 13.8 / 14.1 / 15.9%, FID 121.1 / 97.7 / 99.8 against 253.9 / 157.9 / 109.3
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1200, lr=2e-3, weight_decay=0.05))
 
 
 @dataclass
