@@ -69,6 +69,12 @@ def stage_minutes(run_dir: Path, stage: str) -> float | None:
     return None if value is None else float(value)
 
 
+def settings_tag(settings: dict) -> str:
+    """'' for the config's own settings, else '-cfg4-temperature0.5': the grids of a `--sample` run go to
+    their own folder instead of overwriting the default run's."""
+    return "".join(f"-{k}{v}" for k, v in settings.items())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", required=True)
@@ -118,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     for step in steps:
         path = folder / f"step-{step}.ckpt"
         _load_strict(pipe.ar, sub_state_dict(load_checkpoint(path, expect_stage="ar")["state_dict"], "model"), path)
-        metrics = judge_class_prompts(pipe, oracle, cfg, run_dir / "ar" / "curve" / f"eval-{step}", modes,
+        metrics = judge_class_prompts(pipe, oracle, cfg, folder / f"eval-{step}{settings_tag(settings)}", modes,
                                       args.num_samples, settings)
         row = {"step": step, "ar_minutes": seconds.get(step, float("nan")) / 60.0}
         for mode in modes:

@@ -190,6 +190,10 @@ def test_curve_benchmark_trains_ar_with_snapshots_and_judges_each(toy_run, tmp_p
     assert (curve_run / "ar" / "final.ckpt").stat().st_mtime == mtime
     assert greedy["settings"] == {"temperature": 0.0, "cfg": 1.0, "steps": 2}
     assert greedy["rows"][0]["ar"]["fid"] != last["ar"]["fid"]
+    # its grids go to their own folder, beside (not over) the default settings' grids
+    curve_dir = curve_run / "ar" / "curve"
+    assert (curve_dir / "eval-30" / "eval" / "ar-class.png").is_file()
+    assert (curve_dir / "eval-30-temperature0.0-cfg1.0-steps2" / "eval" / "ar-class.png").is_file()
     bad = subprocess.run([sys.executable, "-m", "benchmarks.curve", "--run-dir", str(curve_run), "--at", "30",
                           "--sample", "temprature=0"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "temprature" in bad.stderr and "Traceback" not in bad.stderr
@@ -228,6 +232,48 @@ def test_refiner_benchmark_judges_z_q_z_noise_and_each_sampler_on_a_trained_run(
     assert result["z_q_plus_noise"]["fid"]["fid"] != result["z_q"]["fid"]["fid"]
     assert "refined(ddim/2)_fid_below_z_q_plus_noise" in result["targets"]
     assert "noise of the residual's scale" in out.stdout
+
+
+def test_a_refiner_of_the_first_scales_trains_benchmarks_samples_and_exports(toy_run, tmp_path):
+    """refiner.coarse_scales=2 (of the toy's 3): the refiner benchmark trains it and refines the 2-scale z_q; the
+    pipeline's hybrid mode and its export use the measured target_std and give the same images."""
+    from hybrid.pipeline import HybridPipeline
+
+    base = toy_run[1]
+    run = _copy_stages(toy_run, tmp_path / "coarse", ("tokenizer", "ar"))
+    out_json = tmp_path / "refiner.json"
+    _run(["-m", "benchmarks.refiner", "--config", "configs/toy.yaml", "--run-dir", str(run),
+          "--tokenizer", str(run / "tokenizer" / "final.ckpt"), "--num-images", "48", "--steps", "1",
+          "--bootstrap", "20", "--out", str(out_json), f"cache_dir={base / 'cache'}", "refiner.coarse_scales=2",
+          "refiner.train.max_steps=10", "trainer.progress_bar=false"])
+    result = json.loads(out_json.read_text())
+    assert result["refiner"]["coarse_scales"] == 2 and result["train_minutes"]["refiner"] > 0
+    # the 2-scale z_q lacks the finest scale's codes, so it decodes to other images than the full z_q
+    assert result["z_q_coarse"]["fid"]["fid"] != result["z_q"]["fid"]["fid"]
+    pipe = HybridPipeline.from_run(run)
+    assert bool((pipe.refiner.target_std > 0).all())
+    loaded = HybridPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "export"))
+    assert torch.equal(loaded.refiner.target_std, pipe.refiner.target_std)
+    a = pipe(classes=[0, 5], mode="hybrid", seed=3, steps=2)
+    assert torch.equal(a, loaded(classes=[0, 5], mode="hybrid", seed=3, steps=2))
+    assert a.shape == (2, 3, 16, 16) and bool(torch.isfinite(a).all())
+
+
+def test_given_scales_benchmark_keeps_the_given_codes(toy_run, tmp_path):
+    """benchmarks.given_scales on the toy run: one row per number of given scales; with every scale given the AR
+    writes nothing, so its images (and FID) are the given codes' own."""
+    base = toy_run[1]
+    out_json = tmp_path / "given.json"
+    out = _run(["-m", "benchmarks.given_scales", "--config", "configs/toy.yaml", "--run-dir", str(toy_run[0]),
+                "--num-images", "40", "--out", str(out_json), f"cache_dir={base / 'cache'}", "eval.bootstrap=20"])
+    result = json.loads(out_json.read_text())
+    assert [row["given"] for row in result["rows"]] == [0, 1, 2, 3] and result["scales"] == [1, 2, 4]
+    last = result["rows"][-1]
+    assert last["fid"] == last["given_only"]["fid"] and last["adherence"] == last["given_only"]["adherence"]
+    first = result["rows"][0]
+    assert first["fid"]["fid"] != first["given_only"]["fid"]["fid"]  # sampled images, not a zero latent's
+    assert {"shape", "color", "position"} <= set(first["adherence"])
+    assert "given codes alone" in out.stdout
 
 
 def test_noise_residual_has_the_residual_scale_and_follows_the_seed():
