@@ -69,15 +69,17 @@ def load_stage(path, stage: str, raw: bool = False):
 def refine_all(module, z_q: torch.Tensor, classes: torch.Tensor, steps: int, sampler: str, batch: int = 250,
                seed: int = 0) -> torch.Tensor:
     """decode(z_q + refined residual) for every row of z_q (N, C, h, w): images (N, 3, H, W) in [-1, 1]."""
+    from hybrid.models import refiner_target_std
     from hybrid.refiner.diffusion import refiner_compose
 
+    std = refiner_target_std(module.model, module.tokenizer)
     gen = torch.Generator().manual_seed(seed)
     out = []
     for start in range(0, z_q.shape[0], batch):
         zq = z_q[start:start + batch]
         cond = classes[start:start + batch] if module.model.condition == "class" else None
         x0 = module.diffusion.sample(module.model, tuple(zq.shape), zq, cond, steps, gen, sampler=sampler)
-        z = refiner_compose(x0, zq, module.tokenizer.residual_std, module.section.target)
+        z = refiner_compose(x0, zq, std, module.section.target)
         out.append(module.tokenizer.decode(z).clamp(-1, 1))
     return torch.cat(out)
 
@@ -118,7 +120,7 @@ def measure_refiner(refiner, z_q, classes, steps_list, judge, result) -> str:
     """The step ablation per sampler, EMA vs raw weights, size and forward time; returns the default setting."""
     rcfg = refiner.section
     result["refiner"] = {k: rcfg[k] for k in ("arch", "width", "depth", "objective", "prediction", "target",
-                                               "condition", "corrupt_prob", "sampler", "steps")}
+                                               "condition", "corrupt_prob", "coarse_scales", "sampler", "steps")}
     n = z_q.shape[0]
     result["ablation"] = {}
     for sampler in SAMPLERS[rcfg.objective]:
@@ -206,7 +208,14 @@ def main(argv=None) -> int:
     print(f"decode(z_q + noise of the residual's scale)  FID {fmt_ci(result['z_q_plus_noise']['fid'])}")
     steps_list = [int(s) for s in args.steps.split(",")]
     if args.refiner:
-        default_key = measure_refiner(probe, z_q, classes, steps_list, judge, result)
+        coarse = z_q
+        if probe.section.coarse_scales:  # the refiner reads only the first scales: refine those
+            with torch.no_grad():
+                coarse = torch.cat([probe.coarse_of(e) for e in enc])
+                result["z_q_coarse"] = judge(decode(coarse))
+            print(f"decode(z_q of the first {probe.section.coarse_scales} scales)  "
+                  f"FID {fmt_ci(result['z_q_coarse']['fid'])}")
+        default_key = measure_refiner(probe, coarse, classes, steps_list, judge, result)
         result["targets"] = targets(result, default_key, steps_list)
     if args.baseline:
         base = load_stage(final_path(cfg.run_dir, "diffusion"), "diffusion")

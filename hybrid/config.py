@@ -198,6 +198,11 @@ class DenoiserConfig:
 class RefinerConfig(DenoiserConfig):
     target: str = "residual"  # residual | latent
     corrupt_prob: float = 0.1  # fraction of coarse tokens replaced by other codes in training (repair)
+    # token scales in the refiner's coarse input; 0 = all of the tokenizer's. N > 0: z_q holds scales 1..N only,
+    # the refiner generates the rest (the finer scales' codes and the continuous residual) and the hybrid uses
+    # only the AR's first N scales. Its target (z - z_q) is scaled by its own per-channel std, measured on the
+    # first training batch and saved with the weights (`target_std`)
+    coarse_scales: int = 0
     corrupt_neighbors: int = 8  # a replacement is one of the k codes nearest the true one; 0 = any code
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1200, lr=5e-4))
 

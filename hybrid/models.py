@@ -4,8 +4,13 @@ architecture."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from hybrid.config import from_dict
 from hybrid.data.attributes import NUM_CLASSES
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _cfg(config):
@@ -68,7 +73,34 @@ def build_denoiser(config, stage: str, tokenizer):
     )
     if model.coarse:  # z_q enters standardised with the tokenizer's latent statistics
         model.set_coarse_stats(tokenizer.latent_mean, tokenizer.latent_std.clamp_min(1e-4))
+        n = int(cfg.refiner.get("coarse_scales", 0))
+        if n and not 0 < n <= len(tokenizer.scales):
+            raise ValueError(f"refiner.coarse_scales={n}: the tokenizer has {len(tokenizer.scales)} scales "
+                             f"({list(tokenizer.scales)}); choose 0 (all) to {len(tokenizer.scales)}")
+        if n and n < len(tokenizer.scales):
+            import torch
+
+            # the std of z - z_q(scales 1..n), per channel; zero until the refiner's first training batch measures it
+            model.register_buffer("target_std", torch.zeros(tokenizer.latent_channels))
     return model
+
+
+def coarse_scales(config, tokenizer) -> int:
+    """How many token scales the refiner's z_q holds (`refiner.coarse_scales`, 0 = all)."""
+    n = int(_cfg(config).refiner.get("coarse_scales", 0))
+    return n if n > 0 else len(tokenizer.scales)
+
+
+def refiner_target_std(model, tokenizer) -> torch.Tensor:
+    """The per-channel scale of the refiner's residual target (C,): its own measured `target_std` when it
+    refines from fewer scales than the tokenizer has, else the tokenizer's `residual_std`."""
+    std = getattr(model, "target_std", None)
+    if std is None:
+        return tokenizer.residual_std
+    if not bool((std > 0).all()):
+        raise ValueError("the refiner's target_std was never measured (a refiner with refiner.coarse_scales "
+                         "measures it on its first training batch): train it before sampling")
+    return std
 
 
 def build_diffusion(config, stage: str):

@@ -5,7 +5,8 @@
     pipe.save_pretrained("export/")          # safetensors + JSON, loads without unpickling anything
     pipe = HybridPipeline.from_pretrained("export/")
 
-Modes: `hybrid` (AR tokens -> z_q -> refiner adds the residual -> decoder), `ar` (the pure-AR
+Modes: `hybrid` (AR tokens -> z_q -> refiner adds the residual -> decoder; with `refiner.coarse_scales`
+= N the AR writes scales 1..N only and the refiner generates the rest), `ar` (the pure-AR
 baseline: decode z_q alone), `diffusion` (the pure-diffusion baseline on the full latent, when
 trained). Class ids are turned into captions ("a red circle") for text-conditioned stages; a prompt
 given to a class-conditioned AR model is an error, and a class-conditioned refiner given only
@@ -34,7 +35,15 @@ from hybrid.checkpoints import (
 )
 from hybrid.config import from_dict
 from hybrid.data.attributes import class_name
-from hybrid.models import build_ar, build_denoiser, build_diffusion, build_tokenizer, num_classes
+from hybrid.models import (
+    build_ar,
+    build_denoiser,
+    build_diffusion,
+    build_tokenizer,
+    coarse_scales,
+    num_classes,
+    refiner_target_std,
+)
 
 MODES = ("hybrid", "ar", "diffusion")
 EXPORT_FORMAT = 1
@@ -266,7 +275,7 @@ class HybridPipeline:
         seed: int = 0,
         batch_size: int = 16,
         generator: torch.Generator | None = None,
-        return_tokens: bool = False,
+        return_tokens: bool = False,  # also the AR's codes per batch (hybrid: the refiner's coarse scales only)
         **settings: Any,
     ):
         """Generates one image per class id / prompt: (N, 3, H, W) in [-1, 1].
@@ -293,25 +302,30 @@ class HybridPipeline:
     def _generate_batch(self, classes, prompts, mode, s: GenerationSettings, generator):
         if mode == "diffusion":
             return self._sample_diffusion(classes, prompts, s, generator), None
-        a = self.parsed["ar"].ar.sample
         ar_cond = self._condition_for("ar", self.ar, classes, prompts)
-        indices = self.ar.generate(
-            ar_cond,
-            self.tokenizer,
-            generator,
-            cfg=a.cfg if s.cfg is None else s.cfg,
-            cfg_schedule=s.cfg_schedule or a.cfg_schedule,
-            temperature=a.temperature if s.temperature is None else s.temperature,
-            top_k=a.top_k if s.top_k is None else s.top_k,
-            top_p=a.top_p if s.top_p is None else s.top_p,
-        )
-        z_q = self.tokenizer.indices_to_latent(indices)  # (B, C, h, w)
         if mode == "ar":
-            return self.tokenizer.decode(z_q).clamp(-1, 1), indices
+            indices = self.ar.generate(ar_cond, self.tokenizer, generator, **self.ar_sampling(s))
+            return self.tokenizer.decode(self.tokenizer.indices_to_latent(indices)).clamp(-1, 1), indices
+        n = coarse_scales(self.configs["refiner"], self.tokenizer)  # the AR writes only the scales the refiner reads
+        indices = self.ar.generate(ar_cond, self.tokenizer, generator, num_scales=n, **self.ar_sampling(s))
+        z_q = self.tokenizer.latent_from_scales(indices, n)
         return self.refine(z_q, classes, prompts, s, generator), indices
 
+    def ar_sampling(self, s: GenerationSettings | None = None) -> dict[str, Any]:
+        """The AR's sampling keywords for `ARModel.generate`: `s`'s where set, else the AR config's `ar.sample`."""
+        s = s or GenerationSettings()
+        a = self.parsed["ar"].ar.sample
+        return {
+            "cfg": a.cfg if s.cfg is None else s.cfg,
+            "cfg_schedule": s.cfg_schedule or a.cfg_schedule,
+            "temperature": a.temperature if s.temperature is None else s.temperature,
+            "top_k": a.top_k if s.top_k is None else s.top_k,
+            "top_p": a.top_p if s.top_p is None else s.top_p,
+        }
+
     def refine(self, z_q, classes=None, prompts=None, s: GenerationSettings | None = None, generator=None):
-        """z_q (B, C, h, w) -> decoded images with the refiner's residual added."""
+        """z_q (B, C, h, w) -> decoded images with the refiner's residual added. z_q holds the refiner's
+        `refiner.coarse_scales` first scales (all by default: `tokenizer.latent_from_scales`)."""
         from hybrid.refiner.diffusion import refiner_compose
 
         s = s or GenerationSettings()
@@ -324,7 +338,7 @@ class HybridPipeline:
             self.refiner, tuple(z_q.shape), z_q=z_q, cond=cond, steps=s.steps or rcfg.steps,
             generator=generator, cfg=s.refiner_cfg, sampler=s.sampler,
         )
-        z = refiner_compose(x0, z_q, self.tokenizer.residual_std, rcfg.target)
+        z = refiner_compose(x0, z_q, refiner_target_std(self.refiner, self.tokenizer), rcfg.target)
         return self.tokenizer.decode(z).clamp(-1, 1)
 
     def _sample_diffusion(self, classes, prompts, s: GenerationSettings, generator):

@@ -197,6 +197,44 @@ def test_same_generator_same_tokens(order, condition):
     assert first.min() >= 0 and first.max() < V
 
 
+@pytest.mark.parametrize("order", ORDERS)
+def test_num_scales_gives_the_first_scales_of_the_same_draw(order):
+    """What a refiner of the first scales reads: the full draw's first m scales and no more, under a guidance
+    schedule that still spans all K scales (tokens)."""
+    model = make_model(order, "class")
+    cond = make_cond("class", batch=4)
+    kw = {"cfg": 3.0, "cfg_schedule": "linear", "temperature": 1.0}
+    full = model.generate(cond, LAYOUT, torch.Generator().manual_seed(7), **kw)
+    for m in range(1, len(SCALES)):
+        first = model.generate(cond, LAYOUT, torch.Generator().manual_seed(7), num_scales=m, **kw)
+        assert len(first) == m and all(torch.equal(a, b) for a, b in zip(first, full))
+    with pytest.raises(ValueError, match="num_scales=0"):
+        model.generate(cond, LAYOUT, torch.Generator(), num_scales=0)
+
+
+@pytest.mark.parametrize("condition", CONDITIONS)
+def test_given_scales_are_kept_and_the_rest_follow_them(condition):
+    """`given`: the first m scales are the given codes; given the model's own draw, the same generator
+    reproduces the whole sample (the KV cache and the accumulated latent see the given codes); given other
+    codes, the later scales change."""
+    model = make_model("next_scale", condition)
+    cond = make_cond(condition, batch=4)
+    kw = {"cfg": 2.0, "temperature": 1.0}
+    own = model.generate(cond, LAYOUT, torch.Generator().manual_seed(7), **kw)
+    other = random_indices(seed=11, batch=4)
+    for m in range(1, len(SCALES) + 1):
+        again = model.generate(cond, LAYOUT, torch.Generator().manual_seed(7), given=own[:m], **kw)
+        assert all(torch.equal(a, b) for a, b in zip(own, again))
+        moved = model.generate(cond, LAYOUT, torch.Generator().manual_seed(7), given=other[:m], **kw)
+        assert all(torch.equal(a, b) for a, b in zip(moved[:m], other[:m]))
+        if m < len(SCALES):
+            assert not all(torch.equal(a, b) for a, b in zip(moved[m:], own[m:]))
+    with pytest.raises(ValueError, match="given scale 0 has shape"):
+        model.generate(cond, LAYOUT, torch.Generator(), given=[other[0][:2]])
+    with pytest.raises(ValueError, match="next_scale order"):
+        make_model("raster", condition).generate(cond, LAYOUT, torch.Generator(), given=other[:1])
+
+
 @pytest.mark.parametrize("adaln", [True, False])
 @pytest.mark.parametrize("condition", CONDITIONS)
 @pytest.mark.parametrize("order", ORDERS)

@@ -254,6 +254,25 @@ def test_build_denoiser_takes_the_tokenizer_statistics():
     assert not hasattr(build_for_stage(cfg, "diffusion", tok), "coarse_mean")
 
 
+def test_coarse_scales_beyond_the_tokenizer_name_the_key():
+    from types import SimpleNamespace
+
+    from hybrid.config import load_config
+    from hybrid.models import build_denoiser as build_for_stage
+    from hybrid.models import refiner_target_std
+
+    tok = SimpleNamespace(latent_channels=C, latent_size=S, latent_mean=torch.zeros(C), latent_std=torch.ones(C),
+                          residual_std=torch.full((C,), 0.5), scales=[1, 2, 4])
+    small = ["refiner.width=32", "refiner.depth=1"]
+    with pytest.raises(ValueError, match=r"refiner.coarse_scales=4: the tokenizer has 3 scales"):
+        build_for_stage(load_config(overrides=[*small, "refiner.coarse_scales=4"]), "refiner", tok)
+    full = build_for_stage(load_config(overrides=[*small, "refiner.coarse_scales=3"]), "refiner", tok)
+    assert torch.equal(refiner_target_std(full, tok), tok.residual_std)  # all scales: the tokenizer's residual
+    part = build_for_stage(load_config(overrides=[*small, "refiner.coarse_scales=2"]), "refiner", tok)
+    with pytest.raises(ValueError, match="target_std was never measured"):
+        refiner_target_std(part, tok)
+
+
 def test_refiner_target_round_trip():
     g = torch.Generator().manual_seed(0)
     z_q = torch.randn(B, C, S, S, generator=g)
@@ -351,8 +370,9 @@ class _Batches(torch.utils.data.Dataset):
         return {"image": self.images[i], "class_id": int(self.classes[i]), "caption": f"shape number {i}"}
 
 
-@pytest.mark.parametrize("stage,condition", [("refiner", "class"), ("diffusion", "text")])
-def test_lightning_smoke_run_and_checkpoint_round_trip(tmp_path, stage, condition):
+@pytest.mark.parametrize("stage,condition,extra", [("refiner", "class", []), ("diffusion", "text", []),
+                                                   ("refiner", "class", ["refiner.coarse_scales=2"])])
+def test_lightning_smoke_run_and_checkpoint_round_trip(tmp_path, stage, condition, extra):
     pl = pytest.importorskip("pytorch_lightning")
     from pathlib import Path
 
@@ -361,7 +381,8 @@ def test_lightning_smoke_run_and_checkpoint_round_trip(tmp_path, stage, conditio
 
     toy = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
     cfg = load_config(toy, [f"run_dir={tmp_path}", f"data.num_classes={NUM_CLASSES}", f"{stage}.condition={condition}",
-                            f"{stage}.train.max_steps=2", f"{stage}.train.warmup_steps=1", f"{stage}.steps=2"])
+                            f"{stage}.train.max_steps=2", f"{stage}.train.warmup_steps=1", f"{stage}.steps=2",
+                            *extra])
     config = to_dict(cfg)
     cls = RefinerModule if stage == "refiner" else DiffusionModule
     module = cls(config, tokenizer_config=config)  # a random tokenizer stands in for a trained one
@@ -379,3 +400,10 @@ def test_lightning_smoke_run_and_checkpoint_round_trip(tmp_path, stage, conditio
     t = torch.tensor([10, 900])
     module.eval()
     assert torch.equal(loaded.model(x, t, z_q, cond), module.model(x, t, z_q, cond))
+    if extra:  # coarse_scales=2 of the toy's 3 scales: the target's std is measured on the first batch and saved
+        with torch.no_grad():
+            enc = module.tokenizer.encode(_Batches().images[:4])
+            r = enc.z - module.tokenizer.latent_from_scales(enc.indices, 2)
+        torch.testing.assert_close(module.model.target_std, r.var(dim=(0, 2, 3)).sqrt())
+        assert torch.equal(loaded.model.target_std, module.model.target_std)
+        assert not torch.allclose(module.model.target_std, module.tokenizer.residual_std)

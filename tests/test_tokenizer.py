@@ -47,6 +47,15 @@ def test_indices_round_trip_is_exact(phi_ratio):
         assert out.z_q.shape == out.z.shape == out.residual.shape == (2, 4, 4, 4)
         torch.testing.assert_close(tok.indices_to_latent(out.indices), out.z_q, rtol=0, atol=1e-6)
         torch.testing.assert_close(out.z_q + out.residual, out.z, rtol=1e-6, atol=1e-6)
+        # the first m scales alone (a refiner's coarse input with refiner.coarse_scales=m): each scale's share summed
+        shares = [tok.accumulate(None, idx, k) for k, idx in enumerate(out.indices)]
+        for m in range(4):
+            expected = sum(shares[:m], torch.zeros_like(out.z_q))
+            torch.testing.assert_close(tok.latent_from_scales(out.indices[:max(m, 1)], m), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(tok.latent_from_scales(out.indices, 3), out.z_q, rtol=0, atol=1e-6)
+        assert shares[2].abs().max() > 0  # so m = 2 and m = 3 differ
+        with pytest.raises(ValueError, match="4 scales asked"):
+            tok.latent_from_scales(out.indices, 4)
 
 
 def test_a_token_grid_coarser_than_the_latent_leaves_the_detail_to_the_residual():

@@ -386,6 +386,8 @@ class ARModel(nn.Module):
         top_p: float = 1.0,
         double_batch: bool | None = None,
         return_logits: bool = False,
+        given: list[torch.Tensor] | None = None,
+        num_scales: int | None = None,
     ):
         """Samples codes with a KV cache: one forward per scale (next_scale) or per token (raster).
 
@@ -399,12 +401,26 @@ class ARModel(nn.Module):
             temperature, top_k, top_p: sampling controls (temperature 0 = greedy; 0 / 1 = off).
             double_batch: run the null rows even when cfg == 1 (default: only when guiding).
             return_logits: also return the conditional logits (B, L_img, V) the tokens were drawn from.
+            given: next_scale only: the codes of the first m scales, m tensors (B, s_k, s_k) long (e.g. a real
+                image's, from `tokenizer.encode`); they are kept as they are and the model writes the scales
+                after them (VAR-style variation of an image's detail; `benchmarks.given_scales` uses it to find
+                the scale where samples lose an attribute). None or [] = sample every scale.
+            num_scales: stop after this many scales (a refiner with `refiner.coarse_scales` reads no more);
+                None = all K.
         Returns:
-            K tensors (B, s_k, s_k) long (and the logits when `return_logits`).
+            K (or `num_scales`) tensors (B, s_k, s_k) long (and the logits when `return_logits`).
         """
         if cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule '{cfg_schedule}' is unknown; choose one of {', '.join(CFG_SCHEDULES)}")
         self.check_layout(tokenizer)
+        given = list(given or [])
+        if given and self.order != "next_scale":
+            raise ValueError("ARModel.generate: `given` scales need next_scale order")
+        K = len(self.scales) if num_scales is None else int(num_scales)
+        if not 1 <= K <= len(self.scales):
+            raise ValueError(f"ARModel.generate: num_scales={num_scales}, the model has {len(self.scales)} scales")
+        if len(given) > K:
+            raise ValueError(f"ARModel.generate: {len(given)} given scales, {K} to generate")
         device = self.device
         if generator.device.type != device.type:
             raise ValueError(f"ARModel.generate: the generator is on {generator.device}, the model on {device}")
@@ -416,6 +432,10 @@ class ARModel(nn.Module):
         c = self._cond_vector(prefix, prefix_valid, start)  # (B2, D) or None
         B2 = start.shape[0]
         B = B2 // 2 if doubled else B2
+        for k, g in enumerate(given):
+            s = self.scales[k]
+            if tuple(g.shape) != (B, s, s):
+                raise ValueError(f"ARModel.generate: given scale {k} has shape {tuple(g.shape)}, expected {(B, s, s)}")
         n_prefix, key_valid = 0, None
         if prefix is not None:
             n_prefix = prefix.shape[1]
@@ -440,31 +460,32 @@ class ARModel(nn.Module):
         all_logits: list[torch.Tensor] = []
         tokens: list[torch.Tensor] = []
         if self.order == "next_scale":
-            K = len(self.scales)
             z_acc, offset = None, 0
-            for k, (s, n) in enumerate(zip(self.scales, self.lengths)):
+            for k, (s, n) in enumerate(zip(self.scales[:K], self.lengths[:K])):
                 if k == 0:
                     x = with_prefix(start[:, None].expand(B2, n, -1) + pos[:n])  # (B2, [T +] s_1^2, D)
                 else:
                     z = tokenizer.downsample(z_acc, s)  # (B, C, s, s)
                     z = z.flatten(2).transpose(1, 2).to(self.latent_proj.weight.dtype)  # (B, s^2, C)
                     x = self.latent_proj(z.repeat(B2 // B, 1, 1)) + pos[offset : offset + n]  # (B2, s^2, D)
-                idx = step(x, k, n, K).view(B, s, s)  # (B, s, s)
+                idx = step(x, k, n, len(self.scales)).view(B, s, s)  # (B, s, s); guidance schedule over all K
+                if k < len(given):  # the forward pass above still fills the KV cache for the later scales
+                    idx = given[k].to(device=device, dtype=idx.dtype)
                 tokens.append(idx)
                 if k < K - 1:
                     z_acc = tokenizer.accumulate(z_acc, idx, k)  # (B, C, h, w)
                 offset += n
         else:
-            L = self.seq_len
+            L = sum(self.lengths[:K])
             codes = []
             x = with_prefix(start[:, None] + pos[:1])  # (B2, [T +] 1, D)
             for t in range(L):
-                idx = step(x, t, 1, L)  # (B, 1)
+                idx = step(x, t, 1, self.seq_len)  # (B, 1)
                 codes.append(idx)
                 if t < L - 1:
                     x = self.tok_embed(idx.repeat(B2 // B, 1) + self.code_offset) + pos[t + 1 : t + 2]  # (B2, 1, D)
             codes = torch.cat(codes, dim=1)  # (B, L_img)
-            tokens = [c.view(B, s, s) for c, s in zip(codes.split(self.lengths, dim=1), self.scales)]
+            tokens = [c.view(B, s, s) for c, s in zip(codes.split(self.lengths[:K], dim=1), self.scales)]
         if return_logits:
             return tokens, torch.cat(all_logits, dim=1)  # (B, L_img, V)
         return tokens

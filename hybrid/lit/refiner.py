@@ -5,10 +5,12 @@ so the pipeline finds its weights under the "model." prefix) with the `Diffusion
 `cfg.<stage>` (objective x sampler). EMA weights (`WarmupEMA`) are what checkpoints hold.
 
 - `RefinerModule` (stage "refiner"): x0 = (z - z_q) / residual_std ("residual") or z ("latent"),
-  conditioned on the coarse latent z_q. Repair training: with `refiner.corrupt_prob` > 0 a fraction of
-  the coarse tokens is replaced by near-miss codes (one of the `refiner.corrupt_neighbors` nearest;
-  0 = any code) before z_q is formed, and the target is still the residual to the true z, so the
-  refiner learns to repair AR mistakes.
+  conditioned on the coarse latent z_q. With `refiner.coarse_scales` = N below the tokenizer's scale
+  count, z_q holds scales 1..N only and the residual's std is the refiner's own `target_std`.
+  Repair training: with `refiner.corrupt_prob` > 0 a fraction of the coarse tokens is replaced by
+  near-miss codes (one of the `refiner.corrupt_neighbors` nearest; 0 = any code) before z_q is
+  formed, and the target is still the residual to the true z, so the refiner learns to repair AR
+  mistakes.
 - `DiffusionModule` (stage "diffusion"): the pure-diffusion baseline on the whole latent,
   x0 = (z - latent_mean) / latent_std (the tokenizer's per-channel statistics), no coarse input.
 
@@ -24,7 +26,7 @@ from typing import Any
 import torch
 
 from hybrid.lit.base import TokenizerConsumer, WarmupEMA
-from hybrid.models import build_denoiser, build_diffusion
+from hybrid.models import build_denoiser, build_diffusion, coarse_scales, refiner_target_std
 from hybrid.refiner.diffusion import refiner_compose, refiner_target
 
 
@@ -100,27 +102,49 @@ class RefinerModule(DenoiserStage):
 
     @torch.no_grad()
     def coarse_latent(self, images: torch.Tensor, generator: torch.Generator | None = None):
-        """The tokenizer's output and the z_q the refiner sees (with repair corruption when given a generator)."""
+        """The tokenizer's output and the z_q the refiner sees: the first `refiner.coarse_scales` scales (all by
+        default), with repair corruption when given a generator."""
         enc = self.tokenizer.encode(images)
-        z_q = enc.z_q  # (B, C, h, w)
+        n = coarse_scales(self.cfg, self.tokenizer)
+        indices = enc.indices
         prob = self.section.corrupt_prob
         if generator is not None and prob > 0:
-            indices = self.tokenizer.corrupt_indices(enc.indices, prob, generator,
+            indices = self.tokenizer.corrupt_indices(indices, prob, generator,
                                                      neighbors=self.section.corrupt_neighbors)
-            z_q = self.tokenizer.indices_to_latent(indices)  # (B, C, h, w)
-        return enc, z_q
+        elif n == len(self.tokenizer.scales):
+            return enc, enc.z_q
+        return enc, self.tokenizer.latent_from_scales(indices, n)  # (B, C, h, w)
+
+    @torch.no_grad()
+    def _measure_target_std(self, enc) -> None:
+        """Sets the model's `target_std` (refiners with fewer coarse scales than the tokenizer has) from one
+        batch's uncorrupted residual, averaged over ranks; a resumed or warm-started refiner keeps its own."""
+        std = getattr(self.model, "target_std", None)
+        if std is None or bool((std > 0).all()):
+            return
+        r = enc.z - self.tokenizer.latent_from_scales(enc.indices, coarse_scales(self.cfg, self.tokenizer))
+        var = r.float().var(dim=(0, 2, 3))  # (C,)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(var)
+            var /= torch.distributed.get_world_size()
+        std.copy_(var.sqrt().clamp_min(1e-6))
 
     def targets(self, images, generator):
         enc, z_q = self.coarse_latent(images, generator)
-        x0 = refiner_target(enc.z, z_q, self.tokenizer.residual_std, self.section.target)  # (B, C, h, w)
-        return x0, z_q, enc
+        self._measure_target_std(enc)
+        x0 = refiner_target(enc.z, z_q, refiner_target_std(self.model, self.tokenizer), self.section.target)
+        return x0, z_q, enc  # x0, z_q (B, C, h, w)
+
+    def coarse_of(self, enc) -> torch.Tensor:
+        """The refiner's coarse input from an encoder output (no corruption)."""
+        return self.tokenizer.latent_from_scales(enc.indices, coarse_scales(self.cfg, self.tokenizer))
 
     @torch.no_grad()
     def refine(self, z_q: torch.Tensor, cond=None, steps: int | None = None, generator=None, cfg: float = 1.0):
         """z_q (B, C, h, w) -> the refined latent z (B, C, h, w)."""
         x0 = self.diffusion.sample(self.model, tuple(z_q.shape), z_q, cond, steps or self.section.steps,
                                    generator, cfg=cfg)
-        return refiner_compose(x0, z_q, self.tokenizer.residual_std, self.section.target)
+        return refiner_compose(x0, z_q, refiner_target_std(self.model, self.tokenizer), self.section.target)
 
     def preview_images(self):
         if self._preview is None:
@@ -128,10 +152,11 @@ class RefinerModule(DenoiserStage):
         images = self._preview["image"].to(self.device)
         enc = self.tokenizer.encode(images)
         cond = self.condition_of(self._preview)
-        z = self.refine(enc.z_q, cond, generator=self._preview_generator())
+        z_q = self.coarse_of(enc)
+        z = self.refine(z_q, cond, generator=self._preview_generator())
         decode = self.tokenizer.decode
         # rows: originals / coarse z_q / refined z_q + r / continuous z
-        return {"refine": torch.cat([images, decode(enc.z_q), decode(z), decode(enc.z)]).clamp(-1, 1)}
+        return {"refine": torch.cat([images, decode(z_q), decode(z), decode(enc.z)]).clamp(-1, 1)}
 
 
 class DiffusionModule(DenoiserStage):

@@ -200,6 +200,21 @@ class HybridTokenizer(nn.Module):
         with torch.autocast(indices[0].device.type, enabled=False):
             return self.quantizer.indices_to_latent(indices)
 
+    def latent_from_scales(self, indices: list[torch.Tensor], num_scales: int) -> torch.Tensor:
+        """The latent (B, C, h, w) accumulated from the first `num_scales` index maps alone (the coarse input of a
+        refiner with `refiner.coarse_scales`); num_scales = len(scales) is `indices_to_latent`, 0 a zero latent."""
+        if not 0 <= num_scales <= len(self.scales) or len(indices) < num_scales:
+            raise ValueError(f"tokenizer.latent_from_scales: {num_scales} scales asked, {len(indices)} index maps "
+                             f"given, the tokenizer has {len(self.scales)} scales")
+        if num_scales == len(self.scales):
+            return self.indices_to_latent(list(indices))
+        first = indices[0]
+        z = torch.zeros(first.shape[0], self.latent_channels, self.latent_size, self.latent_size, device=first.device)
+        with torch.autocast(first.device.type, enabled=False):
+            for k in range(num_scales):
+                z = self.accumulate(z, indices[k], k)
+        return z
+
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """latent (B, C, h, w) (z, z_q or z_q + residual) -> images (B, 3, H, W), not clamped."""
         return self.autoencoder.decode(latent)
