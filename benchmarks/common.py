@@ -28,6 +28,33 @@ def config_and_oracle(config: str | None, overrides: list[str]):
         return None, 1
 
 
+def add_judging_arguments(parser, run_dir_help: str, sample_keys: str) -> None:
+    """--run-dir, --config, --out and --sample (generation settings `sample_keys`), shared by the judging benchmarks."""
+    parser.add_argument("--run-dir", required=True, help=run_dir_help)
+    parser.add_argument("--config", default=None, help="experiment YAML (default: configs/default.yaml)")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--sample", default="", help=f"generation settings, comma-separated KEY=VALUE ({sample_keys}); "
+                        "default: the stages' configs")
+
+
+def start_judging(parser, argv: list[str] | None):
+    """A judging benchmark's start (its parser has `add_judging_arguments`; unknown arguments are key=value
+    overrides): (args, generation settings parsed from --sample, resolved config with run_dir set, oracle),
+    or an exit code after printing why (bad --sample or config: 2; no oracle: 1)."""
+    import sys
+
+    from hybrid.pipeline import GenerationSettings
+
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        settings = GenerationSettings.parse(args.sample)
+    except ValueError as err:
+        print(f"error: --sample: {err}", file=sys.stderr)
+        return 2
+    cfg, oracle = config_and_oracle(args.config, [f"run_dir={args.run_dir}", *overrides])
+    return oracle if cfg is None else (args, settings, cfg, oracle)
+
+
 def judge_class_prompts(pipe, oracle, cfg, out_dir, modes, num_samples: int, settings: dict | None = None) -> dict:
     """`train.py stage=eval`'s judgement of a loaded pipeline, class prompts only, no timing:
     {mode: {"fid", "fid_ci", "adherence" (per attribute)}}; PNG grids go to `out_dir`. `settings`:

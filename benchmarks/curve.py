@@ -28,7 +28,13 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
-from benchmarks.common import config_and_oracle, judge_class_prompts, machine, write_result
+from benchmarks.common import (
+    add_judging_arguments,
+    judge_class_prompts,
+    machine,
+    start_judging,
+    write_result,
+)
 
 
 class Snapshots(pl.Callback):
@@ -77,24 +83,14 @@ def settings_tag(settings: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", required=True)
+    add_judging_arguments(parser, "run directory (its AR stage is trained here with snapshots unless it exists)",
+                          "cfg, cfg_schedule, temperature, top_k, top_p, steps, sampler, refiner_cfg")
     parser.add_argument("--at", type=int, nargs="+", required=True, help="AR steps to judge (<= max_steps)")
     parser.add_argument("--num-samples", type=int, default=1000)
-    parser.add_argument("--config", default=None)
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--sample", default="", help="generation settings, comma-separated KEY=VALUE (cfg, "
-                        "cfg_schedule, temperature, top_k, top_p, steps, sampler, refiner_cfg); default: the config's")
-    args, overrides = parser.parse_known_args(argv)
-    from hybrid.pipeline import GenerationSettings
-
-    try:
-        settings = GenerationSettings.parse(args.sample)
-    except ValueError as err:
-        print(f"error: --sample: {err}", file=sys.stderr)
-        return 2
-    cfg, oracle = config_and_oracle(args.config, [f"run_dir={args.run_dir}", *overrides])
-    if cfg is None:
-        return oracle
+    started = start_judging(parser, argv)
+    if isinstance(started, int):
+        return started
+    args, settings, cfg, oracle = started
     from hybrid.checkpoints import final_path, load_checkpoint, sub_state_dict
     from hybrid.lit.runner import fit_stage
     from hybrid.pipeline import HybridPipeline, _load_strict

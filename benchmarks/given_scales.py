@@ -22,7 +22,15 @@ import sys
 
 import torch
 
-from benchmarks.common import config_and_oracle, fmt_ci, heldout_images, heldout_samples, machine, write_result
+from benchmarks.common import (
+    add_judging_arguments,
+    fmt_ci,
+    heldout_images,
+    heldout_samples,
+    machine,
+    start_judging,
+    write_result,
+)
 
 EVAL_SEED = 43_001  # held-out images whose first scales are given
 REAL_SEED = 43_002  # fresh real images for FID
@@ -51,23 +59,14 @@ def decode_given_only(tok, indices: list[torch.Tensor], m: int, batch: int = 250
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.given_scales", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run-dir", required=True, help="run directory with a trained tokenizer and AR")
+    add_judging_arguments(parser, "run directory with a trained tokenizer and AR",
+                          "cfg, cfg_schedule, temperature, top_k, top_p")
     parser.add_argument("--num-images", type=int, default=1000)
-    parser.add_argument("--config", default=None)
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--sample", default="", help="AR sampling settings, comma-separated KEY=VALUE (cfg, "
-                        "cfg_schedule, temperature, top_k, top_p); default: the AR config's")
-    args, overrides = parser.parse_known_args(argv)
-    from hybrid.pipeline import GenerationSettings, HybridPipeline, PipelineError
-
-    try:
-        settings = GenerationSettings.parse(args.sample)
-    except ValueError as err:
-        print(f"error: --sample: {err}", file=sys.stderr)
-        return 2
-    cfg, oracle = config_and_oracle(args.config, [f"run_dir={args.run_dir}", *overrides])
-    if cfg is None:
-        return oracle
+    started = start_judging(parser, argv)
+    if isinstance(started, int):
+        return started
+    args, settings, cfg, oracle = started
+    from hybrid.pipeline import HybridPipeline, PipelineError
     try:
         pipe = HybridPipeline.from_run(args.run_dir)
     except (PipelineError, FileNotFoundError) as err:
