@@ -144,8 +144,11 @@ class OracleConfig:
 
 @dataclass
 class SampleConfig:
-    cfg: float = 2.0  # classifier-free guidance scale
-    cfg_schedule: str = "constant"  # constant | linear (rises over scales/tokens)
+    # cfg 4 rising linearly over the scales (was 2, constant): on the same AR checkpoints (default tokenizer, lr 2e-3,
+    # 1,000 class prompts, version-2 oracle) FID / shape 65.2 / 58.1% against 75.5 / 47.6% after the 1200-step stage,
+    # 88.0 / 23.5% against 93.0 / 22.8% after a 450-step one, 88.5 / 31.3% against 95.5 / 25.3% after a 600-step one
+    cfg: float = 4.0  # classifier-free guidance scale
+    cfg_schedule: str = "linear"  # constant | linear (rises from 1 to cfg over scales/tokens)
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
