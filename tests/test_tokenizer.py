@@ -56,6 +56,8 @@ def test_indices_round_trip_is_exact(phi_ratio):
         assert shares[2].abs().max() > 0  # so m = 2 and m = 3 differ
         with pytest.raises(ValueError, match="4 scales asked"):
             tok.latent_from_scales(out.indices, 4)
+        with pytest.raises(ValueError, match="at least one"):
+            tok.latent_from_scales([], 0)
 
 
 def test_a_token_grid_coarser_than_the_latent_leaves_the_detail_to_the_residual():

@@ -203,9 +203,9 @@ class HybridTokenizer(nn.Module):
     def latent_from_scales(self, indices: list[torch.Tensor], num_scales: int) -> torch.Tensor:
         """The latent (B, C, h, w) accumulated from the first `num_scales` index maps alone (the coarse input of a
         refiner with `refiner.coarse_scales`); num_scales = len(scales) is `indices_to_latent`, 0 a zero latent."""
-        if not 0 <= num_scales <= len(self.scales) or len(indices) < num_scales:
+        if not 0 <= num_scales <= len(self.scales) or len(indices) < max(num_scales, 1):
             raise ValueError(f"tokenizer.latent_from_scales: {num_scales} scales asked, {len(indices)} index maps "
-                             f"given, the tokenizer has {len(self.scales)} scales")
+                             f"given (at least one, for the batch size), the tokenizer has {len(self.scales)} scales")
         if num_scales == len(self.scales):
             return self.indices_to_latent(list(indices))
         first = indices[0]
