@@ -306,7 +306,7 @@ class HybridPipeline:
         if mode == "ar":
             indices = self.ar.generate(ar_cond, self.tokenizer, generator, **self.ar_sampling(s))
             return self.tokenizer.decode(self.tokenizer.indices_to_latent(indices)).clamp(-1, 1), indices
-        n = coarse_scales(self.configs["refiner"], self.tokenizer)  # the AR writes only the scales the refiner reads
+        n = coarse_scales(self.parsed["refiner"], self.tokenizer)  # the AR writes only the scales the refiner reads
         indices = self.ar.generate(ar_cond, self.tokenizer, generator, num_scales=n, **self.ar_sampling(s))
         z_q = self.tokenizer.latent_from_scales(indices, n)
         return self.refine(z_q, classes, prompts, s, generator), indices
