@@ -10,6 +10,8 @@ code) into `--run-dir`, recording the PSNR of both paths on a fixed held-out bat
 - PSNR of the continuous path decode(z) and of the discrete path decode(z_q);
 - reconstruction FID of both paths in oracle features against as many fresh real images, with 95%
   bootstrap intervals (the oracle must be trained: `python -m hybrid.eval.oracle train`);
+- per-attribute adherence of both paths to the held-out images' own attributes (shape, color, ...):
+  the ceiling any generator of this tokenizer's latents can reach, since its samples are decoded alike;
 - codebook usage (codes used / min(codebook size, positions)) and perplexity per scale and pooled;
 - the residual's share of the latent's energy, sum |r|^2 / sum |z|^2;
 - encode + decode images/s at batch 100 (median of 3).
@@ -26,7 +28,16 @@ import time
 import torch
 from pytorch_lightning import Callback
 
-from benchmarks.common import config_and_oracle, disjoint, fmt_ci, heldout_images, machine, median_seconds, write_result
+from benchmarks.common import (
+    config_and_oracle,
+    disjoint,
+    fmt_ci,
+    heldout_images,
+    heldout_samples,
+    machine,
+    median_seconds,
+    write_result,
+)
 
 CURVE_SEED = 31_337
 EVAL_SEED = 31_338
@@ -88,12 +99,14 @@ def reconstruct(tokenizer, images: torch.Tensor, batch_size: int = 250, keep=Non
 @torch.no_grad()
 def measure(tokenizer, oracle, n: int, bootstrap: int = 200) -> dict:
     """The held-out measurements of a trained tokenizer (see the module docstring)."""
+    from hybrid.eval.adherence import adherence
     from hybrid.eval.fid import bootstrap_fid, oracle_features
     from hybrid.tokenizer.quantizer import code_counts, usage_stats
     from hybrid.tokenizer.tokenizer import psnr
 
     size = tokenizer.image_size
-    images = heldout_images(size, n, EVAL_SEED)  # (N, 3, S, S)
+    data = heldout_samples(size, n, EVAL_SEED)
+    images, attrs = data["image"], data["attrs"]  # (N, 3, S, S), {attribute: (N,)}
     counts = torch.zeros(len(tokenizer.scales), tokenizer.codebook_size, dtype=torch.long)
     energy = torch.zeros(2, dtype=torch.float64)  # sum |r|^2, sum |z|^2
 
@@ -114,6 +127,8 @@ def measure(tokenizer, oracle, n: int, bootstrap: int = 200) -> dict:
         "fid_discrete": bootstrap_fid(oracle_features(disc, oracle), real, bootstrap),
         # the floor: real images against other real images
         "fid_real_vs_real": bootstrap_fid(oracle_features(images, oracle), real, bootstrap),
+        "adherence_continuous": adherence(cont, attrs, oracle),
+        "adherence_discrete": adherence(disc, attrs, oracle),
         "usage": usage,
         "residual_energy_share": float(energy[0] / energy[1]),
         "residual_std": tokenizer.residual_std.tolist(),
@@ -202,6 +217,9 @@ def report(r: dict) -> None:
     print(f"  FID continuous              {fmt_ci(r['fid_continuous'])}")
     print(f"  FID discrete                {fmt_ci(r['fid_discrete'])}")
     print(f"  FID real vs real (floor)    {fmt_ci(r['fid_real_vs_real'])}")
+    for path in ("continuous", "discrete"):
+        a = r[f"adherence_{path}"]
+        print(f"  adherence {path:<17s} " + " ".join(f"{k} {100 * v:.1f}%" for k, v in a.items()))
     u = r["usage"]
     scales = sorted(int(k.split("/s")[1]) for k in u if k.startswith("usage/s"))
     print("  usage per scale             " + " ".join(f"{100 * u[f'usage/s{k}']:.0f}%" for k in scales)

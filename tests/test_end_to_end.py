@@ -215,6 +215,24 @@ def test_pipeline_from_explicit_checkpoints_matches_the_run(toy_run, tmp_path):
         HybridPipeline.from_checkpoints(paths["tokenizer"], ar=paths["ar"], refiner=tmp_path / "missing.ckpt")
 
 
+def test_tokenizer_benchmark_judges_both_reconstruction_paths(toy_run, tmp_path):
+    """benchmarks.tokenizer --reuse on the toy run: PSNR, FID and per-attribute adherence of decode(z) and of
+    decode(z_q) against the held-out images' own attributes (the ceiling for any generator of its latents)."""
+    base = toy_run[1]
+    out_json = tmp_path / "tokenizer.json"
+    out = _run(["-m", "benchmarks.tokenizer", "--config", "configs/toy.yaml", "--run-dir", str(toy_run[0]), "--reuse",
+                "--num-images", "48", "--bootstrap", "20", "--out", str(out_json), f"cache_dir={base / 'cache'}"])
+    result = json.loads(out_json.read_text())
+    assert "stage_seconds" not in result  # reused, not trained
+    for path in ("continuous", "discrete"):
+        adh = result[f"adherence_{path}"]
+        assert {"shape", "color", "position", "all"} <= set(adh)
+        assert all(0 <= v <= 1 for v in adh.values())
+        assert f"adherence {path}" in out.stdout
+    # the two paths decode different latents, so their images (and FIDs) differ
+    assert result["fid_continuous"]["fid"] != result["fid_discrete"]["fid"]
+
+
 def test_refiner_benchmark_judges_z_q_z_noise_and_each_sampler_on_a_trained_run(toy_run, tmp_path):
     base = toy_run[1]
     bench_run = _copy_stages(toy_run, tmp_path / "refbench", ("tokenizer", "refiner"))
