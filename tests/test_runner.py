@@ -2,6 +2,7 @@
 
 import os
 import time
+from pathlib import Path
 
 from hybrid.config import load_config
 from hybrid.lit.runner import AppendingCSVLogger, resume_path
@@ -35,3 +36,23 @@ def test_resume_prefers_the_newest_of_hpc_and_last(tmp_path):
     assert resume_path(cfg, "ar") is None  # Lightning picks the newer hpc checkpoint up itself
     os.utime(last, (now + 10, now + 10))
     assert resume_path(cfg, "ar") == str(last)  # a later last.ckpt beats a stale hpc checkpoint
+
+
+def test_bf16_mixed_precision_trains_every_stage_with_gradient_clipping(tmp_path):
+    """bf16-mixed (the GPU default, and a CPU option) with the fused AdamW and `train.grad_clip` on:
+    Lightning's plugin refuses to clip for a fused optimizer, so each stage clips the true gradients itself."""
+    import torch
+
+    from hybrid.checkpoints import load_checkpoint
+    from hybrid.lit.runner import fit_stage
+
+    toy = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
+    steps = [f"{s}.train.max_steps=3" for s in ("tokenizer", "ar", "refiner")]
+    cfg = load_config(toy, [f"run_dir={tmp_path}", "trainer.precision=bf16-mixed", "trainer.accelerator=cpu",
+                            "trainer.progress_bar=false", "ar.token_cache=false", *steps])
+    assert cfg.tokenizer.train.grad_clip > 0 and cfg.ar.train.grad_clip > 0 and cfg.refiner.train.grad_clip > 0
+    for stage in ("tokenizer", "ar", "refiner"):
+        ckpt = load_checkpoint(fit_stage(cfg, stage))
+        assert ckpt["global_step"] == 3, stage
+        weights = [v for v in ckpt["state_dict"].values() if torch.is_floating_point(v)]
+        assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights), stage

@@ -28,6 +28,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EMAWeightAveraging
 from pytorch_lightning.callbacks.weight_averaging import WeightAveraging
+from pytorch_lightning.plugins.precision import MixedPrecision
+from pytorch_lightning.utilities.enums import GradClipAlgorithmType
 
 from hybrid.checkpoints import last_path, load_checkpoint, stage_dir, sub_state_dict, weights_hash
 from hybrid.config import from_dict
@@ -145,10 +147,11 @@ class StageModule(pl.LightningModule):
             save_grid(grid, self.stage_dir / "images" / f"{name}-{self.global_step:06d}.png")
 
     def configure_optimizers(self):
-        # fused: one kernel for all parameters (the default per-parameter loop was ~20x slower on the CPU)
+        # fused: one kernel for all parameters (the default per-parameter loop was ~20x slower on the CPU); not
+        # under fp16's gradient scaler, which must unscale the gradients before they are clipped
         opt = torch.optim.AdamW(
             self.trainable_parameters(), lr=self.tcfg.lr, weight_decay=self.tcfg.weight_decay, betas=(0.9, 0.95),
-            fused=True,
+            fused=not _scales_gradients(self._trainer),
         )
         warmup, total = max(1, self.tcfg.warmup_steps), max(1, self.tcfg.max_steps)
 
@@ -160,6 +163,29 @@ class StageModule(pl.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip as Lightning does, except under a mixed precision without a gradient scaler (bf16-mixed).
+
+        Lightning's mixed-precision plugin refuses to clip for any fused optimizer, because under fp16's
+        scaler the gradients would still be scaled at that point. bf16 has no scaler, so its gradients are
+        the true ones and are clipped here directly; before this, every bf16-mixed run (the GPU default)
+        stopped at its first step.
+        """
+        plugin = self.trainer.precision_plugin
+        by_norm = gradient_clip_algorithm in (None, GradClipAlgorithmType.NORM, "norm")
+        if gradient_clip_val and by_norm and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+
+def _scales_gradients(trainer: pl.Trainer | None) -> bool:
+    """Whether the trainer's precision scales the loss (fp16 mixed precision's GradScaler)."""
+    plugin = getattr(trainer, "precision_plugin", None)
+    return getattr(plugin, "scaler", None) is not None
 
 
 def _batch_size(batch: Any) -> int | None:
