@@ -45,7 +45,7 @@ def _run(out: Path, devices: int, batch: int, nan_rank: int = -1) -> int:
         f"run_dir={out}", "stage=ar", "trainer.accelerator=cpu", f"trainer.devices={devices}",
         f"trainer.strategy={'ddp' if devices > 1 else 'auto'}", "trainer.progress_bar=false",
         "ar.train.max_steps=1", f"ar.train.batch_size={batch}", "ar.train.grad_clip=0", "ar.train.ckpt_every=1",
-        f"ar.train.lr={LR}"])
+        f"ar.train.lr={LR}", "trainer.precision=32-true"])  # fp32: compared with an fp32 step by hand
 
     class Probe(StageModule):
         stage = "ar"

@@ -264,3 +264,25 @@ def test_inception_fid_with_local_random_weights(random_inception_weights):
     assert judge(-images(3, seed=1)) == pytest.approx(other, abs=tol)
     assert judge(images(3, seed=0)) == pytest.approx(same, abs=tol)
     assert judge(-images(3, seed=1)) == pytest.approx(other, abs=tol)
+
+
+def test_oracle_trains_under_bf16_autocast_when_the_precision_says_so(tmp_path):
+    from hybrid.eval.oracle import train_oracle
+
+    def train(precision):
+        cfg = load_config(None, [
+            f"cache_dir={tmp_path}", "data.image_size=16", "tokenizer.scales=[1, 2, 4]", f"trainer.precision={precision}",
+            "oracle.backbone=resnet18",
+            "oracle.backbone_kwargs={channels: [8, 16, 16, 16], layers: [1, 1, 1, 1]}", "oracle.feature_dim=16",
+            "oracle.train.max_steps=3", "oracle.train.batch_size=8", "oracle.train.warmup_steps=1",
+            "oracle.eval_samples=16", "oracle.holdout_samples=8"])
+        oracle, meta = train_oracle(cfg, device="cpu", progress=False)
+        return oracle.state_dict(), meta
+
+    fp32, meta32 = train("32-true")
+    again, _ = train("32-true")
+    bf16, meta16 = train("bf16-mixed")
+    assert meta32["precision"] == "32-true" and meta16["precision"] == "bf16-mixed"
+    assert all(v.dtype != torch.bfloat16 for v in bf16.values())  # the weights stay fp32
+    assert all(torch.equal(fp32[k], again[k]) for k in fp32)  # same precision, same seed: same weights
+    assert any(not torch.equal(fp32[k], bf16[k]) for k in fp32 if fp32[k].is_floating_point())  # bf16 really ran

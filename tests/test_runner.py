@@ -56,3 +56,20 @@ def test_bf16_mixed_precision_trains_every_stage_with_gradient_clipping(tmp_path
         assert ckpt["global_step"] == 3, stage
         weights = [v for v in ckpt["state_dict"].values() if torch.is_floating_point(v)]
         assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights), stage
+
+
+def test_auto_precision_is_bf16_on_gpus_and_on_cpus_with_native_bf16(monkeypatch):
+    import torch
+
+    import hybrid.precision as precision
+
+    cfg = load_config(None, [])
+    assert precision.cpu_has_native_bf16() in (True, False)  # the real probe answers without raising
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert precision.resolve_precision(cfg) == "32-true"
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert precision.resolve_precision(cfg) == "bf16-mixed"
+    assert precision.resolve_precision(load_config(None, ["trainer.precision=32-true"])) == "32-true"
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert precision.resolve_precision(load_config(None, ["trainer.accelerator=gpu"])) == "bf16-mixed"

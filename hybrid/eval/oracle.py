@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 
 from hybrid.data.attributes import ATTRIBUTES, SHAPES
 from hybrid.data.procedural import DATA_VERSION
+from hybrid.precision import resolve_precision
 
 FORMAT = "hybrid-oracle"
 FORMAT_VERSION = 1
@@ -373,6 +374,10 @@ def _train(cfg, device: torch.device, progress: bool) -> tuple[Oracle, dict]:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr)
     max_seconds = tc.max_minutes * 60.0
+    # the forward pass in bf16 where the stages train in it (`trainer.precision`, see hybrid.precision); the
+    # weights, the loss and the evaluation stay fp32
+    precision = resolve_precision(cfg)
+    bf16 = precision.startswith("bf16")
     bar = None
     if progress:
         from tqdm import tqdm
@@ -391,8 +396,9 @@ def _train(cfg, device: torch.device, progress: bool) -> tuple[Oracle, dict]:
         for group in opt.param_groups:
             group["lr"] = tc.lr * _lr_factor(frac, step, tc.warmup_steps)
         images = batch["image"].to(device, non_blocking=True, memory_format=torch.channels_last)  # (B, 3, S, S)
-        logits = oracle(images)
-        losses = {name: F.cross_entropy(logits[name], batch["attrs"][name].to(device)) for name in logits}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = oracle(images)
+        losses = {name: F.cross_entropy(logits[name].float(), batch["attrs"][name].to(device)) for name in logits}
         loss = sum(losses.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -420,7 +426,8 @@ def _train(cfg, device: torch.device, progress: bool) -> tuple[Oracle, dict]:
     t0 = time.time()
     accuracy = evaluate_oracle(oracle, cfg, num_workers=workers)
     meta = {"accuracy": accuracy, "train_seconds": round(train_seconds, 1), "eval_seconds": round(time.time() - t0, 1),
-            "steps": step, "images_seen": images_seen, "device": str(device), "torch": torch.__version__,
+            "steps": step, "images_seen": images_seen, "device": str(device), "precision": "bf16-mixed" if bf16 else
+            "32-true", "torch": torch.__version__,
             "timm": timm.__version__, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "data_version": DATA_VERSION,
             "train_command": _command_line(),
             "config": to_dict(cfg)}

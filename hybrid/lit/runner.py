@@ -31,21 +31,11 @@ from pytorch_lightning.loggers.logger import rank_zero_experiment
 from hybrid.checkpoints import final_path, init_weights, last_path, stage_dir
 from hybrid.config import to_dict
 from hybrid.lit.slurm import slurm_trainer_kwargs
+from hybrid.precision import resolve_precision, uses_gpu
 
 log = logging.getLogger(__name__)
 
 TRAINABLE_STAGES = ("tokenizer", "ar", "refiner", "diffusion")
-
-
-def resolve_precision(cfg) -> str:
-    if cfg.trainer.precision != "auto":
-        return cfg.trainer.precision
-    return "bf16-mixed" if _uses_gpu(cfg) else "32-true"
-
-
-def _uses_gpu(cfg) -> bool:
-    acc = cfg.trainer.accelerator
-    return acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available())
 
 
 def build_module(cfg, stage: str):
@@ -186,7 +176,7 @@ def build_trainer(cfg, stage: str, extra_callbacks=()) -> pl.Trainer:
     except ImportError:
         pass
     strategy = cfg.trainer.strategy
-    if strategy == "ddp" and not _uses_gpu(cfg):
+    if strategy == "ddp" and not uses_gpu(cfg):
         from pytorch_lightning.strategies import DDPStrategy
 
         strategy = DDPStrategy(process_group_backend="gloo")
