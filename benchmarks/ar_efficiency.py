@@ -16,6 +16,8 @@ A stand-in layout (random codebook, bilinear upsampling) replaces the tokenizer:
     backend) divided by its time (forward + backward + grad clipping + AdamW step, batch 64, token
     cache on: indices given, the scale inputs built from them as the LightningModule does), over the
     fp32 matmul FLOP/s of `torch.mm` on 2048x2048 measured in the same run. Target: >= 40% on a CPU.
+    With `--bf16` (the default) the same step is also timed under bf16 autocast (what `trainer.precision
+    =bf16-mixed` does), alternating with fp32 steps: medians of each and their ratio.
 (d) token draw: one categorical draw per token of a batch (sample batch x L_img rows over the
     codebook), `torch.multinomial` (the sampler before 2026-11-27) vs the sampler's inverse-CDF
     `draw_categorical`, timed in alternation; medians.
@@ -218,10 +220,11 @@ def bench_training(args, device) -> dict:
     indices = random_indices(args, args.train_batch, device)
     labels = torch.arange(args.train_batch, device=device) % args.num_classes
 
-    def step():
+    def step(bf16: bool = False):
         with torch.no_grad():
             inputs = layout.next_scale_inputs(indices)  # what the tokenizer does for cached indices
-        loss, _ = model.loss(indices, labels, inputs)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # what bf16-mixed does
+            loss, _ = model.loss(indices, labels, inputs)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -241,7 +244,18 @@ def bench_training(args, device) -> dict:
     sec = statistics.median(times)
     mm = statistics.median([mm_before, mm_after])
     params = sum(p.numel() for p in model.parameters())
-    return {"batch": args.train_batch, "tokens_per_step": args.train_batch * sum(s * s for s in args.scales),
+    precision = None
+    if args.bf16:  # fp32 and bf16-mixed steps in alternation, so both see the same machine load
+        step(bf16=True)
+        side = {"32-true": [], "bf16-mixed": []}
+        for _ in range(args.train_steps):
+            for name in side:
+                side[name].extend(timed(lambda b=name == "bf16-mixed": step(bf16=b), device, 1, warmup=0))
+        precision = {name: statistics.median(t) for name, t in side.items()}
+        precision["speedup"] = precision["32-true"] / precision["bf16-mixed"]
+        precision["times"] = side
+    return {"precision_side_by_side": precision,
+            "batch": args.train_batch, "tokens_per_step": args.train_batch * sum(s * s for s in args.scales),
             "params": params, "flops_per_step": flops, "seconds_per_step": sec, "step_times": times,
             "achieved_flops_per_second": flops / sec, "mm_flops_per_second": mm,
             "mm_flops_per_second_before_after": [mm_before, mm_after], "utilization": flops / sec / mm,
@@ -268,6 +282,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0 = torch's default)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the model for the training step")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="(c) also time the step under bf16 autocast, alternating with fp32")
     p.add_argument("--parts", nargs="+", default=["decode", "sampling", "training", "draw"],
                    choices=["decode", "sampling", "training", "draw"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -317,6 +333,10 @@ def main() -> None:
         rows.append(("(c) achieved / torch.mm 2048^2 FLOP/s",
                      f"{t['achieved_flops_per_second'] / 1e9:.1f} / {t['mm_flops_per_second'] / 1e9:.1f} GFLOP/s"))
         rows.append(("(c) utilization (target >= 40%)", f"{100 * t['utilization']:.1f}%"))
+        if t["precision_side_by_side"]:
+            pr = t["precision_side_by_side"]
+            rows.append(("(c) step time fp32 / bf16-mixed, in alternation",
+                         f"{pr['32-true']:.2f} / {pr['bf16-mixed']:.2f} s ({pr['speedup']:.2f}x)"))
     if "draw" in result:
         d = result["draw"]
         rows.append((f"(d) token draw, {d['rows']} rows x {d['codebook']}: multinomial / inverse CDF",

@@ -79,7 +79,7 @@ class TrainerConfig:
     devices: Any = "auto"  # int, list or "auto"
     num_nodes: int = 1
     strategy: str = "auto"  # auto | ddp | fsdp
-    precision: str = "auto"  # auto = bf16-mixed on GPU and on CPUs with bf16 in hardware, else 32-true (hybrid.precision)
+    precision: str = "auto"  # auto = bf16-mixed on GPU and on CPUs with hardware bf16, else 32-true (hybrid.precision)
     compile: bool = False
     deterministic: bool = False
     progress_bar: bool = True

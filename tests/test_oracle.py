@@ -271,8 +271,8 @@ def test_oracle_trains_under_bf16_autocast_when_the_precision_says_so(tmp_path):
 
     def train(precision):
         cfg = load_config(None, [
-            f"cache_dir={tmp_path}", "data.image_size=16", "tokenizer.scales=[1, 2, 4]", f"trainer.precision={precision}",
-            "oracle.backbone=resnet18",
+            f"cache_dir={tmp_path}", "data.image_size=16", "tokenizer.scales=[1, 2, 4]",
+            f"trainer.precision={precision}", "oracle.backbone=resnet18",
             "oracle.backbone_kwargs={channels: [8, 16, 16, 16], layers: [1, 1, 1, 1]}", "oracle.feature_dim=16",
             "oracle.train.max_steps=3", "oracle.train.batch_size=8", "oracle.train.warmup_steps=1",
             "oracle.eval_samples=16", "oracle.holdout_samples=8"])
