@@ -162,7 +162,7 @@ class SampleConfig:
 class ARConfig:
     order: str = "next_scale"  # next_scale | raster
     condition: str = "class"  # class | text
-    width: int = 192  # 2.9 M params: 1.83 s per batch-64 step on 2 CPU cores (256 wide: ~3 s or more)
+    width: int = 192  # 2.9 M params: a batch-64 step on 2 CPU cores takes 1.28 s in fp32, 0.83 s in bf16-mixed
     depth: int = 6
     heads: int = 4
     mlp_ratio: float = 4.0
