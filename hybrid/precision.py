@@ -1,7 +1,7 @@
 """The numeric precision the stages train in: `trainer.precision`, with `auto` resolved per machine.
 
 `auto` is bf16-mixed on a GPU and on a CPU that multiplies bf16 in hardware (AVX512-BF16 or AMX, as
-torch reports), else fp32 (`32-true`): a CPU without them emulates bf16 and gains nothing. The
+torch reports), else fp32 (`32-true`): elsewhere bf16 is emulated, and its speed was never measured. The
 Lightning stages take the resolved string as the Trainer's `precision`; the oracle's own loop runs
 its forward pass under bf16 autocast when it resolves to a bf16 precision.
 """

@@ -376,8 +376,7 @@ def _train(cfg, device: torch.device, progress: bool) -> tuple[Oracle, dict]:
     max_seconds = tc.max_minutes * 60.0
     # the forward pass in bf16 where the stages train in it (`trainer.precision`, see hybrid.precision); the
     # weights, the loss and the evaluation stay fp32
-    precision = resolve_precision(cfg)
-    bf16 = precision.startswith("bf16")
+    bf16 = resolve_precision(cfg).startswith("bf16")
     bar = None
     if progress:
         from tqdm import tqdm
@@ -426,8 +425,8 @@ def _train(cfg, device: torch.device, progress: bool) -> tuple[Oracle, dict]:
     t0 = time.time()
     accuracy = evaluate_oracle(oracle, cfg, num_workers=workers)
     meta = {"accuracy": accuracy, "train_seconds": round(train_seconds, 1), "eval_seconds": round(time.time() - t0, 1),
-            "steps": step, "images_seen": images_seen, "device": str(device), "precision": "bf16-mixed" if bf16 else
-            "32-true", "torch": torch.__version__,
+            "steps": step, "images_seen": images_seen, "device": str(device),
+            "precision": "bf16-mixed" if bf16 else "32-true", "torch": torch.__version__,
             "timm": timm.__version__, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "data_version": DATA_VERSION,
             "train_command": _command_line(),
             "config": to_dict(cfg)}
