@@ -1,4 +1,4 @@
-"""Runner details: resumed stages keep their earlier log rows; the newest checkpoint wins on resume."""
+"""Runner details: resumed stages keep their earlier log rows; the newest checkpoint wins on resume; precision."""
 
 import os
 import time

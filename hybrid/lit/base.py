@@ -172,9 +172,9 @@ class StageModule(pl.LightningModule):
         the true ones and are clipped here directly; before this, every bf16-mixed run (the GPU default)
         stopped at its first step.
         """
-        plugin = self.trainer.precision_plugin
+        mixed = isinstance(self.trainer.precision_plugin, MixedPrecision)
         by_norm = gradient_clip_algorithm in (None, GradClipAlgorithmType.NORM, "norm")
-        if gradient_clip_val and by_norm and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+        if gradient_clip_val and by_norm and mixed and not _scales_gradients(self.trainer):
             params = [p for group in optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
             return

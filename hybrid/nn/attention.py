@@ -223,8 +223,9 @@ def _cpu_bf16_attention(q, k, v, mask: AttnMask) -> torch.Tensor:
     """bf16 attention on the CPU, computed in fp32 (autocast off, or it would cast back to bf16).
 
     torch's CPU flash kernel is slower in bf16 than in fp32: in the default AR's training step (batch 64,
-    130 tokens, bf16-mixed) its attention took 2.4x the fp32 time, and the whole step ran 1.18 s against
-    0.97 s with fp32 attention (fp32 everywhere: 1.47 s; 2 CPU cores, 2026-11-28).
+    130 tokens, bf16-mixed, fused AdamW) its attention took 2.4x the fp32 time, and the whole step ran
+    1.00 s with bf16 attention against 0.81 s with fp32 attention (fp32 everywhere: 1.29 s; medians of 7,
+    in alternation, 2 CPU cores, 2026-11-28).
     """
     with torch.autocast("cpu", enabled=False):
         out = _sdpa_attention(q.float(), k.float(), v.float(), mask)
