@@ -1,11 +1,15 @@
 """The attention entry point: every mask against a hand-built one, backends agree, no NaN rows."""
 
+import importlib
+
 import pytest
 import torch
 
 from hybrid.nn.attention import AttnMask, attention, resolve_backend, xformers_bias
 from hybrid.nn.blocks import KVCache, TransformerBlock
 from hybrid.nn.embeddings import ByteTextEncoder, encode_text, sincos_2d
+
+attention_module = importlib.import_module("hybrid.nn.attention")  # the package re-exports the function by that name
 
 B, H, D = 2, 2, 8
 
@@ -73,6 +77,25 @@ def test_sdpa_matches_math(name):
     out = attention(q, k, v, mask, backend="sdpa")
     assert torch.isfinite(out).all() and torch.isfinite(ref).all()
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("max_keys", [attention_module.CPU_BF16_MATMUL_MAX_KEYS, 0])  # matmul path, flash path
+@pytest.mark.parametrize("name", list(CASES))
+def test_cpu_bf16_sdpa_matches_fp32_math(name, max_keys, monkeypatch):
+    # bf16 on the CPU takes its own paths (bf16 matmuls around an fp32 softmax up to CPU_BF16_MATMUL_MAX_KEYS
+    # keys, the flash kernel in fp32 beyond): both must agree with the fp32 reference to bf16 precision,
+    # zero the rows that see no key, and pass finite gradients back
+    monkeypatch.setattr(attention_module, "CPU_BF16_MATMUL_MAX_KEYS", max_keys)
+    mask, lq, lk, *_ = CASES[name]
+    q, k, v = qkv(lq, lk)
+    ref = attention(q, k, v, mask, backend="math")
+    qb, kb, vb = (t.to(torch.bfloat16).requires_grad_(True) for t in (q, k, v))
+    out = attention(qb, kb, vb, mask, backend="sdpa")
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+    assert torch.equal(out.float() == 0, ref == 0)  # exactly the rows with no visible key
+    out.float().square().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (qb, kb, vb))
 
 
 def test_fully_masked_rows_are_zero_in_every_backend():

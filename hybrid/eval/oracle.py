@@ -371,8 +371,10 @@ def _train(cfg, device: torch.device, progress: bool) -> tuple[Oracle, dict]:
                         prefetch_factor=4 if workers else None)
     decay = [p for p in oracle.parameters() if p.ndim >= 2]  # no weight decay on norms and biases
     no_decay = [p for p in oracle.parameters() if p.ndim < 2]
+    # fused: one kernel for all parameters, as in the stages (oracle step 0.229 s against 0.237 s, medians of 11
+    # in alternation, 2 CPU cores, 2026-11-28)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr)
+                             {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, fused=True)
     max_seconds = tc.max_minutes * 60.0
     # the forward pass in bf16 where the stages train in it (`trainer.precision`, see hybrid.precision); the
     # weights, the loss and the evaluation stay fp32

@@ -82,7 +82,9 @@ class TransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=affine, eps=1e-6)
         self.attn = SelfAttention(dim, heads, dropout)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=affine, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"), drop=dropout)
+        # exact GELU (was the tanh approximation): on the CPU its forward + backward takes half the time, and the
+        # default AR's bf16 training step 0.86 s against 0.92 s (medians of 9, in alternation, 2 cores, 2026-11-28)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=dropout)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         if cond_dim is not None:
             self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
