@@ -80,7 +80,8 @@ class TrainerConfig:
     num_nodes: int = 1
     strategy: str = "auto"  # auto | ddp | fsdp
     precision: str = "auto"  # auto = bf16-mixed on GPU and on CPUs with hardware bf16, else 32-true (hybrid.precision)
-    compile: bool = False
+    # torch.compile the AR / denoiser training step; auto = on for CPU runs with a C++ compiler (hybrid.precision)
+    compile: Any = "auto"
     deterministic: bool = False
     progress_bar: bool = True
 
@@ -264,6 +265,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("procedural", "shards"),
     "attention.backend": ("auto", "xformers", "sdpa", "math"),
     "trainer.strategy": ("auto", "ddp", "fsdp", "ddp_spawn"),
+    "trainer.compile": ("auto", True, False),
     "tokenizer.loss": ("l1", "mse"),
     "tokenizer.downsample": (4, 8),
     "ar.order": ("next_scale", "raster"),

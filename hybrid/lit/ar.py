@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 from hybrid.checkpoints import atomic_torch_save
 from hybrid.config import to_dict
 from hybrid.data.module import EpochIndexSampler, HybridDataModule, ResumableLoader
-from hybrid.lit.base import TokenizerConsumer
+from hybrid.lit.base import TokenizerConsumer, eager
 from hybrid.lit.refiner import fit_caption
 from hybrid.models import build_ar
 
@@ -172,7 +172,8 @@ class ARModule(TokenizerConsumer):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         indices = self.tokens_of(batch)
-        _, metrics = self.model.loss(indices, self.condition_of(batch), self.scale_inputs(indices))
+        with eager():  # under trainer.compile: no recompilation for eval mode and the validation batch shape
+            _, metrics = self.model.loss(indices, self.condition_of(batch), self.scale_inputs(indices))
         B = indices[0].shape[0]
         self.log("val/loss", metrics["loss"], sync_dist=True, batch_size=B)
         self.log("val/acc", metrics["acc"], sync_dist=True, batch_size=B)

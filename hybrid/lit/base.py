@@ -18,6 +18,7 @@ Subclasses implement `compute_loss(batch) -> (loss, logs)` and optionally `previ
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import zlib
@@ -35,6 +36,14 @@ from hybrid.checkpoints import last_path, load_checkpoint, stage_dir, sub_state_
 from hybrid.config import from_dict
 from hybrid.images import save_grid
 from hybrid.models import build_tokenizer
+from hybrid.precision import resolve_compile
+
+
+def eager():
+    """A context that runs compiled modules eagerly (torch.compiler.set_stance, torch >= 2.6; elsewhere a
+    no-op, and compiled modules may recompile for new shapes)."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if stance is not None else contextlib.nullcontext()
 
 
 class NonFiniteLossError(RuntimeError):
@@ -124,6 +133,30 @@ class StageModule(pl.LightningModule):
             step = "?"
         return f"{path} (step {step})"
 
+    # -- trainer.compile ---------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        if resolve_compile(self.cfg):
+            self.compile_for_training(fallback=self.cfg.trainer.compile == "auto")
+
+    def compile_for_training(self, fallback: bool = False) -> bool:
+        """`trainer.compile` (`auto`: see hybrid.precision): compiles the stage's network (`self.model`) in place
+        with torch.compile, so the training forward and backward run compiled while the weights, the state dict
+        and the checkpoints stay those of the plain module. Previews and validation run eager (`eager()`), so
+        sampling shapes never trigger recompilation. Stages without a `model` (the tokenizer) train eager. With
+        `fallback` (what `auto` asks for) a graph that fails to compile runs eager with a warning instead of
+        stopping the run. Returns whether it compiled.
+        """
+        model = getattr(self, "model", None)
+        if not isinstance(model, torch.nn.Module):
+            print(f"[{self.stage}] trainer.compile: this stage has no network to compile; training eager")
+            return False
+        print(f"[{self.stage}] trainer.compile: compiling {type(model).__name__} (torch.compile); the first steps "
+              "are slow while it compiles")
+        if fallback:
+            torch._dynamo.config.suppress_errors = True
+        model.compile()
+        return True
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         every = self.tcfg.image_every
         step = self.global_step
@@ -140,7 +173,8 @@ class StageModule(pl.LightningModule):
         was_training = self.training
         self.eval()
         try:
-            images = self.preview_images()
+            with eager():
+                images = self.preview_images()
         finally:
             self.train(was_training)
         for name, grid in (images or {}).items():
