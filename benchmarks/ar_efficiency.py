@@ -17,7 +17,9 @@ A stand-in layout (random codebook, bilinear upsampling) replaces the tokenizer:
     cache on: indices given, the scale inputs built from them as the LightningModule does), over the
     fp32 matmul FLOP/s of `torch.mm` on 2048x2048 measured in the same run. Target: >= 40% on a CPU.
     With `--bf16` (the default) the same step is also timed under bf16 autocast (what `trainer.precision
-    =bf16-mixed` does), alternating with fp32 steps: medians of each and their ratio.
+    =bf16-mixed` does), alternating with fp32 steps: medians of each and their ratio. With `--compile`
+    the module is compiled (what `trainer.compile` does) and its step is also timed against the same
+    module run eager (`torch.compiler.set_stance("force_eager")`), in alternation, in bf16 with `--bf16`.
 (d) token draw: one categorical draw per token of a batch (sample batch x L_img rows over the
     codebook), `torch.multinomial` (the sampler before 2026-11-27) vs the sampler's inverse-CDF
     `draw_categorical`, timed in alternation; medians.
@@ -254,7 +256,24 @@ def bench_training(args, device) -> dict:
         precision = {name: statistics.median(t) for name, t in side.items()}
         precision["speedup"] = precision["32-true"] / precision["bf16-mixed"]
         precision["times"] = side
-    return {"precision_side_by_side": precision,
+    compiled = None
+    if args.compile:  # the compiled step and the same module run eager, in alternation (bf16 when --bf16)
+        from hybrid.lit.base import eager  # noqa: PLC0415 - Lightning import only for this part
+
+        def eager_step():
+            with eager():
+                step(bf16=args.bf16)
+
+        eager_step()
+        side = {"compiled": [], "eager": []}
+        for _ in range(args.train_steps):
+            side["compiled"].extend(timed(lambda: step(bf16=args.bf16), device, 1, warmup=0))
+            side["eager"].extend(timed(eager_step, device, 1, warmup=0))
+        compiled = {name: statistics.median(t) for name, t in side.items()}
+        compiled["speedup"] = compiled["eager"] / compiled["compiled"]
+        compiled["precision"] = "bf16-mixed" if args.bf16 else "32-true"
+        compiled["times"] = side
+    return {"precision_side_by_side": precision, "compile_side_by_side": compiled,
             "batch": args.train_batch, "tokens_per_step": args.train_batch * sum(s * s for s in args.scales),
             "params": params, "flops_per_step": flops, "seconds_per_step": sec, "step_times": times,
             "achieved_flops_per_second": flops / sec, "mm_flops_per_second": mm,
@@ -281,7 +300,8 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=3, help="timed training steps (after one warm-up)")
     p.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0 = torch's default)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the model for the training step")
+                   help="torch.compile the model for the training step, and time it against the same module run "
+                        "eager, in alternation")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                    help="(c) also time the step under bf16 autocast, alternating with fp32")
     p.add_argument("--parts", nargs="+", default=["decode", "sampling", "training", "draw"],
@@ -337,6 +357,10 @@ def main() -> None:
             pr = t["precision_side_by_side"]
             rows.append(("(c) step time fp32 / bf16-mixed, in alternation",
                          f"{pr['32-true']:.2f} / {pr['bf16-mixed']:.2f} s ({pr['speedup']:.2f}x)"))
+        if t.get("compile_side_by_side"):
+            co = t["compile_side_by_side"]
+            rows.append((f"(c) step time eager / compiled ({co['precision']}), in alternation",
+                         f"{co['eager']:.2f} / {co['compiled']:.2f} s ({co['speedup']:.2f}x)"))
     if "draw" in result:
         d = result["draw"]
         rows.append((f"(d) token draw, {d['rows']} rows x {d['codebook']}: multinomial / inverse CDF",

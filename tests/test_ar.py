@@ -493,7 +493,7 @@ def test_kv_cache_equals_full_forward_on_cuda(order, condition):
     assert torch.isfinite(loss) and all(t.device.type == "cuda" for t in guided)
 
 
-def test_ar_efficiency_benchmark_times_fp32_and_bf16_steps_side_by_side(tmp_path):
+def test_ar_efficiency_benchmark_times_fp32_bf16_and_compiled_steps_side_by_side(tmp_path):
     import json
     import subprocess
     import sys
@@ -503,11 +503,15 @@ def test_ar_efficiency_benchmark_times_fp32_and_bf16_steps_side_by_side(tmp_path
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-m", "benchmarks.ar_efficiency", "--out", str(out), "--width", "16", "--depth",
                     "1", "--heads", "2", "--scales", "1", "2", "--codebook", "16", "--channels", "4", "--train-batch",
-                    "4", "--train-steps", "2", "--parts", "training", "--device", "cpu"],
+                    "4", "--train-steps", "2", "--parts", "training", "--device", "cpu", "--compile"],
                    cwd=root, check=True, capture_output=True, text=True)
     training = json.loads(out.read_text())["training"]
     side = training["precision_side_by_side"]
     assert [len(side["times"][k]) for k in ("32-true", "bf16-mixed")] == [2, 2]
     assert side["32-true"] > 0 and side["bf16-mixed"] > 0
     assert side["speedup"] == pytest.approx(side["32-true"] / side["bf16-mixed"])
+    compiled = training["compile_side_by_side"]
+    assert compiled["precision"] == "bf16-mixed"
+    assert [len(compiled["times"][k]) for k in ("compiled", "eager")] == [2, 2]
+    assert compiled["speedup"] == pytest.approx(compiled["eager"] / compiled["compiled"])
     assert training["flops_per_step"] > 0
