@@ -6,9 +6,11 @@ Lightning stages take the resolved string as the Trainer's `precision`; the orac
 its forward pass under bf16 autocast when it resolves to a bf16 precision.
 
 `trainer.compile: auto` compiles the AR and denoiser networks' training step (torch.compile) on a
-CPU-only run when a C++ compiler is on the PATH (inductor's CPU backend needs one): there the default
-AR stage ran 0.76 s/step compiled against 0.88 s eager (bf16-mixed, 2 cores, 2026-11-28). It stays off on
-GPUs, where it has not been measured in this project; `trainer.compile=true` turns it on anywhere.
+CPU-only run when a C++ compiler is on the PATH (inductor's CPU backend needs one). Measured on 2 cores
+in bf16-mixed (2026-11-28): the default AR stage ran 0.76 s/step compiled against 0.86 s eager (the
+steady epochs of one 160-step run each), and the benchmark's step 0.69 against 0.74 s in alternation
+(`benchmarks.ar_efficiency --compile`). It stays off on GPUs, where it has not been measured in this
+project; `trainer.compile=true` turns it on anywhere.
 """
 
 from __future__ import annotations
