@@ -227,7 +227,14 @@ def test_ensure_oracle_trains_once_and_caches(tmp_path, capsys):
     assert set(ATTRIBUTES) <= set(acc["fresh"]) and acc["fresh"]["n"] == 16 and acc["holdout"]["n"] == 8
     assert oracle.meta["steps"] == 3 and oracle.meta["config"]["oracle"]["feature_dim"] == 16
     mtime = path.stat().st_mtime
+    capsys.readouterr()
     assert ensure_oracle(cfg, device="cpu") == path and path.stat().st_mtime == mtime  # cached
+    assert capsys.readouterr().out.strip() == f"using the cached oracle {path}"
+    # a changed training recipe keeps the cache (the file name names only size and data version), but says so
+    other = cfg.copy()
+    other.oracle.train.batch_size = 4
+    assert ensure_oracle(other, device="cpu") == path and path.stat().st_mtime == mtime
+    assert "trained with different oracle.train.batch_size (8 there, 4 here)" in capsys.readouterr().out
 
 
 def test_an_oracle_of_older_data_is_not_picked_up_and_warns_when_loaded(tmp_path):

@@ -487,8 +487,26 @@ def _report_cached(cfg, path: Path) -> None:
     built = meta.get("model", {})
     wanted = build_oracle_args(cfg)
     diff = [k for k in wanted if built.get(k) != wanted[k]]
-    note = f" (built with different {', '.join(diff)}; retrain with stage=oracle retrain=true)" if diff else ""
+    trained, recipe = _recipe((meta.get("config") or {}).get("oracle") or {}), _recipe(_plain(cfg.oracle))
+    changed = [f"oracle.{k} ({trained[k]} there, {recipe[k]} here)" for k in recipe
+               if k in trained and trained[k] != recipe[k]]
+    parts = ([f"built with different {', '.join(diff)}"] if diff else []) + (
+        [f"trained with different {', '.join(changed)}"] if changed else [])
+    note = f" ({'; '.join(parts)}; retrain with stage=oracle retrain=true)" if parts else ""
     print(f"using the cached oracle {path}{note}")
+
+
+# The oracle keys that change what it learns (its file name names only the image size and the data version).
+RECIPE_KEYS = ("glyph_prob", "exclude_holdout", "holdout")
+RECIPE_TRAIN_KEYS = ("max_steps", "max_minutes", "lr", "weight_decay", "warmup_steps", "batch_size", "grad_clip")
+
+
+def _recipe(oracle: dict) -> dict:
+    """The training recipe in an `oracle` config section (plain dict): flat 'key' / 'train.key' -> value."""
+    out = {k: oracle[k] for k in RECIPE_KEYS if k in oracle}
+    train = oracle.get("train") or {}
+    out.update({f"train.{k}": train[k] for k in RECIPE_TRAIN_KEYS if k in train})
+    return out
 
 
 def build_oracle_args(cfg) -> dict:
