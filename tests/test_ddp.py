@@ -33,7 +33,7 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
 
 
-def _run(out: Path, devices: int, batch: int, nan_rank: int = -1) -> int:
+def _run(out: Path, devices: int, batch: int, nan_rank: int = -1, compile_: bool = False) -> int:
     """One training step of a probe StageModule (MSE on fixed data, SGD) with the runner's Trainer."""
     from torch.utils.data import DataLoader, Dataset
 
@@ -45,7 +45,8 @@ def _run(out: Path, devices: int, batch: int, nan_rank: int = -1) -> int:
         f"run_dir={out}", "stage=ar", "trainer.accelerator=cpu", f"trainer.devices={devices}",
         f"trainer.strategy={'ddp' if devices > 1 else 'auto'}", "trainer.progress_bar=false",
         "ar.train.max_steps=1", f"ar.train.batch_size={batch}", "ar.train.grad_clip=0", "ar.train.ckpt_every=1",
-        f"ar.train.lr={LR}", "trainer.precision=32-true"])  # fp32: compared with an fp32 step by hand
+        f"ar.train.lr={LR}", "trainer.precision=32-true",  # fp32: compared with an fp32 step by hand
+        f"trainer.compile={str(compile_).lower()}"])
 
     class Probe(StageModule):
         stage = "ar"
@@ -83,21 +84,24 @@ def _run(out: Path, devices: int, batch: int, nan_rank: int = -1) -> int:
     return 0
 
 
-def _train(tmp_path: Path, name: str, devices: int, batch: int, nan_rank: int = -1):
+def _train(tmp_path: Path, name: str, devices: int, batch: int, nan_rank: int = -1, compile_: bool = False):
     out = tmp_path / name
     out.mkdir()
     return out, subprocess.run([sys.executable, str(Path(__file__).resolve()), str(out), str(devices), str(batch),
-                                str(nan_rank)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                                str(nan_rank), str(int(compile_))], cwd=ROOT, capture_output=True, text=True,
+                               timeout=300)
 
 
 @pytest.mark.slow
-def test_two_processes_with_batch_b_step_like_one_with_batch_2b(tmp_path):
-    one, single = _train(tmp_path, "one", devices=1, batch=2 * B)
-    two, ddp = _train(tmp_path, "two", devices=2, batch=B)
+@pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compiled"])  # trainer.compile under DDP too
+def test_two_processes_with_batch_b_step_like_one_with_batch_2b(tmp_path, compile_):
+    one, single = _train(tmp_path, "one", devices=1, batch=2 * B, compile_=compile_)
+    two, ddp = _train(tmp_path, "two", devices=2, batch=B, compile_=compile_)
     for proc in (single, ddp):
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert f"[ar] global batch size {2 * B} ({2 * B} per device x 1 device(s) x 1)" in single.stdout
     assert f"[ar] global batch size {2 * B} ({B} per device x 2 device(s) x 1)" in ddp.stdout
+    assert ("[ar] trainer.compile: compiling" in ddp.stdout) == compile_
     w1 = torch.load(one / "weights.pt", weights_only=True)
     w2 = torch.load(two / "weights.pt", weights_only=True)
 
@@ -127,8 +131,8 @@ def test_nan_on_one_rank_stops_both_ranks(tmp_path):
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     torch.set_num_threads(1)
-    out_dir, n_devices, batch_size, nan_at = sys.argv[1:5]
-    code = _run(Path(out_dir), int(n_devices), int(batch_size), int(nan_at))
+    out_dir, n_devices, batch_size, nan_at, compiled = sys.argv[1:6]
+    code = _run(Path(out_dir), int(n_devices), int(batch_size), int(nan_at), bool(int(compiled)))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     sys.exit(code)
