@@ -6,7 +6,7 @@
   and a checkpoint with non-finite weights is refused before it is written; the error names the
   stage, the step and the last good checkpoint on disk); per-step random generators derived from
   (seed, global step, rank), so noise does not depend on how often a run was interrupted; PNG grids
-  in `<stage dir>/images/`.
+  in `<stage dir>/images/` (drawn eager); `trainer.compile` (the stage's `model` compiled for training).
 - `TokenizerConsumer`: a stage that reads the frozen tokenizer (AR, refiner, diffusion). It keeps the
   tokenizer as a frozen submodule (so its checkpoint is self-contained) and records the tokenizer
   checkpoint's path and weight hash.
