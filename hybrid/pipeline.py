@@ -284,20 +284,53 @@ class HybridPipeline:
         (refiner / diffusion). The same seed gives the same images; `generator` overrides `seed`.
         """
         s = GenerationSettings(**settings)
-        if classes is not None and not isinstance(classes, torch.Tensor):
-            classes = torch.tensor(list(classes), dtype=torch.long)
+        classes = _as_ids(classes)
         n = self._check_request(classes, prompts, mode)
         if generator is None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         images, tokens = [], []
-        for start in range(0, n, batch_size):
-            part_classes = classes[start : start + batch_size] if classes is not None else None
-            part_prompts = prompts[start : start + batch_size] if prompts is not None else None
+        for part_classes, part_prompts in _batches(classes, prompts, n, batch_size):
             out = self._generate_batch(part_classes, part_prompts, mode, s, generator)
             images.append(out[0])
             tokens.append(out[1])
         images = torch.cat(images)
         return (images, tokens) if return_tokens else images
+
+    @property
+    def hybrid_shares_ar_tokens(self) -> bool:
+        """Whether the `hybrid` mode draws every token scale exactly as the `ar` mode does (the refiner reads
+        all scales, `refiner.coarse_scales` 0): then one AR pass serves both (`ar_and_hybrid`)."""
+        return "hybrid" in self.modes and coarse_scales(self.parsed["refiner"], self.tokenizer) == len(
+            self.tokenizer.scales)
+
+    @torch.no_grad()
+    def ar_and_hybrid(self, classes=None, prompts=None, seed: int = 0, batch_size: int = 16,
+                      generator: torch.Generator | None = None, **settings: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ar images, hybrid images) for one request from a single AR pass per batch.
+
+        The hybrid images are what `self(..., mode="hybrid")` returns for the same seed; the ar images
+        decode the same tokens without the refiner (a paired comparison of the refiner), for the cost
+        of one AR pass instead of two. A request of one batch gives exactly `self(..., mode="ar")`'s
+        images too: each batch draws its tokens first and the refiner's noise after them, so only
+        later batches' tokens depend on the mode. Needs `hybrid_shares_ar_tokens`.
+        """
+        if not self.hybrid_shares_ar_tokens:
+            raise PipelineError("ar_and_hybrid needs the ar and hybrid modes with a refiner that reads every "
+                                "token scale (refiner.coarse_scales 0); generate each mode on its own instead")
+        s = GenerationSettings(**settings)
+        classes = _as_ids(classes)
+        self._check_request(classes, prompts, "ar")
+        n = self._check_request(classes, prompts, "hybrid")
+        if generator is None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        ar_images, hybrid_images = [], []
+        for part_classes, part_prompts in _batches(classes, prompts, n, batch_size):
+            ar_cond = self._condition_for("ar", self.ar, part_classes, part_prompts)
+            indices = self.ar.generate(ar_cond, self.tokenizer, generator, **self.ar_sampling(s))
+            z_q = self.tokenizer.indices_to_latent(indices)
+            ar_images.append(self.tokenizer.decode(z_q).clamp(-1, 1))
+            hybrid_images.append(self.refine(z_q, part_classes, part_prompts, s, generator))
+        return torch.cat(ar_images), torch.cat(hybrid_images)
 
     def _generate_batch(self, classes, prompts, mode, s: GenerationSettings, generator):
         if mode == "diffusion":
@@ -352,6 +385,20 @@ class HybridPipeline:
         )
         z = self.tokenizer.unstandardize(x0)  # standardised latent -> z
         return self.tokenizer.decode(z).clamp(-1, 1)
+
+
+def _as_ids(classes) -> torch.Tensor | None:
+    """Class ids as a long tensor (None stays None)."""
+    if classes is None or isinstance(classes, torch.Tensor):
+        return classes
+    return torch.tensor(list(classes), dtype=torch.long)
+
+
+def _batches(classes: torch.Tensor | None, prompts: list[str] | None, n: int, batch_size: int):
+    """(class ids, prompts) per batch of `batch_size` requests; the side not given stays None."""
+    for start in range(0, n, batch_size):
+        yield (classes[start : start + batch_size] if classes is not None else None,
+               prompts[start : start + batch_size] if prompts is not None else None)
 
 
 def _null_condition(model, batch: int, device):

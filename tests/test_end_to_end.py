@@ -119,6 +119,29 @@ def test_export_loads_and_gives_the_same_images(toy_run):
     assert not (base / "s-export" / "0000.png").exists()
 
 
+def test_one_ar_pass_gives_the_ar_and_hybrid_images_of_two(toy_run):
+    """The evaluation draws the ar and hybrid images from one AR pass: the hybrid mode's images, and its tokens
+    decoded without the refiner, which are the ar mode's images batch for batch (a short last batch included)."""
+    from hybrid.eval.evaluate import _generate, _generate_modes
+    from hybrid.pipeline import HybridPipeline
+
+    pipe = HybridPipeline.from_run(toy_run[0])
+    assert pipe.hybrid_shares_ar_tokens
+    classes = [0, 5, 9, 2, 7]
+    ar, hybrid = pipe.ar_and_hybrid(classes=classes, seed=4, batch_size=2, steps=2)
+    expected, tokens = pipe(classes=classes, mode="hybrid", seed=4, batch_size=2, steps=2, return_tokens=True)
+    assert torch.equal(hybrid, expected)
+    decoded = torch.cat([pipe.tokenizer.decode(pipe.tokenizer.indices_to_latent(t)).clamp(-1, 1) for t in tokens])
+    assert torch.equal(ar, decoded)
+    assert not torch.equal(ar, hybrid)  # the refiner did add something
+    one_batch = pipe.ar_and_hybrid(classes=classes[:2], seed=4, batch_size=2, steps=2)
+    assert torch.equal(one_batch[0], pipe(classes=classes[:2], mode="ar", seed=4, batch_size=2))
+    # the evaluation asks batch by batch, each with its own seed: both modes' images are exactly the separate ones
+    both = _generate_modes(pipe, ["ar", "hybrid"], 2, {"steps": 2}, classes=torch.tensor(classes))
+    for mode in ("ar", "hybrid"):
+        assert torch.equal(both[mode], _generate(pipe, mode, 2, mode, {"steps": 2}, classes=torch.tensor(classes)))
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [
@@ -275,6 +298,16 @@ def test_a_refiner_of_the_first_scales_trains_benchmarks_samples_and_exports(toy
     a = pipe(classes=[0, 5], mode="hybrid", seed=3, steps=2)
     assert torch.equal(a, loaded(classes=[0, 5], mode="hybrid", seed=3, steps=2))
     assert a.shape == (2, 3, 16, 16) and bool(torch.isfinite(a).all())
+    # its AR writes 2 scales in hybrid mode, so the evaluation cannot share the ar mode's pass: it asks twice
+    from hybrid.eval.evaluate import _generate_modes
+    from hybrid.pipeline import PipelineError
+
+    assert not pipe.hybrid_shares_ar_tokens
+    with pytest.raises(PipelineError, match="coarse_scales"):
+        pipe.ar_and_hybrid(classes=[0, 5], seed=3)
+    both = _generate_modes(pipe, ["ar", "hybrid"], 2, {"steps": 2}, classes=torch.tensor([0, 5]))
+    assert torch.equal(both["hybrid"], pipe(classes=[0, 5], mode="hybrid", seed=0, batch_size=2, steps=2))
+    assert torch.equal(both["ar"], pipe(classes=[0, 5], mode="ar", seed=0, batch_size=2))
 
 
 def test_given_scales_benchmark_keeps_the_given_codes(toy_run, tmp_path):

@@ -57,6 +57,27 @@ def _generate(pipe, mode: str, batch_size: int, desc: str, settings: dict | None
     return torch.cat(out)
 
 
+def _generate_modes(pipe, modes, batch_size: int, settings: dict | None = None, suffix: str = "",
+                    **request) -> dict[str, torch.Tensor]:
+    """{mode: images} for one request, each mode as `_generate` makes it. `ar` and `hybrid` come from one
+    AR pass (`HybridPipeline.ar_and_hybrid`, the same images as two passes) when the pipeline allows it."""
+    modes = list(modes)
+    out = {}
+    if "ar" in modes and "hybrid" in modes and pipe.hybrid_shares_ar_tokens:
+        key = "classes" if "classes" in request else "prompts"
+        items = request[key]
+        pairs = []
+        for start in tqdm(range(0, len(items), batch_size), desc=f"eval ar+hybrid{suffix}", leave=False, unit="batch"):
+            pairs.append(pipe.ar_and_hybrid(**{key: items[start : start + batch_size]}, seed=start,
+                                            batch_size=batch_size, **(settings or {})))
+        out["ar"] = torch.cat([a.cpu() for a, _ in pairs])
+        out["hybrid"] = torch.cat([h.cpu() for _, h in pairs])
+    for mode in modes:
+        if mode not in out:
+            out[mode] = _generate(pipe, mode, batch_size, f"eval {mode}{suffix}", settings, **request)
+    return out
+
+
 def measure_speed(pipe, mode: str, classes: torch.Tensor | None, repeats: int = 3,
                   prompts: list[str] | None = None, **settings) -> dict:
     """images/s at batch 16 and ms/image at batch 1, medians of `repeats` after a warm-up, for the first
@@ -124,21 +145,24 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
         if inception is not None:
             metrics["tokenizer"]["inception_fid"] = inception(recon_c)
 
-    for mode in _generating_modes(pipe, modes):
-        text_model = _condition(pipe, mode) == "text"
-        images = _generate(pipe, mode, batch_size, f"eval {mode}", settings, classes=requests["classes"])
+    generating = _generating_modes(pipe, modes)
+    text_modes = [m for m in generating if _condition(pipe, m) == "text"]
+    class_images = _generate_modes(pipe, generating, batch_size, settings, classes=requests["classes"])
+    text_images = _generate_modes(pipe, text_modes, batch_size, settings, " text", prompts=requests["captions"])
+    glyph_images = _generate_modes(pipe, text_modes, batch_size, settings, " glyphs",
+                                   prompts=glyph_requests["captions"])
+    for mode in generating:
+        text_model = mode in text_modes
+        images = class_images.pop(mode)
         entry = _fid_fields(bootstrap_fid(oracle_features(images, oracle), real_feats, bootstrap))
         if inception is not None:
             entry["inception_fid"] = inception(images)
         entry["adherence"] = {"class": adherence(images, class_request_attrs(requests["attrs"]), oracle)}
         save_grid(images[:64], run_dir / "eval" / f"{mode}-class.png")
         if text_model:
-            text_images = _generate(pipe, mode, batch_size, f"eval {mode} text", settings, prompts=requests["captions"])
-            entry["adherence"]["text"] = adherence(text_images, requests["attrs"], oracle)
-            glyph_images = _generate(pipe, mode, batch_size, f"eval {mode} glyphs", settings,
-                                     prompts=glyph_requests["captions"])
-            entry["glyph_accuracy"] = glyph_accuracy(glyph_images, glyph_requests["attrs"], oracle)
-            save_grid(text_images[:64], run_dir / "eval" / f"{mode}-text.png")
+            entry["adherence"]["text"] = adherence(text_images[mode], requests["attrs"], oracle)
+            entry["glyph_accuracy"] = glyph_accuracy(glyph_images[mode], glyph_requests["attrs"], oracle)
+            save_grid(text_images[mode][:64], run_dir / "eval" / f"{mode}-text.png")
         else:
             entry["adherence"]["text"] = None
             entry["glyph_accuracy"] = None
@@ -232,13 +256,23 @@ def evaluate_shards_run(run_dir, real: dict, batch_size: int = 100,
                                 "fid_discrete": inception(recon_d) if inception else None,
                                 "psnr_continuous": _psnr(recon_c, images), "psnr_discrete": _psnr(recon_d, images),
                                 "params": {"tokenizer": counts["tokenizer"]}}
-    for mode in _generating_modes(pipe, modes):
+    generating = _generating_modes(pipe, modes)
+    requests = {}
+    for mode in generating:
         condition = _condition(pipe, mode)
         if condition == "class" and bool((classes < 0).any()):
             raise ValueError(f"evaluation shards '{real_source}' have samples without a class id; a class-conditioned "
                              f"{mode} model needs one per image")
-        request = {"prompts": real["captions"]} if condition == "text" else {"classes": classes}
-        fake = _generate(pipe, mode, batch_size, f"eval {mode}", **request)
+        requests[mode] = {"prompts": real["captions"]} if condition == "text" else {"classes": classes}
+    fakes = {}
+    for condition in ("text", "class", "none"):  # modes asked for the same request share one call (ar + hybrid)
+        same = [m for m in generating if _condition(pipe, m) == condition]
+        if same:
+            fakes.update(_generate_modes(pipe, same, batch_size, **requests[same[0]]))
+    for mode in generating:
+        condition = _condition(pipe, mode)
+        request = requests[mode]
+        fake = fakes.pop(mode)
         entry = {**fid_fields(fake), "adherence": None, "glyph_accuracy": None}
         save_grid(fake[:64], run_dir / "eval" / f"{mode}-{'text' if condition == 'text' else 'class'}.png")
         if timing:
