@@ -119,11 +119,13 @@ class TokenizerConfig:
     ema_decay: float = 0.99  # EMA codebook decay
     phi_ratio: float = 0.0  # VAR-style shared refinement conv on upsampled codes; 0 = none (0.5 with pretrained)
     checkpoint: str = ""  # use this tokenizer checkpoint instead of the run's own
-    # 900 steps: the stage fits its 8-minute budget on a 2-core CPU (~0.2 s/step at batch 64, 2.9-3.3 min measured
-    # 2026-11-28). lr 3e-3 (was 1e-3), measured at 900 steps on 5,000 held-out images (benchmarks.tokenizer,
-    # version-2 oracle), decode(z_q) FID / shape adherence: 1e-3 62.4 [59.2, 65.2] / 75.2%, 2e-3 48.2 / 82.2%,
-    # 3e-3 44.3 [41.9, 46.5] / 84.7%, 4e-3 41.3 / 85.0% (seed 1: 37.2 / 85.3%); 8e-3 diverged near step 250,
-    # so 3e-3 keeps a margin below it
+    # 900 steps: the stage fits its 8-minute budget on a 2-core CPU (~0.17 s/step at batch 64 in bf16). Longer
+    # tokenizers give much better FID (2400 steps: decode(z_q) FID 12.7, shape 93.9%, against 44.3 / 84.7%), but
+    # within the default experiment's 30 minutes their time comes off the AR stage: 1500 tokenizer + 800 AR steps
+    # scored AR FID 34.8 against 42.9 and shape 52.2% against 63.8% (README, "The 30-minute default", 2026-11-28).
+    # lr 3e-3 (was 1e-3), measured at 900 steps on 5,000 held-out images (benchmarks.tokenizer, version-2 oracle),
+    # decode(z_q) FID / shape adherence: 1e-3 62.4 [59.2, 65.2] / 75.2%, 2e-3 48.2 / 82.2%, 3e-3 44.3 [41.9, 46.5] /
+    # 84.7%, 4e-3 41.3 / 85.0% (seed 1: 37.2 / 85.3%); 8e-3 diverged near step 250, so 3e-3 keeps a margin below it
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=900, lr=3e-3))
 
 
@@ -182,7 +184,9 @@ class ARConfig:
     # lr 4e-3 (was 2e-3): the complete 1200-step stage on the lr-3e-3 tokenizer, one run each (2026-11-28, 1,000 class
     # prompts, cfg 4 linear), at 600 / 900 / 1200 steps shape 42.1 / 58.0 / 65.7% against 36.7 / 49.6 / 54.1%,
     # color 95.1% against 91.4% and FID 47.4 [42.4, 51.8] against 51.8 [47.0, 57.0] at 1200; stable, no seed repeat
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1200, lr=4e-3, weight_decay=0.05))
+    # 1000 steps (was 1200), for the default experiment's 30-minute budget: two 1000-step seeds scored shape 60.4 /
+    # 65.8%, FID 44.23 / 42.96 against one 1200-step run's 64.2%, 43.02, judged alike (1,000 class prompts, 2026-11-28)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1000, lr=4e-3, weight_decay=0.05))
 
 
 @dataclass
@@ -215,7 +219,8 @@ class RefinerConfig(DenoiserConfig):
     # first training batch and saved with the weights (`target_std`)
     coarse_scales: int = 0
     corrupt_neighbors: int = 8  # a replacement is one of the k codes nearest the true one; 0 = any code
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1200, lr=5e-4))
+    # 900 steps (was 1200), for the default experiment's 30-minute budget; at 1200 the refiner did not beat z_q either
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=900, lr=5e-4))
 
 
 @dataclass
