@@ -122,7 +122,7 @@ class TokenizerConfig:
     # 900 steps: the stage fits its 8-minute budget on a 2-core CPU (~0.17 s/step at batch 64 in bf16). Longer
     # tokenizers give much better FID (2400 steps: decode(z_q) FID 12.7, shape 93.9%, against 44.3 / 84.7%), but
     # within the default experiment's 30 minutes their time comes off the AR stage: 1500 tokenizer + 800 AR steps
-    # scored AR FID 34.8 against 42.9 and shape 52.2% against 63.8% (README, "The 30-minute default", 2026-11-28).
+    # scored AR FID 34.8 against 44.5 and shape 52.2% against 58.6% (README, "The 30-minute default", 2026-11-28).
     # lr 3e-3 (was 1e-3), measured at 900 steps on 5,000 held-out images (benchmarks.tokenizer, version-2 oracle),
     # decode(z_q) FID / shape adherence: 1e-3 62.4 [59.2, 65.2] / 75.2%, 2e-3 48.2 / 82.2%, 3e-3 44.3 [41.9, 46.5] /
     # 84.7%, 4e-3 41.3 / 85.0% (seed 1: 37.2 / 85.3%); 8e-3 diverged near step 250, so 3e-3 keeps a margin below it
