@@ -47,14 +47,18 @@ def class_request_attrs(attrs: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {k: (v if k in ("shape", "color") else torch.full_like(v, -1)) for k, v in attrs.items()}
 
 
-def _generate(pipe, mode: str, batch_size: int, desc: str, settings: dict | None = None, **request) -> torch.Tensor:
+def _per_batch(batch_size: int, desc: str, request: dict):
+    """(seed, {"classes" or "prompts": one batch of them}) with a progress bar. The seed is the batch's first
+    index, so every mode is asked the same requests with the same seeds."""
     key = "classes" if "classes" in request else "prompts"
     items = request[key]
-    out = []
     for start in tqdm(range(0, len(items), batch_size), desc=desc, leave=False, unit="batch"):
-        part = items[start : start + batch_size]
-        out.append(pipe(**{key: part}, mode=mode, seed=start, batch_size=batch_size, **(settings or {})).cpu())
-    return torch.cat(out)
+        yield start, {key: items[start : start + batch_size]}
+
+
+def _generate(pipe, mode: str, batch_size: int, desc: str, settings: dict | None = None, **request) -> torch.Tensor:
+    return torch.cat([pipe(**part, mode=mode, seed=seed, batch_size=batch_size, **(settings or {})).cpu()
+                      for seed, part in _per_batch(batch_size, desc, request)])
 
 
 def _generate_modes(pipe, modes, batch_size: int, settings: dict | None = None, suffix: str = "",
@@ -64,12 +68,8 @@ def _generate_modes(pipe, modes, batch_size: int, settings: dict | None = None, 
     modes = list(modes)
     out = {}
     if "ar" in modes and "hybrid" in modes and pipe.hybrid_shares_ar_tokens:
-        key = "classes" if "classes" in request else "prompts"
-        items = request[key]
-        pairs = []
-        for start in tqdm(range(0, len(items), batch_size), desc=f"eval ar+hybrid{suffix}", leave=False, unit="batch"):
-            pairs.append(pipe.ar_and_hybrid(**{key: items[start : start + batch_size]}, seed=start,
-                                            batch_size=batch_size, **(settings or {})))
+        pairs = [pipe.ar_and_hybrid(**part, seed=seed, batch_size=batch_size, **(settings or {}))
+                 for seed, part in _per_batch(batch_size, f"eval ar+hybrid{suffix}", request)]
         out["ar"] = torch.cat([a.cpu() for a, _ in pairs])
         out["hybrid"] = torch.cat([h.cpu() for _, h in pairs])
     for mode in modes:
