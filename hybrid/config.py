@@ -135,7 +135,7 @@ class OracleConfig:
     feature_dim: int = 128  # pre-logit feature vector (the FID space)
     stem_stride: int = 2  # ResNets: stem downsamples by 1 or 2 instead of 4 (small inputs); 0 = model's own stem
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
-    path: str = ""  # empty = <cache_dir>/oracle-<image_size>.safetensors
+    path: str = ""  # empty = <cache_dir>/oracle-<image_size>-data<version>.safetensors (hybrid.eval.oracle)
     # color:shape pairs whose accuracy is measured and stored separately: the pairs composition tests
     # hold out of the generators' data (data.holdout). The oracle itself trains on them unless
     # exclude_holdout: an oracle that never saw them learns color->shape shortcuts (measured: shape
