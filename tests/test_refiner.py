@@ -198,6 +198,7 @@ def test_guidance_runs_cond_and_null_in_one_batch():
     # cfg = 0 keeps only the null branch: it equals unguided sampling with the null condition.
     torch.testing.assert_close(sample(cond, 0.0), sample(model.null_condition(cond), 1.0))
     assert not torch.allclose(sample(cond, 3.0), sample(cond, 1.0))
+    assert torch.equal(sample(cond, None), sample(cond, 1.0))  # None (a setting left unset) is unguided
 
 
 @pytest.mark.parametrize("arch", ["dit", "mlp"])

@@ -275,14 +275,14 @@ class Diffusion:
         cond=None,
         steps: int = 4,
         generator: torch.Generator | None = None,
-        cfg: float = 1.0,
+        cfg: float | None = 1.0,
         sampler: str | None = None,
         device: torch.device | str | None = None,
     ) -> torch.Tensor:
         """Samples x0 (shape = (B, C, h, w)) in `steps` steps from pure noise.
 
         z_q (B, C, h, w) for a refiner; cond as the model takes it; `cfg` > 1 runs the conditional and
-        the null condition in one doubled batch and mixes: null + cfg * (cond - null). The device is
+        the null condition in one doubled batch and mixes: null + cfg * (cond - null); None or 1 is unguided. The device is
         z_q's, else `device`, else the model's. All noise comes from `generator`.
         """
         if steps < 1:
@@ -294,7 +294,7 @@ class Diffusion:
         B = shape[0]
         if hasattr(model, "prepare_condition"):
             cond = model.prepare_condition(cond, device)
-        guided = cfg != 1.0 and cond is not None and getattr(model, "condition", "none") != "none"
+        guided = cfg is not None and cfg != 1.0 and cond is not None and getattr(model, "condition", "none") != "none"
         if guided:
             cond_in = model.cat_condition(cond, model.null_condition(cond))  # 2B
             z_in = torch.cat([z_q, z_q]) if z_q is not None else None  # (2B, C, h, w)
