@@ -23,6 +23,7 @@ from hybrid.eval.fid import (
     frechet_distance,
     inception_fid,
     oracle_fid_metric,
+    paired_fid_difference,
 )
 from hybrid.eval.oracle import Oracle, ensure_oracle, load_oracle, main, oracle_path, save_oracle, sidecar_path
 
@@ -110,6 +111,29 @@ def test_bootstrap_ci_contains_point_estimate():
     assert bootstrap_fid(a, b, bootstrap=50, seed=0)["ci"] == out["ci"]  # seeded
     self_out = bootstrap_fid(a, a, bootstrap=20)
     assert self_out["ci"][0] <= self_out["fid"] <= self_out["ci"][1]
+
+
+def test_paired_fid_difference_sees_a_shift_the_marginal_intervals_cannot():
+    """A small shift applied to every row of a set: the two sets' own FID intervals overlap, the paired
+    interval of their difference excludes 0, and identical sets differ by exactly 0."""
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(400, 8, generator=g)
+    a = torch.randn(400, 8, generator=g)
+    b = a.clone()
+    b[:, 0] += 0.3  # b is a, slightly worse, row for row
+    fa, fb = bootstrap_fid(a, real, bootstrap=100), bootstrap_fid(b, real, bootstrap=100)
+    assert fb["ci"][0] < fa["ci"][1]  # the marginal intervals overlap
+    out = paired_fid_difference(b, a, real, bootstrap=100)
+    assert out["difference"] == pytest.approx(fb["fid"] - fa["fid"]) and out["difference"] > 0
+    assert 0 < out["ci"][0] <= out["difference"] <= out["ci"][1]
+    assert out["fid_a"] == pytest.approx(fb["fid"]) and out["n"] == 400
+    same = paired_fid_difference(a, a, real, bootstrap=20)
+    assert same["difference"] == 0 and same["ci"] == [0.0, 0.0]
+    # two independent draws of one distribution: the interval holds 0
+    other = paired_fid_difference(torch.randn(400, 8, generator=g), a, real, bootstrap=100)
+    assert other["ci"][0] < 0 < other["ci"][1]
+    with pytest.raises(ValueError, match="same shape"):
+        paired_fid_difference(a[:300], a, real)
 
 
 class _Identity(nn.Module):
