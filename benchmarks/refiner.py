@@ -131,15 +131,21 @@ def measure_refiner(refiner, z_q, classes, steps_list, judge, result) -> str:
             entry = judge(refined)
             entry["images_per_s"] = n / seconds  # refine + decode, batch 250
             result["ablation"][f"{sampler}/{steps}"] = entry
-            print(f"refined {sampler:5s} {steps} steps  FID {fmt_ci(entry['fid'])}  "
+            print(f"refined {sampler:5s} {steps} steps  FID {fmt_ci(entry['fid'])}{vs_z_q(entry)}  "
                   f"adherence(all) {100 * entry['adherence']['all']:.1f}%  {entry['images_per_s']:.0f} img/s")
     default_key = f"{rcfg.sampler}/{rcfg.steps}"
     if default_key not in result["ablation"]:
         result["ablation"][default_key] = judge(refine_all(refiner, z_q, classes, rcfg.steps, rcfg.sampler))
-    raw = load_stage(refiner.checkpoint_path, "refiner", raw=True)
-    result["raw_weights"] = {"setting": default_key, **judge(refine_all(raw, z_q, classes, rcfg.steps, rcfg.sampler))}
-    print(f"raw weights {default_key}  FID {fmt_ci(result['raw_weights']['fid'])} "
-          f"(EMA: {fmt_ci(result['ablation'][default_key]['fid'])})")
+    try:
+        raw = load_stage(refiner.checkpoint_path, "refiner", raw=True)
+    except ValueError as err:  # e.g. a run whose last.ckpt is a later or earlier snapshot: the rest still counts
+        result["raw_weights"] = None
+        print(f"raw weights: not measured ({err})")
+    else:
+        result["raw_weights"] = {"setting": default_key,
+                                 **judge(refine_all(raw, z_q, classes, rcfg.steps, rcfg.sampler))}
+        print(f"raw weights {default_key}  FID {fmt_ci(result['raw_weights']['fid'])} "
+              f"(EMA: {fmt_ci(result['ablation'][default_key]['fid'])})")
     result["refiner_params"] = sum(p.numel() for p in refiner.model.parameters())
     result["refiner_forward_ms_per_image"] = forward_ms_per_image(refiner, coarse=True)
     return default_key
@@ -163,7 +169,7 @@ def main(argv=None) -> int:
 
     from hybrid.checkpoints import final_path
     from hybrid.eval.adherence import adherence
-    from hybrid.eval.fid import bootstrap_fid, oracle_features
+    from hybrid.eval.fid import bootstrap_fid, oracle_features, paired_fid_difference
     from hybrid.lit.runner import fit_stage
 
     overrides = [*args.overrides, f"run_dir={args.run_dir}"]
@@ -191,9 +197,17 @@ def main(argv=None) -> int:
     images, classes, attrs = data["image"], data["class_id"], data["attrs"]
     real = oracle_features(heldout_images(tok.image_size, args.num_images, REAL_SEED), oracle)
 
-    def judge(fake: torch.Tensor) -> dict:
-        return {"fid": bootstrap_fid(oracle_features(fake, oracle), real, args.bootstrap),
-                "adherence": adherence(fake, attrs, oracle)}
+    z_q_features = []  # decode(z_q)'s, once judged: every later row of the same images is paired with it
+
+    def judge(fake: torch.Tensor, paired: bool = True) -> dict:
+        feats = oracle_features(fake, oracle)
+        out = {"fid": bootstrap_fid(feats, real, args.bootstrap), "adherence": adherence(fake, attrs, oracle)}
+        if not z_q_features:  # the first row judged is decode(z_q)
+            z_q_features.append(feats)
+        elif paired:  # the same held-out images, row for row: FID(row) - FID(z_q), paired interval
+            diff = paired_fid_difference(feats, z_q_features[0], real, args.bootstrap)
+            out["fid_vs_z_q"] = {"difference": diff["difference"], "ci": diff["ci"]}
+        return out
 
     with torch.no_grad():
         enc = [tok.encode(images[i:i + 250]) for i in range(0, images.shape[0], 250)]
@@ -204,7 +218,7 @@ def main(argv=None) -> int:
         result["z"] = judge(decode(z))
         result["z_q_plus_noise"] = judge(decode(noise_residual(z_q, tok.residual_std)))
     print(f"decode(z_q)  FID {fmt_ci(result['z_q']['fid'])}")
-    print(f"decode(z)    FID {fmt_ci(result['z']['fid'])}")
+    print(f"decode(z)    FID {fmt_ci(result['z']['fid'])}{vs_z_q(result['z'])}")
     print(f"decode(z_q + noise of the residual's scale)  FID {fmt_ci(result['z_q_plus_noise']['fid'])}")
     steps_list = [int(s) for s in args.steps.split(",")]
     if args.refiner:
@@ -224,7 +238,7 @@ def main(argv=None) -> int:
                               "params": sum(p.numel() for p in base.model.parameters()),
                               "forward_ms_per_image": forward_ms_per_image(base, coarse=False), "steps": {}}
         for steps in [int(s) for s in args.baseline_steps.split(",")]:
-            entry = judge(sample_baseline(base, classes, steps))
+            entry = judge(sample_baseline(base, classes, steps), paired=False)
             entry["images_per_s"] = 16 / median_seconds(lambda s=steps: sample_baseline(base, classes[:16], s))
             result["baseline"]["steps"][str(steps)] = entry
             print(f"baseline {steps:2d} steps  FID {fmt_ci(entry['fid'])}  {entry['images_per_s']:.1f} img/s (b16)")
@@ -234,17 +248,25 @@ def main(argv=None) -> int:
     return 0
 
 
+def vs_z_q(entry: dict) -> str:
+    """' (vs z_q -1.23 [-1.50, -0.90], paired)' from a judged row, or '' when it has no paired difference."""
+    d = entry.get("fid_vs_z_q")
+    return f" (vs z_q {d['difference']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}], paired)" if d else ""
+
+
 def targets(r: dict, default_key: str, steps_list: list[int]) -> dict:
     refined = r["ablation"][default_key]
     attrs = [k for k in r["z_q"]["adherence"] if k != "all"]
     out = {
         f"refined({default_key})_fid_below_z_q_outside_ci": disjoint(refined["fid"], r["z_q"]["fid"]),
+        f"refined({default_key})_fid_below_z_q_by_paired_interval": refined["fid_vs_z_q"]["ci"][1] < 0,
         f"refined({default_key})_fid_below_z_q_plus_noise": refined["fid"]["fid"] < r["z_q_plus_noise"]["fid"]["fid"],
         "refined_adherence_no_lower_than_z_q": all(
             refined["adherence"][a] >= r["z_q"]["adherence"][a] for a in attrs),
-        "ema_fid_below_raw": refined["fid"]["fid"] < r["raw_weights"]["fid"]["fid"],
-        "ema_fid_below_raw_outside_ci": disjoint(refined["fid"], r["raw_weights"]["fid"]),
     }
+    if r["raw_weights"] is not None:
+        out["ema_fid_below_raw"] = refined["fid"]["fid"] < r["raw_weights"]["fid"]["fid"]
+        out["ema_fid_below_raw_outside_ci"] = disjoint(refined["fid"], r["raw_weights"]["fid"])
     if 4 in steps_list and 8 in steps_list:
         for sampler in {k.split("/")[0] for k in r["ablation"]}:
             four, eight = r["ablation"][f"{sampler}/4"]["fid"], r["ablation"][f"{sampler}/8"]["fid"]

@@ -25,7 +25,8 @@ checked against the +-20% the issue asks (diffusion vs AR + refiner) and the ver
 Evaluation (oracle features, class prompts drawn like the validation data):
 1. a sweep of guidance (`--cfg-sweep`: the AR's guidance for `ar`, `raster` and `hybrid`, the
    denoiser's for `diffusion`) and of samplers (`--samplers`, denoiser systems), `--sweep-samples`
-   images each, at each system's default step count; the best FID picks the setting;
+   images each, at each system's fewest steps (its cheapest setting: 1 refiner step, 10 baseline
+   steps by default); the best FID picks the setting;
 2. at that setting, every step count (`--refiner-steps` for the hybrid, `--diffusion-steps` for the
    baseline) with `--seeds` seeds of `--num-samples` images each: FID with a 95% bootstrap interval
    over the pooled seeds (and the FID of each seed), per-attribute adherence, images/s at batch 16,
@@ -340,6 +341,17 @@ class Judge:
         return {"fid": pooled["fid"], "fid_ci": pooled["ci"], "fid_n": pooled["n"], "fid_per_seed": per_seed,
                 "adherence": adh}
 
+    def paired(self, first: tuple, second: tuple) -> dict:
+        """FID(first) - FID(second) with a paired bootstrap interval (`fid.paired_fid_difference`): both
+        answer the same requests with the same seeds, row for row. Each is (pipe, tag, mode, settings);
+        their image sets come from the cache `measure` filled."""
+        from hybrid.eval.fid import paired_fid_difference
+
+        feats = [torch.cat([self.sample_set(pipe, tag, mode, settings, s)["features"] for s in range(self.seeds)])
+                 for pipe, tag, mode, settings in (first, second)]
+        out = paired_fid_difference(feats[0], feats[1], self.real[: feats[0].shape[0]], self.bootstrap)
+        return {"difference": out["difference"], "ci": out["ci"], "n": out["n"]}
+
     # -- cost ---------------------------------------------------------------------------------
     def cost(self, pipe, mode: str, settings: dict) -> dict:
         """images/s (batch 16), ms/image (batch 1), network evaluations and FLOPs per image."""
@@ -435,11 +447,11 @@ def run(args, cfg, oracle) -> dict:
         start = time.perf_counter()
         pipe, tag = pipes[system]
         mode = MODE[system]
-        default_steps = {"hybrid": cfg.refiner.steps, "diffusion": cfg.diffusion.steps}.get(system)
+        fewest_steps = min(step_list(system, args), key=lambda s: s or 0)  # None for the AR systems
         # 1. the sweep
         sweep = []
         for cand in candidates(system, cfg, args.cfg_sweep, args.samplers):
-            settings = with_steps(cand, default_steps)
+            settings = with_steps(cand, fewest_steps)
             entry = judge.sample_set(pipe, tag, mode, settings, seed=0, n=args.sweep_samples)
             fid = judge.fid([entry])
             sweep.append({"settings": settings, "fid": fid["fid"], "fid_ci": fid["ci"]})
@@ -467,6 +479,12 @@ def run(args, cfg, oracle) -> dict:
         result["systems"][system]["params"] = system_params(pipe, system)
         eval_seconds[system] = time.perf_counter() - start
 
+    if "hybrid" in result["systems"] and "ar" in result["systems"]:
+        # The hybrid against pure AR on the same requests and seeds (and, at the same AR settings, the same
+        # tokens): the paired interval judges the refiner's own effect, which the two FIDs' intervals blur.
+        ar_set = (*pipes["ar"], MODE["ar"], op_row(result["systems"]["ar"])["settings"])
+        for row in result["systems"]["hybrid"]["rows"]:
+            row["fid_vs_ar"] = judge.paired((*pipes["hybrid"], MODE["hybrid"], row["settings"]), ar_set)
     start = time.perf_counter()
     halves = load_pipes(run_dir, stages, which="half")
     for system, entry in result["systems"].items():
@@ -572,6 +590,10 @@ def verdicts(systems: dict, side_by_side: dict | None = None) -> dict:
         better = h["fid_ci"][1] < a["fid_ci"][0]
         out["hybrid_vs_ar"] = {"fid_better_outside_interval": better, "ar_over_hybrid_speed": slower,
                                "met": bool(better and slower <= 1.5)}
+        if h.get("fid_vs_ar"):  # the paired test, beside the target's own (the two FIDs' intervals)
+            paired = h["fid_vs_ar"]
+            out["hybrid_vs_ar"]["paired_difference"] = paired
+            out["hybrid_vs_ar"]["fid_better_by_paired_interval"] = bool(paired["ci"][1] < 0)
     return out
 
 
@@ -609,6 +631,12 @@ def markdown(result: dict) -> str:
                          f"| {pct(r['adherence'].get('shape'))} | {pct(r['adherence'].get('color'))} "
                          f"| {r['images_per_s']:.1f} | {r['ms_per_image_b1']:.1f} | {r['sequential_evals']} "
                          f"| {r['flops_per_image'] / 1e9:.3f} |")
+    hybrid_rows = [r for r in result["systems"].get("hybrid", {}).get("rows", []) if r.get("fid_vs_ar")]
+    if hybrid_rows:
+        lines += ["", "FID(hybrid) - FID(pure AR) on the same requests and seeds, paired 95% interval: "
+                  + "; ".join(f"{r['steps']} steps {r['fid_vs_ar']['difference']:+.2f} "
+                              f"[{r['fid_vs_ar']['ci'][0]:+.2f}, {r['fid_vs_ar']['ci'][1]:+.2f}]"
+                              for r in hybrid_rows) + "."]
     lines += ["", "## Fairness (diffusion baseline vs AR + refiner)", ""]
     for what, f in result["fairness"].items():
         lines.append(f"- {what}: {f['diffusion']:.4g} vs {f['hybrid']:.4g} (ratio {f['ratio']:.2f}, "
@@ -656,6 +684,13 @@ def markdown(result: dict) -> str:
         lines.append(f"- hybrid vs pure AR: FID better outside the interval: {x['fid_better_outside_interval']}; "
                      f"AR is {x['ar_over_hybrid_speed']:.2f}x the hybrid's images/s (target <= 1.5x) -> "
                      f"{'met' if x['met'] else 'NOT met'}")
+        if "paired_difference" in x:
+            d = x["paired_difference"]
+            lines.append(f"  - paired (the same requests and seeds): FID(hybrid) - FID(AR) = {d['difference']:+.2f} "
+                         f"[{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] -> the hybrid is "
+                         + ("better" if x["fid_better_by_paired_interval"] else
+                            "worse" if d["ci"][0] > 0 else "not distinguishable")
+                         + " by the paired interval")
     lines += ["", "## The debate, measured (each system at its operating point)", "",
               "| | " + " | ".join(s["label"] for s in result["systems"].values()) + " |",
               "|---|" + "---|" * len(result["systems"])]

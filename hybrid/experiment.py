@@ -122,6 +122,10 @@ def print_summary(cfg, seconds: float) -> None:
                 print(f"  {mode:10s} FID {values['fid']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]")
             else:
                 print(f"  {mode:10s} FID {values['fid']:.2f} ({values.get('fid_judge') or 'oracle'})")
+            if values.get("fid_vs_ar"):
+                d = values["fid_vs_ar"]
+                print(f"  {'':10s} {mode} - ar {d['difference']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] "
+                      "(paired: the same requests; below 0 outside the interval, the refiner helps)")
         print(f"  all metrics: {metrics}")
     if (run_dir / "ar" / "final.ckpt").is_file():
         print(f"sample with: python sample.py --run {run_dir} --class 0 -n 16 --out {run_dir}/samples")

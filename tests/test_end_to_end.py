@@ -56,6 +56,9 @@ def test_train_writes_every_stage_and_metrics(toy_run):
         assert set(entry["adherence"]["class"]) >= {"shape", "color"}
         assert entry["images_per_s"] > 0 and entry["ms_per_image_b1"] > 0
     assert metrics["hybrid"]["params"]["refiner"] > 0
+    paired = metrics["hybrid"]["fid_vs_ar"]  # the refiner's effect, judged on the same requests
+    assert paired["difference"] == pytest.approx(metrics["hybrid"]["fid"] - metrics["ar"]["fid"])
+    assert paired["ci"][0] <= paired["difference"] <= paired["ci"][1] and paired["same_tokens"] is True
     assert "sample.py" in stdout  # the summary says how to sample
 
 
@@ -272,6 +275,13 @@ def test_refiner_benchmark_judges_z_q_z_noise_and_each_sampler_on_a_trained_run(
     # the floor row really adds noise: its images, and so its FID, differ from z_q's
     assert result["z_q_plus_noise"]["fid"]["fid"] != result["z_q"]["fid"]["fid"]
     assert "refined(ddim/2)_fid_below_z_q_plus_noise" in result["targets"]
+    # every later row is judged against decode(z_q) of the same images too, paired
+    assert "fid_vs_z_q" not in result["z_q"]
+    for entry in [result["z"], result["z_q_plus_noise"], *result["ablation"].values()]:
+        paired = entry["fid_vs_z_q"]
+        assert paired["difference"] == pytest.approx(entry["fid"]["fid"] - result["z_q"]["fid"]["fid"])
+        assert paired["ci"][0] <= paired["difference"] <= paired["ci"][1]
+    assert "refined(ddim/2)_fid_below_z_q_by_paired_interval" in result["targets"]
     assert "noise of the residual's scale" in out.stdout
 
 
@@ -423,6 +433,17 @@ def test_showdown_trains_every_system_and_measures_them_side_by_side(toy_run, tm
     assert set(sbs) == set(systems) and all(v > 0 for v in sbs.values())
     assert why["speedup"] == pytest.approx(sbs["hybrid"] / sbs["diffusion"])
     assert result["verdicts"]["hybrid_vs_ar"]["ar_over_hybrid_speed"] == pytest.approx(sbs["ar"] / sbs["hybrid"])
+    # each hybrid row against pure AR's operating point, paired (the same requests and seeds)
+    op_fid = None
+    for row in systems["hybrid"]["rows"]:
+        paired = row["fid_vs_ar"]
+        ar_fid = next(r["fid"] for r in systems["ar"]["rows"])
+        assert paired["difference"] == pytest.approx(row["fid"] - ar_fid) and paired["n"] == 64
+        assert paired["ci"][0] <= paired["difference"] <= paired["ci"][1]
+        if row["steps"] == systems["hybrid"]["operating_point"]:
+            op_fid = paired
+    assert result["verdicts"]["hybrid_vs_ar"]["paired_difference"] == op_fid
+    assert "paired 95% interval" in (out_dir / "showdown.md").read_text()
     for name in ("showdown.md", "fid_vs_speed.png", "fid_vs_refiner_steps.png"):
         assert (out_dir / name).is_file(), name
     assert "The debate, measured" in (out_dir / "showdown.md").read_text()

@@ -5,7 +5,10 @@ decode the AR's z_q), `hybrid` (AR + refiner), `diffusion` (when trained) — ea
 `fid_ci` (oracle features, `eval.num_samples` images against as many fresh real ones, 95% bootstrap
 interval), `adherence` ({"class": per-attribute accuracy for class prompts, "text": for full-caption
 prompts}, text only for text-conditioned models), `glyph_accuracy` (glyph prompts), `images_per_s`
-(batch 16), `ms_per_image_b1`, and `params` (per stage of that mode).
+(batch 16), `ms_per_image_b1`, and `params` (per stage of that mode). `hybrid` also has `fid_vs_ar`:
+FID(hybrid) - FID(ar) on the same class requests row for row (the same AR tokens when the refiner reads
+every scale, `same_tokens`), with a paired bootstrap interval (`fid.paired_fid_difference`): below 0
+outside the interval, the refiner measurably helps.
 
 Requests are drawn like the validation data (fixed seed), so FID compares like with like: class
 prompts carry the first object's shape and color; text prompts name every attribute.
@@ -115,7 +118,7 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
     temperature, top_k, ...); None = each stage's config defaults."""
     from hybrid.data.procedural import ProceduralDataset
     from hybrid.eval.adherence import adherence, glyph_accuracy
-    from hybrid.eval.fid import InceptionJudge, bootstrap_fid, oracle_features, real_images
+    from hybrid.eval.fid import InceptionJudge, bootstrap_fid, oracle_features, paired_fid_difference, real_images
     from hybrid.pipeline import HybridPipeline
 
     run_dir = Path(run_dir)
@@ -151,10 +154,12 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
     text_images = _generate_modes(pipe, text_modes, batch_size, settings, " text", prompts=requests["captions"])
     glyph_images = _generate_modes(pipe, text_modes, batch_size, settings, " glyphs",
                                    prompts=glyph_requests["captions"])
+    features = {}
     for mode in generating:
         text_model = mode in text_modes
         images = class_images.pop(mode)
-        entry = _fid_fields(bootstrap_fid(oracle_features(images, oracle), real_feats, bootstrap))
+        features[mode] = oracle_features(images, oracle)
+        entry = _fid_fields(bootstrap_fid(features[mode], real_feats, bootstrap))
         if inception is not None:
             entry["inception_fid"] = inception(images)
         entry["adherence"] = {"class": adherence(images, class_request_attrs(requests["attrs"]), oracle)}
@@ -170,6 +175,12 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
             entry.update(measure_speed(pipe, mode, requests["classes"], **(settings or {})))
         entry["params"] = _mode_params(mode, counts)
         metrics[mode] = entry
+    if "ar" in features and "hybrid" in features:
+        # The same class requests, row for row (and, when the refiner reads every scale, the same tokens):
+        # whether the refiner changes FID, judged on the difference itself.
+        paired = paired_fid_difference(features["hybrid"], features["ar"], real_feats, bootstrap)
+        metrics["hybrid"]["fid_vs_ar"] = {"difference": paired["difference"], "ci": paired["ci"],
+                                          "same_tokens": pipe.hybrid_shares_ar_tokens}
     return metrics
 
 
