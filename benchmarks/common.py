@@ -66,8 +66,11 @@ def judge_class_prompts(pipe, oracle, cfg, out_dir, modes, num_samples: int, set
     metrics = evaluate_run(out_dir, oracle, num_samples=num_samples, batch_size=cfg.eval.batch_size,
                            bootstrap=cfg.eval.bootstrap, modes=tuple(modes), real_kwargs=real_kwargs, timing=False,
                            pipe=pipe, settings=settings)
-    return {mode: {"fid": metrics[mode]["fid"], "fid_ci": metrics[mode]["fid_ci"],
-                   "adherence": metrics[mode]["adherence"]["class"]} for mode in modes}
+    out = {mode: {"fid": metrics[mode]["fid"], "fid_ci": metrics[mode]["fid_ci"],
+                  "adherence": metrics[mode]["adherence"]["class"]} for mode in modes}
+    if "fid_vs_ar" in metrics.get("hybrid", {}):
+        out["hybrid"]["fid_vs_ar"] = metrics["hybrid"]["fid_vs_ar"]  # paired: the same requests (and tokens)
+    return out
 
 
 def machine() -> dict:

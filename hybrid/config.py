@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -232,6 +232,39 @@ class DiffusionConfig(DenoiserConfig):
 
 
 @dataclass
+class GenerationSettings:
+    """Per-call sampling settings (the pipeline's keywords, `sample.py`'s flags, `eval.settings`); None = the
+    stage's config default."""
+
+    cfg: float | None = None  # AR classifier-free guidance
+    cfg_schedule: str | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    steps: int | None = None  # refiner / diffusion steps
+    sampler: str | None = None
+    refiner_cfg: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> dict[str, Any]:
+        """"cfg=4,temperature=0.5,top_k=10" -> {"cfg": 4.0, "temperature": 0.5, "top_k": 10}, typed by
+        the field; an unknown key, a missing '=' or a value of the wrong type is a ValueError naming it."""
+        kinds = {f.name: str(f.type) for f in fields(cls)}
+        out: dict[str, Any] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            key, sep, value = part.partition("=")
+            key = key.strip()
+            if not sep or key not in kinds:
+                raise ValueError(f"generation setting '{part}': expected KEY=VALUE with KEY one of {', '.join(kinds)}")
+            kind = int if kinds[key].startswith("int") else float if kinds[key].startswith("float") else str
+            try:
+                out[key] = kind(value.strip())
+            except ValueError:
+                raise ValueError(f"generation setting '{part}': {key} takes {kind.__name__}, got '{value}'") from None
+        return out
+
+
+@dataclass
 class EvalConfig:
     num_samples: int = 2000
     batch_size: int = 100
@@ -241,6 +274,9 @@ class EvalConfig:
     # FID beside the oracle's; with data.source=shards it is the only FID (the oracle judges the
     # procedural data only). Nothing is downloaded.
     inception_weights: str = ""
+    # Generation settings for every judged mode, as `GenerationSettings.parse` reads them: "steps=1" (refiner
+    # or diffusion steps), "cfg=3,temperature=0.9", ...; empty = each stage's own config.
+    settings: str = ""
 
 
 @dataclass
@@ -419,6 +455,10 @@ def validate(cfg: DictConfig) -> None:
                 f"model; choose one of {', '.join(ok)}")
         if sec.steps < 1:
             raise ConfigError(f"config key '{name}.steps' must be >= 1, got {sec.steps}")
+    try:
+        GenerationSettings.parse(cfg.eval.settings)
+    except ValueError as err:
+        raise ConfigError(f"config key 'eval.settings': {err}") from None
     for key in ("data.caption_keep", "data.two_object_prob", "data.glyph_prob", "ar.cond_drop",
                 "refiner.cond_drop", "refiner.corrupt_prob", "tokenizer.discrete_prob"):
         value = OmegaConf.select(cfg, key)

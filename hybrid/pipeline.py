@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from hybrid.checkpoints import (
     sub_state_dict,
     weights_hash,
 )
-from hybrid.config import from_dict
+from hybrid.config import GenerationSettings, from_dict
 from hybrid.data.attributes import class_name
 from hybrid.models import (
     build_ar,
@@ -51,38 +50,6 @@ EXPORT_FORMAT = 1
 
 class PipelineError(ValueError):
     """A request the loaded models cannot serve (missing stage, wrong condition, bad prompt)."""
-
-
-@dataclass
-class GenerationSettings:
-    """Sampling settings; None = the stage's config default."""
-
-    cfg: float | None = None  # AR classifier-free guidance
-    cfg_schedule: str | None = None
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    steps: int | None = None  # refiner / diffusion steps
-    sampler: str | None = None
-    refiner_cfg: float = 1.0
-
-    @classmethod
-    def parse(cls, text: str) -> dict[str, Any]:
-        """"cfg=4,temperature=0.5,top_k=10" -> {"cfg": 4.0, "temperature": 0.5, "top_k": 10}, typed by
-        the field; an unknown key, a missing '=' or a value of the wrong type is a ValueError naming it."""
-        kinds = {f.name: str(f.type) for f in fields(cls)}
-        out: dict[str, Any] = {}
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            key, sep, value = part.partition("=")
-            key = key.strip()
-            if not sep or key not in kinds:
-                raise ValueError(f"generation setting '{part}': expected KEY=VALUE with KEY one of {', '.join(kinds)}")
-            kind = int if kinds[key].startswith("int") else float if kinds[key].startswith("float") else str
-            try:
-                out[key] = kind(value.strip())
-            except ValueError:
-                raise ValueError(f"generation setting '{part}': {key} takes {kind.__name__}, got '{value}'") from None
-        return out
 
 
 class HybridPipeline:

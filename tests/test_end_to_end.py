@@ -62,6 +62,26 @@ def test_train_writes_every_stage_and_metrics(toy_run):
     assert "sample.py" in stdout  # the summary says how to sample
 
 
+def test_eval_settings_judge_every_mode_at_other_sampling_settings(toy_run, tmp_path):
+    """`stage=eval eval.settings=steps=1` re-judges a run with one refiner step (the toy refiner's config says 2):
+    the pure-AR images, and so their FID, stay bit for bit; the hybrid's change; metrics.json records the
+    settings. A bad setting is a one-line error naming the key, before anything is judged."""
+    run_dir, base, _ = toy_run
+    run = _copy_stages(toy_run, tmp_path / "again", ("tokenizer", "ar", "refiner"))
+    common = ["train.py", "--config", "configs/toy.yaml", "stage=eval", f"run_dir={run}", f"cache_dir={base / 'cache'}",
+              "trainer.progress_bar=false"]
+    out = subprocess.run([sys.executable, *common, "eval.settings=stepz=1"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and "eval.settings" in out.stderr and "stepz" in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and not (run / "metrics.json").exists()
+    _run([*common, "eval.settings=steps=1"])
+    before = json.loads((run_dir / "metrics.json").read_text())
+    after = json.loads((run / "metrics.json").read_text())
+    assert before["generation_settings"] == {} and after["generation_settings"] == {"steps": 1}
+    assert after["ar"]["fid"] == before["ar"]["fid"]
+    assert after["hybrid"]["fid"] != before["hybrid"]["fid"]
+    assert after["hybrid"]["fid_vs_ar"]["difference"] == pytest.approx(after["hybrid"]["fid"] - after["ar"]["fid"])
+
+
 @pytest.mark.slow  # InceptionV3 at 299 px on the toy run's images: ~1 min on 2 cores
 def test_eval_adds_inception_fid_when_given_local_weights(toy_run, tmp_path, random_inception_weights):
     import shutil

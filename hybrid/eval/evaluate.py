@@ -8,7 +8,8 @@ prompts}, text only for text-conditioned models), `glyph_accuracy` (glyph prompt
 (batch 16), `ms_per_image_b1`, and `params` (per stage of that mode). `hybrid` also has `fid_vs_ar`:
 FID(hybrid) - FID(ar) on the same class requests row for row (the same AR tokens when the refiner reads
 every scale, `same_tokens`), with a paired bootstrap interval (`fid.paired_fid_difference`): below 0
-outside the interval, the refiner measurably helps.
+outside the interval, the refiner measurably helps. `generation_settings`: `eval.settings` as parsed
+({} = each stage's own sampling config), used for every generating mode.
 
 Requests are drawn like the validation data (fixed seed), so FID compares like with like: class
 prompts carry the first object's shape and color; text prompts name every attribute.
@@ -234,14 +235,15 @@ def read_shard_images(pattern: str, num_samples: int, image_size: int) -> dict:
 @torch.no_grad()
 def evaluate_shards_run(run_dir, real: dict, batch_size: int = 100,
                         modes=("tokenizer", "ar", "hybrid", "diffusion"), device="cpu", inception_weights: str = "",
-                        timing: bool = True, real_source: str = "") -> dict:
+                        timing: bool = True, real_source: str = "", settings: dict | None = None) -> dict:
     """Evaluation on the user's own images (data.source=shards), where the oracle cannot judge.
 
     `real`: `read_shard_images`' output. Generators are asked for the real images' classes (or their
     captions, for text-conditioned models), so the two sets compare like with like. FID is
     Inception FID when `inception_weights` is given, else null (no judge for these images: the
     oracle knows the procedural attributes only); adherence and glyph accuracy are null. The
-    tokenizer's PSNR, images/s, ms/image and parameter counts are measured either way.
+    tokenizer's PSNR, images/s, ms/image and parameter counts are measured either way. `settings`:
+    generation settings for every generating mode (None = each stage's config).
     """
     from hybrid.eval.fid import InceptionJudge
     from hybrid.pipeline import HybridPipeline
@@ -279,7 +281,7 @@ def evaluate_shards_run(run_dir, real: dict, batch_size: int = 100,
     for condition in ("text", "class", "none"):  # modes asked for the same request share one call (ar + hybrid)
         same = [m for m in generating if _condition(pipe, m) == condition]
         if same:
-            fakes.update(_generate_modes(pipe, same, batch_size, **requests[same[0]]))
+            fakes.update(_generate_modes(pipe, same, batch_size, settings, **requests[same[0]]))
     for mode in generating:
         condition = _condition(pipe, mode)
         request = requests[mode]
@@ -287,8 +289,8 @@ def evaluate_shards_run(run_dir, real: dict, batch_size: int = 100,
         entry = {**fid_fields(fake), "adherence": None, "glyph_accuracy": None}
         save_grid(fake[:64], run_dir / "eval" / f"{mode}-{'text' if condition == 'text' else 'class'}.png")
         if timing:
-            entry.update(measure_speed(pipe, mode, None, prompts=request["prompts"]) if condition == "text"
-                         else measure_speed(pipe, mode, classes))
+            entry.update(measure_speed(pipe, mode, None, prompts=request["prompts"], **(settings or {}))
+                         if condition == "text" else measure_speed(pipe, mode, classes, **(settings or {})))
         entry["params"] = _mode_params(mode, counts)
         metrics[mode] = entry
     return metrics
@@ -301,10 +303,14 @@ def _psnr(recon: torch.Tensor, target: torch.Tensor) -> float:
 
 def run_evaluation(cfg) -> dict:
     """`train.py stage=eval`: loads (or trains) the oracle, evaluates the run, writes metrics.json."""
+    from hybrid.config import GenerationSettings
     from hybrid.eval.oracle import ensure_oracle, load_oracle
 
     device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
     modes = tuple(cfg.eval.modes) + ("diffusion",)
+    settings = GenerationSettings.parse(cfg.eval.settings) or None  # checked when the config loaded
+    if settings:
+        print(f"[eval] generation settings for every mode (eval.settings): {cfg.eval.settings}")
     if cfg.data.source == "shards":
         pattern, source = eval_shard_pattern(cfg)
         print(f"[eval] real images: the first {cfg.eval.num_samples} readable samples of {source} '{pattern}'")
@@ -313,13 +319,15 @@ def run_evaluation(cfg) -> dict:
             print("[eval] no FID for your own images without a judge: set eval.inception_weights=PATH (a local "
                   "InceptionV3 weights file; the oracle judges the procedural data only)")
         metrics = evaluate_shards_run(cfg.run_dir, real, batch_size=cfg.eval.batch_size, modes=modes, device=device,
-                                      inception_weights=cfg.eval.inception_weights, real_source=pattern)
+                                      inception_weights=cfg.eval.inception_weights, real_source=pattern,
+                                      settings=settings)
     else:
         oracle = load_oracle(ensure_oracle(cfg), device=device).eval()
         real_kwargs = {"two_object_prob": cfg.data.two_object_prob, "glyph_prob": cfg.data.glyph_prob}
         metrics = evaluate_run(cfg.run_dir, oracle, num_samples=cfg.eval.num_samples, batch_size=cfg.eval.batch_size,
                                bootstrap=cfg.eval.bootstrap, modes=modes, device=device, real_kwargs=real_kwargs,
-                               inception_weights=cfg.eval.inception_weights)
+                               inception_weights=cfg.eval.inception_weights, settings=settings)
+    metrics["generation_settings"] = settings or {}  # eval.settings; {} = each stage's own config
     write_json(Path(cfg.run_dir) / "metrics.json", _finite(metrics))
     print(f"[eval] wrote {Path(cfg.run_dir) / 'metrics.json'}")
     return metrics

@@ -282,8 +282,8 @@ class Diffusion:
         """Samples x0 (shape = (B, C, h, w)) in `steps` steps from pure noise.
 
         z_q (B, C, h, w) for a refiner; cond as the model takes it; `cfg` > 1 runs the conditional and
-        the null condition in one doubled batch and mixes: null + cfg * (cond - null); None or 1 is unguided. The device is
-        z_q's, else `device`, else the model's. All noise comes from `generator`.
+        the null condition in one doubled batch and mixes: null + cfg * (cond - null); None or 1 is
+        unguided. The device is z_q's, else `device`, else the model's. All noise comes from `generator`.
         """
         if steps < 1:
             raise ValueError(f"sampling needs steps >= 1, got {steps}")
