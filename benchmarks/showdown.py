@@ -35,7 +35,8 @@ Evaluation (oracle features, class prompts drawn like the validation data):
 3. at each system's operating point (the cheapest step count whose FID lies within the interval of
    its best): adherence on the attribute combinations held out of training (`data.holdout`:
    composition), glyph accuracy for text-conditioned systems (text rendering), and the FID of the
-   half-budget snapshot (convergence).
+   half-budget snapshot against the full budget's on seed 0's first `--sweep-samples` requests
+   (convergence).
 
 Writes `<out>/showdown.json`, `<out>/showdown.md` (the tables, the verdicts and the debate table)
 and two plots: `fid_vs_speed.png` and `fid_vs_refiner_steps.png`. Generated images' oracle features
@@ -493,11 +494,15 @@ def run(args, cfg, oracle) -> dict:
             entry["half_budget"] = None
             continue
         pipe, tag = halves[system]
-        half = judge.measure(pipe, tag, MODE[system], op["settings"], seeds=1)
-        full = judge.measure(pipes[system][0], pipes[system][1], MODE[system], op["settings"], seeds=1)
-        entry["half_budget"] = {"fid": half["fid"], "fid_ci": half["fid_ci"], "full_fid_seed0": full["fid"],
-                                "full_fid_ci_seed0": full["fid_ci"],
-                                "still_improving": full["fid_ci"][1] < half["fid_ci"][0]}
+        # The snapshot answers the first `n` requests of seed 0; the full-budget images of those requests are
+        # the first n of the operating point's judged seed-0 set (cached), so only the snapshot generates.
+        n = min(args.sweep_samples, args.num_samples)
+        half = judge.fid([judge.sample_set(pipe, tag, MODE[system], op["settings"], seed=0, n=n)])
+        full_set = judge.sample_set(pipes[system][0], pipes[system][1], MODE[system], op["settings"], seed=0)
+        full = judge.fid([{"features": full_set["features"][:n]}])
+        entry["half_budget"] = {"fid": half["fid"], "fid_ci": half["ci"], "full_fid_seed0": full["fid"],
+                                "full_fid_ci_seed0": full["ci"], "n": n,
+                                "still_improving": full["ci"][1] < half["ci"][0]}
     eval_seconds["half_budget"] = time.perf_counter() - start
     start = time.perf_counter()
     result["side_by_side"] = side_by_side_speed(timed_operating_points(result["systems"], pipes),
@@ -652,7 +657,9 @@ def markdown(result: dict) -> str:
         parts = ", ".join(f"{k} {v / 60:.1f}" for k, v in sec.get("eval", {}).items())
         lines.append(f"\nWall time: {sec['total'] / 60:.1f} min in all; training {sec['training'] / 60:.1f} min"
                      + (f"; judging per system (min): {parts}" if parts else ""))
-    lines += ["", "## Convergence (FID at half and full budget, operating point, seed 0)", ""]
+    half_n = {s["half_budget"].get("n") for s in result["systems"].values() if s.get("half_budget")}
+    lines += ["", "## Convergence (FID at half and full budget, operating point, seed 0"
+              + (f"'s first {half_n.pop()} requests)" if len(half_n) == 1 else ")"), ""]
     for s in result["systems"].values():
         hb = s.get("half_budget")
         if hb is None:

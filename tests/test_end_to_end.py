@@ -428,6 +428,7 @@ def test_showdown_trains_every_system_and_measures_them_side_by_side(toy_run, tm
             assert 0 <= row["adherence"]["shape"] <= 1
         assert set(entry["composition"]) >= {"shape", "color"}  # held-out pairs (oracle.holdout by default)
         assert entry["half_budget"] is not None and np.isfinite(entry["half_budget"]["fid"])
+        assert entry["half_budget"]["n"] == 16  # seed 0's first --sweep-samples requests
         assert entry["glyph_accuracy"] is None  # class-conditioned: a class names no character
     # more refiner / diffusion steps cost more FLOPs per image
     for name in ("hybrid", "diffusion"):
