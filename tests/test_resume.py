@@ -219,7 +219,7 @@ KILLS = 3
 
 def _refiner_cmd(run_dir, tokenizer, *extra):
     return [sys.executable, "train.py", "--config", "configs/toy.yaml", f"run_dir={run_dir}", "stage=refiner",
-            f"tokenizer.checkpoint={tokenizer}", f"refiner.train.max_steps={MAX_STEPS}", "refiner.train.batch_size=8",
+            f"tokenizer.checkpoint={tokenizer}", f"refiner.train.max_steps={MAX_STEPS}", "refiner.train.batch_size=32",
             "refiner.train.ckpt_every=1", "refiner.train.log_every=1", "refiner.train.warmup_steps=3",
             "data.batches_per_epoch=4", "trainer.deterministic=true", "trainer.progress_bar=false",
             "trainer.accelerator=cpu", *extra]
