@@ -197,15 +197,13 @@ def main(argv=None) -> int:
     images, classes, attrs = data["image"], data["class_id"], data["attrs"]
     real = oracle_features(heldout_images(tok.image_size, args.num_images, REAL_SEED), oracle)
 
-    z_q_features = []  # decode(z_q)'s, once judged: every later row of the same images is paired with it
+    z_q_features = None  # decode(z_q)'s oracle features, set below: rows of the same images are paired with them
 
     def judge(fake: torch.Tensor, paired: bool = True) -> dict:
         feats = oracle_features(fake, oracle)
         out = {"fid": bootstrap_fid(feats, real, args.bootstrap), "adherence": adherence(fake, attrs, oracle)}
-        if not z_q_features:  # the first row judged is decode(z_q)
-            z_q_features.append(feats)
-        elif paired:  # the same held-out images, row for row: FID(row) - FID(z_q), paired interval
-            diff = paired_fid_difference(feats, z_q_features[0], real, args.bootstrap)
+        if paired:  # the same held-out images, row for row: FID(row) - FID(z_q), paired interval
+            diff = paired_fid_difference(feats, z_q_features, real, args.bootstrap)
             out["fid_vs_z_q"] = {"difference": diff["difference"], "ci": diff["ci"]}
         return out
 
@@ -214,7 +212,9 @@ def main(argv=None) -> int:
         z = torch.cat([e.z for e in enc])
         z_q = torch.cat([e.z_q for e in enc])
         decode = lambda lat: torch.cat([tok.decode(lat[i:i + 250]).clamp(-1, 1) for i in range(0, lat.shape[0], 250)])  # noqa: E731
-        result["z_q"] = judge(decode(z_q))
+        z_q_images = decode(z_q)
+        z_q_features = oracle_features(z_q_images, oracle)
+        result["z_q"] = judge(z_q_images, paired=False)
         result["z"] = judge(decode(z))
         result["z_q_plus_noise"] = judge(decode(noise_residual(z_q, tok.residual_std)))
     print(f"decode(z_q)  FID {fmt_ci(result['z_q']['fid'])}")

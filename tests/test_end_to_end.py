@@ -455,10 +455,9 @@ def test_showdown_trains_every_system_and_measures_them_side_by_side(toy_run, tm
     assert why["speedup"] == pytest.approx(sbs["hybrid"] / sbs["diffusion"])
     assert result["verdicts"]["hybrid_vs_ar"]["ar_over_hybrid_speed"] == pytest.approx(sbs["ar"] / sbs["hybrid"])
     # each hybrid row against pure AR's operating point, paired (the same requests and seeds)
-    op_fid = None
+    op_fid, ar_fid = None, systems["ar"]["rows"][0]["fid"]
     for row in systems["hybrid"]["rows"]:
         paired = row["fid_vs_ar"]
-        ar_fid = next(r["fid"] for r in systems["ar"]["rows"])
         assert paired["difference"] == pytest.approx(row["fid"] - ar_fid) and paired["n"] == 64
         assert paired["ci"][0] <= paired["difference"] <= paired["ci"][1]
         if row["steps"] == systems["hybrid"]["operating_point"]:
