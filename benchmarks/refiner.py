@@ -54,14 +54,21 @@ def load_stage(path, stage: str, raw: bool = False):
     module = cls.load_from_checkpoint(str(path), map_location="cpu", weights_only=True).eval()
     module.checkpoint_path = str(path)
     if raw:
-        # Lightning's EMA callback copies the average into the model when training ends, so final.ckpt's
-        # current_model_state is the average too; the raw weights of the last step are in last.ckpt
+        # final.ckpt keeps the final step's raw weights in current_model_state (WarmupEMA). Checkpoints
+        # written before it did hold the average there too; their raw weights are in last.ckpt when
+        # that is from the same step.
         final = load_checkpoint(path, expect_stage=stage)
-        last = load_checkpoint(last_path(Path(path).parents[1], stage), expect_stage=stage)
-        if "current_model_state" not in last or last.get("global_step") != final.get("global_step"):
-            raise ValueError(f"no raw weights of step {final.get('global_step')} beside {path}: last.ckpt is "
-                             f"missing, from another step, or holds no current_model_state (trained without EMA?)")
-        module.model.load_state_dict(sub_state_dict(last["current_model_state"], "model"))
+        raw_state = sub_state_dict(final.get("current_model_state") or {}, "model")
+        ema_state = sub_state_dict(final["state_dict"], "model")
+        if not raw_state or all(torch.equal(raw_state[k], ema_state[k]) for k in ema_state if k in raw_state):
+            last = load_checkpoint(last_path(Path(path).parents[1], stage), expect_stage=stage)
+            if "current_model_state" not in last or last.get("global_step") != final.get("global_step"):
+                raise ValueError(f"no raw weights of step {final.get('global_step')} in or beside {path}: its "
+                                 f"current_model_state is the average (written before raw weights were kept) and "
+                                 f"last.ckpt is missing, from another step, or holds no current_model_state "
+                                 f"(trained without EMA?)")
+            raw_state = sub_state_dict(last["current_model_state"], "model")
+        module.model.load_state_dict(raw_state)
     return module
 
 

@@ -408,3 +408,55 @@ def test_lightning_smoke_run_and_checkpoint_round_trip(tmp_path, stage, conditio
         torch.testing.assert_close(module.model.target_std, r.var(dim=(0, 2, 3)).sqrt())
         assert torch.equal(loaded.model.target_std, module.model.target_std)
         assert not torch.allclose(module.model.target_std, module.tokenizer.residual_std)
+
+
+def test_final_checkpoint_keeps_the_raw_weights_of_the_final_step(tmp_path):
+    """EMA replaces the model's weights when training ends; final.ckpt still holds that step's raw weights.
+
+    Run A writes last.ckpt at step 2 of 3, so its raw step-3 weights can only come from the copy kept at
+    the end; run B writes last.ckpt at step 3 itself, before the end. Both train the same way.
+    """
+    pl = pytest.importorskip("pytorch_lightning")
+    from pathlib import Path
+
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from benchmarks.refiner import load_stage
+    from hybrid.config import load_config, to_dict
+    from hybrid.lit.base import WarmupEMA
+    from hybrid.lit.refiner import RefinerModule
+
+    toy = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
+
+    def fit(name: str, every: int) -> Path:
+        run = tmp_path / name
+        cfg = load_config(toy, [f"run_dir={run}", f"data.num_classes={NUM_CLASSES}", "refiner.train.max_steps=3",
+                                "refiner.train.warmup_steps=1"])
+        config = to_dict(cfg)
+        pl.seed_everything(0, verbose=False)
+        module = RefinerModule(config, tokenizer_config=config)
+        extra = list(module.extra_callbacks())
+        assert any(isinstance(c, WarmupEMA) for c in extra), "the toy refiner trains with EMA"
+        ckpt = ModelCheckpoint(dirpath=run / "refiner" / "checkpoints", save_top_k=0, save_last=True,
+                               every_n_train_steps=every)
+        trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[ckpt, *extra], default_root_dir=str(run))
+        trainer.fit(module, torch.utils.data.DataLoader(_Batches(), batch_size=4))
+        final = run / "refiner" / "final.ckpt"
+        trainer.save_checkpoint(final)
+        return final
+
+    final_a, final_b = fit("a", every=2), fit("b", every=3)
+    a = torch.load(final_a, weights_only=True)
+    last_a = torch.load(final_a.parent / "checkpoints" / "last.ckpt", weights_only=True)
+    last_b = torch.load(final_b.parent / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == last_b["global_step"] == 3 and last_a["global_step"] == 2
+    raw_a = {k: v for k, v in a["current_model_state"].items() if k.startswith("model.")}
+    raw_b = {k: v for k, v in last_b["current_model_state"].items() if k.startswith("model.")}
+    ema_a = {k: v for k, v in a["state_dict"].items() if k.startswith("model.")}
+    torch.testing.assert_close(raw_a, raw_b)  # the raw weights of step 3, as written before the end
+    torch.testing.assert_close(ema_a, {k: v for k, v in last_b["state_dict"].items() if k.startswith("model.")})
+    assert any(not torch.equal(raw_a[k], ema_a[k]) for k in ema_a), "raw and EMA weights differ after 3 steps"
+    module = load_stage(final_a, "refiner", raw=True)  # what the refiner benchmark compares EMA against
+    for k, v in module.model.state_dict().items():
+        assert torch.equal(v, raw_a[f"model.{k}"]), k

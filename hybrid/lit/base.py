@@ -288,6 +288,13 @@ class WarmupEMA(EMAWeightAveraging):
     Checkpoints hold the EMA weights in `state_dict` (the raw weights in `current_model_state`), so
     `load_from_checkpoint` and sampling use EMA weights. Not supported under FSDP (Lightning's weight
     averaging needs the full parameters on every rank): there the runner trains without EMA and says so.
+
+    When training ends Lightning copies the average into the model, after which a checkpoint's
+    `current_model_state` would be the average again and the raw weights of the final step would be
+    lost (last.ckpt is from the last multiple of `ckpt_every`). They are kept aside at that moment
+    and written as `current_model_state` by every later save, final.ckpt included, so EMA can be
+    compared with the raw weights of the same step (benchmarks/refiner.py) and a run resumed from
+    final.ckpt goes on from its raw weights, as from any other checkpoint.
     """
 
     def __init__(self, decay: float = 0.999, warmup: float = 10.0) -> None:
@@ -295,3 +302,18 @@ class WarmupEMA(EMAWeightAveraging):
         self.update_every_n_steps = 1
         self.update_starting_at_step = None
         self.update_starting_at_epoch = None
+        self._final_raw: dict[str, torch.Tensor] | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._final_raw = None
+        super().on_train_start(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._final_raw = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        super().on_train_end(trainer, pl_module)  # the average becomes the model's weights
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._final_raw is not None and "current_model_state" in checkpoint:
+            checkpoint["current_model_state"] = self._final_raw
