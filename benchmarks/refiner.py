@@ -13,7 +13,8 @@ against as many fresh real ones, all in oracle features with 95% bootstrap inter
   1, 2, 4 and 8 steps with each sampler of its objective (ddpm: ddim, dpm; flow: euler, dpm), each with its images/s;
 - per-attribute adherence (oracle accuracy against the images' true attributes) of z_q and of the
   refined images;
-- EMA against raw weights: the same refinement with the checkpoint's raw (`current_model_state`) weights;
+- EMA against raw weights: the same refinement (same noise) with the raw weights of the final step
+  (final.ckpt's `current_model_state`), and FID(raw) - FID(EMA) with a paired interval;
 - the baseline (`--baseline`): FID and images/s (batch 16) of class-conditional samples at 10, 25 and
   50 steps; for both denoisers the parameters and the forward time per image (batch 64).
 Targets (issue #5): refined FID below z_q's outside the intervals, adherence no lower; 4 steps within
@@ -135,24 +136,27 @@ def measure_refiner(refiner, z_q, classes, steps_list, judge, result) -> str:
             t0 = time.perf_counter()
             refined = refine_all(refiner, z_q, classes, steps, sampler)
             seconds = time.perf_counter() - t0
-            entry = judge(refined)
+            entry = judge(refined, name=f"{sampler}/{steps}")
             entry["images_per_s"] = n / seconds  # refine + decode, batch 250
             result["ablation"][f"{sampler}/{steps}"] = entry
             print(f"refined {sampler:5s} {steps} steps  FID {fmt_ci(entry['fid'])}{vs_z_q(entry)}  "
                   f"adherence(all) {100 * entry['adherence']['all']:.1f}%  {entry['images_per_s']:.0f} img/s")
     default_key = f"{rcfg.sampler}/{rcfg.steps}"
     if default_key not in result["ablation"]:
-        result["ablation"][default_key] = judge(refine_all(refiner, z_q, classes, rcfg.steps, rcfg.sampler))
+        result["ablation"][default_key] = judge(refine_all(refiner, z_q, classes, rcfg.steps, rcfg.sampler),
+                                                name=default_key)
     try:
         raw = load_stage(refiner.checkpoint_path, "refiner", raw=True)
     except ValueError as err:  # e.g. a run whose last.ckpt is a later or earlier snapshot: the rest still counts
         result["raw_weights"] = None
         print(f"raw weights: not measured ({err})")
     else:
-        result["raw_weights"] = {"setting": default_key,
-                                 **judge(refine_all(raw, z_q, classes, rcfg.steps, rcfg.sampler))}
+        result["raw_weights"] = {"setting": default_key, **judge(
+            refine_all(raw, z_q, classes, rcfg.steps, rcfg.sampler), against=default_key)}
+        d = result["raw_weights"]["fid_vs"]
         print(f"raw weights {default_key}  FID {fmt_ci(result['raw_weights']['fid'])} "
-              f"(EMA: {fmt_ci(result['ablation'][default_key]['fid'])})")
+              f"(EMA: {fmt_ci(result['ablation'][default_key]['fid'])}; raw - EMA {d['difference']:+.2f} "
+              f"[{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}], paired)")
     result["refiner_params"] = sum(p.numel() for p in refiner.model.parameters())
     result["refiner_forward_ms_per_image"] = forward_ms_per_image(refiner, coarse=True)
     return default_key
@@ -205,13 +209,19 @@ def main(argv=None) -> int:
     real = oracle_features(heldout_images(tok.image_size, args.num_images, REAL_SEED), oracle)
 
     z_q_features = None  # decode(z_q)'s oracle features, set below: rows of the same images are paired with them
+    kept = {}  # oracle features of rows judged with a `name`, for later paired comparisons (`against`)
 
-    def judge(fake: torch.Tensor, paired: bool = True) -> dict:
+    def judge(fake: torch.Tensor, paired: bool = True, name: str | None = None, against: str | None = None) -> dict:
         feats = oracle_features(fake, oracle)
         out = {"fid": bootstrap_fid(feats, real, args.bootstrap), "adherence": adherence(fake, attrs, oracle)}
         if paired:  # the same held-out images, row for row: FID(row) - FID(z_q), paired interval
             diff = paired_fid_difference(feats, z_q_features, real, args.bootstrap)
             out["fid_vs_z_q"] = {"difference": diff["difference"], "ci": diff["ci"]}
+        if against is not None:  # FID(row) - FID(the row named `against`), the same images, paired
+            diff = paired_fid_difference(feats, kept[against], real, args.bootstrap)
+            out["fid_vs"] = {"row": against, "difference": diff["difference"], "ci": diff["ci"]}
+        if name is not None:
+            kept[name] = feats
         return out
 
     with torch.no_grad():
@@ -274,6 +284,7 @@ def targets(r: dict, default_key: str, steps_list: list[int]) -> dict:
     if r["raw_weights"] is not None:
         out["ema_fid_below_raw"] = refined["fid"]["fid"] < r["raw_weights"]["fid"]["fid"]
         out["ema_fid_below_raw_outside_ci"] = disjoint(refined["fid"], r["raw_weights"]["fid"])
+        out["ema_fid_below_raw_by_paired_interval"] = r["raw_weights"]["fid_vs"]["ci"][0] > 0  # raw - EMA > 0
     if 4 in steps_list and 8 in steps_list:
         for sampler in {k.split("/")[0] for k in r["ablation"]}:
             four, eight = r["ablation"][f"{sampler}/4"]["fid"], r["ablation"][f"{sampler}/8"]["fid"]

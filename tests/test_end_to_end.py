@@ -303,6 +303,14 @@ def test_refiner_benchmark_judges_z_q_z_noise_and_each_sampler_on_a_trained_run(
         assert paired["ci"][0] <= paired["difference"] <= paired["ci"][1]
     assert "refined(ddim/2)_fid_below_z_q_by_paired_interval" in result["targets"]
     assert "noise of the residual's scale" in out.stdout
+    # EMA against the raw weights of the same (final) step, on the same images and noise, paired
+    raw, setting = result["raw_weights"], result["raw_weights"]["setting"]
+    assert raw["fid"]["fid"] != result["ablation"][setting]["fid"]["fid"]  # other weights, other images
+    paired = raw["fid_vs"]
+    assert paired["row"] == setting
+    assert paired["difference"] == pytest.approx(raw["fid"]["fid"] - result["ablation"][setting]["fid"]["fid"])
+    assert paired["ci"][0] <= paired["difference"] <= paired["ci"][1]
+    assert "ema_fid_below_raw_by_paired_interval" in result["targets"]
 
 
 def test_a_refiner_of_the_first_scales_trains_benchmarks_samples_and_exports(toy_run, tmp_path):
