@@ -5,6 +5,8 @@ Run directory layout (one subfolder per stage):
     runs/<name>/config.yaml                 the resolved config of the last command
     runs/<name>/<stage>/checkpoints/last.ckpt   written every `train.ckpt_every` steps (atomic)
     runs/<name>/<stage>/final.ckpt          written when the stage finishes; later stages read it
+                                            (with EMA: the average in state_dict, the final step's
+                                            raw weights in current_model_state)
     runs/<name>/<stage>/metrics.csv, images/*.png
 
 Every checkpoint is a Lightning checkpoint whose `hyper_parameters` hold `config` (the resolved
