@@ -302,6 +302,14 @@ def test_refiner_benchmark_judges_z_q_z_noise_and_each_sampler_on_a_trained_run(
         assert paired["difference"] == pytest.approx(entry["fid"]["fid"] - result["z_q"]["fid"]["fid"])
         assert paired["ci"][0] <= paired["difference"] <= paired["ci"][1]
     assert "refined(ddim/2)_fid_below_z_q_by_paired_interval" in result["targets"]
+    # and per attribute, adherence(row) - adherence(z_q) on the same images, paired
+    for entry in [result["z"], *result["ablation"].values()]:
+        for attr, d in entry["adherence_vs_z_q"].items():
+            assert d["difference"] == pytest.approx(entry["adherence"][attr] - result["z_q"]["adherence"][attr])
+            assert d["ci"][0] <= d["difference"] <= d["ci"][1]
+    assert {"shape", "color"} <= set(result["ablation"]["ddim/1"]["adherence_vs_z_q"])
+    assert "refined_adherence_not_lower_than_z_q_by_paired_interval" in result["targets"]
+    assert "adherence ddim/2 - z_q (paired, points): shape" in out.stdout
     assert "noise of the residual's scale" in out.stdout
     # EMA against the raw weights of the same (final) step, on the same images and noise, paired
     raw, setting = result["raw_weights"], result["raw_weights"]["setting"]
@@ -393,7 +401,15 @@ def test_repair_benchmark_trains_each_variant_and_judges_hybrid_samples(toy_run,
     for name in ("repair", "plain"):
         assert (bench_run / "repair" / name / "refiner" / "final.ckpt").is_file()
     # the two refiners differ, so their hybrid images (same AR tokens, same seeds) do too
-    assert result["variants"]["repair"]["fid"] != result["variants"]["plain"]["fid"]
+    repair, plain = result["variants"]["repair"], result["variants"]["plain"]
+    assert repair["fid"] != plain["fid"]
+    # paired differences on the same requests and tokens: against pure AR, and the second variant against the first
+    for entry, other, key in ((repair, result["ar"], "fid_vs_ar"), (plain, result["ar"], "fid_vs_ar"),
+                              (plain, repair, "fid_vs_first")):
+        d = entry[key]
+        assert d["difference"] == pytest.approx(entry["fid"] - other["fid"], abs=1e-6)
+        assert d["ci"][0] <= d["difference"] <= d["ci"][1] and d["ci"][0] < d["ci"][1]
+    assert plain["fid_vs_first"]["row"] == "repair" and "fid_vs_first" not in repair
     bad = subprocess.run([sys.executable, "-m", "benchmarks.repair", "--run-dir", str(tmp_path / "nothing")],
                          cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 1 and "no trained tokenizer" in bad.stderr

@@ -14,7 +14,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from hybrid.config import load_config
 from hybrid.data.attributes import ATTRIBUTES, SHAPES
 from hybrid.data.procedural import DATA_VERSION
-from hybrid.eval.adherence import adherence, adherence_from_logits, glyph_accuracy
+from hybrid.eval.adherence import adherence, adherence_from_logits, glyph_accuracy, paired_adherence_difference
 from hybrid.eval.fid import (
     InceptionJudge,
     OracleFeatures,
@@ -193,6 +193,30 @@ def test_adherence_on_matching_logits_is_one():
     wrong["color"] = wrong["color"].roll(1, dims=1)  # every color wrong
     result = adherence_from_logits(wrong, req)
     assert result["color"] == 0.0 and result["shape"] == 1.0 and result["all"] == 0.0
+
+
+def test_paired_adherence_difference_counts_only_the_rows_where_the_two_sets_disagree():
+    n = 400
+    g = torch.Generator().manual_seed(1)
+    req = {"shape": torch.randint(4, (n,), generator=g), "color": torch.randint(3, (n,), generator=g),
+           "fill": torch.full((n,), -1)}  # fill never requested: absent
+    req["color"][:100] = -1  # not requested on the first 100 rows
+    a = {k: torch.nn.functional.one_hot(req[k].clamp(min=0), k_).float() for k, k_ in (("shape", 4), ("color", 3))}
+    b = {k: v.clone() for k, v in a.items()}
+    b["shape"][:40] = b["shape"][:40].roll(1, dims=1)  # b misreads 40 shapes a gets right
+    a["shape"][40:50] = a["shape"][40:50].roll(1, dims=1)  # a misreads 10 others
+    out = paired_adherence_difference(a, b, req, bootstrap=500)
+    assert set(out) == {"shape", "color"}
+    assert out["shape"]["difference"] == pytest.approx(30 / n) and out["shape"]["n"] == n
+    assert out["shape"]["difference"] == pytest.approx(
+        adherence_from_logits(a, req)["shape"] - adherence_from_logits(b, req)["shape"])
+    lo, hi = out["shape"]["ci"]
+    assert 0 < lo < 30 / n < hi < 2 * 30 / n  # 50 disagreeing rows of 400: clearly above 0, not exact
+    assert out["color"] == {"difference": 0.0, "ci": [0.0, 0.0], "n": n - 100}  # identical: no spread at all
+    swapped = paired_adherence_difference(b, a, req, bootstrap=500)
+    assert swapped["shape"]["difference"] == pytest.approx(-30 / n) and swapped["shape"]["ci"][1] < 0
+    with pytest.raises(ValueError, match="shape"):
+        paired_adherence_difference({"shape": a["shape"][:10]}, b, req)
 
 
 class _LookupOracle(nn.Module):

@@ -61,6 +61,45 @@ def adherence_from_logits(logits: dict[str, torch.Tensor], requested: dict[str, 
     return result
 
 
+def paired_adherence_difference(logits_a: dict[str, torch.Tensor], logits_b: dict[str, torch.Tensor],
+                                requested: dict[str, torch.Tensor], bootstrap: int = 1000, seed: int = 0,
+                                level: float = 0.95) -> dict[str, dict]:
+    """Adherence(a) - adherence(b) per requested attribute, for two sets of oracle logits whose row i
+    answers the same request (e.g. refined images and the z_q they were refined from), with a paired
+    bootstrap interval: each resample draws one set of rows for both, so only their disagreements count.
+
+    Returns {attribute: {"difference", "ci": [lo, hi], "n"}} for every attribute requested at least
+    once (n = rows that requested it). An interval below 0 says a follows that attribute less often
+    than b; one that holds 0 says the two sets cannot be told apart on it with these rows.
+    """
+    out: dict[str, dict] = {}
+    gen = torch.Generator().manual_seed(seed)
+    alpha = (1.0 - level) / 2.0
+    for name, req in requested.items():
+        if name not in logits_a or name not in logits_b:
+            continue
+        req = torch.as_tensor(req).long().cpu()  # (N,)
+        preds = []
+        for logits in (logits_a, logits_b):
+            pred = logits[name].cpu()
+            preds.append(pred.argmax(-1) if pred.ndim == 2 else pred.long())  # (N,)
+        if not preds[0].shape == preds[1].shape == req.shape:
+            raise ValueError(f"attribute '{name}': paired adherence needs as many rows in both sets as requests, "
+                             f"got {preds[0].shape[0]}, {preds[1].shape[0]} and {req.shape[0]}")
+        mask = req >= 0
+        n = int(mask.sum())
+        if n == 0:
+            continue
+        d = ((preds[0] == req).double() - (preds[1] == req).double())[mask]  # (n,) in {-1, 0, 1}
+        diff = d.mean().item()
+        ci = [diff, diff]
+        if bootstrap >= 2:
+            stats = d[torch.randint(n, (bootstrap, n), generator=gen)].mean(1)  # (bootstrap,)
+            ci = torch.quantile(stats, torch.tensor([alpha, 1.0 - alpha], dtype=stats.dtype)).tolist()
+        out[name] = {"difference": diff, "ci": ci, "n": n}
+    return out
+
+
 def adherence(images: torch.Tensor, requested_attrs: dict[str, torch.Tensor], oracle: nn.Module,
               batch_size: int = 250) -> dict[str, float]:
     """Per-attribute adherence of generated images (N, 3, S, S) in [-1, 1] to their requests.
