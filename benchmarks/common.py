@@ -55,17 +55,19 @@ def start_judging(parser, argv: list[str] | None):
     return oracle if cfg is None else (args, settings, cfg, oracle)
 
 
-def judge_class_prompts(pipe, oracle, cfg, out_dir, modes, num_samples: int, settings: dict | None = None) -> dict:
+def judge_class_prompts(pipe, oracle, cfg, out_dir, modes, num_samples: int, settings: dict | None = None,
+                        keep_features: dict | None = None) -> dict:
     """`train.py stage=eval`'s judgement of a loaded pipeline, class prompts only, no timing:
     {mode: {"fid", "fid_ci", "adherence" (per attribute)}}; PNG grids go to `out_dir`. `settings`:
-    generation settings (cfg, temperature, top_k, ...; None = the stages' config defaults)."""
+    generation settings (cfg, temperature, top_k, ...; None = the stages' config defaults).
+    `keep_features` receives the oracle features per mode and of the real images (see `evaluate_run`)."""
     from hybrid.eval.evaluate import evaluate_run
 
     torch.manual_seed(0)
     real_kwargs = {"two_object_prob": cfg.data.two_object_prob, "glyph_prob": cfg.data.glyph_prob}
     metrics = evaluate_run(out_dir, oracle, num_samples=num_samples, batch_size=cfg.eval.batch_size,
                            bootstrap=cfg.eval.bootstrap, modes=tuple(modes), real_kwargs=real_kwargs, timing=False,
-                           pipe=pipe, settings=settings)
+                           pipe=pipe, settings=settings, keep_features=keep_features)
     out = {mode: {"fid": metrics[mode]["fid"], "fid_ci": metrics[mode]["fid_ci"],
                   "adherence": metrics[mode]["adherence"]["class"]} for mode in modes}
     if "fid_vs_ar" in metrics.get("hybrid", {}):

@@ -9,8 +9,11 @@ is a refiner trained (when `<run-dir>/repair/NAME/refiner/final.ckpt` is missing
 `python train.py stage=refiner` trains one, on the run's tokenizer, with those overrides. Then the
 run's AR model samples tokens for the same class prompts (same seeds) and each refiner refines them:
 FID (oracle features, 95% bootstrap interval) and class-prompt adherence per variant, beside the
-pure-AR images (z_q decoded alone). `refiner.corrupt_prob` is the repair knob (the fraction of coarse
-tokens replaced by near-miss codes in training); 0 trains on clean tokens only.
+pure-AR images (z_q decoded alone). Every row answers the same requests with the same AR tokens, so
+each variant also gets paired differences (one bootstrap draws the same rows of both): FID(variant) -
+FID(pure AR) as `fid_vs_ar`, and, after the first variant, FID(variant) - FID(first variant) as
+`fid_vs_first`; an interval that excludes 0 says the two differ. `refiner.corrupt_prob` is the repair
+knob (the fraction of coarse tokens replaced by near-miss codes in training); 0 trains on clean tokens only.
 """
 
 from __future__ import annotations
@@ -66,8 +69,24 @@ def main(argv: list[str] | None = None) -> int:
     result = {"machine": machine(), "command": "python -m benchmarks.repair " + " ".join(
         sys.argv[1:] if argv is None else argv), "num_samples": args.num_samples, "variants": {}}
 
+    from hybrid.eval.fid import paired_fid_difference
+
+    features = {}  # oracle features per judged row: the same prompts and seeds give the same AR tokens in every row
+
     def judge(pipe, name: str, mode: str) -> dict:
-        return judge_class_prompts(pipe, oracle, cfg, run_dir / "repair" / name, (mode,), args.num_samples)[mode]
+        kept = {}
+        entry = judge_class_prompts(pipe, oracle, cfg, run_dir / "repair" / name, (mode,), args.num_samples,
+                                    keep_features=kept)[mode]
+        features[name], features["real"] = kept[mode], kept["real"]
+        return entry
+
+    def paired(name: str, other: str) -> dict:
+        """FID(name) - FID(other) on the same requests and tokens, with a paired bootstrap interval."""
+        d = paired_fid_difference(features[name], features[other], features["real"], cfg.eval.bootstrap)
+        return {"row": other, "difference": d["difference"], "ci": d["ci"]}
+
+    def paired_text(d: dict) -> str:
+        return f"{d['difference']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] vs {d['row']}"
 
     def line(name: str, entry: dict) -> str:
         lo, hi = entry["fid_ci"]
@@ -89,11 +108,18 @@ def main(argv: list[str] | None = None) -> int:
     pipe = HybridPipeline.from_checkpoints(tok_path, ar=ar_path)
     result["ar"] = judge(pipe, "ar", "ar")
     print(line("pure AR", result["ar"]), flush=True)
+    first = variants[0][0]
     for name, _ in variants:
         pipe = HybridPipeline.from_checkpoints(tok_path, ar=ar_path, refiner=final_path(run_dir / "repair" / name,
                                                                                         "refiner"))
-        result["variants"][name].update(judge(pipe, name, "hybrid"))
-        print(line(name, result["variants"][name]), flush=True)
+        entry = result["variants"][name]
+        entry.update(judge(pipe, name, "hybrid"))
+        entry["fid_vs_ar"] = paired(name, "ar")
+        text = f"  {paired_text(entry['fid_vs_ar'])}"
+        if name != first:
+            entry["fid_vs_first"] = paired(name, first)
+            text += f"; {paired_text(entry['fid_vs_first'])}"
+        print(line(name, entry) + text, flush=True)
     write_result(args.out, result)
     return 0
 

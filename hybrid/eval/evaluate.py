@@ -109,14 +109,17 @@ def _fid_fields(result: dict) -> dict:
 @torch.no_grad()
 def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100, bootstrap: int = 200,
                  modes=("tokenizer", "ar", "hybrid", "diffusion"), device="cpu", real_kwargs: dict | None = None,
-                 timing: bool = True, pipe=None, inception_weights: str = "", settings: dict | None = None) -> dict:
+                 timing: bool = True, pipe=None, inception_weights: str = "", settings: dict | None = None,
+                 keep_features: dict | None = None) -> dict:
     """Evaluates the run's trained modes (see the module docstring); returns the metrics dict.
 
     `pipe`: an already loaded `HybridPipeline` to judge instead of the run's (benchmarks swap in
     intermediate weights); `run_dir` still receives the PNG grids. `inception_weights`: a local
     InceptionV3 weights file; adds `inception_fid` (against the same real images) to every mode.
     `settings`: generation settings for every generating mode (`GenerationSettings` keys: cfg,
-    temperature, top_k, ...); None = each stage's config defaults."""
+    temperature, top_k, ...); None = each stage's config defaults. `keep_features`: a dict that receives
+    the oracle features of each generating mode's class-prompt images ({mode: (N, D)}) and of the real
+    images ("real"), for paired comparisons across calls (the same requests and seeds give the same rows)."""
     from hybrid.data.procedural import ProceduralDataset
     from hybrid.eval.adherence import adherence, glyph_accuracy
     from hybrid.eval.fid import InceptionJudge, bootstrap_fid, oracle_features, paired_fid_difference, real_images
@@ -182,6 +185,8 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
         paired = paired_fid_difference(features["hybrid"], features["ar"], real_feats, bootstrap)
         metrics["hybrid"]["fid_vs_ar"] = {"difference": paired["difference"], "ci": paired["ci"],
                                           "same_tokens": pipe.hybrid_shares_ar_tokens}
+    if keep_features is not None:
+        keep_features.update(features, real=real_feats)
     return metrics
 
 
