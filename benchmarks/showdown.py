@@ -158,7 +158,9 @@ def training_flops(cfg, stage: str) -> dict:
         images = torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size)
         with torch.no_grad():
             per_image = count_flops(lambda: module.tokenizer.encode(images))
-        pool = min(int(cfg.ar.token_cache_size), steps * out["batch_size"])
+        from hybrid.lit.ar import token_pool_size
+
+        pool = token_pool_size(cfg.ar, steps, out["batch_size"])
         out["token_cache_flops"] = per_image * pool
         out["flops"] += out["token_cache_flops"]
     return out

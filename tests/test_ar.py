@@ -440,6 +440,20 @@ def test_lightning_smoke_run_and_checkpoint_round_trip(tmp_path, order, conditio
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def test_token_pool_grows_so_that_no_image_is_drawn_more_than_token_cache_passes_times(tmp_path):
+    from hybrid.config import ConfigError, load_config
+    from hybrid.lit.ar import token_pool_size
+
+    ar = load_config(None).ar  # the defaults: pool 20,000, at most 4 draws per image
+    assert token_pool_size(ar, 1000, 64) == 20000  # the default AR: 64,000 draws fit 4 per image in 20,000
+    assert token_pool_size(ar, 6000, 64) == 96000  # a 6000-step AR: grown to 384,000 / 4
+    assert token_pool_size(ar, 10, 64) == 640  # never more than the run draws
+    fixed = load_config(None, ["ar.token_cache_passes=0"]).ar
+    assert token_pool_size(fixed, 6000, 64) == 20000  # 0: the pool stays at token_cache_size
+    with pytest.raises(ConfigError, match="ar.token_cache_passes"):
+        load_config(None, ["ar.token_cache_passes=-1"])
+
+
 def test_token_cache_is_built_once_and_reused(tmp_path, capsys):
     pl = pytest.importorskip("pytorch_lightning")
     from hybrid.lit.ar import TOKEN_CACHE_FILE, ARModule, TokenCacheDataModule

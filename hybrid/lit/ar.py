@@ -8,8 +8,9 @@ cross-entropy over every image token, token accuracy overall and per scale in th
 with probability `ar.cond_drop`, drawn from the step's generator (resumable).
 
 Token cache (`ar.token_cache=true`, the default): the training step never runs the tokenizer's
-encoder. Before the first step a pool of min(`ar.token_cache_size`, max_steps x batch_size) training
-images is read once (the data module's own sampler, rank 0's stream, so every rank builds the same
+encoder. Before the first step a pool of training images (`token_pool_size`: `ar.token_cache_size`,
+grown so that no image is drawn more than `ar.token_cache_passes` times, and never more than the run
+draws) is read once (the data module's own sampler, rank 0's stream, so every rank builds the same
 pool) and encoded; batches of {"indices", "class_id", "caption"} are then drawn from the pool
 (`EpochIndexSampler`: per epoch and rank). The pool is saved as `<run_dir>/ar/token_cache.pt`, keyed by
 the tokenizer's weight hash, the data config and the pool size, and reused when a run resumes.
@@ -56,6 +57,19 @@ class TokenPool(Dataset):
                 "caption": self.captions[i]}
 
 
+def token_pool_size(ar_cfg, max_steps: int, batch_size: int) -> int:
+    """Images in the AR's token pool: `token_cache_size`, grown so that `max_steps` batches of
+    `batch_size` draw no image more than `token_cache_passes` times (0: no growth), and never more
+    images than those batches draw. A pool drawn too often is memorised: see `ARConfig.token_cache_passes`.
+    Counted for one rank: under DDP every rank draws from the same pool, so W ranks draw each image about
+    W times as often (raise `token_cache_size` or lower `token_cache_passes` to match)."""
+    draws = max(1, int(max_steps) * int(batch_size))
+    size = int(ar_cfg.token_cache_size)
+    if ar_cfg.token_cache_passes > 0:
+        size = max(size, math.ceil(draws / ar_cfg.token_cache_passes))
+    return max(1, min(size, draws))
+
+
 class TokenCacheDataModule(pl.LightningDataModule):
     """Training batches from the module's token pool; validation images from the usual data module."""
 
@@ -66,7 +80,7 @@ class TokenCacheDataModule(pl.LightningDataModule):
         self.batch_size = int(module.tcfg.batch_size)
         self.batches_per_epoch = int(cfg.data.batches_per_epoch)
         self.seed = int(cfg.data.seed)
-        self.pool_size = max(1, min(int(cfg.ar.token_cache_size), int(module.tcfg.max_steps) * self.batch_size))
+        self.pool_size = token_pool_size(cfg.ar, int(module.tcfg.max_steps), self.batch_size)
         # read once, never attached to the trainer: rank 0's stream on every rank, so all build the same pool
         self.pool_images = HybridDataModule.from_config(cfg.data, batch_size=self.batch_size,
                                                         batches_per_epoch=math.ceil(self.pool_size / self.batch_size))
