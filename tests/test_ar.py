@@ -481,6 +481,32 @@ def test_token_cache_is_built_once_and_reused(tmp_path, capsys):
     assert "from" in capsys.readouterr().out  # read back, not encoded again
 
 
+def test_token_pool_holds_the_first_images_when_its_size_is_not_a_whole_number_of_batches(tmp_path):
+    pytest.importorskip("pytorch_lightning")
+    from hybrid.lit.ar import ARModule
+
+    config = _toy_config(tmp_path, "ar.token_cache=true", "ar.train.batch_size=4", "data.batches_per_epoch=2",
+                         "trainer.progress_bar=false")
+    module = ARModule(config, tokenizer_config=config)
+    dm = module.make_datamodule()
+    dm.setup("fit")
+    batches = list(dm.images.train_dataloader())  # 2 batches of 4: the same stream the pool reads
+    images = torch.cat([b["image"] for b in batches])
+    with torch.no_grad():
+        expect = module.tokenizer.encode(images).indices
+    classes = torch.cat([b["class_id"] for b in batches])
+    captions = [c for b in batches for c in b["caption"]]
+
+    pool = module.token_pool(dm.images, 6)  # one batch and half of the next
+    assert len(pool) == 6 and all(t.dtype == torch.int16 for t in pool.indices)
+    assert all(torch.equal(e[:6], t.long()) for e, t in zip(expect, pool.indices))
+    assert torch.equal(pool.class_ids, classes[:6]) and pool.captions == captions[:6]
+
+    short = module.token_pool(dm.images, 11)  # the loader runs out at 8: the pool keeps those 8
+    assert len(short) == 8 and [tuple(t.shape) for t in short.indices] == [tuple(e.shape) for e in expect]
+    assert all(torch.equal(e, t.long()) for e, t in zip(expect, short.indices))
+
+
 # ------------------------------------------------------------------------------------------------
 # CUDA (xformers through the 'auto' backend)
 
