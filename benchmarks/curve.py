@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             m = metrics[mode]
             row[mode] = {"fid": m["fid"], "fid_ci": m["fid_ci"],
                          "adherence": {a: m["adherence"].get(a) for a in ("shape", "color")}}
+            if "fid_vs_ar" in m:  # FID(hybrid) - FID(ar) on the same prompts, seeds and tokens, paired interval
+                row[mode]["fid_vs_ar"] = m["fid_vs_ar"]
         rows.append(row)
         cells = []
         for mode in modes:
@@ -134,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
             lo, hi = r["fid_ci"]
             cells.append(f"{r['fid']:7.2f} [{lo:6.2f}, {hi:6.2f}] "
                          f"{100 * r['adherence']['shape']:6.1f}/{100 * r['adherence']['color']:5.1f}%")
+        if "fid_vs_ar" in row.get("hybrid", {}):
+            d = row["hybrid"]["fid_vs_ar"]
+            cells.append(f"hybrid - ar {d['difference']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] (paired)")
         print(f"{step:6d} {row['ar_minutes']:7.1f}  " + "  ".join(cells), flush=True)
     command = "python -m benchmarks.curve " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {"machine": machine(), "command": command,

@@ -220,6 +220,11 @@ def test_curve_benchmark_trains_ar_with_snapshots_and_judges_each(toy_run, tmp_p
             entry = row[mode]
             assert np.isfinite(entry["fid"]) and entry["fid_ci"][0] <= entry["fid"] <= entry["fid_ci"][1]
             assert 0 <= entry["adherence"]["shape"] <= 1
+        # the paired difference on the same prompts and tokens, and its interval around it
+        paired = row["hybrid"]["fid_vs_ar"]
+        assert paired["ci"][0] <= paired["difference"] <= paired["ci"][1]
+        assert paired["difference"] == pytest.approx(row["hybrid"]["fid"] - row["ar"]["fid"], abs=1e-6)
+    assert "(paired)" in out.stdout
     # different weights at the two points: the step-10 and step-30 snapshots are judged as themselves
     assert first["ar"]["fid"] != last["ar"]["fid"]
     assert result["stage_minutes"]["tokenizer"] > 0 and result["stage_minutes"]["refiner"] > 0
