@@ -10,7 +10,9 @@ the training wall time up to that step (snapshot saving excluded). An AR stage t
 reused together with the snapshots and times it left (`retrain=true` trains it again). Each
 snapshot is then judged like `train.py stage=eval` judges the final weights
 (`benchmarks.common.judge_class_prompts`: class prompts, oracle features, 95% bootstrap
-intervals), with `--num-samples` images per mode. `--sample` judges them with other generation
+intervals), with `--num-samples` images per mode. Each row also holds `hybrid.fid_vs_ar`:
+FID(hybrid) - FID(ar) on the same prompts, seeds and AR tokens, with a paired interval
+(`hybrid.eval.fid.paired_fid_difference`). `--sample` judges them with other generation
 settings than the AR checkpoint's config (`ar.sample`): guidance, temperature, top-k/top-p, and the
 refiner's steps and sampler; running the benchmark again with another `--sample` reuses the snapshots,
 so it is also a sampling sweep of a trained AR stage.
