@@ -59,7 +59,8 @@ def judge_class_prompts(pipe, oracle, cfg, out_dir, modes, num_samples: int, set
                         keep_features: dict | None = None) -> dict:
     """`train.py stage=eval`'s judgement of a loaded pipeline, class prompts only, no timing:
     {mode: {"fid", "fid_ci", "adherence" (per attribute)}}; PNG grids go to `out_dir`. `settings`:
-    generation settings (cfg, temperature, top_k, ...; None = the stages' config defaults).
+    generation settings (cfg, temperature, top_k, ...; None = the stages' config defaults). The requests and
+    seeds are `cfg.eval.draw`'s.
     `keep_features` receives the oracle features per mode and of the real images (see `evaluate_run`)."""
     from hybrid.eval.evaluate import evaluate_run
 
@@ -67,7 +68,7 @@ def judge_class_prompts(pipe, oracle, cfg, out_dir, modes, num_samples: int, set
     real_kwargs = {"two_object_prob": cfg.data.two_object_prob, "glyph_prob": cfg.data.glyph_prob}
     metrics = evaluate_run(out_dir, oracle, num_samples=num_samples, batch_size=cfg.eval.batch_size,
                            bootstrap=cfg.eval.bootstrap, modes=tuple(modes), real_kwargs=real_kwargs, timing=False,
-                           pipe=pipe, settings=settings, keep_features=keep_features)
+                           pipe=pipe, settings=settings, keep_features=keep_features, draw=cfg.eval.draw)
     out = {mode: {"fid": metrics[mode]["fid"], "fid_ci": metrics[mode]["fid_ci"],
                   "adherence": metrics[mode]["adherence"]["class"]} for mode in modes}
     if "fid_vs_ar" in metrics.get("hybrid", {}):

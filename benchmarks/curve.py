@@ -10,7 +10,9 @@ the training wall time up to that step (snapshot saving excluded). An AR stage t
 reused together with the snapshots and times it left (`retrain=true` trains it again). Each
 snapshot is then judged like `train.py stage=eval` judges the final weights
 (`benchmarks.common.judge_class_prompts`: class prompts, oracle features, 95% bootstrap
-intervals), with `--num-samples` images per mode. Each row also holds `hybrid.fid_vs_ar`:
+intervals), with `--num-samples` images per mode, shape and color with a 95% Wilson interval
+(`adherence_ci`). `eval.draw=K` judges on another set of requests and seeds than draw 0's, to check a
+setting chosen by a sweep on requests it was not chosen on. Each row also holds `hybrid.fid_vs_ar`:
 FID(hybrid) - FID(ar) on the same prompts, seeds and AR tokens, with a paired interval
 (`hybrid.eval.fid.paired_fid_difference`). `--sample` judges them with other generation
 settings than the AR checkpoint's config (`ar.sample`): guidance, temperature, top-k/top-p, and the
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         return started
     args, settings, cfg, oracle = started
     from hybrid.checkpoints import final_path, load_checkpoint, sub_state_dict
+    from hybrid.eval.adherence import proportion_interval
     from hybrid.lit.runner import fit_stage
     from hybrid.pipeline import HybridPipeline, _load_strict
 
@@ -118,17 +121,20 @@ def main(argv: list[str] | None = None) -> int:
     modes = tuple(m for m in ("ar", "hybrid") if m in pipe.modes)
     other = {s: stage_minutes(run_dir, s) for s in ("tokenizer", "refiner")}
     rows = []
+    draw_tag = f"-draw{cfg.eval.draw}" if cfg.eval.draw else ""
     print(f"{'step':>6} {'AR min':>7}  " + "  ".join(f"{m + ' FID':>22} {m + ' shape/color':>15}" for m in modes))
     for step in steps:
         path = folder / f"step-{step}.ckpt"
         _load_strict(pipe.ar, sub_state_dict(load_checkpoint(path, expect_stage="ar")["state_dict"], "model"), path)
-        metrics = judge_class_prompts(pipe, oracle, cfg, folder / f"eval-{step}{settings_tag(settings)}", modes,
-                                      args.num_samples, settings)
+        grids = folder / f"eval-{step}{settings_tag(settings)}{draw_tag}"
+        metrics = judge_class_prompts(pipe, oracle, cfg, grids, modes, args.num_samples, settings)
         row = {"step": step, "ar_minutes": seconds.get(step, float("nan")) / 60.0}
         for mode in modes:
             m = metrics[mode]
             row[mode] = {"fid": m["fid"], "fid_ci": m["fid_ci"],
-                         "adherence": {a: m["adherence"].get(a) for a in ("shape", "color")}}
+                         "adherence": {a: m["adherence"].get(a) for a in ("shape", "color")},
+                         "adherence_ci": {a: proportion_interval(m["adherence"][a], args.num_samples)
+                                          for a in ("shape", "color")}}
             if "fid_vs_ar" in m:  # FID(hybrid) - FID(ar) on the same prompts, seeds and tokens, paired interval
                 row[mode]["fid_vs_ar"] = m["fid_vs_ar"]
         rows.append(row)
@@ -136,15 +142,17 @@ def main(argv: list[str] | None = None) -> int:
         for mode in modes:
             r = row[mode]
             lo, hi = r["fid_ci"]
+            s_lo, s_hi = r["adherence_ci"]["shape"]
             cells.append(f"{r['fid']:7.2f} [{lo:6.2f}, {hi:6.2f}] "
-                         f"{100 * r['adherence']['shape']:6.1f}/{100 * r['adherence']['color']:5.1f}%")
+                         f"{100 * r['adherence']['shape']:6.1f}/{100 * r['adherence']['color']:5.1f}% "
+                         f"(shape [{100 * s_lo:.1f}, {100 * s_hi:.1f}])")
         if "fid_vs_ar" in row.get("hybrid", {}):
             d = row["hybrid"]["fid_vs_ar"]
             cells.append(f"hybrid - ar {d['difference']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] (paired)")
         print(f"{step:6d} {row['ar_minutes']:7.1f}  " + "  ".join(cells), flush=True)
     command = "python -m benchmarks.curve " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {"machine": machine(), "command": command,
-              "num_samples": args.num_samples, "settings": settings, "stage_minutes": other,
+              "num_samples": args.num_samples, "draw": cfg.eval.draw, "settings": settings, "stage_minutes": other,
               "ar": {"width": cfg.ar.width, "depth": cfg.ar.depth, "heads": cfg.ar.heads,
                      "max_steps": cfg.ar.train.max_steps, "batch_size": cfg.ar.train.batch_size,
                      "params": sum(p.numel() for p in pipe.ar.parameters())},

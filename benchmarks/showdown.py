@@ -272,7 +272,7 @@ class Judge:
 
     def __init__(self, oracle, cfg, out_dir: Path, num_samples: int, seeds: int, bootstrap: int,
                  batch_size: int) -> None:
-        from hybrid.eval.evaluate import EVAL_REQUEST_SEED, make_requests
+        from hybrid.eval.evaluate import make_requests, request_seed
         from hybrid.eval.fid import oracle_features, real_images
 
         self.oracle, self.cfg, self.out_dir = oracle, cfg, out_dir
@@ -282,7 +282,7 @@ class Judge:
         real_kwargs = {"two_object_prob": cfg.data.two_object_prob, "glyph_prob": cfg.data.glyph_prob}
         total = num_samples * seeds
         self.real = oracle_features(real_images(oracle, total, **real_kwargs), oracle)  # (S*N, D)
-        self.requests = [make_requests(num_samples, seed=EVAL_REQUEST_SEED + 101 * s) for s in range(seeds)]
+        self.requests = [make_requests(num_samples, seed=request_seed(s)) for s in range(seeds)]
         self.holdout = [str(p) for p in cfg.data.holdout]
         # Cached features belong to the oracle that computed them (another oracle, e.g. one trained on
         # a later data version, must not reuse them).
@@ -291,11 +291,13 @@ class Judge:
 
     # -- generated images -> cached features and adherence ----------------------------------------
     def _generate(self, pipe, mode, classes, seed, settings) -> torch.Tensor:
+        from hybrid.eval.evaluate import generation_seed
+
         out = []
         for start in tqdm(range(0, len(classes), self.batch_size), desc=f"{mode} {settings_key(settings)} seed {seed}",
                           leave=False, unit="batch"):
-            out.append(pipe(classes=classes[start:start + self.batch_size], mode=mode, seed=seed * 100_003 + start,
-                            batch_size=self.batch_size, **settings).cpu())
+            out.append(pipe(classes=classes[start:start + self.batch_size], mode=mode,
+                            seed=generation_seed(seed, start), batch_size=self.batch_size, **settings).cpu())
         return torch.cat(out)
 
     def sample_set(self, pipe, tag: str, mode: str, settings: dict, seed: int, n: int | None = None,
@@ -303,7 +305,7 @@ class Judge:
         """{"features", "adherence"} of n images for class prompts (`kind`="class") or for held-out
         combinations ("holdout"), cached under <out>/cache."""
         from hybrid.eval.adherence import adherence
-        from hybrid.eval.evaluate import EVAL_REQUEST_SEED, class_request_attrs, make_requests
+        from hybrid.eval.evaluate import EVAL_REQUEST_SEED, class_request_attrs, make_requests, request_seed
         from hybrid.eval.fid import oracle_features
 
         n = n or self.n
@@ -315,7 +317,7 @@ class Judge:
         if kind == "holdout":
             req = make_requests(n, seed=EVAL_REQUEST_SEED + 7, holdout=self.holdout, only_holdout=True)
         else:
-            req = self.requests[seed] if n == self.n else make_requests(n, seed=EVAL_REQUEST_SEED + 101 * seed)
+            req = self.requests[seed] if n == self.n else make_requests(n, seed=request_seed(seed))
         classes = req["classes"][:n]
         images = self._generate(pipe, mode, classes, seed, settings)
         entry = {"features": oracle_features(images, self.oracle),

@@ -283,6 +283,10 @@ class EvalConfig:
     # Generation settings for every judged mode, as `GenerationSettings.parse` reads them: "steps=1" (refiner
     # or diffusion steps), "cfg=3,temperature=0.9", ...; empty = each stage's own config.
     settings: str = ""
+    # Which set of class/glyph requests and generation seeds to judge on: 0 (every number in the README), or
+    # another draw to check a setting chosen on draw 0 on requests it was not chosen on (the showdown's seed
+    # s is draw s). The real images stay the same.
+    draw: int = 0
 
 
 @dataclass
@@ -465,6 +469,8 @@ def validate(cfg: DictConfig) -> None:
         GenerationSettings.parse(cfg.eval.settings)
     except ValueError as err:
         raise ConfigError(f"config key 'eval.settings': {err}") from None
+    if cfg.eval.draw < 0:
+        raise ConfigError(f"config key 'eval.draw' is {cfg.eval.draw}; it must be >= 0")
     if cfg.ar.token_cache_passes < 0:
         raise ConfigError(f"config key 'ar.token_cache_passes' is {cfg.ar.token_cache_passes}; it must be >= 0 "
                           f"(0 keeps the pool at ar.token_cache_size)")

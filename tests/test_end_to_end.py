@@ -80,6 +80,12 @@ def test_eval_settings_judge_every_mode_at_other_sampling_settings(toy_run, tmp_
     assert after["ar"]["fid"] == before["ar"]["fid"]
     assert after["hybrid"]["fid"] != before["hybrid"]["fid"]
     assert after["hybrid"]["fid_vs_ar"]["difference"] == pytest.approx(after["hybrid"]["fid"] - after["ar"]["fid"])
+    # eval.draw=1: other requests and seeds for the generators; the tokenizer's held-out images stay
+    _run([*common, "eval.settings=steps=1", "eval.draw=1"])
+    drawn = json.loads((run / "metrics.json").read_text())
+    assert before["eval_draw"] == 0 and drawn["eval_draw"] == 1
+    assert drawn["tokenizer"]["fid"] == before["tokenizer"]["fid"]
+    assert drawn["ar"]["fid"] != before["ar"]["fid"] and drawn["hybrid"]["fid"] != after["hybrid"]["fid"]
 
 
 @pytest.mark.slow  # InceptionV3 at 299 px on the toy run's images: ~1 min on 2 cores
@@ -225,6 +231,11 @@ def test_curve_benchmark_trains_ar_with_snapshots_and_judges_each(toy_run, tmp_p
         assert paired["ci"][0] <= paired["difference"] <= paired["ci"][1]
         assert paired["difference"] == pytest.approx(row["hybrid"]["fid"] - row["ar"]["fid"], abs=1e-6)
     assert "(paired)" in out.stdout
+    for mode in ("ar", "hybrid"):  # adherence with its interval over the 40 prompts
+        for attr in ("shape", "color"):
+            lo, hi = last[mode]["adherence_ci"][attr]
+            assert lo <= last[mode]["adherence"][attr] <= hi and hi - lo > 0.1
+    assert result["draw"] == 0
     # different weights at the two points: the step-10 and step-30 snapshots are judged as themselves
     assert first["ar"]["fid"] != last["ar"]["fid"]
     assert result["stage_minutes"]["tokenizer"] > 0 and result["stage_minutes"]["refiner"] > 0
@@ -248,6 +259,18 @@ def test_curve_benchmark_trains_ar_with_snapshots_and_judges_each(toy_run, tmp_p
     bad = subprocess.run([sys.executable, "-m", "benchmarks.curve", "--run-dir", str(curve_run), "--at", "30",
                           "--sample", "temprature=0"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "temprature" in bad.stderr and "Traceback" not in bad.stderr
+
+    # eval.draw=1: the same snapshot judged on other requests and seeds (a check of a setting chosen on draw 0)
+    draw_json = tmp_path / "curve-draw1.json"
+    _run(["-m", "benchmarks.curve", "--config", "configs/toy.yaml", "--run-dir", str(curve_run), "--at", "30",
+          "--num-samples", "40", "--out", str(draw_json), f"cache_dir={base / 'cache'}", "trainer.progress_bar=false",
+          "eval.draw=1"])
+    drawn = json.loads(draw_json.read_text())
+    assert drawn["draw"] == 1 and drawn["rows"][0]["ar"]["fid"] != last["ar"]["fid"]
+    assert (curve_dir / "eval-30-draw1" / "eval" / "ar-class.png").is_file()
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.curve", "--run-dir", str(curve_run), "--at", "30",
+                          "--num-samples", "40", "eval.draw=-1"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "eval.draw" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_pipeline_from_explicit_checkpoints_matches_the_run(toy_run, tmp_path):

@@ -14,7 +14,13 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from hybrid.config import load_config
 from hybrid.data.attributes import ATTRIBUTES, SHAPES
 from hybrid.data.procedural import DATA_VERSION
-from hybrid.eval.adherence import adherence, adherence_from_logits, glyph_accuracy, paired_adherence_difference
+from hybrid.eval.adherence import (
+    adherence,
+    adherence_from_logits,
+    glyph_accuracy,
+    paired_adherence_difference,
+    proportion_interval,
+)
 from hybrid.eval.fid import (
     InceptionJudge,
     OracleFeatures,
@@ -217,6 +223,33 @@ def test_paired_adherence_difference_counts_only_the_rows_where_the_two_sets_dis
     assert swapped["shape"]["difference"] == pytest.approx(-30 / n) and swapped["shape"]["ci"][1] < 0
     with pytest.raises(ValueError, match="shape"):
         paired_adherence_difference({"shape": a["shape"][:10]}, b, req)
+
+
+def test_proportion_interval_is_the_wilson_score_interval():
+    lo, hi = proportion_interval(0.5, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
+    # near the shape target: 89.3% of 1,000 prompts cannot be told from 90%; of 10,000 it can
+    lo, hi = proportion_interval(0.893, 1000)
+    assert lo < 0.893 < hi and hi > 0.90 and hi - lo == pytest.approx(0.038, abs=0.002)
+    assert proportion_interval(0.893, 10_000)[1] < 0.90
+    lo, hi = proportion_interval(0.0, 50)  # all wrong: the interval still has width, inside [0, 1]
+    assert lo == 0.0 and 0.0 < hi < 0.1
+    assert proportion_interval(1.0, 50)[1] == 1.0
+    with pytest.raises(ValueError, match="n >= 1"):
+        proportion_interval(0.5, 0)
+
+
+def test_request_draws_are_new_requests_and_seeds_and_draw_0_is_the_old_set():
+    from hybrid.eval.evaluate import EVAL_REQUEST_SEED, generation_seed, make_requests, request_seed
+
+    assert request_seed(0) == EVAL_REQUEST_SEED  # every number judged before draws existed
+    assert [generation_seed(0, s) for s in (0, 100, 200)] == [0, 100, 200]
+    first, again, other = make_requests(300), make_requests(300, seed=request_seed(0)), make_requests(
+        300, seed=request_seed(1))
+    assert torch.equal(first["classes"], again["classes"])
+    assert not torch.equal(first["classes"], other["classes"])
+    seeds = {generation_seed(d, s) for d in range(3) for s in range(0, 10_000, 100)}
+    assert len(seeds) == 300  # no batch of one draw shares its seed with a batch of another
 
 
 class _LookupOracle(nn.Module):

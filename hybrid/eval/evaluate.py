@@ -9,7 +9,8 @@ prompts}, text only for text-conditioned models), `glyph_accuracy` (glyph prompt
 FID(hybrid) - FID(ar) on the same class requests row for row (the same AR tokens when the refiner reads
 every scale, `same_tokens`), with a paired bootstrap interval (`fid.paired_fid_difference`): below 0
 outside the interval, the refiner measurably helps. `generation_settings`: `eval.settings` as parsed
-({} = each stage's own sampling config), used for every generating mode.
+({} = each stage's own sampling config), used for every generating mode. `eval_draw`: `eval.draw`, which
+set of requests and generation seeds was judged.
 
 Requests are drawn like the validation data (fixed seed), so FID compares like with like: class
 prompts carry the first object's shape and color; text prompts name every attribute.
@@ -51,21 +52,33 @@ def class_request_attrs(attrs: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {k: (v if k in ("shape", "color") else torch.full_like(v, -1)) for k, v in attrs.items()}
 
 
-def _per_batch(batch_size: int, desc: str, request: dict):
-    """(seed, {"classes" or "prompts": one batch of them}) with a progress bar. The seed is the batch's first
-    index, so every mode is asked the same requests with the same seeds."""
+def request_seed(draw: int = 0) -> int:
+    """The class requests' seed of draw `draw` (`eval.draw`); its glyph requests use the next seed. Draw s
+    is the showdown's seed s."""
+    return EVAL_REQUEST_SEED + 101 * draw
+
+
+def generation_seed(draw: int, start: int) -> int:
+    """The pipeline seed of the batch that begins at request `start` in draw `draw` (the showdown's too)."""
+    return draw * 100_003 + start
+
+
+def _per_batch(batch_size: int, desc: str, request: dict, draw: int = 0):
+    """(seed, {"classes" or "prompts": one batch of them}) with a progress bar. The seed follows from the
+    batch's first index (`generation_seed`), so every mode is asked the same requests with the same seeds."""
     key = "classes" if "classes" in request else "prompts"
     items = request[key]
     for start in tqdm(range(0, len(items), batch_size), desc=desc, leave=False, unit="batch"):
-        yield start, {key: items[start : start + batch_size]}
+        yield generation_seed(draw, start), {key: items[start : start + batch_size]}
 
 
-def _generate(pipe, mode: str, batch_size: int, desc: str, settings: dict | None = None, **request) -> torch.Tensor:
+def _generate(pipe, mode: str, batch_size: int, desc: str, settings: dict | None = None, draw: int = 0,
+              **request) -> torch.Tensor:
     return torch.cat([pipe(**part, mode=mode, seed=seed, batch_size=batch_size, **(settings or {})).cpu()
-                      for seed, part in _per_batch(batch_size, desc, request)])
+                      for seed, part in _per_batch(batch_size, desc, request, draw)])
 
 
-def _generate_modes(pipe, modes, batch_size: int, settings: dict | None = None, suffix: str = "",
+def _generate_modes(pipe, modes, batch_size: int, settings: dict | None = None, suffix: str = "", draw: int = 0,
                     **request) -> dict[str, torch.Tensor]:
     """{mode: images} for one request, each mode as `_generate` makes it. `ar` and `hybrid` come from one
     AR pass (`HybridPipeline.ar_and_hybrid`, the same images as two passes) when the pipeline allows it."""
@@ -73,12 +86,12 @@ def _generate_modes(pipe, modes, batch_size: int, settings: dict | None = None, 
     out = {}
     if "ar" in modes and "hybrid" in modes and pipe.hybrid_shares_ar_tokens:
         pairs = [pipe.ar_and_hybrid(**part, seed=seed, batch_size=batch_size, **(settings or {}))
-                 for seed, part in _per_batch(batch_size, f"eval ar+hybrid{suffix}", request)]
+                 for seed, part in _per_batch(batch_size, f"eval ar+hybrid{suffix}", request, draw)]
         out["ar"] = torch.cat([a.cpu() for a, _ in pairs])
         out["hybrid"] = torch.cat([h.cpu() for _, h in pairs])
     for mode in modes:
         if mode not in out:
-            out[mode] = _generate(pipe, mode, batch_size, f"eval {mode}{suffix}", settings, **request)
+            out[mode] = _generate(pipe, mode, batch_size, f"eval {mode}{suffix}", settings, draw, **request)
     return out
 
 
@@ -110,7 +123,7 @@ def _fid_fields(result: dict) -> dict:
 def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100, bootstrap: int = 200,
                  modes=("tokenizer", "ar", "hybrid", "diffusion"), device="cpu", real_kwargs: dict | None = None,
                  timing: bool = True, pipe=None, inception_weights: str = "", settings: dict | None = None,
-                 keep_features: dict | None = None) -> dict:
+                 keep_features: dict | None = None, draw: int = 0) -> dict:
     """Evaluates the run's trained modes (see the module docstring); returns the metrics dict.
 
     `pipe`: an already loaded `HybridPipeline` to judge instead of the run's (benchmarks swap in
@@ -119,7 +132,12 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
     `settings`: generation settings for every generating mode (`GenerationSettings` keys: cfg,
     temperature, top_k, ...); None = each stage's config defaults. `keep_features`: a dict that receives
     the oracle features of each generating mode's class-prompt images ({mode: (N, D)}) and of the real
-    images ("real"), for paired comparisons across calls (the same requests and seeds give the same rows)."""
+    images ("real"), for paired comparisons across calls (the same requests and seeds give the same rows).
+    `draw` (`eval.draw`): which set of requests and generation seeds (0 = the one every earlier number used;
+    another draw checks a setting chosen on draw 0 on requests it was not chosen on). The real images and
+    the tokenizer's held-out images are the same in every draw."""
+    if draw < 0:
+        raise ValueError(f"eval.draw must be >= 0, got {draw}")
     from hybrid.data.procedural import ProceduralDataset
     from hybrid.eval.adherence import adherence, glyph_accuracy
     from hybrid.eval.fid import InceptionJudge, bootstrap_fid, oracle_features, paired_fid_difference, real_images
@@ -132,8 +150,8 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
     real = real_images(oracle, num_samples, **(real_kwargs or {}))  # (N, 3, S, S)
     real_feats = oracle_features(real, oracle)
     inception = InceptionJudge(real, inception_weights) if inception_weights else None
-    requests = make_requests(num_samples)
-    glyph_requests = make_requests(max(1, num_samples // 4), seed=EVAL_REQUEST_SEED + 1, glyph_prob=1.0)
+    requests = make_requests(num_samples, seed=request_seed(draw))
+    glyph_requests = make_requests(max(1, num_samples // 4), seed=request_seed(draw) + 1, glyph_prob=1.0)
     metrics: dict[str, dict] = {}
 
     if "tokenizer" in modes:
@@ -154,9 +172,10 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
 
     generating = _generating_modes(pipe, modes)
     text_modes = [m for m in generating if _condition(pipe, m) == "text"]
-    class_images = _generate_modes(pipe, generating, batch_size, settings, classes=requests["classes"])
-    text_images = _generate_modes(pipe, text_modes, batch_size, settings, " text", prompts=requests["captions"])
-    glyph_images = _generate_modes(pipe, text_modes, batch_size, settings, " glyphs",
+    class_images = _generate_modes(pipe, generating, batch_size, settings, draw=draw, classes=requests["classes"])
+    text_images = _generate_modes(pipe, text_modes, batch_size, settings, " text", draw,
+                                  prompts=requests["captions"])
+    glyph_images = _generate_modes(pipe, text_modes, batch_size, settings, " glyphs", draw,
                                    prompts=glyph_requests["captions"])
     features = {}
     for mode in generating:
@@ -240,7 +259,8 @@ def read_shard_images(pattern: str, num_samples: int, image_size: int) -> dict:
 @torch.no_grad()
 def evaluate_shards_run(run_dir, real: dict, batch_size: int = 100,
                         modes=("tokenizer", "ar", "hybrid", "diffusion"), device="cpu", inception_weights: str = "",
-                        timing: bool = True, real_source: str = "", settings: dict | None = None) -> dict:
+                        timing: bool = True, real_source: str = "", settings: dict | None = None,
+                        draw: int = 0) -> dict:
     """Evaluation on the user's own images (data.source=shards), where the oracle cannot judge.
 
     `real`: `read_shard_images`' output. Generators are asked for the real images' classes (or their
@@ -248,8 +268,8 @@ def evaluate_shards_run(run_dir, real: dict, batch_size: int = 100,
     Inception FID when `inception_weights` is given, else null (no judge for these images: the
     oracle knows the procedural attributes only); adherence and glyph accuracy are null. The
     tokenizer's PSNR, images/s, ms/image and parameter counts are measured either way. `settings`:
-    generation settings for every generating mode (None = each stage's config).
-    """
+    generation settings for every generating mode (None = each stage's config). `draw`: which generation
+    seeds (the requests are the real images' own)."""
     from hybrid.eval.fid import InceptionJudge
     from hybrid.pipeline import HybridPipeline
 
@@ -286,7 +306,7 @@ def evaluate_shards_run(run_dir, real: dict, batch_size: int = 100,
     for condition in ("text", "class", "none"):  # modes asked for the same request share one call (ar + hybrid)
         same = [m for m in generating if _condition(pipe, m) == condition]
         if same:
-            fakes.update(_generate_modes(pipe, same, batch_size, settings, **requests[same[0]]))
+            fakes.update(_generate_modes(pipe, same, batch_size, settings, draw=draw, **requests[same[0]]))
     for mode in generating:
         condition = _condition(pipe, mode)
         request = requests[mode]
@@ -325,14 +345,15 @@ def run_evaluation(cfg) -> dict:
                   "InceptionV3 weights file; the oracle judges the procedural data only)")
         metrics = evaluate_shards_run(cfg.run_dir, real, batch_size=cfg.eval.batch_size, modes=modes, device=device,
                                       inception_weights=cfg.eval.inception_weights, real_source=pattern,
-                                      settings=settings)
+                                      settings=settings, draw=cfg.eval.draw)
     else:
         oracle = load_oracle(ensure_oracle(cfg), device=device).eval()
         real_kwargs = {"two_object_prob": cfg.data.two_object_prob, "glyph_prob": cfg.data.glyph_prob}
         metrics = evaluate_run(cfg.run_dir, oracle, num_samples=cfg.eval.num_samples, batch_size=cfg.eval.batch_size,
                                bootstrap=cfg.eval.bootstrap, modes=modes, device=device, real_kwargs=real_kwargs,
-                               inception_weights=cfg.eval.inception_weights, settings=settings)
+                               inception_weights=cfg.eval.inception_weights, settings=settings, draw=cfg.eval.draw)
     metrics["generation_settings"] = settings or {}  # eval.settings; {} = each stage's own config
+    metrics["eval_draw"] = cfg.eval.draw  # which requests and seeds (0: every earlier metrics.json's)
     write_json(Path(cfg.run_dir) / "metrics.json", _finite(metrics))
     print(f"[eval] wrote {Path(cfg.run_dir) / 'metrics.json'}")
     return metrics
