@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,3 +76,9 @@ def test_cli_help_and_print_config():
     assert out.returncode == 0 and "tokenizer:" in out.stdout and "refiner:" in out.stdout
     out = subprocess.run([sys.executable, "train.py", "--print-config", "ar.depth=3"], capture_output=True, text=True)
     assert out.returncode == 0 and "depth: 3" in out.stdout
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_validates_and_names_its_run_after_its_file(path):
+    cfg = load_config(path)  # validated: a key the schema lacks or a bad value raises ConfigError
+    assert cfg.name == path.stem  # runs/<name>: two configs never share a run directory by default
