@@ -122,7 +122,8 @@ class TokenizerConfig:
     # 900 steps: the stage fits its 8-minute budget on a 2-core CPU (~0.17 s/step at batch 64 in bf16). Longer
     # tokenizers give much better FID (2400 steps: decode(z_q) FID 12.7, shape 93.9%, against 44.3 / 84.7%), but
     # within the default experiment's 30 minutes their time comes off the AR stage: 1500 tokenizer + 800 AR steps
-    # scored AR FID 34.8 against 44.5 and shape 52.2% against 58.6% (README, "The 30-minute default", 2026-11-28).
+    # scored AR FID 34.8 against 44.5 and shape 52.2% against 58.6% (docs/results.md, "The 30-minute default",
+    # 2026-11-28).
     # lr 3e-3 (was 1e-3), measured at 900 steps on 5,000 held-out images (benchmarks.tokenizer, version-2 oracle),
     # decode(z_q) FID / shape adherence: 1e-3 62.4 [59.2, 65.2] / 75.2%, 2e-3 48.2 / 82.2%, 3e-3 44.3 [41.9, 46.5] /
     # 84.7%, 4e-3 41.3 / 85.0% (seed 1: 37.2 / 85.3%); 8e-3 diverged near step 250, so 3e-3 keeps a margin below it
@@ -206,7 +207,8 @@ class DenoiserConfig:
     objective: str = "ddpm"  # ddpm | flow
     prediction: str = "v_prediction"  # ddpm only: v_prediction | epsilon | sample
     sampler: str = "ddim"  # ddim | dpm (ddpm trainer); euler | dpm (flow trainer)
-    steps: int = 1  # on AR-sampled tokens 1 step beat decode(z_q) and 2-8 steps did not (README, the refiner)
+    # on AR-sampled tokens 1 step beat decode(z_q) and 2-8 steps did not (docs/results.md, the paired test)
+    steps: int = 1
     num_train_timesteps: int = 1000
     cond_drop: float = 0.1
     max_text_len: int = 64  # bytes (condition=text)
@@ -283,9 +285,9 @@ class EvalConfig:
     # Generation settings for every judged mode, as `GenerationSettings.parse` reads them: "steps=1" (refiner
     # or diffusion steps), "cfg=3,temperature=0.9", ...; empty = each stage's own config.
     settings: str = ""
-    # Which set of class/glyph requests and generation seeds to judge on: 0 (every number in the README), or
-    # another draw to check a setting chosen on draw 0 on requests it was not chosen on (the showdown's seed
-    # s is draw s). The real images stay the same.
+    # Which set of class/glyph requests and generation seeds to judge on: 0 (every number in README.md and
+    # docs/results.md), or another draw to check a setting chosen on draw 0 on requests it was not chosen on
+    # (the showdown's seed s is draw s). The real images stay the same.
     draw: int = 0
 
 
