@@ -1,5 +1,8 @@
 #!/usr/bin/env python
-"""Generate images: `python sample.py --run DIR --prompt "a red circle" -n 16 --out OUT` (see --help)."""
+"""Generate images: `python sample.py --run DIR --class 3 -n 16 --out OUT` (see --help).
+
+A run trained with `ar.condition=text` takes `--prompt "a red circle at the top left"` instead.
+"""
 
 import sys
 

@@ -16,7 +16,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="sample.py",
         description="Generate images with a trained hybrid pipeline (AR -> z_q -> refiner -> decoder).",
-        epilog="example: python sample.py --run runs/default --prompt 'a red circle at the top left' -n 16 --out out/",
+        epilog=("example: python sample.py --run runs/default --class 3 -n 16 --out out/ "
+                "(a run trained with ar.condition=text takes --prompt 'a red circle at the top left')"),
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory written by train.py")
