@@ -433,6 +433,13 @@ def load_cli_config(path: str | os.PathLike | None, overrides: list[str] | None)
         return None
 
 
+def suggested_scales(latent: int) -> list[int]:
+    """Token grid sides for a `latent`-sided latent, in the default's pattern: the sizes 2^k and 3*2^k below
+    it, then `latent` itself (8 gives the default [1, 2, 3, 4, 6, 8]; 16 gives [1, 2, 3, 4, 6, 8, 12, 16])."""
+    sides = sorted({b << k for b in (1, 3) for k in range(latent.bit_length()) if (b << k) < latent})
+    return [*sides, latent]
+
+
 def validate(cfg: DictConfig) -> None:
     """Checks that the schema's types cannot express: choices, ranges, files that must exist."""
     for key, choices in CHOICES.items():
@@ -451,15 +458,15 @@ def validate(cfg: DictConfig) -> None:
     scales = list(cfg.tokenizer.scales)
     if scales != sorted(set(scales)) or not scales or scales[0] < 1:
         raise ConfigError(f"config key 'tokenizer.scales' must be strictly increasing positive ints, got {scales}")
+    sizes = f"(data.image_size {cfg.data.image_size} / tokenizer.downsample {cfg.tokenizer.downsample})"
+    fix = f'e.g. "tokenizer.scales=[{",".join(map(str, suggested_scales(latent)))}]"'  # copy-pasteable
     if not cfg.tokenizer.pretrained and scales[-1] > latent:
         raise ConfigError(
-            f"config key 'tokenizer.scales' must not exceed the latent size {latent} "
-            f"(data.image_size {cfg.data.image_size} / tokenizer.downsample {cfg.tokenizer.downsample}), got {scales}")
+            f"config key 'tokenizer.scales' must not exceed the latent size {latent} {sizes}, got {scales}; {fix}")
     if not cfg.tokenizer.pretrained and scales[-1] < latent and not cfg.tokenizer.coarse_grid:
         raise ConfigError(
-            f"config key 'tokenizer.scales' must end at the latent size {latent} "
-            f"(data.image_size {cfg.data.image_size} / tokenizer.downsample {cfg.tokenizer.downsample}), got {scales}; "
-            "set tokenizer.coarse_grid=true for a token grid coarser than the latent")
+            f"config key 'tokenizer.scales' must end at the latent size {latent} {sizes}, got {scales}; {fix}, "
+            "or set tokenizer.coarse_grid=true for a token grid coarser than the latent")
     for name in ("refiner", "diffusion"):
         sec = cfg[name]
         ok = {"ddpm": ("ddim", "dpm"), "flow": ("euler", "dpm")}[sec.objective]

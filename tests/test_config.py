@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hybrid.config import ConfigError, from_dict, load_config, to_dict
+from hybrid.config import ConfigError, from_dict, load_config, suggested_scales, to_dict
 
 
 def test_defaults_and_overrides(tmp_path):
@@ -47,6 +47,19 @@ def test_token_grids_coarser_than_the_latent_need_coarse_grid():
         load_config(None, ["data.image_size=64"])
     cfg = load_config(None, ["tokenizer.scales=[1,2,3,4,6]", "tokenizer.coarse_grid=true"])
     assert list(cfg.tokenizer.scales) == [1, 2, 3, 4, 6]
+
+
+@pytest.mark.parametrize("image_size, downsample", [(64, 4), (48, 4), (128, 8), (16, 4)])
+def test_scale_errors_suggest_scales_that_validate(image_size, downsample):
+    """A new image size with the old scales: the error names a scales list, and that list loads as given."""
+    sizes = [f"data.image_size={image_size}", f"tokenizer.downsample={downsample}"]
+    with pytest.raises(ConfigError) as info:
+        load_config(None, sizes)
+    suggestion = str(info.value).split('e.g. "', 1)[1].split('"', 1)[0]
+    cfg = load_config(None, [*sizes, suggestion])
+    latent = image_size // downsample
+    assert cfg.tokenizer.scales[-1] == latent and cfg.tokenizer.scales[0] == 1
+    assert suggested_scales(8) == [1, 2, 3, 4, 6, 8]  # the default's pattern
 
 
 def test_missing_config_file():
