@@ -138,3 +138,30 @@ def test_auto_precision_is_bf16_on_gpus_and_on_cpus_with_native_bf16(monkeypatch
     assert precision.resolve_precision(load_config(None, ["trainer.precision=32-true"])) == "32-true"
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     assert precision.resolve_precision(load_config(None, ["trainer.accelerator=gpu"])) == "bf16-mixed"
+
+
+def test_the_frozen_tokenizer_alone_in_eval_mode_raises_no_warning(tmp_path, recwarn):
+    """Lightning warns when modules are in eval mode at the start of fit ("may lead to unexpected
+    behavior"); the AR's frozen tokenizer is meant to be, so its fit is quiet, while any other
+    submodule stuck in eval mode is still reported."""
+    from torch import nn
+
+    from hybrid.lit.runner import build_module, fit_stage, unexpected_eval_modules
+
+    cfg = load_config(TOY, [f"run_dir={tmp_path}", "trainer.progress_bar=false", "ar.token_cache=false",
+                            "tokenizer.train.max_steps=2", "ar.train.max_steps=2"])
+    fit_stage(cfg, "tokenizer")
+    recwarn.clear()
+    fit_stage(cfg, "ar")
+    assert not [w for w in recwarn if "in eval mode" in str(w.message)]
+
+    class StuckInEval(nn.Module):
+        def train(self, mode: bool = True):
+            return super().train(False)
+
+    for stage in ("refiner", "diffusion"):  # the other stages that hold the frozen tokenizer
+        assert unexpected_eval_modules(build_module(cfg, stage)) == [], stage
+    module = build_module(cfg, "ar")
+    assert unexpected_eval_modules(module) == [] and not module.tokenizer.training
+    module.extra = StuckInEval()
+    assert unexpected_eval_modules(module) == ["extra"]

@@ -243,6 +243,8 @@ def load_tokenizer(path: str | Path):
 class TokenizerConsumer(StageModule):
     """Base of the stages that read the frozen tokenizer."""
 
+    frozen_submodules = ("tokenizer",)  # kept in eval mode by train(); see runner.unexpected_eval_modules
+
     def __init__(
         self,
         config: dict,

@@ -13,11 +13,13 @@ the data loader's place in the epoch), loaded with `weights_only=True`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -27,6 +29,7 @@ from pytorch_lightning.callbacks import Callback, LambdaCallback, ModelCheckpoin
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
+from pytorch_lightning.utilities.warnings import PossibleUserWarning
 
 from hybrid.checkpoints import final_path, init_weights, last_path, stage_dir
 from hybrid.config import to_dict
@@ -236,6 +239,29 @@ def resume_path(cfg, stage: str) -> str | None:
     return str(last) if last.is_file() else None  # a newer last.ckpt wins over a stale hpc checkpoint
 
 
+def unexpected_eval_modules(module: pl.LightningModule) -> list[str]:
+    """Submodules left in eval mode by `module.train()` other than its declared frozen ones
+    (`frozen_submodules`, e.g. the AR's and refiner's tokenizer)."""
+    was_training = module.training
+    module.train()
+    frozen = tuple(getattr(module, "frozen_submodules", ()))
+    names = [name for name, sub in module.named_modules() if not sub.training
+             and not any(name == f or name.startswith(f + ".") for f in frozen)]
+    module.train(was_training)
+    return names
+
+
+@contextlib.contextmanager
+def _quiet_if_only_frozen_in_eval(module: pl.LightningModule):
+    """Lightning warns at every fit that modules are in eval mode ("may lead to unexpected behavior"). The
+    frozen tokenizer is so on purpose, so the warning is silenced when it is the only one; any other
+    submodule in eval mode keeps it."""
+    with warnings.catch_warnings():
+        if not unexpected_eval_modules(module):
+            warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode", PossibleUserWarning)
+        yield
+
+
 def fit_stage(cfg, stage: str, callbacks=()) -> Path:
     """Trains `stage` (or skips it when its final checkpoint exists); returns the final checkpoint.
 
@@ -258,7 +284,8 @@ def fit_stage(cfg, stage: str, callbacks=()) -> Path:
     if ckpt_path:
         print(f"[{stage}] resuming from {ckpt_path}")
     # weights_only: a resumed checkpoint runs no code (torch's default too; said here so it stays so)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    with _quiet_if_only_frozen_in_eval(module):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if trainer.interrupted:
         raise KeyboardInterrupt(f"stage {stage} was interrupted; re-run the same command to resume")
     trainer.save_checkpoint(final, weights_only=False)  # weights_only=False: full state; atomic (AtomicCheckpointIO)
