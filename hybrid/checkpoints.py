@@ -121,10 +121,15 @@ def init_weights(module: torch.nn.Module, path: str | os.PathLike, stage: str, s
     The checkpoint's `state_dict` holds its EMA weights where the stage has EMA (Lightning's weight
     averaging stores them there), so those become the model's weights. Mismatched keys or shapes are
     listed in a CheckpointError unless `strict=False`, which skips them; returns the skipped keys.
+    Keys under the module's `not_warm_started` prefixes (the frozen tokenizer, the refiner's measured
+    `target_std`) are neither loaded nor compared.
     """
     ckpt = load_checkpoint(path, expect_stage=stage)
-    source = ckpt["state_dict"]
-    target = module.state_dict()
+    # The frozen tokenizer (and what was measured on it) stays this run's own: the stage trains on the
+    # tokenizer recorded in its hparams (`tokenizer_hash`), whatever tokenizer the other run used.
+    kept = tuple(getattr(module, "not_warm_started", ()))
+    source = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith(kept)}
+    target = {k: v for k, v in module.state_dict().items() if not k.startswith(kept)}
     problems, loadable = [], {}
     for key, value in source.items():
         if key not in target:
@@ -141,6 +146,16 @@ def init_weights(module: torch.nn.Module, path: str | os.PathLike, stage: str, s
         )
     module.load_state_dict(loadable, strict=False)
     return problems
+
+
+def is_rank_zero() -> bool:
+    """Whether this process writes the run's shared files (config, oracle, metrics): global rank 0 under
+    torchrun (`RANK`), srun (`SLURM_PROCID`) and Lightning's own launcher, which starts the other
+    processes of `trainer.devices=N` with `LOCAL_RANK` and `NODE_RANK` set (and, inside an sbatch
+    script without srun, the `SLURM_PROCID=0` they inherit). Rank 0 is the process where every one of
+    them that is set is 0."""
+    ranks = (os.environ.get(name, "").strip() for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"))
+    return all(int(r) == 0 for r in ranks if r)
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

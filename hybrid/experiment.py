@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -54,17 +53,15 @@ def run_stage(cfg, stage: str) -> None:
 
         ensure_oracle(cfg)
     elif stage == "eval":
+        from hybrid.checkpoints import is_rank_zero
         from hybrid.eval.evaluate import run_evaluation
 
-        run_evaluation(cfg)
+        if is_rank_zero():  # one process judges and writes metrics.json; the others are done
+            run_evaluation(cfg)
     else:
         from hybrid.lit.runner import fit_stage
 
         fit_stage(cfg, stage)
-
-
-def _is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0) == 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     from hybrid.nn.attention import set_default_backend
 
     set_default_backend(cfg.attention.backend)
+    from hybrid.checkpoints import is_rank_zero
+
     run_dir = Path(cfg.run_dir)
-    if _is_rank_zero():
+    if is_rank_zero():
         from omegaconf import OmegaConf
 
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         _destroy_process_group()
-    if _is_rank_zero():
+    if is_rank_zero():
         print_summary(cfg, time.time() - start)
     return 0
 

@@ -165,3 +165,125 @@ def test_the_frozen_tokenizer_alone_in_eval_mode_raises_no_warning(tmp_path, rec
     assert unexpected_eval_modules(module) == [] and not module.tokenizer.training
     module.extra = StuckInEval()
     assert unexpected_eval_modules(module) == ["extra"]
+
+
+def _toy(tmp_path, *overrides):
+    return load_config(TOY, [f"run_dir={tmp_path}", "trainer.progress_bar=false", "trainer.accelerator=cpu",
+                             "ar.token_cache=false", "tokenizer.train.max_steps=2", "ar.train.max_steps=2",
+                             "refiner.train.max_steps=2", *overrides])
+
+
+def test_retrain_sets_the_old_stage_aside_and_a_slurm_requeue_resumes(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from hybrid.checkpoints import final_path, last_path
+    from hybrid.lit.runner import fit_stage
+
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    first = _toy(tmp_path, "tokenizer.train.ckpt_every=1")
+    fit_stage(first, "tokenizer")
+    old = torch.load(final_path(tmp_path, "tokenizer"), weights_only=True)["state_dict"]
+    again = _toy(tmp_path, "retrain=true", "seed=1", "tokenizer.train.ckpt_every=1")
+    fit_stage(again, "tokenizer")
+    aside = sorted(tmp_path.glob("tokenizer.before-retrain-*"))
+    assert len(aside) == 1 and "moved to" in capsys.readouterr().out
+    kept = torch.load(aside[0] / "final.ckpt", weights_only=True)["state_dict"]
+    new = torch.load(final_path(tmp_path, "tokenizer"), weights_only=True)
+    assert all(torch.equal(old[k], kept[k]) for k in old)  # the old stage, whole, under its new name
+    assert new["global_step"] == 2 and any(not torch.equal(old[k], new["state_dict"][k]) for k in old)
+    assert torch.load(aside[0] / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+    # a SLURM requeue of the same retrain=true job (stage interrupted: no final.ckpt) resumes instead
+    final_path(tmp_path, "tokenizer").unlink()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    fit_stage(_toy(tmp_path, "retrain=true", "seed=1", "tokenizer.train.max_steps=3"), "tokenizer")
+    assert f"resuming from {last_path(tmp_path, 'tokenizer')}" in capsys.readouterr().out
+    assert len(list(tmp_path.glob("tokenizer.before-retrain-*"))) == 1
+    assert torch.load(final_path(tmp_path, "tokenizer"), weights_only=True)["global_step"] == 3
+
+
+def test_resume_refuses_a_changed_model_or_tokenizer_with_one_line(tmp_path, monkeypatch, capsys):
+    """An interrupted stage resumed after its model settings changed, or after its tokenizer was retrained,
+    is a one-line error naming the checkpoint and the way out (not torch's key listing; never the old
+    tokenizer's weights put back under the new one's hash)."""
+    from hybrid.checkpoints import final_path, last_path
+    from hybrid.experiment import main
+    from hybrid.lit.runner import fit_stage
+
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    cfg = _toy(tmp_path, "ar.train.ckpt_every=1")
+    fit_stage(cfg, "tokenizer")
+    fit_stage(cfg, "ar")
+    final_path(tmp_path, "ar").unlink()  # as if interrupted after its last checkpoint
+    base = ["--config", str(TOY), f"run_dir={tmp_path}", "trainer.progress_bar=false", "trainer.accelerator=cpu",
+            "ar.token_cache=false", "tokenizer.train.max_steps=2", "ar.train.max_steps=3", "stage=ar"]
+    assert main([*base, f"ar.width={cfg.ar.width * 2}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: stage ar: cannot resume from")
+    assert str(last_path(tmp_path, "ar")) in err[0] and "retrain=true" in err[0]
+
+    assert main(["--config", str(TOY), f"run_dir={tmp_path}", "trainer.progress_bar=false", "stage=tokenizer",
+                 "trainer.accelerator=cpu", "tokenizer.train.max_steps=2", "retrain=true", "seed=1"]) == 0
+    capsys.readouterr()
+    assert main(base) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trained on tokenizer weights" in err[0] and "retrain=true" in err[0], err
+
+
+def test_init_from_keeps_this_runs_tokenizer(tmp_path):
+    """Warm-starting from a run with another tokenizer takes its AR weights, not its tokenizer."""
+    import torch
+
+    from hybrid.checkpoints import final_path, init_weights, load_checkpoint, sub_state_dict, weights_hash
+    from hybrid.lit.runner import build_module, fit_stage
+
+    other = _toy(tmp_path / "other", "seed=1")
+    fit_stage(other, "tokenizer")
+    source = load_checkpoint(fit_stage(other, "ar"))["state_dict"]
+    mine = _toy(tmp_path / "mine")
+    own_hash = weights_hash(sub_state_dict(load_checkpoint(fit_stage(mine, "tokenizer"))["state_dict"], "tokenizer"))
+    assert own_hash != weights_hash(sub_state_dict(source, "tokenizer"))
+    module = build_module(mine, "ar")
+    assert init_weights(module, final_path(other.run_dir, "ar"), "ar") == []  # nothing else differs
+    state = module.state_dict()
+    assert weights_hash(sub_state_dict(state, "tokenizer")) == own_hash == module.hparams["tokenizer_hash"]
+    assert all(torch.equal(state[k], v) for k, v in source.items() if k.startswith("model."))
+
+
+def test_micro_batches_of_an_accumulated_step_draw_different_noise():
+    """`trainer.accumulate` > 1: the global step advances once per optimizer step, so each micro-batch's
+    generator must differ (and the first keeps the key of a run without accumulation)."""
+    import zlib
+
+    import torch
+
+    from hybrid.config import to_dict
+    from hybrid.lit.tokenizer import TokenizerModule
+
+    module = TokenizerModule(to_dict(load_config(TOY, ["tokenizer.train.accumulate=2"])))
+    draws = []
+    module.compute_loss = lambda batch: (torch.rand(4, generator=module.step_generator()).sum(), {})
+    for batch_idx in range(4):  # no trainer: the global step stays 0
+        module.training_step({"image": torch.zeros(1)}, batch_idx)
+        draws.append(torch.rand(4, generator=module.step_generator()))
+    assert torch.equal(draws[0], draws[2]) and torch.equal(draws[1], draws[3])
+    assert not torch.equal(draws[0], draws[1])
+    plain = torch.Generator().manual_seed(zlib.crc32(f"{module.cfg.seed}:0:0:0".encode()))
+    assert torch.equal(draws[0], torch.rand(4, generator=plain))
+
+
+@pytest.mark.parametrize("env, zero", [
+    ({}, True), ({"RANK": "0", "LOCAL_RANK": "0"}, True), ({"RANK": "1", "LOCAL_RANK": "1"}, False),
+    ({"SLURM_PROCID": "2"}, False), ({"SLURM_PROCID": "0"}, True),
+    # Lightning's own launcher inside an sbatch script: children inherit SLURM_PROCID=0
+    ({"SLURM_PROCID": "0", "LOCAL_RANK": "1", "NODE_RANK": "0"}, False),
+    ({"LOCAL_RANK": "0", "NODE_RANK": "1"}, False),
+])
+def test_rank_zero_under_every_launcher(monkeypatch, env, zero):
+    from hybrid.checkpoints import is_rank_zero
+
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert is_rank_zero() is zero

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
+from hybrid.checkpoints import is_rank_zero
 from hybrid.data.attributes import ATTRIBUTES, SHAPES
 from hybrid.data.procedural import DATA_VERSION
 from hybrid.precision import resolve_precision
@@ -444,10 +445,6 @@ def _command_line() -> str:
     return " ".join(["python", Path(sys.argv[0]).name] + sys.argv[1:])
 
 
-def _is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0) == 0
-
-
 def ensure_oracle(cfg, retrain: bool | None = None, device: str | torch.device | None = "auto",
                   wait_minutes: float = 120.0) -> Path:
     """Train and cache the oracle unless it exists; returns its path.
@@ -462,7 +459,7 @@ def ensure_oracle(cfg, retrain: bool | None = None, device: str | torch.device |
     if path.is_file() and not retrain:
         _report_cached(cfg, path)
         return path
-    if not _is_rank_zero():
+    if not is_rank_zero():
         deadline = time.time() + wait_minutes * 60
         while not path.is_file():
             if time.time() > deadline:

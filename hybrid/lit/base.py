@@ -77,14 +77,20 @@ class StageModule(pl.LightningModule):
         return Path(self.cfg.run_dir) / self.stage
 
     def step_generator(self, device: torch.device | str | None = None, salt: int = 0) -> torch.Generator:
-        """A generator seeded from (seed, global step, rank, salt): resumable, different per rank."""
+        """A generator seeded from (seed, global step, rank, salt, micro-batch): resumable, different per rank
+        and per micro-batch of an accumulated step (the global step advances once per optimizer step)."""
         device = torch.device(device or self.device)
-        key = f"{self.cfg.seed}:{self.global_step}:{self.global_rank}:{salt}".encode()
+        key = f"{self.cfg.seed}:{self.global_step}:{self.global_rank}:{salt}"
+        if self._micro_batch:  # the first micro-batch keeps the key of a run without accumulation
+            key += f":{self._micro_batch}"
         gen = torch.Generator(device=device)
-        gen.manual_seed(zlib.crc32(key))
+        gen.manual_seed(zlib.crc32(key.encode()))
         return gen
 
+    _micro_batch = 0  # which micro-batch of the current optimizer step (trainer.accumulate > 1)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self._micro_batch = batch_idx % max(1, self.tcfg.accumulate)
         loss, logs = self.compute_loss(batch)
         self._stop_if_non_finite(loss)
         batch_size = _batch_size(batch)
@@ -244,6 +250,7 @@ class TokenizerConsumer(StageModule):
     """Base of the stages that read the frozen tokenizer."""
 
     frozen_submodules = ("tokenizer",)  # kept in eval mode by train(); see runner.unexpected_eval_modules
+    not_warm_started = ("tokenizer.",)  # init_from keeps this run's tokenizer (checkpoints.init_weights)
 
     def __init__(
         self,
@@ -270,6 +277,22 @@ class TokenizerConsumer(StageModule):
         super().train(mode)
         self.tokenizer.eval()  # frozen: never update codebook statistics
         return self
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuses to resume from a checkpoint of this stage trained on other tokenizer weights (the
+        tokenizer was retrained since, or `tokenizer.checkpoint` changed): resuming would put the old
+        tokenizer back while the stage records the new one. Runs before the weights are loaded."""
+        super().on_load_checkpoint(checkpoint)
+        recorded = (checkpoint.get("hyper_parameters") or {}).get("tokenizer_hash")
+        current = self.hparams.get("tokenizer_hash")
+        if recorded and current and recorded != current:
+            from hybrid.checkpoints import CheckpointError
+
+            raise CheckpointError(
+                f"stage {self.stage}: the checkpoint to resume from was trained on tokenizer weights {recorded}, "
+                f"but this run's tokenizer ({self.hparams.get('tokenizer_path', '?')}) has weights {current}; "
+                f"retrain the stage on it (retrain=true), or move {self.stage_dir} aside"
+            )
 
     def trainable_parameters(self):
         return [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("tokenizer.")]

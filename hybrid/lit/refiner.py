@@ -99,6 +99,8 @@ class RefinerModule(DenoiserStage):
 
     stage = "refiner"
     coarse = True
+    # a warm start re-measures the residual's scale on this run's tokenizer and data (its first batch)
+    not_warm_started = ("tokenizer.", "model.target_std")
 
     @torch.no_grad()
     def coarse_latent(self, images: torch.Tensor, generator: torch.Generator | None = None):
@@ -118,7 +120,8 @@ class RefinerModule(DenoiserStage):
     @torch.no_grad()
     def _measure_target_std(self, enc) -> None:
         """Sets the model's `target_std` (refiners with fewer coarse scales than the tokenizer has) from one
-        batch's uncorrupted residual, averaged over ranks; a resumed or warm-started refiner keeps its own."""
+        batch's uncorrupted residual, averaged over ranks; a resumed refiner keeps its own (a warm-started one
+        measures it again: `init_from` does not load it)."""
         std = getattr(self.model, "target_std", None)
         if std is None or bool((std > 0).all()):
             return

@@ -3,7 +3,9 @@
 Resume rules, in order: a SLURM auto-requeue checkpoint (`hpc_ckpt_*.ckpt` in the stage's root
 directory) is picked up by Lightning itself when `fit` gets no `ckpt_path`; else the stage's
 `checkpoints/last.ckpt` (written atomically every `train.ckpt_every` steps); else a fresh start.
-A stage whose `final.ckpt` exists is skipped unless `retrain=true`.
+A stage whose `final.ckpt` exists is skipped unless `retrain=true`, which first moves the stage's
+folder aside (`<stage>.before-retrain-<time>`) and trains from scratch; a SLURM requeue of a
+`retrain=true` job (`SLURM_RESTART_COUNT` > 0) resumes instead, like any other requeued job.
 
 Resume and faults: every checkpoint goes through `AtomicCheckpointIO` (a temporary file in the
 target's folder, fsync, `os.replace`), so a SIGKILL at any moment leaves the previous complete
@@ -239,6 +241,27 @@ def resume_path(cfg, stage: str) -> str | None:
     return str(last) if last.is_file() else None  # a newer last.ckpt wins over a stale hpc checkpoint
 
 
+def set_aside_for_retrain(cfg, stage: str) -> Path | None:
+    """`retrain=true`: renames the stage's folder (checkpoints, logs, images) to
+    `<stage>.before-retrain-<time>` so the stage starts fresh and nothing it wrote before is lost (or
+    appended to); returns the new name, None when there was nothing to set aside. Rank 0 renames; the
+    other ranks start fresh too, and look for Lightning's SLURM checkpoint only inside the fit, after
+    all ranks have met."""
+    from hybrid.checkpoints import is_rank_zero
+
+    sdir = stage_dir(cfg.run_dir, stage)
+    if not is_rank_zero() or not sdir.is_dir() or not any(sdir.iterdir()):
+        return None
+    aside = sdir.with_name(f"{sdir.name}.before-retrain-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while aside.exists():
+        aside = sdir.with_name(f"{sdir.name}.before-retrain-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        n += 1
+    sdir.rename(aside)
+    print(f"[{stage}] retrain=true: the previous {sdir} was moved to {aside}")
+    return aside
+
+
 def unexpected_eval_modules(module: pl.LightningModule) -> list[str]:
     """Submodules left in eval mode by `module.train()` other than its declared frozen ones
     (`frozen_submodules`, e.g. the AR's and refiner's tokenizer)."""
@@ -262,6 +285,26 @@ def _quiet_if_only_frozen_in_eval(module: pl.LightningModule):
         yield
 
 
+@contextlib.contextmanager
+def _named_resume_mismatch(stage: str, ckpt_path: str | None, sdir: Path):
+    """A resumed checkpoint whose weights do not fit the model (the config changed its shape since) is a
+    CheckpointError naming the file and the way out, not torch's page of missing/unexpected keys."""
+    from hybrid.checkpoints import CheckpointError
+
+    try:
+        yield
+    except RuntimeError as err:
+        if "Error(s) in loading state_dict" not in str(err):
+            raise
+        lines = [ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()]
+        where = ckpt_path or f"the SLURM checkpoint in {sdir}"
+        raise CheckpointError(
+            f"stage {stage}: cannot resume from {where}: its weights do not fit the model this config builds "
+            f"({'; '.join(lines)[:300]}); was a model setting changed since? Undo the change to resume, or "
+            "retrain=true to train the stage again (the old folder is kept aside)"
+        ) from None
+
+
 def fit_stage(cfg, stage: str, callbacks=()) -> Path:
     """Trains `stage` (or skips it when its final checkpoint exists); returns the final checkpoint.
 
@@ -271,9 +314,12 @@ def fit_stage(cfg, stage: str, callbacks=()) -> Path:
     if final.is_file() and not cfg.retrain:
         print(f"[{stage}] {final} exists: skipped (retrain=true trains it again)")
         return final
+    fresh = cfg.retrain and int(os.environ.get("SLURM_RESTART_COUNT") or 0) == 0
+    if fresh:
+        set_aside_for_retrain(cfg, stage)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(cfg, stage)
-    ckpt_path = None if cfg.retrain else resume_path(cfg, stage)
+    ckpt_path = None if fresh else resume_path(cfg, stage)
     if cfg.init_from and ckpt_path is None:
         skipped = init_weights(module, cfg.init_from, stage, strict=cfg.init_strict)
         print(f"[{stage}] initialised from {cfg.init_from}" + (f" (skipped {len(skipped)} keys)" if skipped else ""))
@@ -284,10 +330,12 @@ def fit_stage(cfg, stage: str, callbacks=()) -> Path:
     if ckpt_path:
         print(f"[{stage}] resuming from {ckpt_path}")
     # weights_only: a resumed checkpoint runs no code (torch's default too; said here so it stays so)
-    with _quiet_if_only_frozen_in_eval(module):
+    resumable = _named_resume_mismatch(stage, ckpt_path, stage_dir(cfg.run_dir, stage))
+    with _quiet_if_only_frozen_in_eval(module), resumable:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if trainer.interrupted:
-        raise KeyboardInterrupt(f"stage {stage} was interrupted; re-run the same command to resume")
+        again = "the same command without retrain=true" if cfg.retrain else "the same command"
+        raise KeyboardInterrupt(f"stage {stage} was interrupted; re-run {again} to resume")
     trainer.save_checkpoint(final, weights_only=False)  # weights_only=False: full state; atomic (AtomicCheckpointIO)
     if trainer.global_rank == 0:
         print(f"[{stage}] done: {final}")
