@@ -42,7 +42,7 @@ def stage_plan(cfg) -> list[str]:
     plan = ["tokenizer", "oracle", "ar", "refiner"]
     if cfg.data.source != "procedural":
         plan.remove("oracle")
-    if cfg.with_diffusion:
+    if cfg.with_diffusion or cfg.diffusion.checkpoint:
         plan.append("diffusion")
     return plan + ["eval"]
 

@@ -287,3 +287,42 @@ def test_rank_zero_under_every_launcher(monkeypatch, env, zero):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert is_rank_zero() is zero
+
+
+def test_stage_checkpoint_keys_take_the_stage_from_a_file_into_the_run(tmp_path, monkeypatch, capsys):
+    """`tokenizer.checkpoint` / `ar.checkpoint`: those stages are not trained but copied into the run, so the
+    later stages, the evaluation and `sample.py --run` use them; a different stage already in the run, or a
+    stage trained on another tokenizer, is a one-line error naming the files."""
+    import filecmp
+
+    from hybrid.checkpoints import CheckpointError, final_path
+    from hybrid.experiment import main
+    from hybrid.lit.runner import fit_stage
+    from hybrid.pipeline import HybridPipeline
+
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    source = _toy(tmp_path / "source")
+    tok, ar = fit_stage(source, "tokenizer"), fit_stage(source, "ar")
+    borrow = [f"tokenizer.checkpoint={tok}", f"ar.checkpoint={ar}"]
+    cfg = _toy(tmp_path / "borrow", *borrow)
+    for stage in ("tokenizer", "ar", "refiner"):
+        fit_stage(cfg, stage)
+    out = capsys.readouterr().out
+    assert "tokenizer.checkpoint" in out and "ar.checkpoint" in out and "not trained in this run" in out
+    for stage, path in (("tokenizer", tok), ("ar", ar)):
+        assert filecmp.cmp(path, final_path(cfg.run_dir, stage), shallow=False), stage
+    assert not (tmp_path / "borrow" / "tokenizer" / "logs").exists()  # not trained here
+    assert set(HybridPipeline.from_run(cfg.run_dir).modes) >= {"ar", "hybrid"}
+
+    own = _toy(tmp_path / "own", "seed=1")
+    fit_stage(own, "tokenizer")
+    base = ["--config", str(TOY), f"run_dir={own.run_dir}", "trainer.progress_bar=false", "trainer.accelerator=cpu",
+            "stage=tokenizer"]
+    assert main([*base, f"tokenizer.checkpoint={tok}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already has another tokenizer checkpoint" in err[0] and str(tok) in err[0], err
+    with pytest.raises(CheckpointError, match="was trained with tokenizer"):  # source's AR on own's tokenizer
+        fit_stage(_toy(tmp_path / "own", f"ar.checkpoint={ar}"), "ar")
+    assert main([*base, f"tokenizer.checkpoint={tok}", "retrain=true"]) == 0
+    assert filecmp.cmp(tok, final_path(own.run_dir, "tokenizer"), shallow=False)
+    assert len(list((tmp_path / "own").glob("tokenizer.before-retrain-*"))) == 1

@@ -64,14 +64,55 @@ def build_module(cfg, stage: str):
 
 
 def tokenizer_checkpoint(cfg) -> Path:
-    """The tokenizer checkpoint the later stages read: `tokenizer.checkpoint`, else the run's own."""
-    path = Path(cfg.tokenizer.checkpoint) if cfg.tokenizer.checkpoint else final_path(cfg.run_dir, "tokenizer")
+    """The tokenizer checkpoint the later stages read: `tokenizer.checkpoint` (adopted into the run, so its
+    evaluation and `sample.py --run` find it), else the run's own."""
+    if cfg.tokenizer.checkpoint:
+        return adopt_checkpoint(cfg, "tokenizer")
+    path = final_path(cfg.run_dir, "tokenizer")
     if not path.is_file():
         raise FileNotFoundError(
             f"no tokenizer checkpoint at '{path}': train it first (python train.py stage=tokenizer "
             f"run_dir={cfg.run_dir}) or set tokenizer.checkpoint=PATH"
         )
     return path
+
+
+def adopt_checkpoint(cfg, stage: str) -> Path:
+    """`<stage>.checkpoint=PATH`: the stage comes from that file instead of being trained. It is checked (a
+    checkpoint of this stage; for the later stages, trained on this run's tokenizer) and copied into the
+    run as `<stage>/final.ckpt`, which later stages, the evaluation, `sample.py --run` and exports read,
+    so the run directory holds every stage it was built from. A different `final.ckpt` already there is
+    an error unless `retrain=true`, which sets the stage's folder aside first. Returns the source path
+    (every rank reads it; rank 0 writes the copy)."""
+    import filecmp
+    import shutil
+
+    from hybrid.checkpoints import CheckpointError, check_tokenizer_match, is_rank_zero, load_checkpoint
+
+    source = Path(cfg[stage].checkpoint)
+    ckpt = load_checkpoint(source, expect_stage=stage)  # names the file when it is missing or not one
+    if stage != "tokenizer":
+        from hybrid.lit.base import load_tokenizer
+
+        tokenizer = tokenizer_checkpoint(cfg)
+        check_tokenizer_match(ckpt, load_tokenizer(tokenizer)[2], source)
+    del ckpt
+    final = final_path(cfg.run_dir, stage)
+    if not is_rank_zero() or (final.is_file() and filecmp.cmp(source, final, shallow=False)):
+        return source
+    if final.is_file():
+        if not cfg.retrain:
+            raise CheckpointError(
+                f"{stage}.checkpoint={source}, but this run already has another {stage} checkpoint ({final}); "
+                f"use another run_dir, or retrain=true to set {final.parent} aside and take {source}"
+            )
+        set_aside_for_retrain(cfg, stage)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, final)
+    print(f"[{stage}] {stage}.checkpoint: {source} copied to {final} (not trained in this run)")
+    return source
 
 
 def build_datamodule(cfg, stage: str, module):
@@ -311,6 +352,9 @@ def fit_stage(cfg, stage: str, callbacks=()) -> Path:
     `callbacks`: extra Lightning callbacks (benchmarks use them to measure during training).
     """
     final = final_path(cfg.run_dir, stage)
+    if cfg[stage].checkpoint:
+        adopt_checkpoint(cfg, stage)
+        return final
     if final.is_file() and not cfg.retrain:
         print(f"[{stage}] {final} exists: skipped (retrain=true trains it again)")
         return final
