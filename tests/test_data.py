@@ -341,6 +341,40 @@ def test_folder_source_sidecar_captions_and_center_crop(tmp_path):
     assert len(sky) == 2 and all(s["caption"] == "blue sky" and s["image"].shape == (3, 32, 32) for s in sky)
 
 
+def _class_folders(root, names):
+    for name in names:
+        (root / name).mkdir(parents=True)
+        Image.fromarray(np.full((16, 16, 3), 40 * len(name), np.uint8)).save(root / name / f"{name}.png")
+
+
+def test_folder_val_split_keeps_the_training_class_ids(tmp_path):
+    """README's two writes (train folder, then a val folder with fewer classes) into one --out: the val split
+    reuses classes.json's ids; a class that is not in it is an error naming the class and the file."""
+    _class_folders(tmp_path / "images", ["cat", "dog", "emu"])
+    _class_folders(tmp_path / "images_val", ["dog", "emu"])
+    out = tmp_path / "out"
+    write_folder(out, tmp_path / "images", image_size=16, split="train", progress=False)
+    write_folder(out, tmp_path / "images_val", image_size=16, split="val", progress=False)
+    mapping = {"cat": 0, "dog": 1, "emu": 2}
+    assert json.loads((out / "classes.json").read_text()) == mapping
+    for split in ("train", "val"):
+        for sample in wds.WebDataset(str(out / f"{split}-000000.tar"), shardshuffle=False):
+            meta = json.loads(sample["json"])
+            assert meta["class_id"] == mapping[meta["class_name"]], (split, meta)
+    assert sorted(p.name for p in out.iterdir()) == ["classes.json", "train-000000.tar", "val-000000.tar"]
+
+    _class_folders(tmp_path / "other", ["dog", "fox"])
+    with pytest.raises(ValueError, match=f"'fox'.*{re.escape(str(out / 'classes.json'))}"):
+        write_folder(out, tmp_path / "other", image_size=16, split="val", progress=False)
+    assert json.loads((out / "classes.json").read_text()) == mapping  # never overwritten with another mapping
+    with pytest.raises(SystemExit):  # the CLI: one line, no traceback
+        main(["write", "--source", "folder", "--folder", str(tmp_path / "other"), "--out", str(out), "--split",
+              "val", "--image-size", "16", "--no-progress"])
+    (out / "classes.json").write_text("[1, 2")
+    with pytest.raises(ValueError, match=re.escape(str(out / "classes.json"))):
+        write_folder(out, tmp_path / "images_val", image_size=16, split="val", progress=False)
+
+
 # ----------------------------------------------------------------------------------------------
 # Data module
 # ----------------------------------------------------------------------------------------------

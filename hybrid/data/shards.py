@@ -10,10 +10,10 @@ Shards are `DIR/{split}-000000.tar, ...`. Each sample is `KEY.png` (RGB, image_s
 image_size) and `KEY.json` = {"class_id", "caption", "attrs", ...}. Procedural samples store
 their full caption and all attributes (sample i of a shard set equals `ProceduralDataset(...)[i]`
 pixel for pixel); folder samples take the class from the subfolder name (`DIR/classes.json`
-maps names to ids), the caption from a sidecar `NAME.txt` next to the image when there is one,
-else from the class name, and store no attributes (readers fill them with -1). Folder images
-of other sizes are resized (shorter side) and center-cropped; their order is shuffled with
-`--seed` so that shards mix classes.
+maps names to ids; a later split written to DIR keeps its ids), the caption from a sidecar
+`NAME.txt` next to the image when there is one, else from the class name, and store no
+attributes (readers fill them with -1). Folder images of other sizes are resized (shorter side)
+and center-cropped; their order is shuffled with `--seed` so that shards mix classes.
 
 Reading (the rank and world size are arguments, never read from torch.distributed here):
 
@@ -507,19 +507,51 @@ def class_caption(name: str) -> str:
     return name.replace("_", " ").replace("-", " ").strip()
 
 
+def folder_class_ids(out: str | os.PathLike, classes: Sequence[str], folder: str | os.PathLike) -> dict[str, int]:
+    """Class name -> id for writing `folder` (with class subfolders `classes`) into `out`.
+
+    An existing `out/classes.json` (written with an earlier split) is kept: every class of `folder`
+    must be in it, so a validation folder with fewer classes keeps the training ids. Without one, the
+    sorted names get ids 0, 1, ... and the mapping is written (atomically) to `out/classes.json`.
+    Raises ValueError naming the file when it is not a mapping or lacks a class of `folder`.
+    """
+    path = Path(out) / "classes.json"
+    if not path.is_file():
+        ids = {name: i for i, name in enumerate(classes)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(ids, indent=1))
+        os.replace(tmp, path)
+        return ids
+    try:
+        ids = json.loads(path.read_text())
+        if not isinstance(ids, dict) or not all(isinstance(v, int) for v in ids.values()):
+            raise ValueError(f"expected {{\"class name\": id, ...}}, got {type(ids).__name__}")
+    except ValueError as err:
+        raise ValueError(f"'{path}' is not a class mapping ({err})") from None
+    missing = [name for name in classes if name not in ids]
+    if missing:
+        shown = ", ".join(f"'{name}'" for name in missing)
+        raise ValueError(f"class{'es' if len(missing) > 1 else ''} {shown} of image folder '{folder}' "
+                         f"{'are' if len(missing) > 1 else 'is'} not in '{path}' ({', '.join(ids)}), which an "
+                         f"earlier write to this --out made: write the split with every class first, or use "
+                         f"another --out")
+    return ids
+
+
 def write_folder(out: str | os.PathLike, folder: str | os.PathLike, image_size: int = 32, per_shard: int = 1000,
                  seed: int = 0, split: str = "train", count: int | None = None, progress: bool = True) -> list[str]:
     """Write an image folder (class = subfolder) as shards plus `out/classes.json`; returns the shards.
 
+    Class ids come from `out/classes.json` when an earlier split wrote it (see `folder_class_ids`).
     Images are shuffled with `seed`, resized/center-cropped to image_size; unreadable images are
     skipped with a warning.
     """
     classes, items = folder_items(folder)
+    ids = folder_class_ids(out, classes, folder)
     random.Random(seed).shuffle(items)
     if count is not None:
         items = items[:count]
-    Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "classes.json").write_text(json.dumps({name: i for i, name in enumerate(classes)}, indent=1))
     skipped = 0
     with wds.ShardWriter(_shard_pattern(out, split), maxcount=per_shard, verbose=0) as sink, \
             _progress(len(items), f"folder {split}", progress) as bar:
@@ -535,8 +567,9 @@ def write_folder(out: str | os.PathLike, folder: str | os.PathLike, image_size: 
                 continue
             sidecar = path.with_suffix(".txt")
             text = sidecar.read_text().strip() if sidecar.is_file() else ""
-            meta = {"class_id": cid, "caption": text or class_caption(classes[cid]), "attrs": {},
-                    "class_name": classes[cid], "path": str(path.relative_to(folder)), "source": "folder"}
+            name = classes[cid]
+            meta = {"class_id": ids[name], "caption": text or class_caption(name), "attrs": {},
+                    "class_name": name, "path": str(path.relative_to(folder)), "source": "folder"}
             sink.write({"__key__": f"{i:09d}", "png": _png_bytes(pixels), "json": json.dumps(meta).encode()})
     if skipped:
         print(f"skipped {skipped} unreadable image(s)", file=sys.stderr)
