@@ -1,6 +1,7 @@
 """Data: procedural dataset (determinism, vocabulary, holdout, captions), shards (round trip, exactly-once
 evaluation, fixed-length training, skipping corrupt data), folder source, the Lightning data module."""
 
+import io
 import json
 import os
 import re
@@ -308,6 +309,41 @@ def test_pattern_matching_nothing_is_a_clear_error(tmp_path):
     dm = HybridDataModule(batch_size=2, source="shards", shards=str(tmp_path / "train-{0..3}.tar"))
     with pytest.raises(FileNotFoundError, match="train-"):
         dm.setup("fit")
+
+
+def _class_id_shard(path, class_ids):
+    """A shard with one 16x16 sample per class id (-1: a sample written without one)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(buf, format="PNG")
+    with wds.TarWriter(str(path)) as sink:
+        for i, cid in enumerate(class_ids):
+            meta = {"caption": "x"} if cid == -1 else {"class_id": cid, "caption": "x"}
+            sink.write({"__key__": f"{i:09d}", "png": buf.getvalue(), "json": json.dumps(meta).encode()})
+
+
+@pytest.mark.parametrize("bad", [3, 7, -2])  # 3 == num_classes would silently train as the unconditional class
+def test_class_id_outside_num_classes_is_an_error_naming_the_shard(tmp_path, bad):
+    _class_id_shard(tmp_path / "train-000000.tar", [0, 2, -1, 1])
+    _class_id_shard(tmp_path / "train-000001.tar", [0, bad, 1, 2])
+    _class_id_shard(tmp_path / "val-000000.tar", [1, 0, bad])
+    dm = HybridDataModule(batch_size=2, source="shards", shards=str(tmp_path / "train-*.tar"), image_size=16,
+                          batches_per_epoch=4, shuffle_buffer=1, num_classes=3)
+    dm.setup("fit")
+    for loader, shard in ((dm.train_dataloader(), "train-000001.tar"), (dm.val_dataloader(), "val-000000.tar")):
+        with pytest.raises(ValueError, match=rf"shard '[^']*{shard}'.*class id {bad}\b.*data\.num_classes"):
+            list(loader)
+    from hybrid.eval.evaluate import read_shard_images  # stage=eval asks the generators for these classes
+
+    with pytest.raises(ValueError, match=rf"shard '[^']*val-000000.tar'.*class id {bad}\b"):
+        read_shard_images(str(tmp_path / "val-*.tar"), 8, 16, num_classes=3)
+    good = str(tmp_path / "train-000000.tar")
+    ok = HybridDataModule(batch_size=2, source="shards", shards=good, val_shards=good, image_size=16,
+                          batches_per_epoch=2, shuffle_buffer=1, num_classes=3)
+    ok.setup("fit")
+    assert [b["class_id"].tolist() for b in ok.train_dataloader()] == [[0, 2], [-1, 1]]  # -1: no class id
+    assert [b["class_id"].tolist() for b in ok.val_dataloader()] == [[0, 2], [-1, 1]]
+    _class_id_shard(tmp_path / "procedural.tar", [41, 0])  # data.num_classes=0: the procedural dataset's 42
+    assert sum(len(b["caption"]) for b in EvalShards(str(tmp_path / "procedural.tar"), num_classes=NUM_CLASSES)) == 2
 
 
 # ----------------------------------------------------------------------------------------------

@@ -211,10 +211,11 @@ class _ShardReader:
     """Shared machinery of both readers: per-shard tar iteration with skip accounting."""
 
     def __init__(self, pattern, image_size: int | None, counter: SkipCounter | None, with_keys: bool,
-                 worker: tuple[int, int] | None):
+                 worker: tuple[int, int] | None, num_classes: int | None):
         self.pattern = pattern
         self.urls = expand_shards(pattern)
         self.image_size = image_size
+        self.num_classes = num_classes
         self.counter = counter if counter is not None else SkipCounter()
         self.with_keys = with_keys
         self.worker = worker
@@ -251,6 +252,14 @@ class _ShardReader:
             self.counter.add_sample()
             warnings.warn(f"skipping {err}", ShardWarning, stacklevel=2)
             return None
+        if self.num_classes is not None and not -1 <= out["class_id"] < self.num_classes:
+            # The models' class table has num_classes rows plus the null class: a larger id would fail
+            # there (IndexError, a CUDA device-side assert), and id num_classes would train as unconditional.
+            n = self.num_classes
+            raise ValueError(f"sample '{raw.get('__key__')}' of shard '{raw.get('__url__')}' has class id "
+                             f"{out['class_id']}, outside 0..{n - 1} (data.num_classes: {n} classes; id {n} is the "
+                             f"unconditional class): set data.num_classes to the shards' number of classes (the "
+                             f"entries of their classes.json)")
         if self.with_keys:
             out["key"] = f"{os.path.basename(raw.get('__url__', ''))}/{raw.get('__key__')}"
         return out
@@ -276,14 +285,15 @@ class TrainShards(_ShardReader, IterableDataset):
     pass; the data module's `ShardLoader` does this.
     Use non-persistent workers, so each epoch's workers receive the new epoch.
     If a training caption_keep < 1 is given, captions of samples with known attributes are
-    redrawn with that keep probability (as the procedural training split does).
+    redrawn with that keep probability (as the procedural training split does). With `num_classes`,
+    a sample whose class id is outside -1..num_classes-1 (-1: none) is an error naming its shard.
     """
 
     def __init__(self, pattern, *, batch_size: int, batches_per_epoch: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, image_size: int | None = None, caption_keep: float = 1.0,
                  shuffle_buffer: int = 1000, counter: SkipCounter | None = None, with_keys: bool = False,
-                 worker: tuple[int, int] | None = None):
-        super().__init__(pattern, image_size, counter, with_keys, worker)
+                 worker: tuple[int, int] | None = None, num_classes: int | None = None):
+        super().__init__(pattern, image_size, counter, with_keys, worker, num_classes)
         if batch_size < 1 or batches_per_epoch < 1:
             raise ValueError(f"batch_size ({batch_size}) and batches_per_epoch ({batches_per_epoch}) must be >= 1")
         if not 0 <= rank < world_size:
@@ -409,12 +419,13 @@ class EvalShards(_ShardReader, IterableDataset):
     """Finite evaluation stream: every sample exactly once across ranks x workers (see `split_shards`).
 
     Ranks can differ by a batch (no padding, no duplicates): log validation metrics with
-    epoch-level reduction, not per-step collectives.
+    epoch-level reduction, not per-step collectives. `num_classes`: as for `TrainShards`.
     """
 
     def __init__(self, pattern, *, rank: int = 0, world_size: int = 1, image_size: int | None = None,
-                 counter: SkipCounter | None = None, with_keys: bool = False, worker: tuple[int, int] | None = None):
-        super().__init__(pattern, image_size, counter, with_keys, worker)
+                 counter: SkipCounter | None = None, with_keys: bool = False, worker: tuple[int, int] | None = None,
+                 num_classes: int | None = None):
+        super().__init__(pattern, image_size, counter, with_keys, worker, num_classes)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
         self.rank = rank
