@@ -4,11 +4,13 @@
 #   tokenizer ──┬──► ar ──────┐
 #               ├──► refiner ─┼──► eval
 #               └──► diffusion┘ (only with WITH_DIFFUSION=1)
-#   oracle ───────────────────┘   (needs no tokenizer: runs beside it)
+#   oracle ───────────────────┘   (needs no tokenizer: runs beside it; procedural data only, as in train.py)
 #
 # usage: slurm/submit_pipeline.sh [--config FILE] [--run-dir DIR] [--dry-run] [key=value ...]
 #   key=value overrides go to every stage (e.g. tokenizer.train.max_steps=500 cache_dir=/scratch/cache).
 #   --dry-run prints the sbatch commands instead of submitting them.
+#   The config and overrides are resolved first (with $PYTHON, else the active venv's or .venv's python),
+#   so a bad key fails here, before any job is submitted.
 # Prints one "<stage> <job id>" line per job, then how to watch them.
 #
 # Resources (environment variables):
@@ -35,7 +37,7 @@ while [ $# -gt 0 ]; do
         --run-dir) run_dir="$2"; shift 2 ;;
         --run-dir=*) run_dir="${1#*=}"; shift ;;
         --dry-run) dry_run=1; shift ;;
-        -h|--help) sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "${BASH_SOURCE[0]}"; exit 0 ;;
         run_dir=*) run_dir="${1#run_dir=}"; shift ;;
         stage=*) echo "error: submit_pipeline.sh submits every stage; drop '$1' (use slurm/train.sbatch for one stage)" >&2; exit 2 ;;
         *=*) overrides+=("$1"); shift ;;
@@ -53,6 +55,24 @@ if [[ "$config$run_dir$repo" == *,* ]]; then
     echo "error: the repository, config and run dir paths must not contain commas (sbatch --export splits on them)" >&2
     exit 2
 fi
+
+# The stages that `train.py stage=all` runs for this config: the oracle judges the procedural data only,
+# so on other data (data.source=shards) it is neither trained nor waited for. Same python as train.sbatch.
+python="${PYTHON:-}"
+if [ -z "$python" ]; then
+    if [ -n "${VIRTUAL_ENV:-}" ]; then python="$VIRTUAL_ENV/bin/python"
+    elif [ -x "$repo/.venv/bin/python" ]; then python="$repo/.venv/bin/python"
+    else python=python; fi
+fi
+plan="$(cd "$repo" && "$python" -c 'import sys
+from hybrid.config import load_cli_config
+from hybrid.experiment import stage_plan
+cfg = load_cli_config(sys.argv[1], sys.argv[2:] + ["stage=all"])
+if cfg is None:
+    sys.exit(2)
+print(" ".join(stage_plan(cfg)))' "$config" "${overrides[@]}")" || exit 2
+with_oracle=0
+case " $plan " in *" oracle "*) with_oracle=1 ;; esac
 
 nodes="${NODES:-1}"
 gpus="${GPUS_PER_NODE:-4}"
@@ -87,10 +107,11 @@ submit() {
 }
 
 tokenizer=$(submit tokenizer "" "${train_res[@]}")
-oracle=$(submit oracle "" "${single_res[@]}")
+if [ "$with_oracle" = 1 ]; then oracle=$(submit oracle "" "${single_res[@]}"); fi
 ar=$(submit ar "$tokenizer" "${train_res[@]}")
 refiner=$(submit refiner "$tokenizer" "${train_res[@]}")
-eval_deps="$ar:$refiner:$oracle"
+eval_deps="$ar:$refiner"
+if [ "$with_oracle" = 1 ]; then eval_deps="$eval_deps:$oracle"; fi
 if [ "${WITH_DIFFUSION:-0}" = 1 ]; then
     diffusion=$(submit diffusion "$tokenizer" "${train_res[@]}")
     eval_deps="$eval_deps:$diffusion"
@@ -98,7 +119,7 @@ fi
 evaluation=$(submit eval "$eval_deps" "${single_res[@]}")
 
 echo "tokenizer $tokenizer"
-echo "oracle $oracle"
+if [ "$with_oracle" = 1 ]; then echo "oracle $oracle"; fi
 echo "ar $ar"
 echo "refiner $refiner"
 if [ "${WITH_DIFFUSION:-0}" = 1 ]; then echo "diffusion $diffusion"; fi

@@ -1,6 +1,7 @@
 """Data: procedural dataset (determinism, vocabulary, holdout, captions), shards (round trip, exactly-once
 evaluation, fixed-length training, skipping corrupt data), folder source, the Lightning data module."""
 
+import io
 import json
 import os
 import re
@@ -310,6 +311,41 @@ def test_pattern_matching_nothing_is_a_clear_error(tmp_path):
         dm.setup("fit")
 
 
+def _class_id_shard(path, class_ids):
+    """A shard with one 16x16 sample per class id (-1: a sample written without one)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(buf, format="PNG")
+    with wds.TarWriter(str(path)) as sink:
+        for i, cid in enumerate(class_ids):
+            meta = {"caption": "x"} if cid == -1 else {"class_id": cid, "caption": "x"}
+            sink.write({"__key__": f"{i:09d}", "png": buf.getvalue(), "json": json.dumps(meta).encode()})
+
+
+@pytest.mark.parametrize("bad", [3, 7, -2])  # 3 == num_classes would silently train as the unconditional class
+def test_class_id_outside_num_classes_is_an_error_naming_the_shard(tmp_path, bad):
+    _class_id_shard(tmp_path / "train-000000.tar", [0, 2, -1, 1])
+    _class_id_shard(tmp_path / "train-000001.tar", [0, bad, 1, 2])
+    _class_id_shard(tmp_path / "val-000000.tar", [1, 0, bad])
+    dm = HybridDataModule(batch_size=2, source="shards", shards=str(tmp_path / "train-*.tar"), image_size=16,
+                          batches_per_epoch=4, shuffle_buffer=1, num_classes=3)
+    dm.setup("fit")
+    for loader, shard in ((dm.train_dataloader(), "train-000001.tar"), (dm.val_dataloader(), "val-000000.tar")):
+        with pytest.raises(ValueError, match=rf"shard '[^']*{shard}'.*class id {bad}\b.*data\.num_classes"):
+            list(loader)
+    from hybrid.eval.evaluate import read_shard_images  # stage=eval asks the generators for these classes
+
+    with pytest.raises(ValueError, match=rf"shard '[^']*val-000000.tar'.*class id {bad}\b"):
+        read_shard_images(str(tmp_path / "val-*.tar"), 8, 16, num_classes=3)
+    good = str(tmp_path / "train-000000.tar")
+    ok = HybridDataModule(batch_size=2, source="shards", shards=good, val_shards=good, image_size=16,
+                          batches_per_epoch=2, shuffle_buffer=1, num_classes=3)
+    ok.setup("fit")
+    assert [b["class_id"].tolist() for b in ok.train_dataloader()] == [[0, 2], [-1, 1]]  # -1: no class id
+    assert [b["class_id"].tolist() for b in ok.val_dataloader()] == [[0, 2], [-1, 1]]
+    _class_id_shard(tmp_path / "procedural.tar", [41, 0])  # data.num_classes=0: the procedural dataset's 42
+    assert sum(len(b["caption"]) for b in EvalShards(str(tmp_path / "procedural.tar"), num_classes=NUM_CLASSES)) == 2
+
+
 # ----------------------------------------------------------------------------------------------
 # Folder source
 # ----------------------------------------------------------------------------------------------
@@ -339,6 +375,40 @@ def test_folder_source_sidecar_captions_and_center_crop(tmp_path):
     assert all(v == -1 for v in apple["attrs"].values())
     sky = [s for s in EvalShards(str(tmp_path / "out" / "train-*.tar")) if s["class_id"] == 0]
     assert len(sky) == 2 and all(s["caption"] == "blue sky" and s["image"].shape == (3, 32, 32) for s in sky)
+
+
+def _class_folders(root, names):
+    for name in names:
+        (root / name).mkdir(parents=True)
+        Image.fromarray(np.full((16, 16, 3), 40 * len(name), np.uint8)).save(root / name / f"{name}.png")
+
+
+def test_folder_val_split_keeps_the_training_class_ids(tmp_path):
+    """README's two writes (train folder, then a val folder with fewer classes) into one --out: the val split
+    reuses classes.json's ids; a class that is not in it is an error naming the class and the file."""
+    _class_folders(tmp_path / "images", ["cat", "dog", "emu"])
+    _class_folders(tmp_path / "images_val", ["dog", "emu"])
+    out = tmp_path / "out"
+    write_folder(out, tmp_path / "images", image_size=16, split="train", progress=False)
+    write_folder(out, tmp_path / "images_val", image_size=16, split="val", progress=False)
+    mapping = {"cat": 0, "dog": 1, "emu": 2}
+    assert json.loads((out / "classes.json").read_text()) == mapping
+    for split in ("train", "val"):
+        for sample in wds.WebDataset(str(out / f"{split}-000000.tar"), shardshuffle=False):
+            meta = json.loads(sample["json"])
+            assert meta["class_id"] == mapping[meta["class_name"]], (split, meta)
+    assert sorted(p.name for p in out.iterdir()) == ["classes.json", "train-000000.tar", "val-000000.tar"]
+
+    _class_folders(tmp_path / "other", ["dog", "fox"])
+    with pytest.raises(ValueError, match=f"'fox'.*{re.escape(str(out / 'classes.json'))}"):
+        write_folder(out, tmp_path / "other", image_size=16, split="val", progress=False)
+    assert json.loads((out / "classes.json").read_text()) == mapping  # never overwritten with another mapping
+    with pytest.raises(SystemExit):  # the CLI: one line, no traceback
+        main(["write", "--source", "folder", "--folder", str(tmp_path / "other"), "--out", str(out), "--split",
+              "val", "--image-size", "16", "--no-progress"])
+    (out / "classes.json").write_text("[1, 2")
+    with pytest.raises(ValueError, match=re.escape(str(out / "classes.json"))):
+        write_folder(out, tmp_path / "images_val", image_size=16, split="val", progress=False)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -426,3 +426,29 @@ def test_lightning_fit_and_load_from_checkpoint_alone(tmp_path):
     out = loaded.encode(x)
     assert torch.equal(loaded.indices_to_latent(out.indices), out.z_q)
     assert not torch.equal(loaded.residual_std, torch.ones_like(loaded.residual_std))  # measured at the end
+
+
+def test_statistics_come_from_training_shards_without_validation_shards(tmp_path, capsys):
+    """data.source=shards with no val-*.tar: the latent/residual statistics are measured on training batches
+    (left at 0/1, the refiner and the diffusion baseline would train on unscaled targets)."""
+    from pathlib import Path
+
+    from hybrid.data.shards import write_procedural
+    from hybrid.experiment import main
+    from hybrid.lit.tokenizer import TokenizerModule
+
+    write_procedural(tmp_path / "shards", count=16, image_size=16, per_shard=8, progress=False)  # train only
+    toy = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
+    run = tmp_path / "run"
+    with pytest.warns(UserWarning, match="no validation data"):
+        assert main(["--config", str(toy), f"run_dir={run}", "stage=tokenizer", "trainer.progress_bar=false",
+                     "trainer.accelerator=cpu", "tokenizer.train.max_steps=2", "tokenizer.train.batch_size=4",
+                     "data.source=shards", f"data.shards={tmp_path / 'shards' / 'train-*.tar'}",
+                     "data.batches_per_epoch=2"]) == 0
+    assert "no validation data: measuring the latent and residual statistics on 2 training batches" in \
+        capsys.readouterr().out
+    tok = TokenizerModule.load_from_checkpoint(run / "tokenizer" / "final.ckpt", map_location="cpu",
+                                               weights_only=True).tokenizer
+    for name in ("latent_mean", "latent_std", "residual_std"):
+        default = torch.zeros(4) if name == "latent_mean" else torch.ones(4)
+        assert not torch.equal(getattr(tok, name), default), name

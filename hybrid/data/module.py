@@ -9,6 +9,8 @@ waits for another under DDP and a resumed run repeats the same data:
 - procedural: `EpochIndexSampler` draws batches_per_epoch * batch_size indices in
   [0, train_size) from (seed, epoch, rank);
 - shards: `shards.TrainShards` (resampled shards seeded from (seed, rank, worker, epoch)).
+Shard class ids are checked against `num_classes` (the models' class count): an id outside
+-1..num_classes-1 (-1: none) is an error naming the shard.
 Validation reads a finite set exactly once across ranks: the first `val_size` indices of the
 procedural val split (`ShardedIndexSampler`), or `val_shards` (`shards.EvalShards`). With
 source=shards and no val_shards, sibling `val-*.tar` files of the training shards are used when
@@ -34,6 +36,7 @@ import numpy as np
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, DistributedSampler
 
+from hybrid.data.attributes import NUM_CLASSES
 from hybrid.data.procedural import ProceduralDataset, parse_holdout
 from hybrid.data.shards import EvalShards, SkipCounter, TrainShards, expand_shards
 
@@ -203,7 +206,7 @@ class HybridDataModule(pl.LightningDataModule):
         self.two_object_prob = float(two_object_prob)
         self.glyph_prob = float(glyph_prob)
         self.shuffle_buffer = int(shuffle_buffer)
-        self.num_classes = int(num_classes)  # for the models' class conditioning; not used here
+        self.num_classes = int(num_classes)  # the models' class count: shard class ids are checked against it
         self.train_skips = SkipCounter()
         self.val_skips = SkipCounter()
         self._val_pattern: str | None = None  # None: procedural val split; "": no validation
@@ -218,6 +221,11 @@ class HybridDataModule(pl.LightningDataModule):
             kwargs["holdout"] = list(kwargs["holdout"])
         kwargs.update(overrides)
         return cls(batch_size=batch_size, **kwargs)
+
+    @property
+    def class_count(self) -> int:
+        """The models' number of classes: data.num_classes, 0 = the procedural dataset's."""
+        return self.num_classes or NUM_CLASSES
 
     # ------------------------------------------------------------------------------------------
 
@@ -264,7 +272,7 @@ class HybridDataModule(pl.LightningDataModule):
         stream = TrainShards(self.shards, batch_size=self.batch_size, batches_per_epoch=self.batches_per_epoch,
                              seed=self.seed, rank=rank, world_size=world, image_size=self.image_size,
                              caption_keep=self.caption_keep, shuffle_buffer=self.shuffle_buffer,
-                             counter=self.train_skips)
+                             counter=self.train_skips, num_classes=self.class_count)
         return ShardLoader(stream, batch_size=self.batch_size, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader | list:
@@ -273,7 +281,7 @@ class HybridDataModule(pl.LightningDataModule):
             self._val_pattern, self._val_resolved = self.resolve_val_pattern(), True
         if self._val_pattern:
             stream = EvalShards(self._val_pattern, rank=rank, world_size=world, image_size=self.image_size,
-                                counter=self.val_skips)
+                                counter=self.val_skips, num_classes=self.class_count)
             return DataLoader(stream, batch_size=self.val_batch_size, **self._loader_kwargs())
         if self.source == "shards":
             return []  # no validation data (warned in resolve_val_pattern)

@@ -10,10 +10,10 @@ Shards are `DIR/{split}-000000.tar, ...`. Each sample is `KEY.png` (RGB, image_s
 image_size) and `KEY.json` = {"class_id", "caption", "attrs", ...}. Procedural samples store
 their full caption and all attributes (sample i of a shard set equals `ProceduralDataset(...)[i]`
 pixel for pixel); folder samples take the class from the subfolder name (`DIR/classes.json`
-maps names to ids), the caption from a sidecar `NAME.txt` next to the image when there is one,
-else from the class name, and store no attributes (readers fill them with -1). Folder images
-of other sizes are resized (shorter side) and center-cropped; their order is shuffled with
-`--seed` so that shards mix classes.
+maps names to ids; a later split written to DIR keeps its ids), the caption from a sidecar
+`NAME.txt` next to the image when there is one, else from the class name, and store no
+attributes (readers fill them with -1). Folder images of other sizes are resized (shorter side)
+and center-cropped; their order is shuffled with `--seed` so that shards mix classes.
 
 Reading (the rank and world size are arguments, never read from torch.distributed here):
 
@@ -211,10 +211,11 @@ class _ShardReader:
     """Shared machinery of both readers: per-shard tar iteration with skip accounting."""
 
     def __init__(self, pattern, image_size: int | None, counter: SkipCounter | None, with_keys: bool,
-                 worker: tuple[int, int] | None):
+                 worker: tuple[int, int] | None, num_classes: int | None):
         self.pattern = pattern
         self.urls = expand_shards(pattern)
         self.image_size = image_size
+        self.num_classes = num_classes
         self.counter = counter if counter is not None else SkipCounter()
         self.with_keys = with_keys
         self.worker = worker
@@ -251,6 +252,14 @@ class _ShardReader:
             self.counter.add_sample()
             warnings.warn(f"skipping {err}", ShardWarning, stacklevel=2)
             return None
+        if self.num_classes is not None and not -1 <= out["class_id"] < self.num_classes:
+            # The models' class table has num_classes rows plus the null class: a larger id would fail
+            # there (IndexError, a CUDA device-side assert), and id num_classes would train as unconditional.
+            n = self.num_classes
+            raise ValueError(f"sample '{raw.get('__key__')}' of shard '{raw.get('__url__')}' has class id "
+                             f"{out['class_id']}, outside 0..{n - 1} (data.num_classes: {n} classes; id {n} is the "
+                             f"unconditional class): set data.num_classes to the shards' number of classes (the "
+                             f"entries of their classes.json)")
         if self.with_keys:
             out["key"] = f"{os.path.basename(raw.get('__url__', ''))}/{raw.get('__key__')}"
         return out
@@ -276,14 +285,15 @@ class TrainShards(_ShardReader, IterableDataset):
     pass; the data module's `ShardLoader` does this.
     Use non-persistent workers, so each epoch's workers receive the new epoch.
     If a training caption_keep < 1 is given, captions of samples with known attributes are
-    redrawn with that keep probability (as the procedural training split does).
+    redrawn with that keep probability (as the procedural training split does). With `num_classes`,
+    a sample whose class id is outside -1..num_classes-1 (-1: none) is an error naming its shard.
     """
 
     def __init__(self, pattern, *, batch_size: int, batches_per_epoch: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, image_size: int | None = None, caption_keep: float = 1.0,
                  shuffle_buffer: int = 1000, counter: SkipCounter | None = None, with_keys: bool = False,
-                 worker: tuple[int, int] | None = None):
-        super().__init__(pattern, image_size, counter, with_keys, worker)
+                 worker: tuple[int, int] | None = None, num_classes: int | None = None):
+        super().__init__(pattern, image_size, counter, with_keys, worker, num_classes)
         if batch_size < 1 or batches_per_epoch < 1:
             raise ValueError(f"batch_size ({batch_size}) and batches_per_epoch ({batches_per_epoch}) must be >= 1")
         if not 0 <= rank < world_size:
@@ -409,12 +419,13 @@ class EvalShards(_ShardReader, IterableDataset):
     """Finite evaluation stream: every sample exactly once across ranks x workers (see `split_shards`).
 
     Ranks can differ by a batch (no padding, no duplicates): log validation metrics with
-    epoch-level reduction, not per-step collectives.
+    epoch-level reduction, not per-step collectives. `num_classes`: as for `TrainShards`.
     """
 
     def __init__(self, pattern, *, rank: int = 0, world_size: int = 1, image_size: int | None = None,
-                 counter: SkipCounter | None = None, with_keys: bool = False, worker: tuple[int, int] | None = None):
-        super().__init__(pattern, image_size, counter, with_keys, worker)
+                 counter: SkipCounter | None = None, with_keys: bool = False, worker: tuple[int, int] | None = None,
+                 num_classes: int | None = None):
+        super().__init__(pattern, image_size, counter, with_keys, worker, num_classes)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
         self.rank = rank
@@ -507,19 +518,51 @@ def class_caption(name: str) -> str:
     return name.replace("_", " ").replace("-", " ").strip()
 
 
+def folder_class_ids(out: str | os.PathLike, classes: Sequence[str], folder: str | os.PathLike) -> dict[str, int]:
+    """Class name -> id for writing `folder` (with class subfolders `classes`) into `out`.
+
+    An existing `out/classes.json` (written with an earlier split) is kept: every class of `folder`
+    must be in it, so a validation folder with fewer classes keeps the training ids. Without one, the
+    sorted names get ids 0, 1, ... and the mapping is written (atomically) to `out/classes.json`.
+    Raises ValueError naming the file when it is not a mapping or lacks a class of `folder`.
+    """
+    path = Path(out) / "classes.json"
+    if not path.is_file():
+        ids = {name: i for i, name in enumerate(classes)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(ids, indent=1))
+        os.replace(tmp, path)
+        return ids
+    try:
+        ids = json.loads(path.read_text())
+        if not isinstance(ids, dict) or not all(isinstance(v, int) for v in ids.values()):
+            raise ValueError(f"expected {{\"class name\": id, ...}}, got {type(ids).__name__}")
+    except ValueError as err:
+        raise ValueError(f"'{path}' is not a class mapping ({err})") from None
+    missing = [name for name in classes if name not in ids]
+    if missing:
+        shown = ", ".join(f"'{name}'" for name in missing)
+        raise ValueError(f"class{'es' if len(missing) > 1 else ''} {shown} of image folder '{folder}' "
+                         f"{'are' if len(missing) > 1 else 'is'} not in '{path}' ({', '.join(ids)}), which an "
+                         f"earlier write to this --out made: write the split with every class first, or use "
+                         f"another --out")
+    return ids
+
+
 def write_folder(out: str | os.PathLike, folder: str | os.PathLike, image_size: int = 32, per_shard: int = 1000,
                  seed: int = 0, split: str = "train", count: int | None = None, progress: bool = True) -> list[str]:
     """Write an image folder (class = subfolder) as shards plus `out/classes.json`; returns the shards.
 
+    Class ids come from `out/classes.json` when an earlier split wrote it (see `folder_class_ids`).
     Images are shuffled with `seed`, resized/center-cropped to image_size; unreadable images are
     skipped with a warning.
     """
     classes, items = folder_items(folder)
+    ids = folder_class_ids(out, classes, folder)
     random.Random(seed).shuffle(items)
     if count is not None:
         items = items[:count]
-    Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "classes.json").write_text(json.dumps({name: i for i, name in enumerate(classes)}, indent=1))
     skipped = 0
     with wds.ShardWriter(_shard_pattern(out, split), maxcount=per_shard, verbose=0) as sink, \
             _progress(len(items), f"folder {split}", progress) as bar:
@@ -535,8 +578,9 @@ def write_folder(out: str | os.PathLike, folder: str | os.PathLike, image_size: 
                 continue
             sidecar = path.with_suffix(".txt")
             text = sidecar.read_text().strip() if sidecar.is_file() else ""
-            meta = {"class_id": cid, "caption": text or class_caption(classes[cid]), "attrs": {},
-                    "class_name": classes[cid], "path": str(path.relative_to(folder)), "source": "folder"}
+            name = classes[cid]
+            meta = {"class_id": ids[name], "caption": text or class_caption(name), "attrs": {},
+                    "class_name": name, "path": str(path.relative_to(folder)), "source": "folder"}
             sink.write({"__key__": f"{i:09d}", "png": _png_bytes(pixels), "json": json.dumps(meta).encode()})
     if skipped:
         print(f"skipped {skipped} unreadable image(s)", file=sys.stderr)

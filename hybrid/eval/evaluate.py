@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from hybrid.checkpoints import write_json
-from hybrid.data.attributes import ATTRIBUTES, class_id
+from hybrid.data.attributes import ATTRIBUTES, NUM_CLASSES, class_id
 from hybrid.data.procedural import caption, sample_attributes
 from hybrid.images import save_grid
 
@@ -238,14 +238,15 @@ def _reconstruct(pipe, images: torch.Tensor, batch_size: int, run_dir: Path) -> 
     return recon_c, recon_d
 
 
-def read_shard_images(pattern: str, num_samples: int, image_size: int) -> dict:
+def read_shard_images(pattern: str, num_samples: int, image_size: int, num_classes: int | None = None) -> dict:
     """The first `num_samples` readable samples of `pattern` (corrupt ones skipped and warned):
     {"images": (N, 3, S, S) in [-1, 1], "classes": (N,) long, "captions": [str]}; N <= num_samples.
-    Raises ValueError naming the pattern when it holds no readable image."""
+    Raises ValueError naming the pattern when it holds no readable image, and naming the shard when a
+    class id is outside 0..num_classes-1 (given num_classes)."""
     from hybrid.data.shards import eval_shards
 
     images, classes, captions = [], [], []
-    for sample in eval_shards(pattern, image_size=image_size):
+    for sample in eval_shards(pattern, image_size=image_size, num_classes=num_classes):
         images.append(sample["image"])
         classes.append(sample["class_id"])
         captions.append(sample["caption"])
@@ -339,7 +340,8 @@ def run_evaluation(cfg) -> dict:
     if cfg.data.source == "shards":
         pattern, source = eval_shard_pattern(cfg)
         print(f"[eval] real images: the first {cfg.eval.num_samples} readable samples of {source} '{pattern}'")
-        real = read_shard_images(pattern, cfg.eval.num_samples, cfg.data.image_size)
+        real = read_shard_images(pattern, cfg.eval.num_samples, cfg.data.image_size,
+                                 cfg.data.num_classes or NUM_CLASSES)
         if not cfg.eval.inception_weights:
             print("[eval] no FID for your own images without a judge: set eval.inception_weights=PATH (a local "
                   "InceptionV3 weights file; the oracle judges the procedural data only)")

@@ -4,7 +4,8 @@ Each step decodes either the continuous latent z or the discrete z_q (probabilit
 `tokenizer.discrete_prob`, drawn from (seed, step) so every DDP rank takes the same path). Logs the
 reconstruction PSNR of the path taken, the commitment loss, codebook usage and perplexity per scale,
 and a PNG grid of originals / discrete / continuous reconstructions. At the end it measures the
-per-channel standard deviation of the residual r (and of z) and stores it with the weights.
+per-channel standard deviation of the residual r (and of z) on validation images (training images
+when there are none) and stores it with the weights.
 """
 
 from __future__ import annotations
@@ -58,18 +59,33 @@ class TokenizerModule(StageModule):
 
     @torch.no_grad()
     def measure_statistics(self, batches: int = 16) -> None:
-        """Per-channel std of r and z over validation images, stored in the tokenizer's buffers."""
+        """Per-channel mean/std of z and r over `batches` validation batches, stored in the tokenizer's buffers.
+
+        Without validation data (data.source=shards with no validation shards) they are measured on as many
+        training batches instead: left at their 0/1 defaults, the refiner and the diffusion baseline would
+        train on unscaled targets.
+        """
         dm = self.trainer.datamodule if self._trainer is not None else None
         loader = dm.val_dataloader() if dm is not None else None
         if loader is None:
             return
         was_training = self.tokenizer.training
         self.tokenizer.eval()
+        images = self._first_images(loader, batches)
+        if not images:
+            images = self._first_images(dm.train_dataloader(), batches)
+            if self.global_rank == 0:
+                print(f"[{self.stage}] no validation data: measuring the latent and residual statistics on "
+                      f"{len(images)} training batches")
+        if images:
+            self.tokenizer.measure_residual_std(images)
+        self.tokenizer.train(was_training)
+
+    def _first_images(self, loader, batches: int) -> list[torch.Tensor]:
+        """The images of the first `batches` batches of `loader`, on this module's device."""
         images = []
         for i, batch in enumerate(loader):
             if i >= batches:
                 break
             images.append(batch["image"].to(self.device))
-        if images:
-            self.tokenizer.measure_residual_std(images)
-        self.tokenizer.train(was_training)
+        return images
