@@ -228,9 +228,19 @@ class HybridPipeline:
         return len(classes)
 
     def _text_limit(self, mode: str) -> int | None:
-        limits = [m.max_text_len for m in (self.ar if mode != "diffusion" else self.diffusion,)
-                  if m is not None and getattr(m, "condition", "") == "text"]
+        """The most UTF-8 bytes of prompt the mode's text-conditioned networks take (None: no text input)."""
+        models = (self.diffusion,) if mode == "diffusion" else (self.ar, self.refiner if mode == "hybrid" else None)
+        limits = [m.max_text_len for m in models if m is not None and getattr(m, "condition", "") == "text"]
         return min(limits) if limits else None
+
+    def fit_prompts(self, prompts: list[str], mode: str = "hybrid") -> list[str]:
+        """`prompts` cut to the bytes the mode's text encoders take (`max_text_len`), as training cut its
+        captions (the evaluation asks for the data's own captions, some longer than that). `__call__`
+        refuses a longer prompt instead, so a user's prompt is never shortened without a word."""
+        from hybrid.lit.refiner import fit_caption
+
+        limit = self._text_limit(mode)
+        return list(prompts) if limit is None else [fit_caption(p, limit) for p in prompts]
 
     # -- generation -----------------------------------------------------------------------------
     @torch.no_grad()

@@ -38,6 +38,24 @@ def toy_run(tmp_path_factory):
     return run_dir, base, out.stdout
 
 
+def test_text_conditioned_run_is_evaluated_on_captions_longer_than_its_text_encoder(toy_run):
+    """The data's captions run to ~75 bytes; a text model takes `max_text_len` (32 in the toy config). Training
+    cuts captions to that, and so must the evaluation (it stopped with 'prompt ... is 63 bytes' after all the
+    training), while sample.py still refuses a user's prompt that is too long."""
+    run_dir = _copy_stages(toy_run, toy_run[1] / "text", ["tokenizer"])
+    _run(["train.py", "--config", "configs/toy.yaml", f"run_dir={run_dir}", f"cache_dir={toy_run[1] / 'cache'}",
+          "trainer.progress_bar=false", "ar.condition=text", "refiner.condition=text", "ar.max_text_len=32",
+          "refiner.max_text_len=24", "ar.train.max_steps=5", "refiner.train.max_steps=5", "eval.num_samples=64"])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for mode in ("ar", "hybrid"):
+        assert set(metrics[mode]["adherence"]["text"]) >= {"shape", "color"}, mode
+        assert metrics[mode]["glyph_accuracy"] is not None, mode
+    long = "a small orange solid circle at the center on a white background"
+    out = subprocess.run([sys.executable, "sample.py", "--run", str(run_dir), "--prompt", long, "-n", "1",
+                          "--out", str(run_dir / "samples")], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode != 0 and "at most 24" in out.stderr, out.stderr[-2000:]
+
+
 def test_train_writes_every_stage_and_metrics(toy_run):
     run_dir, _, stdout = toy_run
     for stage in ("tokenizer", "ar", "refiner"):

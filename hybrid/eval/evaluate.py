@@ -72,8 +72,14 @@ def _per_batch(batch_size: int, desc: str, request: dict, draw: int = 0):
         yield generation_seed(draw, start), {key: items[start : start + batch_size]}
 
 
+def _fitted(pipe, mode: str, request: dict) -> dict:
+    """The request with its prompts cut to what the mode's text encoders take, as training cut captions."""
+    return {"prompts": pipe.fit_prompts(request["prompts"], mode)} if "prompts" in request else request
+
+
 def _generate(pipe, mode: str, batch_size: int, desc: str, settings: dict | None = None, draw: int = 0,
               **request) -> torch.Tensor:
+    request = _fitted(pipe, mode, request)
     return torch.cat([pipe(**part, mode=mode, seed=seed, batch_size=batch_size, **(settings or {})).cpu()
                       for seed, part in _per_batch(batch_size, desc, request, draw)])
 
@@ -85,8 +91,8 @@ def _generate_modes(pipe, modes, batch_size: int, settings: dict | None = None, 
     modes = list(modes)
     out = {}
     if "ar" in modes and "hybrid" in modes and pipe.hybrid_shares_ar_tokens:
-        pairs = [pipe.ar_and_hybrid(**part, seed=seed, batch_size=batch_size, **(settings or {}))
-                 for seed, part in _per_batch(batch_size, f"eval ar+hybrid{suffix}", request, draw)]
+        pairs = [pipe.ar_and_hybrid(**part, seed=seed, batch_size=batch_size, **(settings or {})) for seed, part
+                 in _per_batch(batch_size, f"eval ar+hybrid{suffix}", _fitted(pipe, "hybrid", request), draw)]
         out["ar"] = torch.cat([a.cpu() for a, _ in pairs])
         out["hybrid"] = torch.cat([h.cpu() for _, h in pairs])
     for mode in modes:
@@ -100,7 +106,8 @@ def measure_speed(pipe, mode: str, classes: torch.Tensor | None, repeats: int = 
     """images/s at batch 16 and ms/image at batch 1, medians of `repeats` after a warm-up, for the first
     class ids of `classes` (or, when it is None, the first `prompts`); `settings` go to the pipeline."""
     def median_seconds(batch: int) -> float:
-        request = {"classes": classes[:batch]} if classes is not None else {"prompts": prompts[:batch]}
+        request = ({"classes": classes[:batch]} if classes is not None
+                   else _fitted(pipe, mode, {"prompts": prompts[:batch]}))
         pipe(**request, mode=mode, seed=0, batch_size=batch, **settings)
         times = []
         for r in range(repeats):
