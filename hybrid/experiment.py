@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, FileNotFoundError, NonFiniteLossError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # outside a fit (the oracle, the evaluation); a fit says how to resume itself
+        print("\ninterrupted (a finished stage is kept; re-run the same command to go on)", file=sys.stderr)
+        return 130
     finally:
         _destroy_process_group()
     if is_rank_zero():

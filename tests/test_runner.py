@@ -1,6 +1,7 @@
 """Runner details: resumed stages keep their earlier log rows; the newest checkpoint wins on resume; precision."""
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -326,3 +327,46 @@ def test_stage_checkpoint_keys_take_the_stage_from_a_file_into_the_run(tmp_path,
     assert main([*base, f"tokenizer.checkpoint={tok}", "retrain=true"]) == 0
     assert filecmp.cmp(tok, final_path(own.run_dir, "tokenizer"), shallow=False)
     assert len(list((tmp_path / "own").glob("tokenizer.before-retrain-*"))) == 1
+
+
+def test_ctrl_c_during_a_fit_says_where_to_resume_from(tmp_path, monkeypatch, capsys):
+    """Lightning answers Ctrl-C with sys.exit(1); the stage first says its last checkpoint and how to resume."""
+    from hybrid.lit.runner import fit_stage
+    from hybrid.lit.tokenizer import TokenizerModule
+
+    real = TokenizerModule.compute_loss
+
+    def ctrl_c_at_step_3(self, batch):
+        if self.global_step >= 3:
+            raise KeyboardInterrupt
+        return real(self, batch)
+
+    monkeypatch.setattr(TokenizerModule, "compute_loss", ctrl_c_at_step_3)
+    handler = signal.getsignal(signal.SIGINT)  # Lightning ignores further Ctrl-C while it shuts down
+    try:
+        with pytest.raises(SystemExit):
+            fit_stage(_toy(tmp_path, "tokenizer.train.max_steps=10", "tokenizer.train.ckpt_every=2"), "tokenizer")
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    out = capsys.readouterr().out
+    last = tmp_path / "tokenizer" / "checkpoints" / "last.ckpt"
+    assert f"[tokenizer] interrupted at step 3; last checkpoint: {last} (step 2); re-run the same command" in out, out
+
+
+def test_a_skipped_stage_names_changed_settings_and_refuses_a_retrained_tokenizer(tmp_path, monkeypatch, capsys):
+    from hybrid.checkpoints import CheckpointError
+    from hybrid.lit.runner import fit_stage
+
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    cfg = _toy(tmp_path)
+    fit_stage(cfg, "tokenizer")
+    fit_stage(cfg, "ar")
+    capsys.readouterr()
+    fit_stage(_toy(tmp_path, "ar.train.lr=0.5"), "ar")
+    out = capsys.readouterr().out
+    assert "skipped" in out and f"ar.train.lr={cfg.ar.train.lr!r}, not 0.5" in out, out
+    fit_stage(cfg, "ar")
+    assert "note:" not in capsys.readouterr().out  # the same settings: nothing to say
+    fit_stage(_toy(tmp_path, "retrain=true", "seed=1"), "tokenizer")
+    with pytest.raises(CheckpointError, match="was trained with tokenizer"):
+        fit_stage(cfg, "ar")

@@ -77,6 +77,31 @@ def tokenizer_checkpoint(cfg) -> Path:
     return path
 
 
+def check_skipped_stage(cfg, stage: str, final: Path) -> str:
+    """Before a finished stage is skipped: refuses it when it was trained on other tokenizer weights than
+    the run's tokenizer now has (retrained since), and returns its settings that differ from this
+    command's (`ar.width=32, not 64`; "" when none), so a changed setting is not silently ignored."""
+    from hybrid.checkpoints import check_tokenizer_match, load_checkpoint
+
+    ckpt = load_checkpoint(final, expect_stage=stage)
+    if stage != "tokenizer":
+        from hybrid.lit.base import load_tokenizer
+
+        check_tokenizer_match(ckpt, load_tokenizer(tokenizer_checkpoint(cfg))[2], final)
+
+    def flat(d, prefix):
+        for key, value in d.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    then = dict(flat(ckpt["hyper_parameters"]["config"].get(stage) or {}, f"{stage}."))
+    now = dict(flat(to_dict(cfg)[stage], f"{stage}."))
+    diffs = [f"{k}={then[k]!r}, not {now[k]!r}" for k in now if k in then and then[k] != now[k]]
+    return "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
+
+
 def adopt_checkpoint(cfg, stage: str) -> Path:
     """`<stage>.checkpoint=PATH`: the stage comes from that file instead of being trained. It is checked (a
     checkpoint of this stage; for the later stages, trained on this run's tokenizer) and copied into the
@@ -211,7 +236,14 @@ def build_trainer(cfg, stage: str, extra_callbacks=()) -> pl.Trainer:
         if trainer.global_rank == 0:
             print(f"[{stage}] fit starts at step {trainer.global_step}", flush=True)
 
-    callbacks.append(LambdaCallback(on_train_start=_say_start))
+    def _say_how_to_resume(trainer, module, exception) -> None:
+        # Lightning answers Ctrl-C by exiting (sys.exit(1)) right after this hook, so the way back is said here
+        if isinstance(exception, KeyboardInterrupt) and trainer.global_rank == 0:
+            again = "the same command without retrain=true" if cfg.retrain else "the same command"
+            print(f"[{stage}] interrupted at step {trainer.global_step}; last checkpoint: "
+                  f"{module.last_good_checkpoint()}; re-run {again} to resume from it", flush=True)
+
+    callbacks.append(LambdaCallback(on_train_start=_say_start, on_exception=_say_how_to_resume))
     # -------------------------------------------------------------------------------------------
     loggers = [AppendingCSVLogger(save_dir=str(cfg.run_dir), name=stage, version="logs")]
     try:
@@ -356,7 +388,11 @@ def fit_stage(cfg, stage: str, callbacks=()) -> Path:
         adopt_checkpoint(cfg, stage)
         return final
     if final.is_file() and not cfg.retrain:
+        changed = check_skipped_stage(cfg, stage, final)
         print(f"[{stage}] {final} exists: skipped (retrain=true trains it again)")
+        if changed:
+            print(f"[{stage}] note: it was trained with other settings than this command's: {changed}; "
+                  "retrain=true trains it with this command's")
         return final
     fresh = cfg.retrain and int(os.environ.get("SLURM_RESTART_COUNT") or 0) == 0
     if fresh:
