@@ -319,25 +319,40 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "stage": STAGES,
     "data.source": ("procedural", "shards"),
     "attention.backend": ("auto", "xformers", "sdpa", "math"),
+    "trainer.accelerator": ("auto", "cpu", "gpu", "cuda", "mps", "tpu"),  # Lightning's
     "trainer.strategy": ("auto", "ddp", "fsdp", "ddp_spawn"),
+    # Lightning's Trainer precisions and their aliases (32 = 32-true, 16 = 16-mixed, bf16 = bf16-mixed,
+    # 64 = 64-true), plus auto (hybrid.precision); not transformer-engine, which needs a package we do not ship
+    "trainer.precision": ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true",
+                          "32", "16", "bf16", "64"),
     "trainer.compile": ("auto", True, False),
     "tokenizer.loss": ("l1", "mse"),
     "tokenizer.downsample": (4, 8),
+    "oracle.stem_stride": (0, 1, 2),
     "ar.order": ("next_scale", "raster"),
     "ar.condition": ("class", "text"),
-    "ar.sample.cfg_schedule": ("constant", "linear"),
     "refiner.arch": ("dit", "mlp"),
     "refiner.condition": ("none", "class", "text"),
     "refiner.objective": ("ddpm", "flow"),
     "refiner.prediction": ("v_prediction", "epsilon", "sample"),
-    "refiner.sampler": ("ddim", "dpm", "euler"),
     "refiner.target": ("residual", "latent"),
     "diffusion.arch": ("dit", "mlp"),
     "diffusion.condition": ("none", "class", "text"),
     "diffusion.objective": ("ddpm", "flow"),
     "diffusion.prediction": ("v_prediction", "epsilon", "sample"),
-    "diffusion.sampler": ("ddim", "dpm", "euler"),
 }
+
+
+def _model_choices() -> dict[str, tuple]:
+    """The choices of the keys whose names the model code defines, taken from there (imported here rather
+    than at the top, so that `import hybrid.config` stays free of torch). The refiner's and the diffusion
+    baseline's `sampler` are checked against their `objective` (`SAMPLERS`, the trainer x sampler matrix)."""
+    from hybrid.ar.sampling import CFG_SCHEDULES
+    from hybrid.refiner.diffusion import TIMESTEP_DENSITIES
+
+    return {"ar.sample.cfg_schedule": CFG_SCHEDULES, "refiner.timestep_density": TIMESTEP_DENSITIES,
+            "diffusion.timestep_density": TIMESTEP_DENSITIES}
+
 
 # Keys that name files or folders which must exist when set.
 PATH_KEYS = ("tokenizer.pretrained", "tokenizer.checkpoint", "ar.checkpoint", "refiner.checkpoint",
@@ -442,7 +457,9 @@ def suggested_scales(latent: int) -> list[int]:
 
 def validate(cfg: DictConfig) -> None:
     """Checks that the schema's types cannot express: choices, ranges, files that must exist."""
-    for key, choices in CHOICES.items():
+    from hybrid.refiner.diffusion import SAMPLERS
+
+    for key, choices in {**CHOICES, **_model_choices()}.items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             raise ConfigError(f"config key '{key}' is {value!r}; choose one of {', '.join(map(str, choices))}")
@@ -469,7 +486,7 @@ def validate(cfg: DictConfig) -> None:
             "or set tokenizer.coarse_grid=true for a token grid coarser than the latent")
     for name in ("refiner", "diffusion"):
         sec = cfg[name]
-        ok = {"ddpm": ("ddim", "dpm"), "flow": ("euler", "dpm")}[sec.objective]
+        ok = SAMPLERS[sec.objective]
         if sec.sampler not in ok:
             raise ConfigError(
                 f"config key '{name}.sampler' is '{sec.sampler}', which does not sample a '{sec.objective}' "
