@@ -341,6 +341,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.objective": ("ddpm", "flow"),
     "diffusion.prediction": ("v_prediction", "epsilon", "sample"),
 }
+# Keys whose value is a list of choices: the modes stage=eval judges (hybrid.eval.evaluate; diffusion is judged
+# whenever the run has one)
+LIST_CHOICES: dict[str, tuple[str, ...]] = {"eval.modes": ("tokenizer", "ar", "hybrid", "diffusion")}
 
 
 def _model_choices() -> dict[str, tuple]:
@@ -353,6 +356,25 @@ def _model_choices() -> dict[str, tuple]:
     return {"ar.sample.cfg_schedule": CFG_SCHEDULES, "refiner.timestep_density": TIMESTEP_DENSITIES,
             "diffusion.timestep_density": TIMESTEP_DENSITIES}
 
+
+TRAINED_STAGES = ("tokenizer", "oracle", "ar", "refiner", "diffusion")  # the sections with a `train` block
+
+# Counts that must be >= 1, and counts that may be 0 (off, none, all: see the schemas) but not negative.
+POSITIVE_KEYS = (
+    "data.train_size", "data.val_size", "data.batches_per_epoch", "trainer.num_nodes", "tokenizer.latent_channels",
+    "tokenizer.codebook_size", "oracle.feature_dim", "oracle.eval_samples", "ar.width", "ar.depth", "ar.heads",
+    "ar.max_text_len", "eval.num_samples", "eval.batch_size",
+    *(f"{name}.{key}" for name in ("refiner", "diffusion")
+      for key in ("width", "depth", "heads", "steps", "num_train_timesteps", "max_text_len")),
+    *(f"{stage}.train.{key}" for stage in TRAINED_STAGES for key in ("batch_size", "accumulate")),
+)
+NON_NEGATIVE_KEYS = (
+    "seed", "data.seed", "data.num_workers", "data.num_classes", "tokenizer.dead_code_steps", "oracle.num_workers",
+    "oracle.holdout_samples", "ar.token_cache_size", "ar.sample.top_k", "refiner.coarse_scales",
+    "refiner.corrupt_neighbors", "eval.bootstrap", "eval.draw",
+    *(f"{stage}.train.{key}" for stage in TRAINED_STAGES
+      for key in ("warmup_steps", "log_every", "image_every", "ckpt_every", "val_every")),
+)
 
 # Keys that name files or folders which must exist when set.
 PATH_KEYS = ("tokenizer.pretrained", "tokenizer.checkpoint", "ar.checkpoint", "refiner.checkpoint",
@@ -463,6 +485,15 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             raise ConfigError(f"config key '{key}' is {value!r}; choose one of {', '.join(map(str, choices))}")
+    for key, choices in LIST_CHOICES.items():
+        for value in OmegaConf.select(cfg, key):
+            if value not in choices:
+                raise ConfigError(f"config key '{key}' has {value!r}; choose among {', '.join(map(str, choices))}")
+    for keys, low in ((POSITIVE_KEYS, 1), (NON_NEGATIVE_KEYS, 0)):
+        for key in keys:
+            value = OmegaConf.select(cfg, key)
+            if value < low:
+                raise ConfigError(f"config key '{key}' is {value}; it must be >= {low}")
     for key in PATH_KEYS:
         value = OmegaConf.select(cfg, key)
         if value and not Path(value).exists():
@@ -484,6 +515,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"config key 'tokenizer.scales' must end at the latent size {latent} {sizes}, got {scales}; {fix}, "
             "or set tokenizer.coarse_grid=true for a token grid coarser than the latent")
+    coarse = cfg.refiner.coarse_scales
+    if coarse > len(scales) and not cfg.tokenizer.checkpoint:  # a tokenizer checkpoint's own scales: checked at build
+        raise ConfigError(f"config key 'refiner.coarse_scales' is {coarse}; the tokenizer has {len(scales)} scales "
+                          f"({scales}), so choose 0 (all) to {len(scales)}")
     for name in ("refiner", "diffusion"):
         sec = cfg[name]
         ok = SAMPLERS[sec.objective]
@@ -491,14 +526,20 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"config key '{name}.sampler' is '{sec.sampler}', which does not sample a '{sec.objective}' "
                 f"model; choose one of {', '.join(ok)}")
-        if sec.steps < 1:
-            raise ConfigError(f"config key '{name}.steps' must be >= 1, got {sec.steps}")
+    for name in ("ar", "refiner", "diffusion"):
+        sec = cfg[name]
+        if sec.width % 4:
+            raise ConfigError(f"config key '{name}.width' is {sec.width}; it must be a multiple of 4 "
+                              "(the 2D sin/cos positions)")
+        # the AR's blocks, a DiT denoiser's blocks and a text-conditioned denoiser's text encoder attend
+        if (name == "ar" or sec.arch == "dit" or sec.condition == "text") and sec.width % sec.heads:
+            divisors = [h for h in range(1, 17) if sec.width % h == 0]
+            raise ConfigError(f"config key '{name}.heads' is {sec.heads}; it must divide {name}.width {sec.width} "
+                              f"(e.g. {', '.join(map(str, divisors))})")
     try:
         GenerationSettings.parse(cfg.eval.settings)
     except ValueError as err:
         raise ConfigError(f"config key 'eval.settings': {err}") from None
-    if cfg.eval.draw < 0:
-        raise ConfigError(f"config key 'eval.draw' is {cfg.eval.draw}; it must be >= 0")
     if cfg.ar.token_cache_passes < 0:
         raise ConfigError(f"config key 'ar.token_cache_passes' is {cfg.ar.token_cache_passes}; it must be >= 0 "
                           f"(0 keeps the pool at ar.token_cache_size)")
