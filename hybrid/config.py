@@ -537,9 +537,10 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"config key '{name}.heads' is {sec.heads}; it must divide {name}.width {sec.width} "
                               f"(e.g. {', '.join(map(str, divisors))})")
     try:
-        GenerationSettings.parse(cfg.eval.settings)
+        settings = GenerationSettings.parse(cfg.eval.settings)
     except ValueError as err:
         raise ConfigError(f"config key 'eval.settings': {err}") from None
+    _check_generation_settings(cfg, settings)
     if cfg.ar.token_cache_passes < 0:
         raise ConfigError(f"config key 'ar.token_cache_passes' is {cfg.ar.token_cache_passes}; it must be >= 0 "
                           f"(0 keeps the pool at ar.token_cache_size)")
@@ -548,6 +549,38 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"config key '{key}' is {value}; it must be a probability in [0, 1]")
+
+
+def _check_generation_settings(cfg: DictConfig, settings: dict[str, Any]) -> None:
+    """`eval.settings`' values, as the config's own keys are checked: stage=eval runs after every stage has
+    trained, so a value that fails there must fail here. `sampler` must sample every denoiser it reaches: the
+    refiner's (when `eval.modes` has hybrid) and the diffusion baseline's (when it is trained or asked for)."""
+    from hybrid.ar.sampling import CFG_SCHEDULES
+    from hybrid.refiner.diffusion import SAMPLERS
+
+    def bad(key: str, rule: str) -> ConfigError:
+        return ConfigError(f"config key 'eval.settings' sets {key}={settings[key]}; {rule}")
+
+    if settings.get("steps", 1) < 1:
+        raise bad("steps", "it must be >= 1")
+    if settings.get("top_k", 0) < 0:
+        raise bad("top_k", "it must be >= 0")
+    if settings.get("cfg_schedule", CFG_SCHEDULES[0]) not in CFG_SCHEDULES:
+        raise bad("cfg_schedule", f"choose one of {', '.join(CFG_SCHEDULES)}")
+    sampler = settings.get("sampler")
+    if sampler is None:
+        return
+    known = list(dict.fromkeys(name for names in SAMPLERS.values() for name in names))
+    if sampler not in known:
+        raise bad("sampler", f"choose one of {', '.join(known)}")
+    judged = [name for name, mode in (("refiner", "hybrid"), ("diffusion", "diffusion"))
+              if mode in cfg.eval.modes or (name == "diffusion" and cfg.with_diffusion)]
+    for name in judged:
+        objective = cfg[name].objective
+        if sampler not in SAMPLERS[objective]:
+            model = {"refiner": "the refiner", "diffusion": "the diffusion baseline"}[name]
+            raise bad("sampler", f"it does not sample {model}'s '{objective}' model ({name}.objective); "
+                      f"choose one of {', '.join(SAMPLERS[objective])}")
 
 
 def to_dict(cfg: DictConfig) -> dict:
