@@ -75,7 +75,7 @@ class AttentionConfig:
 
 @dataclass
 class TrainerConfig:
-    accelerator: str = "auto"  # auto | cpu | gpu
+    accelerator: str = "auto"  # auto | cpu | gpu (Lightning's cuda, mps, tpu too)
     devices: Any = "auto"  # int, list or "auto"
     num_nodes: int = 1
     strategy: str = "auto"  # auto | ddp | ddp_spawn | fsdp
@@ -345,18 +345,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # whenever the run has one)
 LIST_CHOICES: dict[str, tuple[str, ...]] = {"eval.modes": ("tokenizer", "ar", "hybrid", "diffusion")}
 
-
-def _model_choices() -> dict[str, tuple]:
-    """The choices of the keys whose names the model code defines, taken from there (imported here rather
-    than at the top, so that `import hybrid.config` stays free of torch). The refiner's and the diffusion
-    baseline's `sampler` are checked against their `objective` (`SAMPLERS`, the trainer x sampler matrix)."""
-    from hybrid.ar.sampling import CFG_SCHEDULES
-    from hybrid.refiner.diffusion import TIMESTEP_DENSITIES
-
-    return {"ar.sample.cfg_schedule": CFG_SCHEDULES, "refiner.timestep_density": TIMESTEP_DENSITIES,
-            "diffusion.timestep_density": TIMESTEP_DENSITIES}
-
-
 TRAINED_STAGES = ("tokenizer", "oracle", "ar", "refiner", "diffusion")  # the sections with a `train` block
 
 # Counts that must be >= 1, and counts that may be 0 (off, none, all: see the schemas) but not negative.
@@ -379,6 +367,17 @@ NON_NEGATIVE_KEYS = (
 # Keys that name files or folders which must exist when set.
 PATH_KEYS = ("tokenizer.pretrained", "tokenizer.checkpoint", "ar.checkpoint", "refiner.checkpoint",
              "diffusion.checkpoint", "init_from", "eval.inception_weights")
+
+
+def _model_choices() -> dict[str, tuple]:
+    """The choices of the keys whose names the model code defines, taken from there (imported here rather
+    than at the top, so that `import hybrid.config` stays free of torch). The denoisers' `sampler` is checked
+    against their `objective` by the model code's trainer x sampler matrix (`SAMPLERS`) in `validate`."""
+    from hybrid.ar.sampling import CFG_SCHEDULES
+    from hybrid.refiner.diffusion import TIMESTEP_DENSITIES
+
+    return {"ar.sample.cfg_schedule": CFG_SCHEDULES, "refiner.timestep_density": TIMESTEP_DENSITIES,
+            "diffusion.timestep_density": TIMESTEP_DENSITIES}
 
 
 # --------------------------------------------------------------------------------------------
