@@ -75,7 +75,7 @@ class AttentionConfig:
 
 @dataclass
 class TrainerConfig:
-    accelerator: str = "auto"  # auto | cpu | gpu
+    accelerator: str = "auto"  # auto | cpu | gpu (Lightning's cuda, mps, tpu too)
     devices: Any = "auto"  # int, list or "auto"
     num_nodes: int = 1
     strategy: str = "auto"  # auto | ddp | ddp_spawn | fsdp
@@ -319,29 +319,65 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "stage": STAGES,
     "data.source": ("procedural", "shards"),
     "attention.backend": ("auto", "xformers", "sdpa", "math"),
+    "trainer.accelerator": ("auto", "cpu", "gpu", "cuda", "mps", "tpu"),  # Lightning's
     "trainer.strategy": ("auto", "ddp", "fsdp", "ddp_spawn"),
+    # Lightning's Trainer precisions and their aliases (32 = 32-true, 16 = 16-mixed, bf16 = bf16-mixed,
+    # 64 = 64-true), plus auto (hybrid.precision); not transformer-engine, which needs a package we do not ship
+    "trainer.precision": ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true",
+                          "32", "16", "bf16", "64"),
     "trainer.compile": ("auto", True, False),
     "tokenizer.loss": ("l1", "mse"),
     "tokenizer.downsample": (4, 8),
+    "oracle.stem_stride": (0, 1, 2),
     "ar.order": ("next_scale", "raster"),
     "ar.condition": ("class", "text"),
-    "ar.sample.cfg_schedule": ("constant", "linear"),
     "refiner.arch": ("dit", "mlp"),
     "refiner.condition": ("none", "class", "text"),
     "refiner.objective": ("ddpm", "flow"),
     "refiner.prediction": ("v_prediction", "epsilon", "sample"),
-    "refiner.sampler": ("ddim", "dpm", "euler"),
     "refiner.target": ("residual", "latent"),
     "diffusion.arch": ("dit", "mlp"),
     "diffusion.condition": ("none", "class", "text"),
     "diffusion.objective": ("ddpm", "flow"),
     "diffusion.prediction": ("v_prediction", "epsilon", "sample"),
-    "diffusion.sampler": ("ddim", "dpm", "euler"),
 }
+# Keys whose value is a list of choices: the modes stage=eval judges (hybrid.eval.evaluate; diffusion is judged
+# whenever the run has one)
+LIST_CHOICES: dict[str, tuple[str, ...]] = {"eval.modes": ("tokenizer", "ar", "hybrid", "diffusion")}
+
+TRAINED_STAGES = ("tokenizer", "oracle", "ar", "refiner", "diffusion")  # the sections with a `train` block
+
+# Counts that must be >= 1, and counts that may be 0 (off, none, all: see the schemas) but not negative.
+POSITIVE_KEYS = (
+    "data.train_size", "data.val_size", "data.batches_per_epoch", "trainer.num_nodes", "tokenizer.latent_channels",
+    "tokenizer.codebook_size", "oracle.feature_dim", "oracle.eval_samples", "ar.width", "ar.depth", "ar.heads",
+    "ar.max_text_len", "eval.num_samples", "eval.batch_size",
+    *(f"{name}.{key}" for name in ("refiner", "diffusion")
+      for key in ("width", "depth", "heads", "steps", "num_train_timesteps", "max_text_len")),
+    *(f"{stage}.train.{key}" for stage in TRAINED_STAGES for key in ("batch_size", "accumulate")),
+)
+NON_NEGATIVE_KEYS = (
+    "seed", "data.seed", "data.num_workers", "data.num_classes", "tokenizer.dead_code_steps", "oracle.num_workers",
+    "oracle.holdout_samples", "ar.token_cache_size", "ar.sample.top_k", "refiner.coarse_scales",
+    "refiner.corrupt_neighbors", "eval.bootstrap", "eval.draw",
+    *(f"{stage}.train.{key}" for stage in TRAINED_STAGES
+      for key in ("warmup_steps", "log_every", "image_every", "ckpt_every", "val_every")),
+)
 
 # Keys that name files or folders which must exist when set.
 PATH_KEYS = ("tokenizer.pretrained", "tokenizer.checkpoint", "ar.checkpoint", "refiner.checkpoint",
              "diffusion.checkpoint", "init_from", "eval.inception_weights")
+
+
+def _model_choices() -> dict[str, tuple]:
+    """The choices of the keys whose names the model code defines, taken from there (imported here rather
+    than at the top, so that `import hybrid.config` stays free of torch). The denoisers' `sampler` is checked
+    against their `objective` by the model code's trainer x sampler matrix (`SAMPLERS`) in `validate`."""
+    from hybrid.ar.sampling import CFG_SCHEDULES
+    from hybrid.refiner.diffusion import TIMESTEP_DENSITIES
+
+    return {"ar.sample.cfg_schedule": CFG_SCHEDULES, "refiner.timestep_density": TIMESTEP_DENSITIES,
+            "diffusion.timestep_density": TIMESTEP_DENSITIES}
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,10 +478,21 @@ def suggested_scales(latent: int) -> list[int]:
 
 def validate(cfg: DictConfig) -> None:
     """Checks that the schema's types cannot express: choices, ranges, files that must exist."""
-    for key, choices in CHOICES.items():
+    from hybrid.refiner.diffusion import SAMPLERS
+
+    for key, choices in {**CHOICES, **_model_choices()}.items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             raise ConfigError(f"config key '{key}' is {value!r}; choose one of {', '.join(map(str, choices))}")
+    for key, choices in LIST_CHOICES.items():
+        for value in OmegaConf.select(cfg, key):
+            if value not in choices:
+                raise ConfigError(f"config key '{key}' has {value!r}; choose among {', '.join(map(str, choices))}")
+    for keys, low in ((POSITIVE_KEYS, 1), (NON_NEGATIVE_KEYS, 0)):
+        for key in keys:
+            value = OmegaConf.select(cfg, key)
+            if value < low:
+                raise ConfigError(f"config key '{key}' is {value}; it must be >= {low}")
     for key in PATH_KEYS:
         value = OmegaConf.select(cfg, key)
         if value and not Path(value).exists():
@@ -467,21 +514,32 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"config key 'tokenizer.scales' must end at the latent size {latent} {sizes}, got {scales}; {fix}, "
             "or set tokenizer.coarse_grid=true for a token grid coarser than the latent")
+    coarse = cfg.refiner.coarse_scales
+    if coarse > len(scales) and not cfg.tokenizer.checkpoint:  # a tokenizer checkpoint's own scales: checked at build
+        raise ConfigError(f"config key 'refiner.coarse_scales' is {coarse}; the tokenizer has {len(scales)} scales "
+                          f"({scales}), so choose 0 (all) to {len(scales)}")
     for name in ("refiner", "diffusion"):
         sec = cfg[name]
-        ok = {"ddpm": ("ddim", "dpm"), "flow": ("euler", "dpm")}[sec.objective]
+        ok = SAMPLERS[sec.objective]
         if sec.sampler not in ok:
             raise ConfigError(
                 f"config key '{name}.sampler' is '{sec.sampler}', which does not sample a '{sec.objective}' "
                 f"model; choose one of {', '.join(ok)}")
-        if sec.steps < 1:
-            raise ConfigError(f"config key '{name}.steps' must be >= 1, got {sec.steps}")
+    for name in ("ar", "refiner", "diffusion"):
+        sec = cfg[name]
+        if sec.width % 4:
+            raise ConfigError(f"config key '{name}.width' is {sec.width}; it must be a multiple of 4 "
+                              "(the 2D sin/cos positions)")
+        # the AR's blocks, a DiT denoiser's blocks and a text-conditioned denoiser's text encoder attend
+        if (name == "ar" or sec.arch == "dit" or sec.condition == "text") and sec.width % sec.heads:
+            divisors = [h for h in range(1, 17) if sec.width % h == 0]
+            raise ConfigError(f"config key '{name}.heads' is {sec.heads}; it must divide {name}.width {sec.width} "
+                              f"(e.g. {', '.join(map(str, divisors))})")
     try:
-        GenerationSettings.parse(cfg.eval.settings)
+        settings = GenerationSettings.parse(cfg.eval.settings)
     except ValueError as err:
         raise ConfigError(f"config key 'eval.settings': {err}") from None
-    if cfg.eval.draw < 0:
-        raise ConfigError(f"config key 'eval.draw' is {cfg.eval.draw}; it must be >= 0")
+    _check_generation_settings(cfg, settings)
     if cfg.ar.token_cache_passes < 0:
         raise ConfigError(f"config key 'ar.token_cache_passes' is {cfg.ar.token_cache_passes}; it must be >= 0 "
                           f"(0 keeps the pool at ar.token_cache_size)")
@@ -490,6 +548,38 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"config key '{key}' is {value}; it must be a probability in [0, 1]")
+
+
+def _check_generation_settings(cfg: DictConfig, settings: dict[str, Any]) -> None:
+    """`eval.settings`' values, as the config's own keys are checked: stage=eval runs after every stage has
+    trained, so a value that fails there must fail here. `sampler` must sample every denoiser it reaches: the
+    refiner's (when `eval.modes` has hybrid) and the diffusion baseline's (when it is trained or asked for)."""
+    from hybrid.ar.sampling import CFG_SCHEDULES
+    from hybrid.refiner.diffusion import SAMPLERS
+
+    def bad(key: str, rule: str) -> ConfigError:
+        return ConfigError(f"config key 'eval.settings' sets {key}={settings[key]}; {rule}")
+
+    if settings.get("steps", 1) < 1:
+        raise bad("steps", "it must be >= 1")
+    if settings.get("top_k", 0) < 0:
+        raise bad("top_k", "it must be >= 0")
+    if settings.get("cfg_schedule", CFG_SCHEDULES[0]) not in CFG_SCHEDULES:
+        raise bad("cfg_schedule", f"choose one of {', '.join(CFG_SCHEDULES)}")
+    sampler = settings.get("sampler")
+    if sampler is None:
+        return
+    known = list(dict.fromkeys(name for names in SAMPLERS.values() for name in names))
+    if sampler not in known:
+        raise bad("sampler", f"choose one of {', '.join(known)}")
+    judged = [name for name, mode in (("refiner", "hybrid"), ("diffusion", "diffusion"))
+              if mode in cfg.eval.modes or (name == "diffusion" and cfg.with_diffusion)]
+    for name in judged:
+        objective = cfg[name].objective
+        if sampler not in SAMPLERS[objective]:
+            model = {"refiner": "the refiner", "diffusion": "the diffusion baseline"}[name]
+            raise bad("sampler", f"it does not sample {model}'s '{objective}' model ({name}.objective); "
+                      f"choose one of {', '.join(SAMPLERS[objective])}")
 
 
 def to_dict(cfg: DictConfig) -> dict:

@@ -95,3 +95,83 @@ def test_cli_help_and_print_config():
 def test_every_shipped_config_loads_validates_and_names_its_run_after_its_file(path):
     cfg = load_config(path)  # validated: a key the schema lacks or a bad value raises ConfigError
     assert cfg.name == path.stem  # runs/<name>: two configs never share a run directory by default
+
+
+@pytest.mark.parametrize(
+    "overrides, key, bad",
+    [
+        (["trainer.precision=bf17"], "trainer.precision", "bf17"),
+        (["trainer.accelerator=gpus"], "trainer.accelerator", "gpus"),
+        (["data.num_classes=-3"], "data.num_classes", "-3"),
+        (["data.batches_per_epoch=0"], "data.batches_per_epoch", "0"),
+        (["data.num_workers=-1"], "data.num_workers", "-1"),
+        (["data.seed=-1"], "data.seed", "-1"),
+        *[([f"{stage}.train.batch_size=0"], f"{stage}.train.batch_size", "0")
+          for stage in ("tokenizer", "oracle", "ar", "refiner", "diffusion")],
+        (["ar.train.accumulate=0"], "ar.train.accumulate", "0"),
+        (["refiner.train.warmup_steps=-5"], "refiner.train.warmup_steps", "-5"),
+        (["tokenizer.codebook_size=0"], "tokenizer.codebook_size", "0"),
+        (["oracle.stem_stride=3"], "oracle.stem_stride", "3"),
+        (["ar.heads=0"], "ar.heads", "0"),
+        (["ar.heads=5"], "ar.heads", "5"),  # does not divide ar.width 192
+        (["ar.width=30", "ar.heads=2"], "ar.width", "30"),  # the 2D sin/cos positions need a multiple of 4
+        (["refiner.heads=3"], "refiner.heads", "3"),
+        (["diffusion.heads=0"], "diffusion.heads", "0"),
+        (["diffusion.heads=5"], "diffusion.heads", "5"),
+        (["refiner.timestep_density=gauss"], "refiner.timestep_density", "gauss"),
+        (["ar.sample.top_k=-1"], "ar.sample.top_k", "-1"),
+        (["refiner.coarse_scales=9"], "refiner.coarse_scales", "9"),  # the tokenizer has 6 scales
+        (["refiner.coarse_scales=-1"], "refiner.coarse_scales", "-1"),
+        (["eval.modes=[tokenizer,foo]"], "eval.modes", "foo"),
+        (["eval.settings=steps=0"], "eval.settings", "steps=0"),
+        (["eval.settings=sampler=euler"], "eval.settings", "sampler=euler"),  # the refiner is ddpm-trained
+        (["eval.settings=sampler=heun"], "eval.settings", "sampler=heun"),
+        (["eval.settings=cfg_schedule=cosine"], "eval.settings", "cfg_schedule=cosine"),
+        (["with_diffusion=true", "diffusion.objective=flow", "diffusion.sampler=euler", "eval.settings=sampler=ddim"],
+         "eval.settings", "sampler=ddim"),  # the refiner takes ddim, the pure-diffusion baseline does not
+    ],
+)
+def test_bad_values_fail_when_the_config_loads_naming_key_and_value(overrides, key, bad):
+    """Values that would fail only when a stage starts (or at eval, after all training) are refused at load."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    message = str(info.value)
+    assert f"'{key}'" in message and bad in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["refiner.objective=flow", "refiner.sampler=euler", "eval.settings=sampler=euler"],  # no diffusion judged
+        ["eval.settings=steps=1,cfg_schedule=constant,top_k=0,sampler=dpm"],
+        ["refiner.arch=mlp", "refiner.heads=3"],  # an MLP denoiser with a class condition has no attention heads
+        ["refiner.coarse_scales=6", "eval.modes=[tokenizer,ar,hybrid,diffusion]"],
+        ["trainer.precision=32"],  # Lightning's aliases
+        ["trainer.precision=bf16"],
+    ],
+)
+def test_values_at_the_edges_still_load(overrides):
+    load_config(None, overrides)
+
+
+def test_coarse_scales_of_a_tokenizer_checkpoint_are_checked_when_the_refiner_is_built(tmp_path):
+    """tokenizer.checkpoint brings its own scales, which the config cannot see (hybrid.models checks them)."""
+    checkpoint = tmp_path / "tokenizer.ckpt"
+    checkpoint.touch()
+    load_config(None, [f"tokenizer.checkpoint={checkpoint}", "refiner.coarse_scales=9"])
+
+
+def test_accepted_precisions_and_accelerators_are_lightnings():
+    """Every `trainer.precision` the config takes (but `auto`, hybrid.precision's) builds a Lightning Trainer;
+    every accelerator is one Lightning knows."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.accelerators import AcceleratorRegistry
+
+    from hybrid.config import CHOICES
+
+    for precision in CHOICES["trainer.precision"]:
+        load_config(None, [f"trainer.precision={precision}"])
+        if precision != "auto":
+            pl.Trainer(precision=precision, accelerator="cpu", logger=False, enable_checkpointing=False,
+                       enable_progress_bar=False, enable_model_summary=False)
+    assert set(CHOICES["trainer.accelerator"]) <= {"auto", "gpu", *AcceleratorRegistry.available_accelerators()}
