@@ -315,6 +315,13 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+# Names the model code dispatches on, defined here (the schema) and imported by it, so that checking a config
+# needs no torch: the denoisers' trainer x sampler matrix (hybrid.refiner.diffusion), their timestep densities
+# (diffusers' training utilities) and the AR's guidance schedules (hybrid.ar.sampling).
+SAMPLERS: dict[str, tuple[str, ...]] = {"ddpm": ("ddim", "dpm"), "flow": ("euler", "dpm")}
+TIMESTEP_DENSITIES = ("logit_normal", "uniform", "mode")
+CFG_SCHEDULES = ("constant", "linear")
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "stage": STAGES,
     "data.source": ("procedural", "shards"),
@@ -370,12 +377,8 @@ PATH_KEYS = ("tokenizer.pretrained", "tokenizer.checkpoint", "ar.checkpoint", "r
 
 
 def _model_choices() -> dict[str, tuple]:
-    """The choices of the keys whose names the model code defines, taken from there (imported here rather
-    than at the top, so that `import hybrid.config` stays free of torch). The denoisers' `sampler` is checked
-    against their `objective` by the model code's trainer x sampler matrix (`SAMPLERS`) in `validate`."""
-    from hybrid.ar.sampling import CFG_SCHEDULES
-    from hybrid.refiner.diffusion import TIMESTEP_DENSITIES
-
+    """The choices of the keys whose names the model code dispatches on (defined above). The denoisers'
+    `sampler` is checked against their `objective` by the trainer x sampler matrix (`SAMPLERS`) in `validate`."""
     return {"ar.sample.cfg_schedule": CFG_SCHEDULES, "refiner.timestep_density": TIMESTEP_DENSITIES,
             "diffusion.timestep_density": TIMESTEP_DENSITIES}
 
@@ -478,8 +481,6 @@ def suggested_scales(latent: int) -> list[int]:
 
 def validate(cfg: DictConfig) -> None:
     """Checks that the schema's types cannot express: choices, ranges, files that must exist."""
-    from hybrid.refiner.diffusion import SAMPLERS
-
     for key, choices in {**CHOICES, **_model_choices()}.items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:
@@ -554,9 +555,6 @@ def _check_generation_settings(cfg: DictConfig, settings: dict[str, Any]) -> Non
     """`eval.settings`' values, as the config's own keys are checked: stage=eval runs after every stage has
     trained, so a value that fails there must fail here. `sampler` must sample every denoiser it reaches: the
     refiner's (when `eval.modes` has hybrid) and the diffusion baseline's (when it is trained or asked for)."""
-    from hybrid.ar.sampling import CFG_SCHEDULES
-    from hybrid.refiner.diffusion import SAMPLERS
-
     def bad(key: str, rule: str) -> ConfigError:
         return ConfigError(f"config key 'eval.settings' sets {key}={settings[key]}; {rule}")
 

@@ -58,10 +58,10 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
+from hybrid.config import SAMPLERS, TIMESTEP_DENSITIES  # the names live with the schema
+
 OBJECTIVES = ("ddpm", "flow")
 PREDICTIONS = ("v_prediction", "epsilon", "sample")
-SAMPLERS = {"ddpm": ("ddim", "dpm"), "flow": ("euler", "dpm")}
-TIMESTEP_DENSITIES = ("logit_normal", "uniform", "mode")
 TARGETS = ("residual", "latent")
 
 
