@@ -254,6 +254,20 @@ class GenerationSettings:
     sampler: str | None = None
     refiner_cfg: float = 1.0
 
+    def __post_init__(self) -> None:
+        """Ranges no sampler can use are a ValueError naming the setting (temperature 0 is greedy, top_k 0 and
+        top_p 1 are off); which samplers a denoiser takes is checked where its objective is known."""
+        rules = {"steps": (self.steps, lambda v: v >= 1, ">= 1"), "top_k": (self.top_k, lambda v: v >= 0, ">= 0"),
+                 "top_p": (self.top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
+                 "temperature": (self.temperature, lambda v: v >= 0, ">= 0 (0 is greedy)"),
+                 "cfg": (self.cfg, lambda v: v >= 0, ">= 0 (1 is unguided)"),
+                 "refiner_cfg": (self.refiner_cfg, lambda v: v >= 0, ">= 0 (1 is unguided)"),
+                 "cfg_schedule": (self.cfg_schedule, lambda v: v in CFG_SCHEDULES,
+                                  f"one of {', '.join(CFG_SCHEDULES)}")}
+        for name, (value, ok, rule) in rules.items():
+            if value is not None and not ok(value):
+                raise ValueError(f"generation setting {name}={value}: it must be {rule}")
+
     @classmethod
     def parse(cls, text: str) -> dict[str, Any]:
         """"cfg=4,temperature=0.5,top_k=10" -> {"cfg": 4.0, "temperature": 0.5, "top_k": 10}, typed by
@@ -558,12 +572,10 @@ def _check_generation_settings(cfg: DictConfig, settings: dict[str, Any]) -> Non
     def bad(key: str, rule: str) -> ConfigError:
         return ConfigError(f"config key 'eval.settings' sets {key}={settings[key]}; {rule}")
 
-    if settings.get("steps", 1) < 1:
-        raise bad("steps", "it must be >= 1")
-    if settings.get("top_k", 0) < 0:
-        raise bad("top_k", "it must be >= 0")
-    if settings.get("cfg_schedule", CFG_SCHEDULES[0]) not in CFG_SCHEDULES:
-        raise bad("cfg_schedule", f"choose one of {', '.join(CFG_SCHEDULES)}")
+    try:
+        GenerationSettings(**settings)
+    except ValueError as err:
+        raise ConfigError(f"config key 'eval.settings': {err}") from None
     sampler = settings.get("sampler")
     if sampler is None:
         return

@@ -130,6 +130,8 @@ class HybridPipeline:
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Writes every stage as `<stage>.safetensors` plus `pipeline.json` (configs, hashes)."""
         folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise PipelineError(f"cannot export to '{folder}': it is a file, not a folder")
         folder.mkdir(parents=True, exist_ok=True)
         manifest: dict[str, Any] = {"format": EXPORT_FORMAT, "stages": {}}
         for stage, module in self._stages().items():
@@ -150,11 +152,17 @@ class HybridPipeline:
         manifest_path = folder / "pipeline.json"
         if not manifest_path.is_file():
             raise PipelineError(f"'{folder}' is not an exported pipeline: {manifest_path} is missing")
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format") != EXPORT_FORMAT:
-            raise PipelineError(
-                f"'{manifest_path}' has export format {manifest.get('format')}, expected {EXPORT_FORMAT}")
-        stages = manifest["stages"]
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise PipelineError(f"'{manifest_path}' is not valid JSON ({err}); export the pipeline again") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
+            found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+            raise PipelineError(f"'{manifest_path}' has export format {found}, expected {EXPORT_FORMAT}")
+        stages = manifest.get("stages")
+        if not isinstance(stages, dict) or not all(
+                isinstance(info, dict) and {"config", "weights_hash"} <= set(info) for info in stages.values()):
+            raise PipelineError(f"'{manifest_path}' is damaged: each of its 'stages' needs a config and a weights_hash")
         configs = {stage: info["config"] for stage, info in stages.items()}
         if "tokenizer" not in stages:
             raise PipelineError(f"'{folder}' holds no tokenizer")
@@ -163,7 +171,10 @@ class HybridPipeline:
             path = folder / f"{stage}.safetensors"
             if not path.is_file():
                 raise PipelineError(f"'{path}' is missing (listed in {manifest_path})")
-            state = load_file(str(path))
+            try:
+                state = load_file(str(path))
+            except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
+                raise PipelineError(f"'{path}' is not a readable safetensors file ({err})") from None
             if weights_hash(state) != stages[stage]["weights_hash"]:
                 raise PipelineError(f"'{path}' does not match the weights hash in {manifest_path}")
             return state
@@ -202,15 +213,23 @@ class HybridPipeline:
                               else num_classes(self.parsed[stage]), dtype=torch.long, device=self.device)
         # text
         if prompts is None:
-            prompts = [f"a {class_name(int(c))}" for c in classes.tolist()]
+            if self.parsed[stage].data.source != "procedural":
+                raise PipelineError(f"this {stage} model is text-conditioned ({stage}.condition=text) and was trained "
+                                    "on your own captions: pass prompts (--prompt), not class ids")
+            prompts = [f"a {class_name(int(c))}" for c in classes.tolist()]  # the procedural classes' names
         return list(prompts)
 
-    def _check_request(self, classes, prompts, mode: str) -> int:
+    def _check_request(self, classes, prompts, mode: str, batch_size: int = 1) -> int:
+        if batch_size < 1:
+            raise PipelineError(f"batch size must be >= 1, got {batch_size}")
         if mode not in MODES:
             raise PipelineError(f"mode '{mode}' is unknown; choose one of {', '.join(MODES)}")
         if mode not in self.modes:
             have = ", ".join(self.modes) or "none"
-            raise PipelineError(f"mode '{mode}' needs a stage this pipeline lacks (available modes: {have})")
+            needs = {"hybrid": "a refiner (python train.py stage=refiner)",
+                     "ar": "an AR stage (python train.py stage=ar)",
+                     "diffusion": "the diffusion baseline (python train.py stage=diffusion)"}[mode]
+            raise PipelineError(f"mode '{mode}' needs {needs}, which this pipeline lacks (available modes: {have})")
         if (classes is None) == (prompts is None):
             raise PipelineError("pass either class ids or prompts")
         if prompts is not None:
@@ -262,7 +281,7 @@ class HybridPipeline:
         """
         s = GenerationSettings(**settings)
         classes = _as_ids(classes)
-        n = self._check_request(classes, prompts, mode)
+        n = self._check_request(classes, prompts, mode, batch_size)
         if generator is None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         images, tokens = [], []
@@ -296,8 +315,8 @@ class HybridPipeline:
                                 "token scale (refiner.coarse_scales 0); generate each mode on its own instead")
         s = GenerationSettings(**settings)
         classes = _as_ids(classes)
-        self._check_request(classes, prompts, "ar")
-        n = self._check_request(classes, prompts, "hybrid")
+        self._check_request(classes, prompts, "ar", batch_size)
+        n = self._check_request(classes, prompts, "hybrid", batch_size)
         if generator is None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         ar_images, hybrid_images = [], []

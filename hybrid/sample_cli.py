@@ -86,6 +86,11 @@ def main(argv=None) -> int:
         if args.write_export:
             pipe.save_pretrained(args.write_export)
             print(f"exported to {args.write_export}")
+        unused = [flag for flag, value in (("--steps", args.steps), ("--sampler", args.sampler),
+                                           ("--refiner-cfg", None if args.refiner_cfg == 1.0 else args.refiner_cfg))
+                  if value is not None]
+        if args.mode == "ar" and unused:
+            print(f"note: {', '.join(unused)} set the refiner, which --mode ar does not run", file=sys.stderr)
         start = time.perf_counter()
         images = pipe(
             classes=classes, prompts=prompts, mode=args.mode, seed=args.seed, batch_size=args.batch_size,

@@ -54,6 +54,13 @@ def test_text_conditioned_run_is_evaluated_on_captions_longer_than_its_text_enco
     out = subprocess.run([sys.executable, "sample.py", "--run", str(run_dir), "--prompt", long, "-n", "1",
                           "--out", str(run_dir / "samples")], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode != 0 and "at most 24" in out.stderr, out.stderr[-2000:]
+    from hybrid.pipeline import HybridPipeline, PipelineError
+
+    pipe = HybridPipeline.from_run(run_dir)
+    assert pipe(classes=[1], mode="ar").shape[0] == 1  # procedural classes have names to prompt with
+    pipe.parsed["ar"].data.source = "shards"  # as if trained on a user's own captions: ids have no names
+    with pytest.raises(PipelineError, match="pass prompts"):
+        pipe(classes=[1], mode="ar")
 
 
 def test_train_writes_every_stage_and_metrics(toy_run):
@@ -194,7 +201,11 @@ def test_one_ar_pass_gives_the_ar_and_hybrid_images_of_two(toy_run):
     [
         (["--class", "999"], "class id 999"),
         (["--prompt", ""], "empty"),
-        (["--mode", "diffusion", "--class", "1"], "mode 'diffusion'"),
+        (["--mode", "diffusion", "--class", "1"], "python train.py stage=diffusion"),
+        (["--class", "1", "--batch-size", "0"], "batch size must be >= 1"),
+        (["--class", "1", "--steps", "0"], "steps=0"),
+        (["--class", "1", "--cfg", "-5"], "cfg=-5"),
+        (["--class", "1", "--top-p", "0"], "top_p=0"),
     ],
 )
 def test_sample_cli_errors_are_one_line(toy_run, args, needle):
@@ -203,6 +214,35 @@ def test_sample_cli_errors_are_one_line(toy_run, args, needle):
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2
     assert needle in out.stderr and out.stderr.strip().count("\n") == 0, out.stderr
+
+
+def test_damaged_exports_and_export_targets_are_one_line_errors(toy_run, tmp_path):
+    import shutil
+
+    from hybrid.pipeline import HybridPipeline
+
+    run_dir, base, _ = toy_run
+    export = HybridPipeline.from_run(run_dir).save_pretrained(tmp_path / "export")
+
+    def sample(*args):
+        return subprocess.run([sys.executable, "sample.py", *args, "--class", "1", "-n", "1", "--out",
+                               str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
+
+    cut = shutil.copytree(export, tmp_path / "cut")
+    data = (cut / "ar.safetensors").read_bytes()
+    (cut / "ar.safetensors").write_bytes(data[: len(data) // 3])
+    broken = shutil.copytree(export, tmp_path / "broken")
+    (broken / "pipeline.json").write_text("{not json")
+    keyless = shutil.copytree(export, tmp_path / "keyless")
+    (keyless / "pipeline.json").write_text(json.dumps({"format": 1, "stages": {"tokenizer": {}}}))
+    (tmp_path / "a-file").write_text("x")
+    for args, needle in ((["--export", str(cut)], str(cut / "ar.safetensors")),
+                         (["--export", str(broken)], str(broken / "pipeline.json")),
+                         (["--export", str(keyless)], "damaged"),
+                         (["--run", str(run_dir), "--write-export", str(tmp_path / "a-file")], "is a file")):
+        out = sample(*args)
+        assert out.returncode == 2 and needle in out.stderr, out.stderr[-2000:]
+        assert out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
 
 
 def test_sample_cli_missing_stage_is_a_clear_error(tmp_path):
