@@ -102,15 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         _destroy_process_group()
     if is_rank_zero():
-        print_summary(cfg, time.time() - start)
+        print_summary(cfg, time.time() - start, evaluated="eval" in stage_plan(cfg))
     return 0
 
 
-def print_summary(cfg, seconds: float) -> None:
+def print_summary(cfg, seconds: float, evaluated: bool = True) -> None:
     run_dir = Path(cfg.run_dir)
     print(f"\nfinished in {seconds / 60:.1f} min; outputs in {run_dir}/")
     metrics = run_dir / "metrics.json"
-    if metrics.is_file():
+    if metrics.is_file() and not evaluated:
+        print(f"  {metrics} is from an earlier evaluation, not of what this command trained; judge again with: "
+              f"python train.py stage=eval run_dir={run_dir}")
+    elif metrics.is_file():
         import json
 
         data = json.loads(metrics.read_text())
@@ -130,7 +133,9 @@ def print_summary(cfg, seconds: float) -> None:
                       "(paired: the same requests; below 0 outside the interval, the refiner helps)")
         print(f"  all metrics: {metrics}")
     if (run_dir / "ar" / "final.ckpt").is_file():
-        print(f"sample with: python sample.py --run {run_dir} --class 0 -n 16 --out {run_dir}/samples")
+        request = "--prompt 'a red circle'" if cfg.ar.condition == "text" else "--class 0"
+        mode = "" if (run_dir / "refiner" / "final.ckpt").is_file() else " --mode ar"
+        print(f"sample with: python sample.py --run {run_dir} {request}{mode} -n 16 --out {run_dir}/samples")
 
 
 def _destroy_process_group() -> None:

@@ -216,6 +216,15 @@ def test_sample_cli_errors_are_one_line(toy_run, args, needle):
     assert needle in out.stderr and out.stderr.strip().count("\n") == 0, out.stderr
 
 
+def test_the_summary_of_a_command_without_eval_does_not_pass_old_metrics_off_as_new(toy_run):
+    run_dir, base, stdout = toy_run
+    assert f"sample with: python sample.py --run {run_dir} --class 0 -n 16" in stdout and "FID" in stdout
+    out = _run(["train.py", "--config", "configs/toy.yaml", f"run_dir={run_dir}", f"cache_dir={base / 'cache'}",
+                "trainer.progress_bar=false", "stage=refiner"])
+    assert "is from an earlier evaluation" in out.stdout and "stage=eval" in out.stdout, out.stdout
+    assert "FID" not in out.stdout.split("finished in", 1)[1]
+
+
 def test_damaged_exports_and_export_targets_are_one_line_errors(toy_run, tmp_path):
     import shutil
 
