@@ -429,7 +429,16 @@ def _merge_checked(base: DictConfig, other: DictConfig, source: str) -> DictConf
         key = getattr(err, "full_key", None) or str(err)
         raise _unknown_key_error(str(key), base, source) from None
     except ValidationError as err:
-        key = getattr(err, "full_key", "?")
+        key = getattr(err, "full_key", None)
+        if not key:  # a whole section given a plain value (`ar: 5`): omegaconf names no key
+            key = next((k for k in other if isinstance(base._get_node(k), DictConfig)
+                        and not isinstance(other._get_node(k), DictConfig)), "?")
+            if key != "?":
+                raise ConfigError(f"config key '{key}' ({source}) is a section of keys (e.g. {key}."
+                                  f"{next(iter(base[key]))}), not the value {other[key]!r}") from None
+        if "is not a ListConfig" in str(err):
+            raise ConfigError(f"config key '{key}' ({source}) takes a list: write it in brackets and quote it "
+                              f'for the shell, e.g. "{key}=[a,b]"') from None
         raise ConfigError(f"config key '{key}' ({source}): {_first_line(err)}") from None
     except OmegaConfBaseException as err:
         raise ConfigError(f"{source}: {_first_line(err)}") from None
@@ -445,7 +454,7 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override '{item}' is not of the form key=value")
-        dotlist.append(item)
+        dotlist.append(item + "''" if item.endswith("=") else item)  # `key=` clears a text key (not None)
     try:
         return OmegaConf.from_dotlist(dotlist)
     except OmegaConfBaseException as err:
@@ -463,7 +472,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             loaded = OmegaConf.load(p)
         except Exception as err:  # yaml errors come in many types
             raise ConfigError(f"config file '{p}' is not valid YAML: {_first_line(err)}") from None
-        if loaded is None or not isinstance(loaded, DictConfig):
+        if loaded is not None and not isinstance(loaded, DictConfig):
+            raise ConfigError(f"config file '{p}' must hold a mapping of config keys (as configs/default.yaml "
+                              f"does), not a {type(loaded).__name__.replace('Config', '').lower()}")
+        if loaded is None:  # an empty file: the defaults
             loaded = OmegaConf.create({})
         cfg = _merge_checked(cfg, loaded, f"in {p}")
     if overrides:

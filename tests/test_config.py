@@ -1,5 +1,6 @@
 """Config: YAML + overrides, typed validation, one-line errors that name the key."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -175,3 +176,30 @@ def test_accepted_precisions_and_accelerators_are_lightnings():
             pl.Trainer(precision=precision, accelerator="cpu", logger=False, enable_checkpointing=False,
                        enable_progress_bar=False, enable_model_summary=False)
     assert set(CHOICES["trainer.accelerator"]) <= {"auto", "gpu", *AcceleratorRegistry.available_accelerators()}
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["tokenizer.scales=1,2,4"], '"tokenizer.scales=[a,b]"'),  # a list without brackets
+    (["data.holdout=red:triangle"], "takes a list"),
+    (["ar.width="], "ar.width"),
+])
+def test_common_override_slips_name_the_key_and_the_fix(overrides, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(None, overrides)
+
+
+def test_an_empty_override_clears_a_text_key():
+    assert load_config(None, ["tokenizer.checkpoint="]).tokenizer.checkpoint == ""
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("ar: 5\n", "config key 'ar' (in"),  # a section given a plain value
+    ("- a\n- b\n", "must hold a mapping of config keys"),  # ignored without a word before
+])
+def test_malformed_yaml_files_are_named_errors(tmp_path, text, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(path)
+    (tmp_path / "empty.yaml").write_text("")
+    assert load_config(tmp_path / "empty.yaml").ar.width == load_config(None).ar.width  # empty: the defaults
