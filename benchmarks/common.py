@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
-from pathlib import Path
 
 import torch
 
@@ -125,9 +123,9 @@ def median_seconds(fn, repeats: int = 3) -> float:
 def write_result(path: str | os.PathLike | None, result: dict) -> None:
     if not path:
         return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    from hybrid.checkpoints import write_json
+
+    write_json(path, result)  # atomic: `--retime` rewrites the JSON of a long run in place
     print(f"wrote {path}")
 
 

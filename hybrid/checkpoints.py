@@ -162,7 +162,7 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     """Writes JSON atomically (temporary file, then rename), so a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # per process: two writers never share one
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,8 +51,9 @@ def stage_plan(cfg) -> list[str]:
 def run_stage(cfg, stage: str) -> None:
     if stage == "oracle":
         from hybrid.eval.oracle import ensure_oracle
+        from hybrid.precision import stage_device
 
-        ensure_oracle(cfg)
+        ensure_oracle(cfg, device=stage_device(cfg))
     elif stage == "eval":
         from hybrid.checkpoints import is_rank_zero
         from hybrid.eval.evaluate import run_evaluation
@@ -85,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         from omegaconf import OmegaConf
 
         run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(to_dict(cfg)), run_dir / "config.yaml")
+        tmp = run_dir / f".config.yaml.tmp-{os.getpid()}"  # atomic: a reader never sees half a file
+        OmegaConf.save(OmegaConf.create(to_dict(cfg)), tmp)
+        os.replace(tmp, run_dir / "config.yaml")
     from hybrid.checkpoints import CheckpointError
     from hybrid.lit.base import NonFiniteLossError
 
@@ -93,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for stage in stage_plan(cfg):
             run_stage(cfg, stage)
-    except (ConfigError, CheckpointError, FileNotFoundError, NonFiniteLossError, ValueError) as err:
+    except (ConfigError, CheckpointError, FileNotFoundError, NonFiniteLossError, ValueError,
+            FloatingPointError) as err:  # FloatingPointError: the oracle's non-finite loss
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # outside a fit (the oracle, the evaluation); a fit says how to resume itself

@@ -10,8 +10,9 @@ Modes: `hybrid` (AR tokens -> z_q -> refiner adds the residual -> decoder; with 
 baseline: decode z_q alone), `diffusion` (the pure-diffusion baseline on the full latent, when
 trained). Class ids are turned into captions ("a red circle") for text-conditioned stages; a prompt
 given to a class-conditioned AR model is an error, and a class-conditioned refiner given only
-prompts refines unconditionally (it was trained with condition dropout). The same seed gives the
-same images. Stages with EMA weights (refiner, diffusion) are loaded with them.
+prompts refines unconditionally (it was trained with condition dropout). The same seed, requests and
+batch size give the same images on the same device (the images of a batch share its draws). Stages
+with EMA weights (refiner, diffusion) are loaded with them.
 """
 
 from __future__ import annotations
@@ -277,7 +278,8 @@ class HybridPipeline:
         """Generates one image per class id / prompt: (N, 3, H, W) in [-1, 1].
 
         settings: cfg, cfg_schedule, temperature, top_k, top_p (AR); steps, sampler, refiner_cfg
-        (refiner / diffusion). The same seed gives the same images; `generator` overrides `seed`.
+        (refiner / diffusion). The same seed, requests and batch size give the same images (a batch's images
+        share its draws, so an image depends on its batch); `generator` overrides `seed`.
         """
         s = GenerationSettings(**settings)
         classes = _as_ids(classes)

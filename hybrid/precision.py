@@ -1,7 +1,8 @@
 """How the stages train on this machine: `trainer.precision` and `trainer.compile`, with `auto` resolved.
 
-`auto` is bf16-mixed on a GPU and on a CPU that multiplies bf16 in hardware (AVX512-BF16 or AMX, as
-torch reports), else fp32 (`32-true`): elsewhere bf16 is emulated, and its speed was never measured. The
+`auto` is bf16-mixed on a GPU with bf16 (Ampere or newer; fp32 on older ones) and on a CPU that multiplies
+bf16 in hardware (AVX512-BF16 or AMX, as torch reports), else fp32 (`32-true`): elsewhere bf16 is
+emulated, and its speed was never measured. The
 Lightning stages take the resolved string as the Trainer's `precision`; the oracle's own loop runs
 its forward pass under bf16 autocast when it resolves to a bf16 precision.
 
@@ -38,13 +39,20 @@ def uses_gpu(cfg) -> bool:
     return acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available())
 
 
+def stage_device(cfg) -> str:
+    """Where the parts that run outside Lightning (the oracle, the evaluation) run: "cuda" when the stages
+    train on a GPU (`trainer.accelerator`), else "cpu" — `trainer.accelerator=cpu` keeps them off a GPU too."""
+    return "cuda" if uses_gpu(cfg) and torch.cuda.is_available() else "cpu"
+
+
 def resolve_precision(cfg) -> str:
     """`trainer.precision`, with `auto` made concrete for this machine (see the module docstring)."""
     if cfg.trainer.precision != "auto":
         return cfg.trainer.precision
-    if uses_gpu(cfg) or cpu_has_native_bf16():
-        return "bf16-mixed"
-    return "32-true"
+    if uses_gpu(cfg):  # a GPU older than Ampere has no bf16: full precision there
+        cuda = torch.cuda.is_available()
+        return "32-true" if cuda and not torch.cuda.is_bf16_supported(including_emulation=False) else "bf16-mixed"
+    return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
 
 
 def has_cxx_compiler() -> bool:

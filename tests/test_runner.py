@@ -139,6 +139,24 @@ def test_auto_precision_is_bf16_on_gpus_and_on_cpus_with_native_bf16(monkeypatch
     assert precision.resolve_precision(load_config(None, ["trainer.precision=32-true"])) == "32-true"
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     assert precision.resolve_precision(load_config(None, ["trainer.accelerator=gpu"])) == "bf16-mixed"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU without bf16 (older than Ampere)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert precision.resolve_precision(load_config(None, ["trainer.accelerator=gpu"])) == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert precision.resolve_precision(load_config(None, [])) == "bf16-mixed"
+
+
+def test_parts_outside_lightning_follow_trainer_accelerator(monkeypatch):
+    """The oracle and the evaluation run where the stages train: trainer.accelerator=cpu keeps them off a GPU."""
+    import torch
+
+    import hybrid.precision as precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert precision.stage_device(load_config(None, ["trainer.accelerator=cpu"])) == "cpu"
+    assert precision.stage_device(load_config(None, [])) == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert precision.stage_device(load_config(None, ["trainer.accelerator=gpu"])) == "cpu"
 
 
 def test_the_frozen_tokenizer_alone_in_eval_mode_raises_no_warning(tmp_path, recwarn):

@@ -338,8 +338,9 @@ def run_evaluation(cfg) -> dict:
     """`train.py stage=eval`: loads (or trains) the oracle, evaluates the run, writes metrics.json."""
     from hybrid.config import GenerationSettings
     from hybrid.eval.oracle import ensure_oracle, load_oracle
+    from hybrid.precision import stage_device
 
-    device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
+    device = stage_device(cfg)
     modes = tuple(cfg.eval.modes) + ("diffusion",)
     settings = GenerationSettings.parse(cfg.eval.settings) or None  # checked when the config loaded
     if settings:
@@ -356,7 +357,7 @@ def run_evaluation(cfg) -> dict:
                                       inception_weights=cfg.eval.inception_weights, real_source=pattern,
                                       settings=settings, draw=cfg.eval.draw)
     else:
-        oracle = load_oracle(ensure_oracle(cfg), device=device).eval()
+        oracle = load_oracle(ensure_oracle(cfg, device=device), device=device).eval()
         real_kwargs = {"two_object_prob": cfg.data.two_object_prob, "glyph_prob": cfg.data.glyph_prob}
         metrics = evaluate_run(cfg.run_dir, oracle, num_samples=cfg.eval.num_samples, batch_size=cfg.eval.batch_size,
                                bootstrap=cfg.eval.bootstrap, modes=modes, device=device, real_kwargs=real_kwargs,
