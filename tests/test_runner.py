@@ -388,3 +388,31 @@ def test_a_skipped_stage_names_changed_settings_and_refuses_a_retrained_tokenize
     fit_stage(_toy(tmp_path, "retrain=true", "seed=1"), "tokenizer")
     with pytest.raises(CheckpointError, match="was trained with tokenizer"):
         fit_stage(cfg, "ar")
+
+
+def test_gradient_clipping_under_fsdp_goes_through_the_wrapped_root():
+    """Lightning's FSDP precision plugin raises on clip-by-norm (every FSDP step with train.grad_clip > 0 stopped);
+    the stage clips through FSDP's root module instead. FSDP itself needs GPUs: the dispatch is checked here."""
+    from types import SimpleNamespace
+
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    from hybrid.config import to_dict
+    from hybrid.lit.tokenizer import TokenizerModule
+
+    calls = []
+    root = SimpleNamespace(clip_grad_norm_=calls.append)
+    module = TokenizerModule(to_dict(load_config(TOY, [])))
+    module._trainer = SimpleNamespace(precision_plugin=None, strategy=FSDPStrategy(), model=root)
+    module.configure_gradient_clipping(optimizer=None, gradient_clip_val=0.5)
+    assert calls == [0.5]
+
+
+def test_deterministic_runs_warn_on_gpus_for_ops_cuda_cannot_make_deterministic(monkeypatch):
+    import hybrid.lit.runner as runner
+
+    assert runner.deterministic_mode(load_config(None, ["trainer.deterministic=true"])) is True
+    assert runner.deterministic_mode(load_config(None, [])) is False
+    monkeypatch.setattr(runner, "uses_gpu", lambda cfg: True)
+    assert runner.deterministic_mode(load_config(None, ["trainer.deterministic=true"])) == "warn"
+    assert runner.deterministic_mode(load_config(None, [])) is False

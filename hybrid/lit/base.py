@@ -30,6 +30,7 @@ import torch
 from pytorch_lightning.callbacks import EMAWeightAveraging
 from pytorch_lightning.callbacks.weight_averaging import WeightAveraging
 from pytorch_lightning.plugins.precision import MixedPrecision
+from pytorch_lightning.strategies import FSDPStrategy
 from pytorch_lightning.utilities.enums import GradClipAlgorithmType
 
 from hybrid.checkpoints import last_path, load_checkpoint, stage_dir, sub_state_dict, weights_hash
@@ -210,10 +211,15 @@ class StageModule(pl.LightningModule):
         Lightning's mixed-precision plugin refuses to clip for any fused optimizer, because under fp16's
         scaler the gradients would still be scaled at that point. bf16 has no scaler, so its gradients are
         the true ones and are clipped here directly; before this, every bf16-mixed run (the GPU default)
-        stopped at its first step.
+        stopped at its first step. Under FSDP the wrapped root module clips (never run here: FSDP needs GPUs).
         """
         mixed = isinstance(self.trainer.precision_plugin, MixedPrecision)
         by_norm = gradient_clip_algorithm in (None, GradClipAlgorithmType.NORM, "norm")
+        if gradient_clip_val and by_norm and isinstance(self.trainer.strategy, FSDPStrategy):
+            # Lightning's FSDP plugin refuses to clip by norm (it has no handle on the root module), and torch's
+            # clip_grad_norm_ would see one shard's gradients: the wrapped root clips over all shards
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+            return
         if gradient_clip_val and by_norm and mixed and not _scales_gradients(self.trainer):
             params = [p for group in optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)

@@ -278,10 +278,19 @@ def build_trainer(cfg, stage: str, extra_callbacks=()) -> pl.Trainer:
         plugins=[*slurm["plugins"], AtomicCheckpointIO()],
         logger=loggers,
         default_root_dir=str(sdir),
-        deterministic=cfg.trainer.deterministic,
+        deterministic=deterministic_mode(cfg),
         enable_progress_bar=cfg.trainer.progress_bar,
         enable_model_summary=False,
     )
+
+
+def deterministic_mode(cfg) -> bool | str:
+    """`trainer.deterministic` for the Trainer. On a GPU, "warn": CUDA has no deterministic backward for some
+    ops the stages use (the tokenizer's bicubic upsampling), which would stop the run at its first step; they
+    warn instead and everything else runs deterministically."""
+    if cfg.trainer.deterministic and uses_gpu(cfg):
+        return "warn"
+    return bool(cfg.trainer.deterministic)
 
 
 class _AppendingWriter(ExperimentWriter):
