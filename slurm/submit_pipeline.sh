@@ -3,7 +3,7 @@
 #
 #   tokenizer ──┬──► ar ──────┐
 #               ├──► refiner ─┼──► eval
-#               └──► diffusion┘ (only with WITH_DIFFUSION=1)
+#               └──► diffusion┘ (WITH_DIFFUSION=1, or with_diffusion=true in the config or overrides)
 #   oracle ───────────────────┘   (needs no tokenizer: runs beside it; procedural data only, as in train.py)
 #
 # usage: slurm/submit_pipeline.sh [--config FILE] [--run-dir DIR] [--dry-run] [key=value ...]
@@ -56,8 +56,10 @@ if [[ "$config$run_dir$repo" == *,* ]]; then
     exit 2
 fi
 
+if [ "${WITH_DIFFUSION:-0}" = 1 ]; then overrides+=("with_diffusion=true"); fi
 # The stages that `train.py stage=all` runs for this config: the oracle judges the procedural data only,
-# so on other data (data.source=shards) it is neither trained nor waited for. Same python as train.sbatch.
+# so on other data (data.source=shards) it is neither trained nor waited for; the diffusion baseline when
+# WITH_DIFFUSION=1, with_diffusion=true or diffusion.checkpoint (config or override). Same python as train.sbatch.
 python="${PYTHON:-}"
 if [ -z "$python" ]; then
     if [ -n "${VIRTUAL_ENV:-}" ]; then python="$VIRTUAL_ENV/bin/python"
@@ -73,13 +75,14 @@ if cfg is None:
 print(" ".join(stage_plan(cfg)))' "$config" "${overrides[@]}")" || exit 2
 with_oracle=0
 case " $plan " in *" oracle "*) with_oracle=1 ;; esac
+with_diffusion=0
+case " $plan " in *" diffusion "*) with_diffusion=1 ;; esac
 
 nodes="${NODES:-1}"
 gpus="${GPUS_PER_NODE:-4}"
 cpus="${CPUS_PER_TASK:-8}"
 if [ "$gpus" -gt 0 ]; then tasks="$gpus"; else tasks="${TASKS_PER_NODE:-1}"; fi
 read -r -a site <<< "${SBATCH_ARGS:-}"
-if [ "${WITH_DIFFUSION:-0}" = 1 ]; then overrides+=("with_diffusion=true"); fi
 
 train_res=(--nodes="$nodes" --ntasks-per-node="$tasks" --gpus-per-node="$gpus" --cpus-per-task="$cpus"
            --time="${TIME:-04:00:00}")
@@ -112,7 +115,7 @@ ar=$(submit ar "$tokenizer" "${train_res[@]}")
 refiner=$(submit refiner "$tokenizer" "${train_res[@]}")
 eval_deps="$ar:$refiner"
 if [ "$with_oracle" = 1 ]; then eval_deps="$eval_deps:$oracle"; fi
-if [ "${WITH_DIFFUSION:-0}" = 1 ]; then
+if [ "$with_diffusion" = 1 ]; then
     diffusion=$(submit diffusion "$tokenizer" "${train_res[@]}")
     eval_deps="$eval_deps:$diffusion"
 fi
@@ -122,6 +125,6 @@ echo "tokenizer $tokenizer"
 if [ "$with_oracle" = 1 ]; then echo "oracle $oracle"; fi
 echo "ar $ar"
 echo "refiner $refiner"
-if [ "${WITH_DIFFUSION:-0}" = 1 ]; then echo "diffusion $diffusion"; fi
+if [ "$with_diffusion" = 1 ]; then echo "diffusion $diffusion"; fi
 echo "eval $evaluation"
 echo "# run dir: $run_dir   logs: $run_dir/slurm/   watch: squeue -u ${USER:-$(id -un)}" >&2

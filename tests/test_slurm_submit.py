@@ -59,3 +59,12 @@ def test_a_bad_override_fails_before_anything_is_submitted(tmp_path):
         env={**os.environ, "PYTHON": sys.executable}, cwd=REPO, capture_output=True, text=True,
     )
     assert proc.returncode == 2 and "data.sorce" in proc.stderr and "sbatch" not in proc.stderr
+
+
+def test_the_diffusion_job_follows_train_pys_plan(tmp_path):
+    """with_diffusion=true as an override (or in the config) puts the baseline in train.py's plan: the pipeline
+    submits its job too (it used to look at WITH_DIFFUSION=1 only), and eval waits for it."""
+    jobs, commands = dry_run(tmp_path, "with_diffusion=true")
+    assert list(jobs) == ["tokenizer", "oracle", "ar", "refiner", "diffusion", "eval"]
+    assert "diffusion" in commands["eval"].split("--dependency=", 1)[1].split()[0]
+    assert "diffusion" not in dry_run(tmp_path)[0]
