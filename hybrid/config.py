@@ -118,7 +118,7 @@ class TokenizerConfig:
     dead_code_steps: int = 50  # restart codes unused for this many steps
     ema_decay: float = 0.99  # EMA codebook decay
     phi_ratio: float = 0.0  # VAR-style shared refinement conv on upsampled codes; 0 = none (0.5 with pretrained)
-    checkpoint: str = ""  # use this tokenizer checkpoint instead of the run's own
+    checkpoint: str = ""  # take the tokenizer from this file (copied into the run) instead of training it
     # 900 steps: the stage fits its 8-minute budget on a 2-core CPU (~0.17 s/step at batch 64 in bf16). Longer
     # tokenizers give much better FID (2400 steps: decode(z_q) FID 12.7, shape 93.9%, against 44.3 / 84.7%), but
     # within the default experiment's 30 minutes their time comes off the AR stage: 1500 tokenizer + 800 AR steps
@@ -184,7 +184,7 @@ class ARConfig:
     # 2 instead of 4 on a 9000-step AR: shape 85.9 / 89.3% at steps 7500 / 9000 against 89.0 / 86.0%, within the
     # +-2-point noise, so no lift for twice the encoding (2026-12-06)
     token_cache_passes: float = 4.0
-    checkpoint: str = ""
+    checkpoint: str = ""  # take the AR from this file (copied into the run) instead of training it
     sample: SampleConfig = field(default_factory=SampleConfig)
     # lr 2e-3 (was 5e-4): measured side by side on the default tokenizer (version-2 data and oracle, 1,000 class
     # prompts), at 150 / 300 / 450 steps color adherence 67.8 / 85.2 / 91.4% against 18.3 / 45.3 / 68.6%, shape
@@ -215,7 +215,7 @@ class DenoiserConfig:
     max_text_len: int = 64  # bytes (condition=text)
     timestep_density: str = "logit_normal"  # flow only: logit_normal | uniform | mode (diffusers.training_utils)
     flow_shift: float = 1.0  # flow only: sigma shift of the training and sampling schedules
-    checkpoint: str = ""
+    checkpoint: str = ""  # take this denoiser from this file (copied into the run) instead of training it
 
 
 @dataclass
