@@ -643,9 +643,10 @@ def test_own_images_folder_to_shards_to_train_to_eval(tmp_path, random_inception
         assert entry["images_per_s"] > 0 and entry["ms_per_image_b1"] > 0 and entry["params"]["ar"] > 0
         assert (run_dir / "eval" / f"{mode}-class.png").is_file()
 
-    _run(common + ["stage=eval", f"eval.inception_weights={random_inception_weights}"])
+    out = _run(common + ["stage=eval", f"eval.inception_weights={random_inception_weights}", "eval.num_samples=40"])
+    assert "the first 24 readable samples" in out.stdout and "all there are; eval.num_samples is 40" in out.stdout
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["judge"]["fid_features"] == "inception"
+    assert metrics["judge"]["fid_features"] == "inception" and metrics["judge"]["n"] == 24
     for mode in ("tokenizer", "ar", "hybrid"):
         assert np.isfinite(metrics[mode]["fid"]) and metrics[mode]["fid_judge"] == "inception", mode
 

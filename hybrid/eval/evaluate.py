@@ -347,9 +347,11 @@ def run_evaluation(cfg) -> dict:
         print(f"[eval] generation settings for every mode (eval.settings): {cfg.eval.settings}")
     if cfg.data.source == "shards":
         pattern, source = eval_shard_pattern(cfg)
-        print(f"[eval] real images: the first {cfg.eval.num_samples} readable samples of {source} '{pattern}'")
         real = read_shard_images(pattern, cfg.eval.num_samples, cfg.data.image_size,
                                  cfg.data.num_classes or NUM_CLASSES)
+        n = len(real["images"])
+        print(f"[eval] real images: the first {n} readable samples of {source} '{pattern}'"
+              + (f" (all there are; eval.num_samples is {cfg.eval.num_samples})" if n < cfg.eval.num_samples else ""))
         if not cfg.eval.inception_weights:
             print("[eval] no FID for your own images without a judge: set eval.inception_weights=PATH (a local "
                   "InceptionV3 weights file; the oracle judges the procedural data only)")
