@@ -16,6 +16,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
+import hybrid.data.shards as shards_module
 from hybrid.data.attributes import ATTRIBUTES, COLORS, FILLS, GLYPHS, NUM_CLASSES, SHAPES, class_id
 from hybrid.data.module import EpochIndexSampler, HybridDataModule, ShardedIndexSampler
 from hybrid.data.procedural import (
@@ -409,6 +410,55 @@ def test_folder_val_split_keeps_the_training_class_ids(tmp_path):
     (out / "classes.json").write_text("[1, 2")
     with pytest.raises(ValueError, match=re.escape(str(out / "classes.json"))):
         write_folder(out, tmp_path / "images_val", image_size=16, split="val", progress=False)
+
+
+def test_rewriting_a_split_refuses_or_replaces_exactly_its_old_shards(tmp_path, capsys, monkeypatch):
+    """A second write of a split into the same --out would leave old shards that `train-*.tar` still reads
+    (duplicated images): it is refused, naming how many are there; --overwrite replaces that split only, and the
+    report lists exactly the shards this call wrote."""
+    images, out = tmp_path / "images", tmp_path / "out"
+    _class_folders(images, ["cat", "dog"])
+    for i in range(5):
+        Image.fromarray(np.full((16, 16, 3), 9 * i, np.uint8)).save(images / "cat" / f"{i}.png")
+    write_folder(out, images, image_size=16, per_shard=2, progress=False)  # 7 images: 4 shards
+    write_folder(out, images, image_size=16, split="val", progress=False)
+    train = sorted(p.name for p in out.glob("train-*.tar"))
+    assert len(train) == 4
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(FileExistsError, match=rf"'{re.escape(str(out))}' already holds 4 train shard.*--overwrite"):
+        write_folder(out, images, image_size=16, progress=False)
+    write_procedural(tmp_path / "p", count=4, image_size=16, per_shard=2, progress=False)
+    with pytest.raises(FileExistsError, match="already holds 2 train shard"):
+        write_procedural(tmp_path / "p", count=4, image_size=16, per_shard=2, progress=False)
+    args = ["write", "--source", "folder", "--folder", str(images), "--out", str(out), "--image-size", "16",
+            "--no-progress"]
+    with pytest.raises(SystemExit) as exit_info:  # the CLI: one line, no traceback
+        main(args)
+    assert exit_info.value.code == 2 and "already holds 4 train shard(s)" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written, nothing lost
+    calls = []
+
+    def interrupted(pixels):  # the write stops midway (Ctrl-C, a full disk): the old shards stay as they were
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return png_bytes(pixels)
+
+    png_bytes = shards_module._png_bytes
+    monkeypatch.setattr(shards_module, "_png_bytes", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_folder(out, images, image_size=16, per_shard=1, overwrite=True, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no hidden staging folder left either
+    monkeypatch.undo()
+
+    assert main(args + ["--overwrite"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote 1 shard(s) to {out}: train-000000.tar"
+    assert sorted(p.name for p in out.iterdir()) == ["classes.json", "train-000000.tar", "val-000000.tar"]
+    assert (out / "val-000000.tar").read_bytes() == before["val-000000.tar"]  # the other split is kept
+    assert len(list(EvalShards(str(out / "train-*.tar")))) == 7  # every image once, no stale duplicates
+    shards = write_procedural(out, count=5, image_size=16, per_shard=2, split="val", overwrite=True, progress=False)
+    assert [os.path.basename(s) for s in shards] == ["val-000000.tar", "val-000001.tar", "val-000002.tar"]
+    assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", *map(os.path.basename, shards)]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,10 +3,12 @@
 Writing::
 
     python -m hybrid.data.shards write --out DIR --source procedural --count N --image-size 32 \\
-        --per-shard 1000 [--seed S] [--split train|val] [--holdout red:triangle,blue:star]
+        --per-shard 1000 [--seed S] [--split train|val] [--holdout red:triangle,blue:star] [--overwrite]
     python -m hybrid.data.shards write --out DIR --source folder --folder PATH --image-size 32
 
-Shards are `DIR/{split}-000000.tar, ...`. Each sample is `KEY.png` (RGB, image_size x
+Shards are `DIR/{split}-000000.tar, ...`. A split that DIR already holds is an error (its old shards
+would be read together with the new ones); `--overwrite` replaces that split's shards, and only those,
+once the new ones are complete. Each sample is `KEY.png` (RGB, image_size x
 image_size) and `KEY.json` = {"class_id", "caption", "attrs", ...}. Procedural samples store
 their full caption and all attributes (sample i of a shard set equals `ProceduralDataset(...)[i]`
 pixel for pixel); folder samples take the class from the subfolder name (`DIR/classes.json`
@@ -45,7 +47,9 @@ import multiprocessing
 import multiprocessing.context
 import os
 import random
+import shutil
 import sys
+import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from itertools import islice
@@ -467,32 +471,72 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True)
 
 
-def _shard_pattern(out: str | os.PathLike, split: str) -> str:
+def old_shards(out: str | os.PathLike, split: str, overwrite: bool = False) -> list[Path]:
+    """The split's shards already in `out` (`OUT/SPLIT-*.tar`, what a `SPLIT-*.tar` pattern reads).
+
+    Raises FileExistsError naming `out` and how many there are, unless `overwrite`: writing the split again
+    beside them would leave old shards that the pattern still reads (duplicated or stale images).
+    """
+    old = sorted(Path(out).glob(f"{split}-*.tar"))
+    if old and not overwrite:
+        shown = old[0].name if len(old) == 1 else f"{old[0].name} .. {old[-1].name}"
+        raise FileExistsError(f"'{out}' already holds {len(old)} {split} shard(s) ({shown}), which a "
+                              f"'{split}-*.tar' pattern would read together with the new ones: pass --overwrite to "
+                              f"replace them (other splits and classes.json are kept), or use another --out")
+    return old
+
+
+def _write_shards(out: str | os.PathLike, split: str, per_shard: int, samples: Iterator[dict],
+                  replace: Sequence[Path] = ()) -> list[str]:
+    """Write `samples` as `OUT/SPLIT-000000.tar, ...`; returns exactly the shards written.
+
+    The shards go to a hidden folder inside `out` first and are moved into place only once all of them are
+    complete, so an error or an interrupt midway leaves `out` as it was. Then the
+    shards of `replace` (the split's old ones, see `old_shards`) that the new ones did not overwrite are removed.
+    """
     Path(out).mkdir(parents=True, exist_ok=True)
-    return str(Path(out) / f"{split}-%06d.tar")
-
-
-def _written(out, split: str) -> list[str]:
-    return sorted(glob.glob(str(Path(out) / f"{split}-*.tar")))
+    staging = Path(tempfile.mkdtemp(prefix=f".{split}-writing-", dir=out))
+    written: list[str] = []
+    try:
+        pattern = str(staging / split).replace("%", "%%") + "-%06d.tar"
+        with wds.ShardWriter(pattern, maxcount=per_shard, verbose=0, post=written.append) as sink:
+            for sample in samples:
+                sink.write(sample)
+        shards = []
+        for path in map(Path, written):
+            shards.append(str(Path(out) / path.name))
+            os.replace(path, shards[-1])
+        for path in replace:
+            if str(path) not in shards and path.exists():
+                path.unlink()
+        return shards
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_procedural(out: str | os.PathLike, count: int, image_size: int = 32, per_shard: int = 1000, seed: int = 0,
                      split: str = "train", holdout: Sequence[str] = (), two_object_prob: float = 0.3,
-                     glyph_prob: float = 0.2, progress: bool = True) -> list[str]:
-    """Write samples 0..count-1 of `ProceduralDataset(split, seed, ...)` with full captions; returns the shards."""
+                     glyph_prob: float = 0.2, overwrite: bool = False, progress: bool = True) -> list[str]:
+    """Write samples 0..count-1 of `ProceduralDataset(split, seed, ...)` with full captions; returns the shards.
+
+    The split's shards already in `out` are an error (FileExistsError), or are replaced with `overwrite`.
+    """
     if count < 1:
         raise ValueError(f"--count must be >= 1, got {count}")
+    old = old_shards(out, split, overwrite)
     ds = ProceduralDataset(image_size=image_size, size=count, seed=seed, split=split, holdout=holdout,
                            caption_keep=1.0, two_object_prob=two_object_prob, glyph_prob=glyph_prob)
-    with wds.ShardWriter(_shard_pattern(out, split), maxcount=per_shard, verbose=0) as sink, \
-            _progress(count, f"procedural {split}", progress) as bar:
-        for i in range(count):
-            pixels, attrs, text = ds.sample(i)
-            meta = {"class_id": class_id(attrs["shape"], attrs["color"]), "caption": text, "attrs": attrs,
-                    "index": i, "source": "procedural", "split": split, "seed": seed}
-            sink.write({"__key__": f"{i:09d}", "png": _png_bytes(pixels), "json": json.dumps(meta).encode()})
-            bar.update()
-    return _written(out, split)
+
+    def samples() -> Iterator[dict]:
+        with _progress(count, f"procedural {split}", progress) as bar:
+            for i in range(count):
+                pixels, attrs, text = ds.sample(i)
+                meta = {"class_id": class_id(attrs["shape"], attrs["color"]), "caption": text, "attrs": attrs,
+                        "index": i, "source": "procedural", "split": split, "seed": seed}
+                yield {"__key__": f"{i:09d}", "png": _png_bytes(pixels), "json": json.dumps(meta).encode()}
+                bar.update()
+
+    return _write_shards(out, split, per_shard, samples(), old)
 
 
 def folder_items(folder: str | os.PathLike) -> tuple[list[str], list[tuple[Path, int]]]:
@@ -518,21 +562,20 @@ def class_caption(name: str) -> str:
     return name.replace("_", " ").replace("-", " ").strip()
 
 
-def folder_class_ids(out: str | os.PathLike, classes: Sequence[str], folder: str | os.PathLike) -> dict[str, int]:
+def folder_class_ids(out: str | os.PathLike, classes: Sequence[str], folder: str | os.PathLike,
+                     save: bool = True) -> dict[str, int]:
     """Class name -> id for writing `folder` (with class subfolders `classes`) into `out`.
 
     An existing `out/classes.json` (written with an earlier split) is kept: every class of `folder`
     must be in it, so a validation folder with fewer classes keeps the training ids. Without one, the
-    sorted names get ids 0, 1, ... and the mapping is written (atomically) to `out/classes.json`.
+    sorted names get ids 0, 1, ... and (with `save`) the mapping is written to `out/classes.json`.
     Raises ValueError naming the file when it is not a mapping or lacks a class of `folder`.
     """
     path = Path(out) / "classes.json"
     if not path.is_file():
         ids = {name: i for i, name in enumerate(classes)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(ids, indent=1))
-        os.replace(tmp, path)
+        if save:
+            _save_class_ids(path, ids)
         return ids
     try:
         ids = json.loads(path.read_text())
@@ -550,41 +593,58 @@ def folder_class_ids(out: str | os.PathLike, classes: Sequence[str], folder: str
     return ids
 
 
+def _save_class_ids(path: Path, ids: dict[str, int]) -> None:
+    """Write a class mapping atomically (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(ids, indent=1))
+    os.replace(tmp, path)
+
+
 def write_folder(out: str | os.PathLike, folder: str | os.PathLike, image_size: int = 32, per_shard: int = 1000,
-                 seed: int = 0, split: str = "train", count: int | None = None, progress: bool = True) -> list[str]:
+                 seed: int = 0, split: str = "train", count: int | None = None, overwrite: bool = False,
+                 progress: bool = True) -> list[str]:
     """Write an image folder (class = subfolder) as shards plus `out/classes.json`; returns the shards.
 
     Class ids come from `out/classes.json` when an earlier split wrote it (see `folder_class_ids`).
     Images are shuffled with `seed`, resized/center-cropped to image_size; unreadable images are
-    skipped with a warning.
+    skipped with a warning. The split's shards already in `out` are an error (FileExistsError), or are
+    replaced with `overwrite`.
     """
     classes, items = folder_items(folder)
-    ids = folder_class_ids(out, classes, folder)
+    ids = folder_class_ids(out, classes, folder, save=False)
+    old = old_shards(out, split, overwrite)
     random.Random(seed).shuffle(items)
     if count is not None:
         items = items[:count]
     skipped = 0
-    with wds.ShardWriter(_shard_pattern(out, split), maxcount=per_shard, verbose=0) as sink, \
-            _progress(len(items), f"folder {split}", progress) as bar:
-        for i, (path, cid) in enumerate(items):
-            bar.update()
-            try:
-                with Image.open(path) as im:
-                    pixels = np.asarray(resize_center_crop(im.convert("RGB"), image_size))
-            except Exception as err:
-                skipped += 1
-                warnings.warn(f"skipping unreadable image '{path}': {type(err).__name__}: {err}", ShardWarning,
-                              stacklevel=2)
-                continue
-            sidecar = path.with_suffix(".txt")
-            text = sidecar.read_text().strip() if sidecar.is_file() else ""
-            name = classes[cid]
-            meta = {"class_id": ids[name], "caption": text or class_caption(name), "attrs": {},
-                    "class_name": name, "path": str(path.relative_to(folder)), "source": "folder"}
-            sink.write({"__key__": f"{i:09d}", "png": _png_bytes(pixels), "json": json.dumps(meta).encode()})
+
+    def samples() -> Iterator[dict]:
+        nonlocal skipped
+        with _progress(len(items), f"folder {split}", progress) as bar:
+            for i, (path, cid) in enumerate(items):
+                bar.update()
+                try:
+                    with Image.open(path) as im:
+                        pixels = np.asarray(resize_center_crop(im.convert("RGB"), image_size))
+                except Exception as err:
+                    skipped += 1
+                    warnings.warn(f"skipping unreadable image '{path}': {type(err).__name__}: {err}", ShardWarning,
+                                  stacklevel=4)
+                    continue
+                sidecar = path.with_suffix(".txt")
+                text = sidecar.read_text().strip() if sidecar.is_file() else ""
+                name = classes[cid]
+                meta = {"class_id": ids[name], "caption": text or class_caption(name), "attrs": {},
+                        "class_name": name, "path": str(path.relative_to(folder)), "source": "folder"}
+                yield {"__key__": f"{i:09d}", "png": _png_bytes(pixels), "json": json.dumps(meta).encode()}
+
+    shards = _write_shards(out, split, per_shard, samples(), old)
+    if not (Path(out) / "classes.json").is_file():  # written with the first split's shards, not before
+        _save_class_ids(Path(out) / "classes.json", ids)
     if skipped:
         print(f"skipped {skipped} unreadable image(s)", file=sys.stderr)
-    return _written(out, split)
+    return shards
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -600,6 +660,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     w.add_argument("--split", choices=tuple(SPLITS), default="train")
     w.add_argument("--folder", default=None, help="image folder with one subfolder per class (--source folder)")
     w.add_argument("--holdout", default="", help="procedural: comma-separated color:shape pairs never drawn in train")
+    w.add_argument("--overwrite", action="store_true",
+                   help="replace the split's shards already in OUT (OUT/SPLIT-*.tar; other splits and classes.json are "
+                        "kept); without it, writing a split that OUT already holds is an error")
     w.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     if not 16 <= args.image_size <= 256:
@@ -612,19 +675,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         holdout = [h for h in args.holdout.split(",") if h.strip()]
         try:
             shards = write_procedural(args.out, args.count, args.image_size, args.per_shard, args.seed, args.split,
-                                      holdout, progress=not args.no_progress)
-        except ValueError as err:
+                                      holdout, overwrite=args.overwrite, progress=not args.no_progress)
+        except (FileExistsError, ValueError) as err:
             parser.error(str(err))
     else:
         if not args.folder:
             parser.error("--source folder needs --folder PATH")
         try:
             shards = write_folder(args.out, args.folder, args.image_size, args.per_shard, args.seed, args.split,
-                                  args.count, progress=not args.no_progress)
-        except (FileNotFoundError, ValueError) as err:
+                                  args.count, overwrite=args.overwrite, progress=not args.no_progress)
+        except (FileNotFoundError, FileExistsError, ValueError) as err:
             parser.error(str(err))
-    first, last = os.path.basename(shards[0]), os.path.basename(shards[-1])
-    print(f"wrote {len(shards)} shard(s) to {args.out}: {first} .. {last}")
+    names = [os.path.basename(s) for s in shards]
+    print(f"wrote {len(names)} shard(s) to {args.out}: {names[0]}" + (f" .. {names[-1]}" if len(names) > 1 else ""))
     return 0
 
 
