@@ -461,6 +461,44 @@ def test_rewriting_a_split_refuses_or_replaces_exactly_its_old_shards(tmp_path, 
     assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", *map(os.path.basename, shards)]
 
 
+def test_folder_without_a_readable_image_is_an_error_and_writes_nothing(tmp_path, capsys):
+    """Every image unreadable: an error naming the folder (exit 2 from the CLI), no empty shard, no classes.json;
+    with --overwrite the old shards stay."""
+    bad = tmp_path / "allbad"
+    (bad / "cat").mkdir(parents=True)
+    (bad / "cat" / "a.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    with pytest.warns(ShardWarning, match="a.png"), \
+            pytest.raises(ValueError, match=rf"none of the 1 image\(s\) of image folder '{re.escape(str(bad))}'"):
+        write_folder(out, bad, image_size=16, progress=False)
+    assert not out.exists()  # no empty shard, no classes.json
+    with pytest.warns(ShardWarning), pytest.raises(SystemExit) as exit_info:
+        main(["write", "--source", "folder", "--folder", str(bad), "--out", str(out), "--no-progress"])
+    assert exit_info.value.code == 2 and "could be read" in capsys.readouterr().err and not out.exists()
+    _class_folders(tmp_path / "good", ["cat"])
+    write_folder(out, tmp_path / "good", image_size=16, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.warns(ShardWarning), pytest.raises(ValueError, match="could be read"):
+        write_folder(out, bad, image_size=16, overwrite=True, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing already written is lost
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_training_shards_without_a_readable_sample_are_a_value_error_naming_the_pattern(tmp_path, num_workers):
+    """Empty shards (what the writer made of a folder of unreadable images) and unreadable ones: training ends
+    with a ValueError naming the pattern (train.py reports ValueErrors in one line), also from a DataLoader
+    worker process, instead of a bare RuntimeError."""
+    with wds.TarWriter(str(tmp_path / "train-000000.tar")):
+        pass
+    (tmp_path / "train-000001.tar").write_bytes(b"not a tar")
+    pattern = str(tmp_path / "train-*.tar")
+    stream = TrainShards(pattern, batch_size=2, batches_per_epoch=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ShardWarning)
+        with pytest.raises(ValueError, match=rf"no readable sample .*'{re.escape(pattern)}'.*data\.shards"):
+            list(DataLoader(stream, batch_size=2, num_workers=num_workers))
+
+
 # ----------------------------------------------------------------------------------------------
 # Data module
 # ----------------------------------------------------------------------------------------------

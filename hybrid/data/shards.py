@@ -34,7 +34,8 @@ Reading (the rank and world size are arguments, never read from torch.distribute
 A sample whose PNG or JSON cannot be decoded, and a shard that cannot be opened or read to its
 end (truncated), are skipped with a `ShardWarning` and counted in a `SkipCounter` (shared with
 DataLoader worker processes); reading goes on. A pattern that matches no file raises
-`FileNotFoundError` naming the pattern, when the reader is built (before training starts).
+`FileNotFoundError` naming the pattern, when the reader is built (before training starts); training
+shards without one readable sample raise `NoReadableShardError` (a ValueError) naming the pattern.
 """
 
 from __future__ import annotations
@@ -72,6 +73,12 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".
 
 class ShardWarning(UserWarning):
     """A corrupt sample or an unreadable shard was skipped."""
+
+
+class NoReadableShardError(ValueError):
+    """Training drew shard after shard of a pattern without one readable sample: they are empty or unreadable.
+
+    A ValueError, so train.py reports it in one line."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,7 +359,10 @@ class TrainShards(_ShardReader, IterableDataset):
                 yield sample
             empty_run = 0 if got else empty_run + 1
             if empty_run > 2 * len(self.urls) + 10:
-                raise RuntimeError(f"no readable sample in {empty_run} consecutive shards of '{self.pattern}'")
+                raise NoReadableShardError(
+                    f"no readable sample in {empty_run} consecutive shards drawn from '{self.pattern}' "
+                    f"({len(self.urls)} file(s)): they are empty or unreadable; write them again "
+                    f"(python -m hybrid.data.shards write ... --overwrite) or set data.shards to other shards")
 
     def __iter__(self) -> Iterator[dict]:
         worker, num_workers = _worker_info(self.worker)
@@ -488,20 +498,28 @@ def old_shards(out: str | os.PathLike, split: str, overwrite: bool = False) -> l
 
 def _write_shards(out: str | os.PathLike, split: str, per_shard: int, samples: Iterator[dict],
                   replace: Sequence[Path] = ()) -> list[str]:
-    """Write `samples` as `OUT/SPLIT-000000.tar, ...`; returns exactly the shards written.
+    """Write `samples` as `OUT/SPLIT-000000.tar, ...`; returns exactly the shards written ([] without a sample).
 
     The shards go to a hidden folder inside `out` first and are moved into place only once all of them are
-    complete, so an error or an interrupt midway leaves `out` as it was. Then the
+    complete, so an error or an interrupt midway leaves `out` as it was, and no sample leaves no shard. Then the
     shards of `replace` (the split's old ones, see `old_shards`) that the new ones did not overwrite are removed.
     """
+    created = not Path(out).exists()
     Path(out).mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{split}-writing-", dir=out))
     written: list[str] = []
     try:
         pattern = str(staging / split).replace("%", "%%") + "-%06d.tar"
         with wds.ShardWriter(pattern, maxcount=per_shard, verbose=0, post=written.append) as sink:
+            count = 0
             for sample in samples:
                 sink.write(sample)
+                count += 1
+        if count == 0:  # the ShardWriter opened an empty first shard: it stays in the staging folder
+            shutil.rmtree(staging, ignore_errors=True)
+            if created and not any(Path(out).iterdir()):
+                Path(out).rmdir()
+            return []
         shards = []
         for path in map(Path, written):
             shards.append(str(Path(out) / path.name))
@@ -611,6 +629,8 @@ def write_folder(out: str | os.PathLike, folder: str | os.PathLike, image_size: 
     skipped with a warning. The split's shards already in `out` are an error (FileExistsError), or are
     replaced with `overwrite`.
     """
+    if count is not None and count < 1:
+        raise ValueError(f"--count must be >= 1, got {count}")
     classes, items = folder_items(folder)
     ids = folder_class_ids(out, classes, folder, save=False)
     old = old_shards(out, split, overwrite)
@@ -640,6 +660,9 @@ def write_folder(out: str | os.PathLike, folder: str | os.PathLike, image_size: 
                 yield {"__key__": f"{i:09d}", "png": _png_bytes(pixels), "json": json.dumps(meta).encode()}
 
     shards = _write_shards(out, split, per_shard, samples(), old)
+    if not shards:
+        raise ValueError(f"none of the {len(items)} image(s) of image folder '{folder}' could be read (see the "
+                         f"warnings above): nothing written to '{out}'")
     if not (Path(out) / "classes.json").is_file():  # written with the first split's shards, not before
         _save_class_ids(Path(out) / "classes.json", ids)
     if skipped:
