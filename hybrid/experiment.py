@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -66,6 +67,18 @@ def run_stage(cfg, stage: str) -> None:
         fit_stage(cfg, stage)
 
 
+def error_line(err: BaseException) -> str:
+    """The message of an error train.py reports. PyTorch re-raises an error of a DataLoader worker process
+    (data.num_workers > 0) as the same type with "Caught X in DataLoader worker process N." and the worker's
+    traceback in front of the message: that gives back the worker's own message, from the traceback's last
+    "X: " line on."""
+    text = str(err)
+    if not text.startswith(f"Caught {type(err).__name__} in DataLoader worker process"):
+        return text
+    lines = list(re.finditer(rf"^(?:[\w.]+\.)?{re.escape(type(err).__name__)}: ", text, re.MULTILINE))
+    return text[lines[-1].end():].strip() if lines else text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_cli_config(args.config, args.overrides)
@@ -99,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             run_stage(cfg, stage)
     except (ConfigError, CheckpointError, FileNotFoundError, NonFiniteLossError, ValueError,
             FloatingPointError) as err:  # FloatingPointError: the oracle's non-finite loss
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # outside a fit (the oracle, the evaluation); a fit says how to resume itself
         print("\ninterrupted (a finished stage is kept; re-run the same command to go on)", file=sys.stderr)

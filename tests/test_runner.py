@@ -416,3 +416,27 @@ def test_deterministic_runs_warn_on_gpus_for_ops_cuda_cannot_make_deterministic(
     monkeypatch.setattr(runner, "uses_gpu", lambda cfg: True)
     assert runner.deterministic_mode(load_config(None, ["trainer.deterministic=true"])) == "warn"
     assert runner.deterministic_mode(load_config(None, [])) is False
+
+
+def test_an_error_in_a_dataloader_worker_is_reported_in_one_line(tmp_path, monkeypatch, capsys):
+    """PyTorch re-raises a worker's error with the worker's traceback in its message (data.num_workers > 0):
+    train.py still prints one line, the worker's own message."""
+    import warnings
+
+    import webdataset as wds
+
+    from hybrid.data.shards import ShardWarning
+    from hybrid.experiment import main
+
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    with wds.TarWriter(str(tmp_path / "train-000000.tar")):  # an empty shard: no readable sample
+        pass
+    pattern = str(tmp_path / "train-*.tar")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ShardWarning)
+        assert main(["--config", str(TOY), f"run_dir={tmp_path / 'run'}", "trainer.progress_bar=false",
+                     "trainer.accelerator=cpu", "stage=tokenizer", "data.source=shards", f"data.shards={pattern}",
+                     "data.num_classes=2", "data.num_workers=1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: no readable sample in 13 consecutive shards drawn from "
+                                               f"'{pattern}'"), err
