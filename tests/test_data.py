@@ -499,6 +499,31 @@ def test_training_shards_without_a_readable_sample_are_a_value_error_naming_the_
             list(DataLoader(stream, batch_size=2, num_workers=num_workers))
 
 
+def test_folder_empty_class_and_images_outside_class_folders_are_warned(tmp_path):
+    """An empty class subfolder keeps its class id (ids stay stable when it gets images later) and images at the
+    folder's root are not written: each is one warning naming the folder, not silence and not an error."""
+    root = tmp_path / "images"
+    _class_folders(root, ["apple", "cherry"])
+    (root / "banana").mkdir()
+    (root / "banana" / "notes.txt").write_text("no image here")
+    for name in ("loose1.png", "loose2.jpg"):
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / name)
+    with pytest.warns(ShardWarning) as record:
+        write_folder(tmp_path / "out", root, image_size=16, progress=False)
+    messages = sorted(str(w.message) for w in record)
+    assert len(messages) == 2, messages
+    assert re.fullmatch(rf"1 class subfolder\(s\) of image folder '{re.escape(str(root))}' hold no image: 'banana'; "
+                        r"they keep their class id but have no sample", messages[0])
+    assert messages[1].startswith(f"2 image(s) directly in image folder '{root}' are in no class subfolder")
+    assert json.loads((tmp_path / "out" / "classes.json").read_text()) == {"apple": 0, "banana": 1, "cherry": 2}
+    got = sorted((s["class_id"], s["caption"]) for s in EvalShards(str(tmp_path / "out" / "train-*.tar")))
+    assert got == [(0, "apple"), (2, "cherry")]
+    for name in ("apple", "cherry"):
+        (root / name / f"{name}.png").unlink()
+    with pytest.raises(ValueError, match=r"has no images .*\(2 image\(s\) lie directly in it"):
+        write_folder(tmp_path / "out2", root, image_size=16, progress=False)
+
+
 # ----------------------------------------------------------------------------------------------
 # Data module
 # ----------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ once the new ones are complete. Each sample is `KEY.png` (RGB, image_size x
 image_size) and `KEY.json` = {"class_id", "caption", "attrs", ...}. Procedural samples store
 their full caption and all attributes (sample i of a shard set equals `ProceduralDataset(...)[i]`
 pixel for pixel); folder samples take the class from the subfolder name (`DIR/classes.json`
-maps names to ids; a later split written to DIR keeps its ids), the caption from a sidecar
+maps names to ids; a later split written to DIR keeps its ids; an empty class subfolder keeps
+its id and images outside class subfolders are not written, each with a warning), the caption from a sidecar
 `NAME.txt` next to the image when there is one, else from the class name, and store no
 attributes (readers fill them with -1). Folder images of other sizes are resized (shorter side)
 and center-cropped; their order is shuffled with `--seed` so that shards mix classes.
@@ -557,21 +558,41 @@ def write_procedural(out: str | os.PathLike, count: int, image_size: int = 32, p
     return _write_shards(out, split, per_shard, samples(), old)
 
 
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+
+
 def folder_items(folder: str | os.PathLike) -> tuple[list[str], list[tuple[Path, int]]]:
-    """(class names, [(image path, class id)]) of an image folder with one subfolder per class."""
+    """(class names, [(image path, class id)]) of an image folder with one subfolder per class.
+
+    Warns (ShardWarning) about class subfolders without an image -- they keep their class id, so the
+    ids do not shift when images are added there later -- and about images directly in the folder,
+    which belong to no class and are not written.
+    """
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder '{root}' does not exist")
+    loose = sum(1 for p in root.iterdir() if _is_image(p))
+    hint = f" ({loose} image(s) lie directly in it: move them into {root}/<class>/)" if loose else ""
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise ValueError(f"image folder '{root}' has no class subfolders (expected {root}/<class>/<image>)")
-    items = []
+        raise ValueError(f"image folder '{root}' has no class subfolders (expected {root}/<class>/<image>){hint}")
+    items, empty = [], []
     for cid, name in enumerate(classes):
-        for path in sorted((root / name).rglob("*")):
-            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-                items.append((path, cid))
+        found = [path for path in sorted((root / name).rglob("*")) if _is_image(path)]
+        items.extend((path, cid) for path in found)
+        if not found:
+            empty.append(name)
     if not items:
-        raise ValueError(f"image folder '{root}' has no images ({', '.join(IMAGE_EXTENSIONS)}) in its class subfolders")
+        raise ValueError(f"image folder '{root}' has no images ({', '.join(IMAGE_EXTENSIONS)}) in its class "
+                         f"subfolders{hint}")
+    if empty:
+        shown = ", ".join(f"'{name}'" for name in empty)
+        warnings.warn(f"{len(empty)} class subfolder(s) of image folder '{root}' hold no image: {shown}; they keep "
+                      f"their class id but have no sample", ShardWarning, stacklevel=3)
+    if loose:
+        warnings.warn(f"{loose} image(s) directly in image folder '{root}' are in no class subfolder and are not "
+                      f"written (move them into {root}/<class>/)", ShardWarning, stacklevel=3)
     return classes, items
 
 
