@@ -524,6 +524,30 @@ def test_folder_empty_class_and_images_outside_class_folders_are_warned(tmp_path
         write_folder(tmp_path / "out2", root, image_size=16, progress=False)
 
 
+def test_cli_prints_warnings_as_one_line_each(tmp_path):
+    """The writer's warnings reach a CLI user as `warning: ...` lines, without the file, line number and source
+    line (`shards = write_folder(...)`) of Python's default warning format."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "images"
+    _class_folders(root, ["cat"])
+    (root / "cat" / "broken.png").write_bytes(b"not a png")
+    (root / "empty").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "hybrid.data.shards", "write", "--source", "folder", "--folder",
+                           str(root), "--out", str(tmp_path / "out"), "--image-size", "16", "--no-progress"],
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 3, lines
+    assert lines[0] == (f"warning: 1 class subfolder(s) of image folder '{root}' hold no image: 'empty'; they keep "
+                        "their class id but have no sample")
+    assert lines[1].startswith(f"warning: skipping unreadable image '{root / 'cat' / 'broken.png'}': ")
+    assert lines[2] == "skipped 1 unreadable image(s)"
+    assert proc.stdout == f"wrote 1 shard(s) to {tmp_path / 'out'}: train-000000.tar\n"
+
+
 # ----------------------------------------------------------------------------------------------
 # Data module
 # ----------------------------------------------------------------------------------------------

@@ -670,8 +670,9 @@ def write_folder(out: str | os.PathLike, folder: str | os.PathLike, image_size: 
                         pixels = np.asarray(resize_center_crop(im.convert("RGB"), image_size))
                 except Exception as err:
                     skipped += 1
-                    warnings.warn(f"skipping unreadable image '{path}': {type(err).__name__}: {err}", ShardWarning,
-                                  stacklevel=4)
+                    with bar.external_write_mode(file=sys.stderr):  # on its own line, not after the progress bar
+                        warnings.warn(f"skipping unreadable image '{path}': {type(err).__name__}: {err}",
+                                      ShardWarning, stacklevel=4)
                     continue
                 sidecar = path.with_suffix(".txt")
                 text = sidecar.read_text().strip() if sidecar.is_file() else ""
@@ -691,7 +692,21 @@ def write_folder(out: str | os.PathLike, folder: str | os.PathLike, image_size: 
     return shards
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """The CLI's warnings, one line each: Python's default format adds the file, line number and source line of
+    the call that warned (`shards = write_folder(...)`), which tell a user of the CLI nothing."""
+    return f"warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    default_format, warnings.formatwarning = warnings.formatwarning, _warning_line
+    try:
+        return _write_cli(argv)
+    finally:
+        warnings.formatwarning = default_format
+
+
+def _write_cli(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hybrid.data.shards", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     w = sub.add_parser("write", help="write WebDataset shards from the procedural dataset or an image folder")
