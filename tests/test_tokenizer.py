@@ -392,6 +392,28 @@ def test_pretrained_autoencoder_from_a_local_folder(tmp_path):
     assert all(torch.isfinite(p.grad).all() for p in tok.parameters() if p.requires_grad)
 
 
+def test_pretrained_autoencoder_rebuilds_from_its_stored_config_without_the_folder(tmp_path):
+    """`pretrained_config` (what a checkpoint or an export stores) rebuilds the AutoencoderKL's architecture;
+    the state dict brings the weights; the folder is not read."""
+    import json
+    import shutil
+
+    _tiny_vae_folder(tmp_path / "vae")
+    tok = HybridTokenizer(image_size=16, pretrained=str(tmp_path / "vae"), codebook_size=64).eval()
+    stored = json.loads(json.dumps(tok.pretrained_config))  # plain JSON, as in pipeline.json
+    assert stored["block_out_channels"] == [8, 16, 16] and str(tmp_path) not in json.dumps(stored)
+    shutil.rmtree(tmp_path / "vae")
+    rebuilt = HybridTokenizer(image_size=16, pretrained=str(tmp_path / "vae"), codebook_size=64,
+                              pretrained_config=stored).eval()
+    rebuilt.load_state_dict(tok.state_dict())
+    assert rebuilt.pretrained_config == stored and rebuilt.quantizer.phi is not None
+    x = images()
+    with torch.no_grad():
+        out = tok.encode(x)
+        assert torch.equal(rebuilt.encode(x).z, out.z)
+        assert torch.equal(rebuilt.decode(out.z_q), tok.decode(out.z_q))
+
+
 def test_standardize_round_trip_uses_mean_and_std():
     from hybrid.tokenizer import HybridTokenizer
 
@@ -452,3 +474,4 @@ def test_statistics_come_from_training_shards_without_validation_shards(tmp_path
     for name in ("latent_mean", "latent_std", "residual_std"):
         default = torch.zeros(4) if name == "latent_mean" else torch.ones(4)
         assert not torch.equal(getattr(tok, name), default), name
+
