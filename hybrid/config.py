@@ -612,7 +612,9 @@ def _filter_known(schema: DictConfig, data: dict) -> dict:
         if key not in schema:
             continue
         node = schema._get_node(key)
-        out[key] = _filter_known(node, value) if isinstance(node, DictConfig) and isinstance(value, dict) else value
+        # a schema section is filtered in turn; a free-form dict key (oracle.backbone_kwargs) keeps all its entries
+        section = isinstance(node, DictConfig) and OmegaConf.get_type(node) is not dict
+        out[key] = _filter_known(node, value) if section and isinstance(value, dict) else value
     return out
 
 

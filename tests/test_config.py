@@ -75,6 +75,8 @@ def test_round_trip_through_plain_dict_and_weights_only_load(tmp_path):
     assert from_dict(loaded).ar.width == 48
     loaded["removed_key"] = 1  # keys an older schema had are dropped, not fatal
     assert from_dict(loaded).ar.width == 48
+    loaded["oracle"]["backbone_kwargs"] = {"drop_rate": 0.1, "layers": [1, 1]}  # a free-form dict keeps every entry
+    assert to_dict(from_dict(loaded))["oracle"]["backbone_kwargs"] == {"drop_rate": 0.1, "layers": [1, 1]}
 
 
 def test_cli_error_is_one_line_and_nonzero():
