@@ -23,11 +23,27 @@ def num_classes(config) -> int:
 
 
 def build_tokenizer(config):
-    """A HybridTokenizer with the architecture of a tokenizer-stage config; random weights."""
+    """A HybridTokenizer with the architecture of a tokenizer-stage config; random weights.
+
+    With `tokenizer.pretrained` the AutoencoderKL is built from `tokenizer.pretrained_config`, which the
+    tokenizer stage records (`with_pretrained_config`), so a checkpoint or an export rebuilds it without the
+    folder; a config without it (a fresh run, a checkpoint saved before it was recorded) loads the folder.
+    """
     from hybrid.tokenizer import HybridTokenizer
 
     cfg = _cfg(config)
     return HybridTokenizer.from_config(cfg.tokenizer, cfg.data.image_size)
+
+
+def with_pretrained_config(config: dict, tokenizer) -> dict:
+    """The plain config `config` with `tokenizer.pretrained_config` filled from `tokenizer` (built from it) when
+    that quantizes a pretrained AutoencoderKL, so `build_tokenizer` rebuilds it from the config alone; any other
+    config is returned as it is. What a tokenizer checkpoint, a later stage's `tokenizer_config` and an export
+    store."""
+    stored = tokenizer.pretrained_config
+    if not stored or config["tokenizer"].get("pretrained_config") == stored:
+        return config
+    return {**config, "tokenizer": {**config["tokenizer"], "pretrained_config": stored}}
 
 
 def build_ar(config, tokenizer):

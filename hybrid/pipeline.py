@@ -42,6 +42,7 @@ from hybrid.models import (
     coarse_scales,
     num_classes,
     refiner_target_std,
+    with_pretrained_config,
 )
 
 MODES = ("hybrid", "ar", "diffusion")
@@ -112,6 +113,7 @@ class HybridPipeline:
         tok = build_tokenizer(configs["tokenizer"])
         tok_state = sub_state_dict(ckpt["state_dict"], "tokenizer")
         tok.load_state_dict(tok_state)
+        configs["tokenizer"] = with_pretrained_config(configs["tokenizer"], tok)  # what an export stores
         tok_hash = weights_hash(tok_state)
         models: dict[str, Any] = {}
         for stage, path in (("ar", ar), ("refiner", refiner), ("diffusion", diffusion)):
@@ -181,6 +183,7 @@ class HybridPipeline:
 
         tokenizer = build_tokenizer(configs["tokenizer"])
         tokenizer.load_state_dict(weights("tokenizer"))
+        configs["tokenizer"] = with_pretrained_config(configs["tokenizer"], tokenizer)
         models = {}
         for stage in ("ar", "refiner", "diffusion"):
             if stage in stages:

@@ -29,6 +29,7 @@ def test_defaults_and_overrides(tmp_path):
         ("refiner.sampler=euler", "refiner.sampler"),
         ("data.image_size=8", "data.image_size"),
         ("tokenizer.pretrained=/nonexistent/vae", "tokenizer.pretrained"),
+        ("tokenizer.pretrained_config={latent_channels: 4}", "tokenizer.pretrained_config"),
         ("refiner.corrupt_prob=1.5", "refiner.corrupt_prob"),
         ("novalue", "key=value"),
         ("tokenizer.scales=[1,2,16]", "tokenizer.scales' must not exceed the latent size 8"),
@@ -77,6 +78,9 @@ def test_round_trip_through_plain_dict_and_weights_only_load(tmp_path):
     assert from_dict(loaded).ar.width == 48
     loaded["oracle"]["backbone_kwargs"] = {"drop_rate": 0.1, "layers": [1, 1]}  # a free-form dict keeps every entry
     assert to_dict(from_dict(loaded))["oracle"]["backbone_kwargs"] == {"drop_rate": 0.1, "layers": [1, 1]}
+    vae = {"block_out_channels": [8, 16], "shift_factor": None, "act_fn": "silu"}  # a checkpoint's AutoencoderKL
+    loaded["tokenizer"]["pretrained_config"] = vae
+    assert to_dict(from_dict(loaded))["tokenizer"]["pretrained_config"] == vae
 
 
 def test_cli_error_is_one_line_and_nonzero():

@@ -475,3 +475,69 @@ def test_statistics_come_from_training_shards_without_validation_shards(tmp_path
         default = torch.zeros(4) if name == "latent_mean" else torch.ones(4)
         assert not torch.equal(getattr(tok, name), default), name
 
+
+@pytest.fixture(scope="module")
+def pretrained_run(tmp_path_factory):
+    """A toy run whose tokenizer quantizes a tiny AutoencoderKL folder (tokenizer.pretrained), with 2 AR steps
+    and an export; afterwards the folder is moved away, as on another machine. Holds what the run gave while
+    the folder was there."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from hybrid.experiment import main
+    from hybrid.pipeline import HybridPipeline
+
+    base = tmp_path_factory.mktemp("pretrained")
+    vae = _tiny_vae_folder(base / "vae")
+    run = base / "run"
+    toy = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
+    common = ["--config", str(toy), f"run_dir={run}", "trainer.progress_bar=false", "trainer.accelerator=cpu",
+              "data.val_size=8", f"tokenizer.pretrained={base / 'vae'}"]
+    assert main([*common, "stage=tokenizer", "tokenizer.train.max_steps=2", "tokenizer.train.batch_size=4"]) == 0
+    assert main([*common, "stage=ar", "ar.train.max_steps=2", "ar.train.batch_size=4", "ar.token_cache=false"]) == 0
+    pipe = HybridPipeline.from_run(run)
+    x = images()
+    with torch.no_grad():
+        recon = pipe.tokenizer.decode(pipe.tokenizer.encode(x).z_q)
+        generated = pipe(classes=[0, 1], mode="ar", seed=0)
+    export = pipe.save_pretrained(base / "export")
+    (base / "vae").rename(base / "vae-moved")
+    return SimpleNamespace(base=base, run=run, export=export, folder=base / "vae", moved=base / "vae-moved",
+                           vae=vae, images=x, recon=recon, generated=generated)
+
+
+def _decodes(tokenizer, x):
+    with torch.no_grad():
+        return tokenizer.decode(tokenizer.encode(x).z_q)
+
+
+def test_a_pretrained_run_loads_and_exports_without_its_autoencoder_folder(pretrained_run, tmp_path):
+    """Checkpoints and exports carry the AutoencoderKL's architecture and weights: with the folder gone every
+    way of loading them gives the same decodes and images as before, and sample.py runs on the export."""
+    from hybrid.lit.ar import ARModule
+    from hybrid.lit.base import load_tokenizer
+    from hybrid.lit.tokenizer import TokenizerModule
+    from hybrid.pipeline import HybridPipeline
+    from hybrid.sample_cli import main as sample_main
+
+    r = pretrained_run
+    assert not r.folder.exists()
+    tokenizer_ckpt = r.run / "tokenizer" / "final.ckpt"
+    pipe = HybridPipeline.from_run(r.run)
+    frozen = pipe.tokenizer.autoencoder.vae.state_dict()
+    assert all(torch.equal(frozen[k], v) for k, v in r.vae.state_dict().items())  # the folder's weights
+    assert torch.equal(_decodes(pipe.tokenizer, r.images), r.recon)
+    assert torch.equal(pipe(classes=[0, 1], mode="ar", seed=0), r.generated)
+    for loaded in (HybridPipeline.from_pretrained(r.export),  # exported while the folder was there
+                   HybridPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "export"))):  # and without it
+        assert torch.equal(_decodes(loaded.tokenizer, r.images), r.recon)
+        assert torch.equal(loaded(classes=[0, 1], mode="ar", seed=0), r.generated)
+    assert torch.equal(_decodes(HybridPipeline.from_checkpoints(tokenizer_ckpt).tokenizer, r.images), r.recon)
+    assert torch.equal(_decodes(load_tokenizer(tokenizer_ckpt)[0], r.images), r.recon)  # what later stages read
+    module = TokenizerModule.load_from_checkpoint(tokenizer_ckpt, map_location="cpu", weights_only=True)
+    assert torch.equal(_decodes(module.tokenizer.eval(), r.images), r.recon)
+    ar = ARModule.load_from_checkpoint(r.run / "ar" / "final.ckpt", map_location="cpu", weights_only=True)
+    assert torch.equal(_decodes(ar.tokenizer, r.images), r.recon)
+    assert sample_main(["--export", str(r.export), "--class", "0", "-n", "1", "--mode", "ar",
+                        "--out", str(tmp_path / "samples")]) == 0
+
