@@ -110,7 +110,7 @@ class HybridPipeline:
         Every stage must have been trained with this tokenizer (checked by weights hash)."""
         ckpt = load_checkpoint(tokenizer, expect_stage="tokenizer")
         configs = {"tokenizer": ckpt["hyper_parameters"]["config"]}
-        tok = build_tokenizer(configs["tokenizer"])
+        tok = build_tokenizer(configs["tokenizer"], source=tokenizer)
         tok_state = sub_state_dict(ckpt["state_dict"], "tokenizer")
         tok.load_state_dict(tok_state)
         configs["tokenizer"] = with_pretrained_config(configs["tokenizer"], tok)  # what an export stores
@@ -181,7 +181,7 @@ class HybridPipeline:
                 raise PipelineError(f"'{path}' does not match the weights hash in {manifest_path}")
             return state
 
-        tokenizer = build_tokenizer(configs["tokenizer"])
+        tokenizer = build_tokenizer(configs["tokenizer"], source=manifest_path)
         tokenizer.load_state_dict(weights("tokenizer"))
         configs["tokenizer"] = with_pretrained_config(configs["tokenizer"], tokenizer)
         models = {}

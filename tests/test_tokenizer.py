@@ -541,3 +541,56 @@ def test_a_pretrained_run_loads_and_exports_without_its_autoencoder_folder(pretr
     assert sample_main(["--export", str(r.export), "--class", "0", "-n", "1", "--mode", "ar",
                         "--out", str(tmp_path / "samples")]) == 0
 
+
+def _without_pretrained_config(config: dict, folder) -> dict:
+    """A tokenizer config as stored before checkpoints carried the AutoencoderKL's architecture."""
+    tokenizer = {k: v for k, v in config["tokenizer"].items() if k != "pretrained_config"}
+    return {**config, "tokenizer": {**tokenizer, "pretrained": str(folder)}}
+
+
+def test_an_old_pretrained_checkpoint_needs_its_folder_and_names_it_when_missing(pretrained_run, tmp_path, capsys):
+    """A checkpoint or export from before the architecture was stored rebuilds the AutoencoderKL from the
+    folder: it loads where the folder is, and where it is not the error is one line naming the folder and
+    the file, for sample.py too (it was an uncaught FileNotFoundError)."""
+    import json
+    import shutil
+
+    from hybrid.checkpoints import CheckpointError
+    from hybrid.pipeline import HybridPipeline
+    from hybrid.sample_cli import main as sample_main
+
+    r = pretrained_run
+
+    def old_run(folder):
+        run = tmp_path / f"old-{folder.name}"
+        for stage in ("tokenizer", "ar"):
+            (run / stage).mkdir(parents=True)
+            ckpt = torch.load(r.run / stage / "final.ckpt", map_location="cpu", weights_only=True)
+            hparams = ckpt["hyper_parameters"]
+            for key in ("config", "tokenizer_config"):
+                if key in hparams:
+                    hparams[key] = _without_pretrained_config(hparams[key], folder)
+            torch.save(ckpt, run / stage / "final.ckpt")
+        return run
+
+    assert torch.equal(HybridPipeline.from_run(old_run(r.moved))(classes=[0, 1], mode="ar", seed=0), r.generated)
+    run = old_run(r.folder)
+    ckpt = run / "tokenizer" / "final.ckpt"
+    with pytest.raises(CheckpointError) as info:
+        HybridPipeline.from_run(run)
+    message = str(info.value)
+    assert str(r.folder) in message and str(ckpt) in message and "\n" not in message
+    assert sample_main(["--run", str(run), "--class", "0", "-n", "1", "--out", str(tmp_path / "samples")]) == 2
+    err = capsys.readouterr().err
+    assert str(r.folder) in err and str(ckpt) in err and "Traceback" not in err
+
+    export = tmp_path / "old-export"
+    shutil.copytree(r.export, export)
+    manifest = json.loads((export / "pipeline.json").read_text())
+    tokenizer = manifest["stages"]["tokenizer"]
+    tokenizer["config"] = _without_pretrained_config(tokenizer["config"], r.folder)
+    (export / "pipeline.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError) as info:
+        HybridPipeline.from_pretrained(export)
+    message = str(info.value)
+    assert str(r.folder) in message and str(export / "pipeline.json") in message and "\n" not in message

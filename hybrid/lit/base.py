@@ -241,7 +241,7 @@ def load_tokenizer(path: str | Path):
     of the stages that read it)."""
     ckpt = load_checkpoint(path, expect_stage="tokenizer")
     config = ckpt["hyper_parameters"]["config"]
-    tokenizer = build_tokenizer(config)
+    tokenizer = build_tokenizer(config, source=path)
     state = sub_state_dict(ckpt["state_dict"], "tokenizer")
     tokenizer.load_state_dict(state)
     tokenizer.requires_grad_(False).eval()
