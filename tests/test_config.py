@@ -29,7 +29,6 @@ def test_defaults_and_overrides(tmp_path):
         ("refiner.sampler=euler", "refiner.sampler"),
         ("data.image_size=8", "data.image_size"),
         ("tokenizer.pretrained=/nonexistent/vae", "tokenizer.pretrained"),
-        ("tokenizer.pretrained_config={latent_channels: 4}", "tokenizer.pretrained_config"),
         ("refiner.corrupt_prob=1.5", "refiner.corrupt_prob"),
         ("novalue", "key=value"),
         ("tokenizer.scales=[1,2,16]", "tokenizer.scales' must not exceed the latent size 8"),
@@ -41,6 +40,12 @@ def test_bad_values_name_the_key(override, needle):
         load_config(None, [override])
     message = str(info.value)
     assert needle in message and "\n" not in message
+
+
+def test_pretrained_config_is_filled_by_the_tokenizer_stage_not_by_hand():
+    """Set by hand it would replace the folder's AutoencoderKL weights with a random model of that shape."""
+    with pytest.raises(ConfigError, match="'tokenizer.pretrained_config' is filled by the tokenizer stage"):
+        load_config(None, ["tokenizer.pretrained_config={latent_channels: 4}"])
 
 
 def test_token_grids_coarser_than_the_latent_need_coarse_grid():
