@@ -89,6 +89,9 @@ class TrainerConfig:
 @dataclass
 class TokenizerConfig:
     pretrained: str = ""  # local diffusers AutoencoderKL folder (frozen); empty = train our own
+    # filled by the tokenizer stage from `pretrained` (the AutoencoderKL's architecture, as diffusers' config), so
+    # its checkpoints and exports rebuild it without the folder (the weights are in their state dict); not set by hand
+    pretrained_config: dict[str, Any] = field(default_factory=dict)
     downsample: int = 4  # 4 or 8
     # 16: the continuous latent carries detail (texture, exact edges) that the shared 1024-code
     # quantizer cannot, so the residual is worth refining. Measured at 400 steps on 1000 held-out
@@ -524,6 +527,9 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value and not Path(value).exists():
             raise ConfigError(f"config key '{key}': '{value}' does not exist")
+    if cfg.tokenizer.pretrained_config:
+        raise ConfigError("config key 'tokenizer.pretrained_config' is filled by the tokenizer stage from "
+                          "tokenizer.pretrained (its checkpoints store it); leave it empty")
     if cfg.data.source == "shards" and not cfg.data.shards:
         raise ConfigError("config key 'data.shards' must name the training shards when data.source=shards")
     if not 16 <= cfg.data.image_size <= 256:
@@ -624,7 +630,10 @@ def _filter_known(schema: DictConfig, data: dict) -> dict:
         if key not in schema:
             continue
         node = schema._get_node(key)
-        out[key] = _filter_known(node, value) if isinstance(node, DictConfig) and isinstance(value, dict) else value
+        # a schema section is filtered in turn; a free-form dict key (oracle.backbone_kwargs,
+        # tokenizer.pretrained_config) keeps all its entries
+        section = isinstance(node, DictConfig) and OmegaConf.get_type(node) is not dict
+        out[key] = _filter_known(node, value) if section and isinstance(value, dict) else value
     return out
 
 

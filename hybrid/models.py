@@ -4,6 +4,8 @@ architecture."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hybrid.config import from_dict
@@ -22,12 +24,37 @@ def num_classes(config) -> int:
     return cfg.data.num_classes or NUM_CLASSES
 
 
-def build_tokenizer(config):
-    """A HybridTokenizer with the architecture of a tokenizer-stage config; random weights."""
+def build_tokenizer(config, source: str | os.PathLike | None = None):
+    """A HybridTokenizer with the architecture of a tokenizer-stage config; random weights.
+
+    With `tokenizer.pretrained` the AutoencoderKL is built from `tokenizer.pretrained_config`, which the
+    tokenizer stage records (`with_pretrained_config`), so a checkpoint or an export rebuilds it without the
+    folder; a config without it (a fresh run, a checkpoint saved before it was recorded) loads the folder.
+    `source`, the file the config was read from, is named when such an old one's folder is missing.
+    """
     from hybrid.tokenizer import HybridTokenizer
 
     cfg = _cfg(config)
-    return HybridTokenizer.from_config(cfg.tokenizer, cfg.data.image_size)
+    tok = cfg.tokenizer
+    if source is not None and tok.pretrained and not tok.pretrained_config and not Path(tok.pretrained).is_dir():
+        from hybrid.checkpoints import CheckpointError
+
+        raise CheckpointError(
+            f"'{source}' needs the AutoencoderKL folder '{tok.pretrained}' (tokenizer.pretrained), which does not "
+            "exist here: it was saved before checkpoints carried the autoencoder's architecture; put the folder "
+            "back at that path")
+    return HybridTokenizer.from_config(tok, cfg.data.image_size)
+
+
+def with_pretrained_config(config: dict, tokenizer) -> dict:
+    """The plain config `config` with `tokenizer.pretrained_config` filled from `tokenizer` (built from it) when
+    that quantizes a pretrained AutoencoderKL, so `build_tokenizer` rebuilds it from the config alone; any other
+    config is returned as it is. What a tokenizer checkpoint, a later stage's `tokenizer_config` and an export
+    store."""
+    stored = tokenizer.pretrained_config
+    if not stored or config["tokenizer"].get("pretrained_config") == stored:
+        return config
+    return {**config, "tokenizer": {**config["tokenizer"], "pretrained_config": stored}}
 
 
 def build_ar(config, tokenizer):

@@ -43,6 +43,7 @@ from hybrid.models import (
     coarse_scales,
     num_classes,
     refiner_target_std,
+    with_pretrained_config,
 )
 
 MODES = ("hybrid", "ar", "diffusion")
@@ -110,9 +111,10 @@ class HybridPipeline:
         Every stage must have been trained with this tokenizer (checked by weights hash)."""
         ckpt = load_checkpoint(tokenizer, expect_stage="tokenizer")
         configs = {"tokenizer": ckpt["hyper_parameters"]["config"]}
-        tok = build_tokenizer(configs["tokenizer"])
+        tok = build_tokenizer(configs["tokenizer"], source=tokenizer)
         tok_state = sub_state_dict(ckpt["state_dict"], "tokenizer")
         tok.load_state_dict(tok_state)
+        configs["tokenizer"] = with_pretrained_config(configs["tokenizer"], tok)  # what an export stores
         tok_hash = weights_hash(tok_state)
         models: dict[str, Any] = {}
         for stage, path in (("ar", ar), ("refiner", refiner), ("diffusion", diffusion)):
@@ -180,8 +182,9 @@ class HybridPipeline:
                 raise PipelineError(f"'{path}' does not match the weights hash in {manifest_path}")
             return state
 
-        tokenizer = build_tokenizer(configs["tokenizer"])
+        tokenizer = build_tokenizer(configs["tokenizer"], source=manifest_path)
         tokenizer.load_state_dict(weights("tokenizer"))
+        configs["tokenizer"] = with_pretrained_config(configs["tokenizer"], tokenizer)
         models = {}
         for stage in ("ar", "refiner", "diffusion"):
             if stage in stages:

@@ -43,6 +43,12 @@ def test_bad_values_name_the_key(override, needle):
     assert needle in message and "\n" not in message
 
 
+def test_pretrained_config_is_filled_by_the_tokenizer_stage_not_by_hand():
+    """Set by hand it would replace the folder's AutoencoderKL weights with a random model of that shape."""
+    with pytest.raises(ConfigError, match="'tokenizer.pretrained_config' is filled by the tokenizer stage"):
+        load_config(None, ["tokenizer.pretrained_config={latent_channels: 4}"])
+
+
 def test_token_grids_coarser_than_the_latent_need_coarse_grid():
     with pytest.raises(ConfigError, match="set tokenizer.coarse_grid=true"):  # e.g. a new image size, old scales
         load_config(None, ["data.image_size=64"])
@@ -76,6 +82,11 @@ def test_round_trip_through_plain_dict_and_weights_only_load(tmp_path):
     assert from_dict(loaded).ar.width == 48
     loaded["removed_key"] = 1  # keys an older schema had are dropped, not fatal
     assert from_dict(loaded).ar.width == 48
+    loaded["oracle"]["backbone_kwargs"] = {"drop_rate": 0.1, "layers": [1, 1]}  # a free-form dict keeps every entry
+    assert to_dict(from_dict(loaded))["oracle"]["backbone_kwargs"] == {"drop_rate": 0.1, "layers": [1, 1]}
+    vae = {"block_out_channels": [8, 16], "shift_factor": None, "act_fn": "silu"}  # a checkpoint's AutoencoderKL
+    loaded["tokenizer"]["pretrained_config"] = vae
+    assert to_dict(from_dict(loaded))["tokenizer"]["pretrained_config"] == vae
 
 
 def test_cli_error_is_one_line_and_nonzero():

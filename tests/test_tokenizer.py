@@ -392,6 +392,28 @@ def test_pretrained_autoencoder_from_a_local_folder(tmp_path):
     assert all(torch.isfinite(p.grad).all() for p in tok.parameters() if p.requires_grad)
 
 
+def test_pretrained_autoencoder_rebuilds_from_its_stored_config_without_the_folder(tmp_path):
+    """`pretrained_config` (what a checkpoint or an export stores) rebuilds the AutoencoderKL's architecture;
+    the state dict brings the weights; the folder is not read."""
+    import json
+    import shutil
+
+    _tiny_vae_folder(tmp_path / "vae")
+    tok = HybridTokenizer(image_size=16, pretrained=str(tmp_path / "vae"), codebook_size=64).eval()
+    stored = json.loads(json.dumps(tok.pretrained_config))  # plain JSON, as in pipeline.json
+    assert stored["block_out_channels"] == [8, 16, 16] and str(tmp_path) not in json.dumps(stored)
+    shutil.rmtree(tmp_path / "vae")
+    rebuilt = HybridTokenizer(image_size=16, pretrained=str(tmp_path / "vae"), codebook_size=64,
+                              pretrained_config=stored).eval()
+    rebuilt.load_state_dict(tok.state_dict())
+    assert rebuilt.pretrained_config == stored and rebuilt.quantizer.phi is not None
+    x = images()
+    with torch.no_grad():
+        out = tok.encode(x)
+        assert torch.equal(rebuilt.encode(x).z, out.z)
+        assert torch.equal(rebuilt.decode(out.z_q), tok.decode(out.z_q))
+
+
 def test_standardize_round_trip_uses_mean_and_std():
     from hybrid.tokenizer import HybridTokenizer
 
@@ -452,3 +474,123 @@ def test_statistics_come_from_training_shards_without_validation_shards(tmp_path
     for name in ("latent_mean", "latent_std", "residual_std"):
         default = torch.zeros(4) if name == "latent_mean" else torch.ones(4)
         assert not torch.equal(getattr(tok, name), default), name
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(tmp_path_factory):
+    """A toy run whose tokenizer quantizes a tiny AutoencoderKL folder (tokenizer.pretrained), with 2 AR steps
+    and an export; afterwards the folder is moved away, as on another machine. Holds what the run gave while
+    the folder was there."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from hybrid.experiment import main
+    from hybrid.pipeline import HybridPipeline
+
+    base = tmp_path_factory.mktemp("pretrained")
+    vae = _tiny_vae_folder(base / "vae")
+    run = base / "run"
+    toy = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
+    common = ["--config", str(toy), f"run_dir={run}", "trainer.progress_bar=false", "trainer.accelerator=cpu",
+              "data.val_size=8", f"tokenizer.pretrained={base / 'vae'}"]
+    assert main([*common, "stage=tokenizer", "tokenizer.train.max_steps=2", "tokenizer.train.batch_size=4"]) == 0
+    assert main([*common, "stage=ar", "ar.train.max_steps=2", "ar.train.batch_size=4", "ar.token_cache=false"]) == 0
+    pipe = HybridPipeline.from_run(run)
+    x = images()
+    with torch.no_grad():
+        recon = pipe.tokenizer.decode(pipe.tokenizer.encode(x).z_q)
+        generated = pipe(classes=[0, 1], mode="ar", seed=0)
+    export = pipe.save_pretrained(base / "export")
+    (base / "vae").rename(base / "vae-moved")
+    return SimpleNamespace(base=base, run=run, export=export, folder=base / "vae", moved=base / "vae-moved",
+                           vae=vae, images=x, recon=recon, generated=generated)
+
+
+def _decodes(tokenizer, x):
+    with torch.no_grad():
+        return tokenizer.decode(tokenizer.encode(x).z_q)
+
+
+def test_a_pretrained_run_loads_and_exports_without_its_autoencoder_folder(pretrained_run, tmp_path):
+    """Checkpoints and exports carry the AutoencoderKL's architecture and weights: with the folder gone every
+    way of loading them gives the same decodes and images as before, and sample.py runs on the export."""
+    from hybrid.lit.ar import ARModule
+    from hybrid.lit.base import load_tokenizer
+    from hybrid.lit.tokenizer import TokenizerModule
+    from hybrid.pipeline import HybridPipeline
+    from hybrid.sample_cli import main as sample_main
+
+    r = pretrained_run
+    assert not r.folder.exists()
+    tokenizer_ckpt = r.run / "tokenizer" / "final.ckpt"
+    pipe = HybridPipeline.from_run(r.run)
+    frozen = pipe.tokenizer.autoencoder.vae.state_dict()
+    assert all(torch.equal(frozen[k], v) for k, v in r.vae.state_dict().items())  # the folder's weights
+    assert torch.equal(_decodes(pipe.tokenizer, r.images), r.recon)
+    assert torch.equal(pipe(classes=[0, 1], mode="ar", seed=0), r.generated)
+    for loaded in (HybridPipeline.from_pretrained(r.export),  # exported while the folder was there
+                   HybridPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "export"))):  # and without it
+        assert torch.equal(_decodes(loaded.tokenizer, r.images), r.recon)
+        assert torch.equal(loaded(classes=[0, 1], mode="ar", seed=0), r.generated)
+    assert torch.equal(_decodes(HybridPipeline.from_checkpoints(tokenizer_ckpt).tokenizer, r.images), r.recon)
+    assert torch.equal(_decodes(load_tokenizer(tokenizer_ckpt)[0], r.images), r.recon)  # what later stages read
+    module = TokenizerModule.load_from_checkpoint(tokenizer_ckpt, map_location="cpu", weights_only=True)
+    assert torch.equal(_decodes(module.tokenizer.eval(), r.images), r.recon)
+    ar = ARModule.load_from_checkpoint(r.run / "ar" / "final.ckpt", map_location="cpu", weights_only=True)
+    assert torch.equal(_decodes(ar.tokenizer, r.images), r.recon)
+    assert sample_main(["--export", str(r.export), "--class", "0", "-n", "1", "--mode", "ar",
+                        "--out", str(tmp_path / "samples")]) == 0
+
+
+def _without_pretrained_config(config: dict, folder) -> dict:
+    """A tokenizer config as stored before checkpoints carried the AutoencoderKL's architecture."""
+    tokenizer = {k: v for k, v in config["tokenizer"].items() if k != "pretrained_config"}
+    return {**config, "tokenizer": {**tokenizer, "pretrained": str(folder)}}
+
+
+def test_an_old_pretrained_checkpoint_needs_its_folder_and_names_it_when_missing(pretrained_run, tmp_path, capsys):
+    """A checkpoint or export from before the architecture was stored rebuilds the AutoencoderKL from the
+    folder: it loads where the folder is, and where it is not the error is one line naming the folder and
+    the file, for sample.py too (it was an uncaught FileNotFoundError)."""
+    import json
+    import shutil
+
+    from hybrid.checkpoints import CheckpointError
+    from hybrid.pipeline import HybridPipeline
+    from hybrid.sample_cli import main as sample_main
+
+    r = pretrained_run
+
+    def old_run(folder):
+        run = tmp_path / f"old-{folder.name}"
+        for stage in ("tokenizer", "ar"):
+            (run / stage).mkdir(parents=True)
+            ckpt = torch.load(r.run / stage / "final.ckpt", map_location="cpu", weights_only=True)
+            hparams = ckpt["hyper_parameters"]
+            for key in ("config", "tokenizer_config"):
+                if key in hparams:
+                    hparams[key] = _without_pretrained_config(hparams[key], folder)
+            torch.save(ckpt, run / stage / "final.ckpt")
+        return run
+
+    assert torch.equal(HybridPipeline.from_run(old_run(r.moved))(classes=[0, 1], mode="ar", seed=0), r.generated)
+    run = old_run(r.folder)
+    ckpt = run / "tokenizer" / "final.ckpt"
+    with pytest.raises(CheckpointError) as info:
+        HybridPipeline.from_run(run)
+    message = str(info.value)
+    assert str(r.folder) in message and str(ckpt) in message and "\n" not in message
+    assert sample_main(["--run", str(run), "--class", "0", "-n", "1", "--out", str(tmp_path / "samples")]) == 2
+    err = capsys.readouterr().err
+    assert str(r.folder) in err and str(ckpt) in err and "Traceback" not in err
+
+    export = tmp_path / "old-export"
+    shutil.copytree(r.export, export)
+    manifest = json.loads((export / "pipeline.json").read_text())
+    tokenizer = manifest["stages"]["tokenizer"]
+    tokenizer["config"] = _without_pretrained_config(tokenizer["config"], r.folder)
+    (export / "pipeline.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError) as info:
+        HybridPipeline.from_pretrained(export)
+    message = str(info.value)
+    assert str(r.folder) in message and str(export / "pipeline.json") in message and "\n" not in message

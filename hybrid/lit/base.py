@@ -36,7 +36,7 @@ from pytorch_lightning.utilities.enums import GradClipAlgorithmType
 from hybrid.checkpoints import last_path, load_checkpoint, stage_dir, sub_state_dict, weights_hash
 from hybrid.config import from_dict
 from hybrid.images import save_grid
-from hybrid.models import build_tokenizer
+from hybrid.models import build_tokenizer, with_pretrained_config
 from hybrid.precision import resolve_compile
 
 
@@ -242,14 +242,16 @@ def _batch_size(batch: Any) -> int | None:
 
 
 def load_tokenizer(path: str | Path):
-    """(tokenizer with trained weights, its config dict, its weight hash) from a tokenizer checkpoint."""
+    """(tokenizer with trained weights, its config dict, its weight hash) from a tokenizer checkpoint. The config
+    records a pretrained AutoencoderKL's architecture even when the checkpoint predates that (`tokenizer_config`
+    of the stages that read it)."""
     ckpt = load_checkpoint(path, expect_stage="tokenizer")
     config = ckpt["hyper_parameters"]["config"]
-    tokenizer = build_tokenizer(config)
+    tokenizer = build_tokenizer(config, source=path)
     state = sub_state_dict(ckpt["state_dict"], "tokenizer")
     tokenizer.load_state_dict(state)
     tokenizer.requires_grad_(False).eval()
-    return tokenizer, config, weights_hash(state)
+    return tokenizer, with_pretrained_config(config, tokenizer), weights_hash(state)
 
 
 class TokenizerConsumer(StageModule):

@@ -15,15 +15,18 @@ import zlib
 import torch
 
 from hybrid.lit.base import StageModule
-from hybrid.tokenizer import HybridTokenizer
+from hybrid.models import build_tokenizer, with_pretrained_config
 
 
 class TokenizerModule(StageModule):
     stage = "tokenizer"
 
     def __init__(self, config: dict) -> None:
-        super().__init__(config)
-        self.tokenizer = HybridTokenizer.from_config(self.cfg.tokenizer, self.cfg.data.image_size)
+        tokenizer = build_tokenizer(config)
+        # with tokenizer.pretrained the saved config records the AutoencoderKL's architecture (its weights are in
+        # the state dict), so the checkpoint rebuilds it without the folder
+        super().__init__(with_pretrained_config(config, tokenizer))
+        self.tokenizer = tokenizer
         self.tokenizer.quantizer.seed = int(self.cfg.seed)  # codebook (re)starts draw from (seed, update)
         self._preview: torch.Tensor | None = None
 

@@ -20,13 +20,17 @@ Two interchangeable autoencoders with the same small interface (`encode`, `decod
 - `PretrainedAutoencoder`: a frozen diffusers `AutoencoderKL` loaded from a local folder. Its latent is
   the posterior mean, shifted and scaled by its config (`(mean - shift_factor) * scaling_factor`), so it
   is roughly unit-variance. Its trained mid-block attention is kept and routed through the project's
-  one attention entry point (`HybridAttnProcessor`).
+  one attention entry point (`HybridAttnProcessor`). Its `config` (the AutoencoderKL's architecture as
+  plain JSON values) rebuilds it without the folder, with random weights that a state dict then
+  replaces: that is how checkpoints and exports, which hold its weights, stay self-contained.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -190,27 +194,48 @@ class HybridAttnProcessor:
         return out / attn.rescale_output_factor
 
 
+def _plain(value: Any) -> Any:
+    """A config value as JSON builtins: mappings -> dict, tuples and other sequences -> list (a config
+    read back from a checkpoint arrives as omegaconf containers, which are both)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [_plain(v) for v in value]
+    return value
+
+
 class PretrainedAutoencoder(nn.Module):
     """A frozen diffusers `AutoencoderKL` from a local folder; latent = scaled posterior mean.
 
     encode: (B, 3, H, W) -> (B, C, H/f, W/f) with f = 2 ** (levels - 1) of the loaded model.
+    With `config` (a previous instance's `config`, as a checkpoint or an export stores it) the model is
+    built from it with random weights and the folder is not read: the caller loads the weights.
     """
 
     trainable = False
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, config: dict | None = None):
         super().__init__()
         from diffusers import AutoencoderKL
 
-        if not Path(path).is_dir():
-            raise FileNotFoundError(f"tokenizer.pretrained: '{path}' is not a folder with a diffusers AutoencoderKL")
-        try:
-            vae = AutoencoderKL.from_pretrained(path)
-        except Exception as err:
-            raise ValueError(f"tokenizer.pretrained: cannot load an AutoencoderKL from '{path}': {err}") from err
+        if config:
+            try:
+                vae = AutoencoderKL.from_config(_plain(config))
+            except Exception as err:
+                raise ValueError(f"tokenizer.pretrained_config: cannot build an AutoencoderKL from it: {err}") from err
+        else:
+            if not Path(path).is_dir():
+                raise FileNotFoundError(
+                    f"tokenizer.pretrained: '{path}' is not a folder with a diffusers AutoencoderKL")
+            try:
+                vae = AutoencoderKL.from_pretrained(path)
+            except Exception as err:
+                raise ValueError(f"tokenizer.pretrained: cannot load an AutoencoderKL from '{path}': {err}") from err
         vae.set_attn_processor(HybridAttnProcessor())
         self.vae = vae.requires_grad_(False).eval()
         self.path = str(path)
+        # diffusers' private keys are left out: `_name_or_path` is the folder, the others are bookkeeping
+        self.config = {k: _plain(v) for k, v in vae.config.items() if not k.startswith("_")}
         self.latent_channels = int(vae.config.latent_channels)
         self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
         self.scaling_factor = float(vae.config.scaling_factor)

@@ -72,6 +72,9 @@ class HybridTokenizer(nn.Module):
         loss: reconstruction loss, "l1" or "mse".
         dead_code_steps: restart codes unused for this many training steps.
         pretrained: local diffusers AutoencoderKL folder (frozen); "" = train our own autoencoder.
+        pretrained_config: with `pretrained`, the AutoencoderKL's architecture as `pretrained_config` returned
+            it: the model is built from it (random weights, for a state dict to replace) and the folder is
+            not read. None = load the folder.
         phi_ratio: residual ratio of the quantizer's shared refinement conv (VAR's phi); 0 = none.
         ema_decay: decay of the EMA codebook.
         norm_num_groups: GroupNorm groups of our autoencoder; None = the largest that fits the channels.
@@ -96,6 +99,7 @@ class HybridTokenizer(nn.Module):
         loss: str = "l1",
         dead_code_steps: int = 50,
         pretrained: str = "",
+        pretrained_config: dict | None = None,
         phi_ratio: float = 0.0,
         ema_decay: float = 0.99,
         norm_num_groups: int | None = None,
@@ -108,7 +112,7 @@ class HybridTokenizer(nn.Module):
         if not 0.0 <= discrete_prob <= 1.0:
             raise ValueError(f"tokenizer.discrete_prob must be a probability, got {discrete_prob}")
         if pretrained:
-            self.autoencoder = PretrainedAutoencoder(pretrained)
+            self.autoencoder = PretrainedAutoencoder(pretrained, pretrained_config)
             if phi_ratio <= 0:  # the frozen autoencoder leaves phi as the only gradient-trained part
                 log.info("tokenizer.pretrained: using phi_ratio 0.5 (phi is the only trainable part)")
                 phi_ratio = 0.5
@@ -152,7 +156,7 @@ class HybridTokenizer(nn.Module):
         """Build from a `TokenizerConfig`-like object (attribute access; no omegaconf needed)."""
         keys = ("downsample", "latent_channels", "channels", "layers_per_block", "scales", "codebook_size",
                 "commitment", "discrete_prob", "straight_through", "coarse_grid", "loss", "dead_code_steps",
-                "pretrained", "phi_ratio", "ema_decay", "patch_size", "shortcut")
+                "pretrained", "pretrained_config", "phi_ratio", "ema_decay", "patch_size", "shortcut")
         kwargs = {k: getattr(tok_cfg, k) for k in keys if hasattr(tok_cfg, k)}
         for k in ("channels", "scales"):
             if kwargs.get(k) is not None:
@@ -181,6 +185,12 @@ class HybridTokenizer(nn.Module):
     def trainable(self) -> bool:
         """Whether the autoencoder trains (False with a pretrained, frozen AutoencoderKL)."""
         return self.autoencoder.trainable
+
+    @property
+    def pretrained_config(self) -> dict:
+        """The pretrained AutoencoderKL's architecture (plain JSON values) that rebuilds it without its folder;
+        {} for our own autoencoder, which the other keyword arguments describe."""
+        return dict(getattr(self.autoencoder, "config", {}))
 
     # ---- encode / decode ------------------------------------------------------------------------
 
