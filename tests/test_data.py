@@ -627,3 +627,22 @@ def test_datamodule_lightning_smoke(tmp_path):
         assert per_epoch == {0: 3, 1: 3}
         sums = [[s for e, s, _ in probe.seen if e == epoch] for epoch in (0, 1)]
         assert sums[0] != sums[1]  # the epoch reached the sampler / the shard stream
+
+
+def test_training_shards_whose_every_sample_is_corrupt_end_with_an_error_not_an_endless_loop(tmp_path, monkeypatch):
+    """Shards that open but hold only undecodable images: the resampling reader drew them forever, warning each
+    time. A run of BAD_SAMPLE_RUN failures in a row is a NoReadableShardError (a ValueError) naming the pattern."""
+    import hybrid.data.shards as shards_module
+
+    write_procedural(tmp_path / "src", count=3, image_size=16, per_shard=3, split="train", progress=False)
+    (source,) = sorted((tmp_path / "src").glob("train-*.tar"))
+    samples = list(wds.WebDataset(str(source), shardshuffle=False, nodesplitter=None, workersplitter=None))
+    with wds.TarWriter(str(tmp_path / "train-000000.tar")) as sink:
+        for s in samples:
+            sink.write({"__key__": s["__key__"], "png": s["png"][:40] + b"garbage", "json": s["json"]})
+    monkeypatch.setattr(shards_module, "BAD_SAMPLE_RUN", 20)
+    pattern = str(tmp_path / "train-*.tar")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ShardWarning)
+        with pytest.raises(ValueError, match=rf"last 20 samples drawn from '{re.escape(pattern)}'"):
+            list(TrainShards(pattern, batch_size=2, batches_per_epoch=2, shuffle_buffer=2))

@@ -76,6 +76,9 @@ class ShardWarning(UserWarning):
     """A corrupt sample or an unreadable shard was skipped."""
 
 
+BAD_SAMPLE_RUN = 1000  # corrupt samples in a row after which training shards count as unreadable
+
+
 class NoReadableShardError(ValueError):
     """Training drew shard after shard of a pattern without one readable sample: they are empty or unreadable.
 
@@ -344,6 +347,23 @@ class TrainShards(_ShardReader, IterableDataset):
         """Samples per epoch on this rank (all workers together)."""
         return self.batches_per_epoch * self.batch_size
 
+    def _readable(self, raw: Iterator[dict]) -> Iterator[dict]:
+        """The decoded samples of `raw`, the corrupt ones skipped. Shards that open but whose samples all fail to
+        decode would be drawn again forever: BAD_SAMPLE_RUN failures in a row end it with NoReadableShardError."""
+        bad_run = 0
+        for sample in raw:
+            out = self._decode(sample)
+            if out is not None:
+                bad_run = 0
+                yield out
+                continue
+            bad_run += 1
+            if bad_run >= BAD_SAMPLE_RUN:
+                raise NoReadableShardError(
+                    f"the last {bad_run} samples drawn from '{self.pattern}' could not be decoded (corrupt images or "
+                    "JSON): write the shards again (python -m hybrid.data.shards write ... --overwrite) or set "
+                    "data.shards to other shards")
+
     def _shard_urls(self, worker: int) -> Iterator[str]:
         shards = wds.ResampledShards(self.urls, seed=self.seed, deterministic=True,
                                      worker_seed=lambda: make_seed(self.rank, worker))
@@ -374,7 +394,7 @@ class TrainShards(_ShardReader, IterableDataset):
         skip = min(count, self.skipped_for_worker(worker, num_workers) * self.batch_size)
         rng = random.Random(make_seed(self.seed, self.rank, worker, self.epoch, 1))
         raw = _shuffle(self._raw_samples(worker), self.shuffle_buffer, rng)
-        decoded = (s for s in map(self._decode, raw) if s is not None)
+        decoded = self._readable(raw)
         if self.caption_keep < 1.0:
             decoded = self._recaption(decoded, worker)
         yield from islice(decoded, skip, count)
