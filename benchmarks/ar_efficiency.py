@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -45,6 +44,7 @@ from hybrid.ar import ARModel
 from hybrid.ar.model import PreallocatedKVCache
 from hybrid.ar.sampling import draw_categorical
 from hybrid.config import ARConfig, SampleConfig, TokenizerConfig
+from hybrid.devices import Stopwatch
 from hybrid.nn.attention import get_default_backend, set_default_backend
 
 
@@ -71,21 +71,15 @@ class StandInLayout:
         return out
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn, device, repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds of each of `repeats` calls of fn() on `device` (`Stopwatch`: a CUDA device is synchronized)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
+        with Stopwatch(device) as watch:
+            fn()
+        times.append(watch.seconds)
     return times
 
 

@@ -109,16 +109,19 @@ def heldout_images(image_size: int, n: int, seed: int, **kwargs) -> torch.Tensor
     return heldout_samples(image_size, n, seed, **kwargs)["image"]
 
 
-def median_seconds(fn, repeats: int = 3) -> float:
-    """Median wall time of fn() over `repeats` calls, after one warm-up call."""
+def median_seconds(fn, device: torch.device, repeats: int = 3) -> float:
+    """Median wall time of fn() on `device` (`Stopwatch`: a CUDA device is synchronized) over `repeats`
+    calls, after one warm-up call."""
     import statistics
+
+    from hybrid.devices import Stopwatch
 
     fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+        with Stopwatch(device) as watch:
+            fn()
+        times.append(watch.seconds)
     return statistics.median(times)
 
 

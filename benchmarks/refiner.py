@@ -123,11 +123,13 @@ def forward_ms_per_image(module, coarse: bool, batch: int = 64) -> float:
     z_q = torch.randn(shape) if coarse else None
     t = torch.full((batch,), 500)
     cond = torch.zeros(batch, dtype=torch.long) if module.model.condition == "class" else None
-    return 1000 * median_seconds(lambda: module.model(x, t, z_q, cond), repeats=5) / batch
+    return 1000 * median_seconds(lambda: module.model(x, t, z_q, cond), x.device, repeats=5) / batch
 
 
 def measure_refiner(refiner, z_q, classes, steps_list, judge, result) -> str:
     """The step ablation per sampler, EMA vs raw weights, size and forward time; returns the default setting."""
+    from hybrid.devices import Stopwatch
+
     rcfg = refiner.section
     result["refiner"] = {k: rcfg[k] for k in ("arch", "width", "depth", "objective", "prediction", "target",
                                                "condition", "corrupt_prob", "coarse_scales", "sampler", "steps")}
@@ -135,11 +137,10 @@ def measure_refiner(refiner, z_q, classes, steps_list, judge, result) -> str:
     result["ablation"] = {}
     for sampler in SAMPLERS[rcfg.objective]:
         for steps in steps_list:
-            t0 = time.perf_counter()
-            refined = refine_all(refiner, z_q, classes, steps, sampler)
-            seconds = time.perf_counter() - t0
+            with Stopwatch(z_q.device) as watch:
+                refined = refine_all(refiner, z_q, classes, steps, sampler)
             entry = judge(refined, name=f"{sampler}/{steps}")
-            entry["images_per_s"] = n / seconds  # refine + decode, batch 250
+            entry["images_per_s"] = n / watch.seconds  # refine + decode, batch 250
             result["ablation"][f"{sampler}/{steps}"] = entry
             print(f"refined {sampler:5s} {steps} steps  FID {fmt_ci(entry['fid'])}{vs_z_q(entry)}  "
                   f"adherence(all) {100 * entry['adherence']['all']:.1f}%  {entry['images_per_s']:.0f} img/s")
@@ -262,7 +263,8 @@ def main(argv=None) -> int:
                               "forward_ms_per_image": forward_ms_per_image(base, coarse=False), "steps": {}}
         for steps in [int(s) for s in args.baseline_steps.split(",")]:
             entry = judge(sample_baseline(base, classes, steps), paired=False)
-            entry["images_per_s"] = 16 / median_seconds(lambda s=steps: sample_baseline(base, classes[:16], s))
+            entry["images_per_s"] = 16 / median_seconds(lambda s=steps: sample_baseline(base, classes[:16], s),
+                                                         base.device)
             result["baseline"]["steps"][str(steps)] = entry
             print(f"baseline {steps:2d} steps  FID {fmt_ci(entry['fid'])}  {entry['images_per_s']:.1f} img/s (b16)")
     if "targets" in result:

@@ -554,8 +554,9 @@ def side_by_side_speed(ops: dict, classes: torch.Tensor, rounds: int) -> dict:
     """images/s at batch 16 of each system's operating point, timed interleaved: every round times one
     call of each system, in an order rotated round by round, after one untimed warm-up round, so a
     drift of the machine's speed (or whichever system happens to run first) falls on all of them
-    alike. `ops`: {system: (pipeline, mode, settings)}. Returns {"images_per_s": {system: median},
-    "rounds": rounds}."""
+    alike. `ops`: {system: (pipeline, mode, settings)}. Each call is timed on its pipeline's device
+    (`Stopwatch`: a CUDA device is synchronized). Returns {"images_per_s": {system: median}, "rounds": rounds}."""
+    from hybrid.devices import Stopwatch
     from hybrid.eval.evaluate import TIMING_BATCH
 
     names = list(ops)
@@ -565,10 +566,10 @@ def side_by_side_speed(ops: dict, classes: torch.Tensor, rounds: int) -> dict:
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
             pipe, mode, settings = ops[name]
-            start = time.perf_counter()
-            pipe(classes=batch, mode=mode, seed=r, batch_size=TIMING_BATCH, **settings)
+            with Stopwatch(pipe.device) as watch:
+                pipe(classes=batch, mode=mode, seed=r, batch_size=TIMING_BATCH, **settings)
             if r > 0:  # round 0 warms every pipeline up
-                times[name].append(time.perf_counter() - start)
+                times[name].append(watch.seconds)
     return {"images_per_s": {n: TIMING_BATCH / float(np.median(t)) for n, t in times.items()}, "rounds": rounds}
 
 

@@ -140,8 +140,8 @@ def measure(tokenizer, oracle, n: int, bootstrap: int = 200) -> dict:
 
 @torch.no_grad()
 def throughput(tokenizer, batch: torch.Tensor, repeats: int = 3) -> float:
-    """Encode + decode images/s at batch len(batch): median of `repeats` after a warm-up."""
-    return batch.shape[0] / median_seconds(lambda: tokenizer.decode(tokenizer.encode(batch).z), repeats)
+    """Encode + decode images/s at batch len(batch), on `batch`'s device: median of `repeats` after a warm-up."""
+    return batch.shape[0] / median_seconds(lambda: tokenizer.decode(tokenizer.encode(batch).z), batch.device, repeats)
 
 
 def main(argv=None) -> int:

@@ -20,6 +20,19 @@ def events(monkeypatch):
     return seen
 
 
+class FakePipe:
+    """A pipeline on `device` that runs nothing: each call is one "call" event."""
+
+    def __init__(self, events: list[str], device=CUDA) -> None:
+        self.events, self.device = events, torch.device(device)
+
+    def __call__(self, **_):
+        self.events.append("call")
+
+    def fit_prompts(self, prompts, mode):
+        return prompts
+
+
 def test_resolve_device_picks_cuda_only_where_it_exists(no_cuda):
     from hybrid.devices import resolve_device
 
@@ -42,3 +55,25 @@ def test_stopwatch_waits_for_the_device_before_reading_the_clock(events):
     with Stopwatch(torch.device("cpu")):
         events.append("call")
     assert events == ["call"]  # nothing to wait for on a CPU
+
+
+def test_every_speed_measurement_waits_for_a_cuda_pipeline(events):
+    """images/s and ms/image of train.py's eval, the showdown's side-by-side timing and the benchmarks' medians:
+    each timed call sits between two synchronizations of the device the pipeline is on."""
+    from benchmarks.common import median_seconds
+    from benchmarks.showdown import side_by_side_speed
+    from hybrid.eval.evaluate import measure_speed
+
+    timed = ["sync cuda", "call", "sync cuda"]
+    pipe = FakePipe(events)
+    out = measure_speed(pipe, "ar", torch.arange(16), repeats=2)
+    assert out["images_per_s"] > 0 and events == (["call"] + timed * 2) * 2  # a warm-up, then 2 timed calls; b16, b1
+    events.clear()
+    side_by_side_speed({"ar": (pipe, "ar", {}), "hybrid": (pipe, "hybrid", {})}, torch.arange(16), rounds=2)
+    assert events == timed * 6  # 3 rounds (a warm-up and 2 timed) of 2 systems
+    events.clear()
+    median_seconds(lambda: events.append("call"), CUDA, repeats=2)
+    assert events == ["call"] + timed * 2
+    events.clear()
+    measure_speed(FakePipe(events, "cpu"), "ar", torch.arange(16), repeats=1)
+    assert "sync cpu" not in events and events.count("call") == 4
