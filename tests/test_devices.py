@@ -77,3 +77,25 @@ def test_every_speed_measurement_waits_for_a_cuda_pipeline(events):
     events.clear()
     measure_speed(FakePipe(events, "cpu"), "ar", torch.arange(16), repeats=1)
     assert "sync cpu" not in events and events.count("call") == 4
+
+
+@pytest.mark.parametrize("command, argv, code", [
+    ("benchmarks.showdown", ["--run-dir", "{tmp}/run", "--out", "{tmp}/out"], 2),
+    ("benchmarks.showdown", ["--retime", "--run-dir", "{tmp}/run", "--out", "{tmp}/out"], 2),
+    ("benchmarks.curve", ["--run-dir", "{tmp}/run", "--at", "10"], 2),
+    ("benchmarks.repair", ["--run-dir", "{tmp}/run"], 2),
+    ("benchmarks.given_scales", ["--run-dir", "{tmp}/run"], 2),
+    ("benchmarks.refiner", ["--run-dir", "{tmp}/run"], 2),
+    ("benchmarks.tokenizer", ["--run-dir", "{tmp}/run", "--reuse"], 2),
+    ("benchmarks.ar_efficiency", ["--out", "{tmp}/eff.json"], 2),
+    ("hybrid.sample_cli", ["--run", "{tmp}/run", "--class", "1"], 2),
+    ("hybrid.eval.oracle", ["eval"], 1),
+])
+def test_device_cuda_without_cuda_is_a_one_line_error(no_cuda, tmp_path, capsys, command, argv, code):
+    import importlib
+
+    main = importlib.import_module(command).main
+    assert main([a.format(tmp=tmp_path) for a in argv] + ["--device", "cuda"]) == code
+    err = capsys.readouterr().err
+    assert "--device cuda: CUDA is not available" in err and err.strip().count("\n") == 0, err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()  # refused before any work
