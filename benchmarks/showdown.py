@@ -44,7 +44,7 @@ Generation, judging and timing run on `--device` (default: CUDA when available; 
 
 Writes `<out>/showdown.json`, `<out>/showdown.md` (the tables, the verdicts and the debate table)
 and two plots: `fid_vs_speed.png` and `fid_vs_refiner_steps.png`. Generated images' oracle features
-are cached under `<out>/cache/` keyed by the weights and settings, so a re-run after an
+are cached under `<out>/cache/` keyed by the weights, settings and device, so a re-run after an
 interruption, or with more systems, reuses what was judged.
 """
 
@@ -314,6 +314,8 @@ class Judge:
 
         n = n or self.n
         key = f"{tag}|{mode}|{settings_key(settings)}|{seed}|{n}|{kind}|v{SAMPLING_VERSION}|{self.oracle_id}"
+        if pipe.device.type != "cpu":  # a seed draws other images on another device (CPU keys stay as they were)
+            key += f"|{pipe.device.type}"
         key = hashlib.sha1(key.encode()).hexdigest()[:16]
         path = self.cache / f"{key}.pt"
         if path.is_file():
