@@ -1,6 +1,6 @@
 """Efficiency of the coarse AR model (stage 2): KV-cache decoding, next-scale vs raster sampling, training.
 
-    python -m benchmarks.ar_efficiency --out runs/bench/ar_efficiency.json
+    python -m benchmarks.ar_efficiency --out runs/bench/ar_efficiency.json [--device auto]
 
 Default size: ARConfig's defaults (width 192, depth 6, heads 4, mlp_ratio 4) on the default tokenizer
 layout (TokenizerConfig's: scales 1,2,3,4,6,8 -> 130 tokens, codebook 1024, its latent channels), class condition.
@@ -25,7 +25,8 @@ A stand-in layout (random codebook, bilinear upsampling) replaces the tokenizer:
     `draw_categorical`, timed in alternation; medians.
 
 On a CPU shared with other jobs, two threads can wait on each other at every small op (decoding is
-all small ops): `--threads 1` gives steadier (a) and (b) timings there. The load average is recorded.
+all small ops): `--threads 1` gives steadier (a) and (b) timings there. The load average is recorded, and
+the device everything ran on (`--device`, default: CUDA when available).
 """
 
 from __future__ import annotations
@@ -34,17 +35,18 @@ import argparse
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.common import add_device_argument, benchmark_device
 from hybrid.ar import ARModel
 from hybrid.ar.model import PreallocatedKVCache
 from hybrid.ar.sampling import draw_categorical
 from hybrid.config import ARConfig, SampleConfig, TokenizerConfig
+from hybrid.devices import Stopwatch
 from hybrid.nn.attention import get_default_backend, set_default_backend
 
 
@@ -71,21 +73,15 @@ class StandInLayout:
         return out
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn, device, repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds of each of `repeats` calls of fn() on `device` (`Stopwatch`: a CUDA device is synchronized)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
+        with Stopwatch(device) as watch:
+            fn()
+        times.append(watch.seconds)
     return times
 
 
@@ -281,7 +277,7 @@ def bench_training(args, device) -> dict:
             "compile": args.compile}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ar, tok = ARConfig(), TokenizerConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="JSON file to write")
@@ -306,11 +302,13 @@ def main() -> None:
                    help="(c) also time the step under bf16 autocast, alternating with fp32")
     p.add_argument("--parts", nargs="+", default=["decode", "sampling", "training", "draw"],
                    choices=["decode", "sampling", "training", "draw"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
+    add_device_argument(p, "the AR model runs and is timed")
+    args = p.parse_args(argv)
+    device = benchmark_device(args.device)
+    if device is None:
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     torch.manual_seed(0)
 
     result = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -372,7 +370,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""What the benchmarks share: machine description, held-out images, JSON output."""
+"""What the benchmarks share: --device, machine description, held-out images, JSON output."""
 
 from __future__ import annotations
 
@@ -9,8 +9,28 @@ import time
 import torch
 
 
-def config_and_oracle(config: str | None, overrides: list[str]):
-    """(resolved config, trained oracle), or (None, exit code) after printing why (bad config: 2; no oracle: 1)."""
+def add_device_argument(parser, where: str = "images are generated and judged") -> None:
+    """--device, for the benchmarks that generate or time on a device (`benchmark_device` resolves it)."""
+    parser.add_argument("--device", default="auto", help=f"where {where}: auto (CUDA when available), cpu, cuda "
+                        "or cuda:N; the JSON records the device used")
+
+
+def benchmark_device(name: str) -> torch.device | None:
+    """--device as a torch.device, or None after printing why it cannot be used (one line; exit code 2)."""
+    import sys
+
+    from hybrid.devices import resolve_device
+
+    try:
+        return resolve_device(name)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
+
+
+def config_and_oracle(config: str | None, overrides: list[str], device: torch.device):
+    """(resolved config, trained oracle on `device`), or (None, exit code) after printing why (bad config: 2;
+    no oracle: 1)."""
     import sys
 
     from hybrid.config import load_cli_config
@@ -20,36 +40,42 @@ def config_and_oracle(config: str | None, overrides: list[str]):
     if cfg is None:
         return None, 2
     try:
-        return cfg, load_oracle(cfg=cfg)
+        return cfg, load_oracle(cfg=cfg, device=device)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return None, 1
 
 
 def add_judging_arguments(parser, run_dir_help: str, sample_keys: str) -> None:
-    """--run-dir, --config, --out and --sample (generation settings `sample_keys`), shared by the judging benchmarks."""
+    """--run-dir, --config, --out, --sample (generation settings `sample_keys`) and --device, shared by the judging
+    benchmarks."""
     parser.add_argument("--run-dir", required=True, help=run_dir_help)
     parser.add_argument("--config", default=None, help="experiment YAML (default: configs/default.yaml)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--sample", default="", help=f"generation settings, comma-separated KEY=VALUE ({sample_keys}); "
                         "default: the stages' configs")
+    add_device_argument(parser)
 
 
 def start_judging(parser, argv: list[str] | None):
     """A judging benchmark's start (its parser has `add_judging_arguments`; unknown arguments are key=value
-    overrides): (args, generation settings parsed from --sample, resolved config with run_dir set, oracle),
-    or an exit code after printing why (bad --sample or config: 2; no oracle: 1)."""
+    overrides): (args with --device resolved to a torch.device, generation settings parsed from --sample,
+    resolved config with run_dir set, oracle on that device), or an exit code after printing why (bad
+    --device, --sample or config: 2; no oracle: 1)."""
     import sys
 
     from hybrid.pipeline import GenerationSettings
 
     args, overrides = parser.parse_known_args(argv)
+    args.device = benchmark_device(args.device)
+    if args.device is None:
+        return 2
     try:
         settings = GenerationSettings.parse(args.sample)
     except ValueError as err:
         print(f"error: --sample: {err}", file=sys.stderr)
         return 2
-    cfg, oracle = config_and_oracle(args.config, [f"run_dir={args.run_dir}", *overrides])
+    cfg, oracle = config_and_oracle(args.config, [f"run_dir={args.run_dir}", *overrides], args.device)
     return oracle if cfg is None else (args, settings, cfg, oracle)
 
 
@@ -74,9 +100,12 @@ def judge_class_prompts(pipe, oracle, cfg, out_dir, modes, num_samples: int, set
     return out
 
 
-def machine() -> dict:
-    """Where the numbers came from: CPU, cores, threads, torch, GPU (if any)."""
+def machine(device: torch.device) -> dict:
+    """Where the numbers came from: the device they were measured on (`device`: "cpu", "cuda", ...), CPU,
+    cores, threads, torch, and the GPU's name when `device` is one (a GPU the benchmark did not use is not
+    named: its numbers are the CPU's)."""
     info = {
+        "device": str(device),
         "cpu": platform.processor() or platform.machine(),
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -84,8 +113,8 @@ def machine() -> dict:
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
     return info
 
 
@@ -107,16 +136,19 @@ def heldout_images(image_size: int, n: int, seed: int, **kwargs) -> torch.Tensor
     return heldout_samples(image_size, n, seed, **kwargs)["image"]
 
 
-def median_seconds(fn, repeats: int = 3) -> float:
-    """Median wall time of fn() over `repeats` calls, after one warm-up call."""
+def median_seconds(fn, device: torch.device, repeats: int = 3) -> float:
+    """Median wall time of fn() on `device` (`Stopwatch`: a CUDA device is synchronized) over `repeats`
+    calls, after one warm-up call."""
     import statistics
+
+    from hybrid.devices import Stopwatch
 
     fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+        with Stopwatch(device) as watch:
+            fn()
+        times.append(watch.seconds)
     return statistics.median(times)
 
 

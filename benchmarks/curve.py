@@ -1,7 +1,7 @@
 """The main job's training curve (issue #6): FID and adherence of `ar` and `hybrid` against AR training minutes.
 
     python -m benchmarks.curve --run-dir runs/default --at 250 500 1000 --out runs/bench/curve.json \\
-        [--num-samples 1000] [--sample cfg=4,temperature=0.5,top_k=10] [--config FILE] [key=value ...]
+        [--num-samples 1000] [--sample cfg=4,temperature=0.5,top_k=10] [--device auto] [--config FILE] [key=value ...]
 
 The run directory must hold a trained tokenizer (and a refiner, for the `hybrid` column). When it
 has no AR stage yet, the AR stage is trained here exactly as `python train.py stage=ar` does, with a
@@ -19,7 +19,9 @@ settings than the AR checkpoint's config (`ar.sample`): guidance, temperature, t
 refiner's steps and sampler; running the benchmark again with another `--sample` reuses the snapshots,
 so it is also a sampling sweep of a trained AR stage.
 The tokenizer's and refiner's training minutes (recorded in their final checkpoints) are written
-beside the rows, so the whole experiment's training time at each point can be stated.
+beside the rows, so the whole experiment's training time at each point can be stated. The snapshots are
+judged on `--device` (default: CUDA when available), recorded as `machine.device`; the AR stage trains on
+`trainer.accelerator`'s device.
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
               "curve callback, or max_steps is smaller): retrain with retrain=true", file=sys.stderr)
         return 1
 
-    pipe = HybridPipeline.from_run(run_dir)
+    pipe = HybridPipeline.from_run(run_dir, device=args.device)
     modes = tuple(m for m in ("ar", "hybrid") if m in pipe.modes)
     other = {s: stage_minutes(run_dir, s) for s in ("tokenizer", "refiner")}
     rows = []
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             cells.append(f"hybrid - ar {d['difference']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] (paired)")
         print(f"{step:6d} {row['ar_minutes']:7.1f}  " + "  ".join(cells), flush=True)
     command = "python -m benchmarks.curve " + " ".join(sys.argv[1:] if argv is None else argv)
-    result = {"machine": machine(), "command": command,
+    result = {"machine": machine(args.device), "command": command,
               "num_samples": args.num_samples, "draw": cfg.eval.draw, "settings": settings, "stage_minutes": other,
               "ar": {"width": cfg.ar.width, "depth": cfg.ar.depth, "heads": cfg.ar.heads,
                      "max_steps": cfg.ar.train.max_steps, "batch_size": cfg.ar.train.batch_size,

@@ -1,7 +1,7 @@
 """Where does the AR stage lose an attribute? Sample with the first scales taken from real images.
 
     python -m benchmarks.given_scales --run-dir DIR [--num-images 1000] [--sample cfg=4,...]
-        [--config FILE] [--out FILE] [key=value ...]
+        [--device auto] [--config FILE] [--out FILE] [key=value ...]
 
 For held-out procedural images, the tokenizer's codes of the first m scales are given to the AR
 model (`ARModel.generate(given=...)`), which writes the remaining scales for the image's own class;
@@ -12,7 +12,8 @@ free choice, so only shape and color are requests); m = K (every scale given) is
 decode(z_q), the ceiling. The scale after which an attribute stops being kept is where the AR loses it. Each row also
 judges the given codes alone (their accumulated latent decoded, no AR): what the coarse scales
 hold by themselves, against what the AR's later scales add to or take from it.
-Needs a run directory with a trained tokenizer and next-scale AR, and the cached oracle.
+Needs a run directory with a trained tokenizer and next-scale AR, and the cached oracle. Runs on `--device`
+(default: CUDA when available), recorded as `machine.device`.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ ATTRS = ("shape", "color", "position", "size", "fill", "background")
 def sample_with_given(pipe, indices: list[torch.Tensor], classes: torch.Tensor, m: int, settings: dict,
                       batch: int = 100, seed: int = 0) -> torch.Tensor:
     """Decoded z_q (N, 3, H, W) of AR samples whose first m scales are `indices`' (one seed for all m)."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(pipe.device).manual_seed(seed)
     kwargs = pipe.ar_sampling(settings)
     out = []
     for i in range(0, classes.shape[0], batch):
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args, settings, cfg, oracle = started
     from hybrid.pipeline import HybridPipeline, PipelineError
     try:
-        pipe = HybridPipeline.from_run(args.run_dir)
+        pipe = HybridPipeline.from_run(args.run_dir, device=args.device)
     except (PipelineError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     print(f"{'given scales':>14} {'images':>19} {'FID [95% CI]':>24}  " + " ".join(f"{a:>10}" for a in ATTRS))
     with torch.no_grad():
-        indices = [torch.cat(parts) for parts in zip(*(tok.encode(data["image"][i:i + 250]).indices
+        indices = [torch.cat(parts) for parts in zip(*(tok.encode(data["image"][i:i + 250].to(args.device)).indices
                                                        for i in range(0, args.num_images, 250)))]
         for m in range(len(scales) + 1):
             images = sample_with_given(pipe, indices, classes, m, settings)
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{label:>14} {name:>19} {fmt_ci(entry['fid']):>24}  "
                       + " ".join(f"{100 * entry['adherence'][a]:9.1f}%" for a in ATTRS), flush=True)
     command = "python -m benchmarks.given_scales " + " ".join(sys.argv[1:] if argv is None else argv)
-    write_result(args.out, {"machine": machine(), "command": command, "num_images": args.num_images,
+    write_result(args.out, {"machine": machine(args.device), "command": command, "num_images": args.num_images,
                             "settings": settings, "ar_sampling": pipe.ar_sampling(settings), "scales": scales,
                             "rows": rows})
     return 0

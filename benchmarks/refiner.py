@@ -1,7 +1,8 @@
 """Stage 3 benchmark: how much the refiner adds to ground-truth z_q, in how few steps, and the baseline.
 
     python -m benchmarks.refiner --run-dir runs/bench/refiner --out runs/bench/refiner.json \\
-        [--tokenizer runs/bench/tokenizer/tokenizer/final.ckpt] [--baseline] [--config FILE] [key=value ...]
+        [--tokenizer runs/bench/tokenizer/tokenizer/final.ckpt] [--baseline] [--device auto] [--config FILE]
+        [key=value ...]
 
 Trains what the run directory lacks, exactly as `python train.py stage=...` does: the tokenizer
 (unless `--tokenizer` names a trained one), the refiner, and with `--baseline` the pure-diffusion
@@ -19,6 +20,8 @@ against as many fresh real ones, all in oracle features with 95% bootstrap inter
   50 steps; for both denoisers the parameters and the forward time per image (batch 64).
 Every refined row is also paired with decode(z_q) on the same images: FID(row) - FID(z_q) and, per
 attribute, adherence(row) - adherence(z_q), each with a paired bootstrap interval.
+Measured on `--device` (default: CUDA when available), recorded as `machine.device`; the stages train
+on `trainer.accelerator`'s device.
 Targets (issue #5): refined FID below z_q's outside the intervals, adherence no lower (as measured,
 and by the paired interval); 4 steps within the interval of 8 steps.
 """
@@ -33,6 +36,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import (
+    add_device_argument,
+    benchmark_device,
     config_and_oracle,
     disjoint,
     fmt_ci,
@@ -48,8 +53,9 @@ REAL_SEED = 41_002
 SAMPLERS = {"ddpm": ("ddim", "dpm"), "flow": ("euler", "dpm")}
 
 
-def load_stage(path, stage: str, raw: bool = False):
-    """The LightningModule of a refiner/diffusion checkpoint, eval mode; `raw` swaps in the non-EMA weights."""
+def load_stage(path, stage: str, raw: bool = False, device: torch.device | str = "cpu"):
+    """The LightningModule of a refiner/diffusion checkpoint, eval mode, on `device`; `raw` swaps in the non-EMA
+    weights."""
     from hybrid.checkpoints import last_path, load_checkpoint, sub_state_dict
     from hybrid.lit.refiner import DiffusionModule, RefinerModule
 
@@ -72,7 +78,7 @@ def load_stage(path, stage: str, raw: bool = False):
                                  f"(trained without EMA?)")
             raw_state = sub_state_dict(last["current_model_state"], "model")
         module.model.load_state_dict(raw_state)
-    return module
+    return module.to(device)
 
 
 @torch.no_grad()
@@ -99,7 +105,7 @@ def noise_residual(z_q: torch.Tensor, residual_std: torch.Tensor, seed: int = 0)
     knew nothing about the residual but its scale would write this, so one worth its steps beats it."""
     from hybrid.refiner.diffusion import refiner_compose
 
-    noise = torch.randn(z_q.shape, generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(z_q.shape, generator=torch.Generator().manual_seed(seed)).to(z_q.device)  # same on any device
     return refiner_compose(noise, z_q, residual_std)
 
 
@@ -116,18 +122,20 @@ def sample_baseline(module, classes: torch.Tensor, steps: int, batch: int = 250,
 
 @torch.no_grad()
 def forward_ms_per_image(module, coarse: bool, batch: int = 64) -> float:
-    """Median ms per image of one denoiser forward at batch `batch`."""
+    """Median ms per image of one denoiser forward at batch `batch`, on the module's device."""
     tok = module.tokenizer
     shape = (batch, tok.latent_channels, tok.latent_size, tok.latent_size)
-    x = torch.randn(shape)
-    z_q = torch.randn(shape) if coarse else None
-    t = torch.full((batch,), 500)
-    cond = torch.zeros(batch, dtype=torch.long) if module.model.condition == "class" else None
-    return 1000 * median_seconds(lambda: module.model(x, t, z_q, cond), repeats=5) / batch
+    x = torch.randn(shape, device=module.device)
+    z_q = torch.randn(shape, device=module.device) if coarse else None
+    t = torch.full((batch,), 500, device=module.device)
+    cond = torch.zeros(batch, dtype=torch.long, device=module.device) if module.model.condition == "class" else None
+    return 1000 * median_seconds(lambda: module.model(x, t, z_q, cond), x.device, repeats=5) / batch
 
 
 def measure_refiner(refiner, z_q, classes, steps_list, judge, result) -> str:
     """The step ablation per sampler, EMA vs raw weights, size and forward time; returns the default setting."""
+    from hybrid.devices import Stopwatch
+
     rcfg = refiner.section
     result["refiner"] = {k: rcfg[k] for k in ("arch", "width", "depth", "objective", "prediction", "target",
                                                "condition", "corrupt_prob", "coarse_scales", "sampler", "steps")}
@@ -135,11 +143,10 @@ def measure_refiner(refiner, z_q, classes, steps_list, judge, result) -> str:
     result["ablation"] = {}
     for sampler in SAMPLERS[rcfg.objective]:
         for steps in steps_list:
-            t0 = time.perf_counter()
-            refined = refine_all(refiner, z_q, classes, steps, sampler)
-            seconds = time.perf_counter() - t0
+            with Stopwatch(z_q.device) as watch:
+                refined = refine_all(refiner, z_q, classes, steps, sampler)
             entry = judge(refined, name=f"{sampler}/{steps}")
-            entry["images_per_s"] = n / seconds  # refine + decode, batch 250
+            entry["images_per_s"] = n / watch.seconds  # refine + decode, batch 250
             result["ablation"][f"{sampler}/{steps}"] = entry
             print(f"refined {sampler:5s} {steps} steps  FID {fmt_ci(entry['fid'])}{vs_z_q(entry)}  "
                   f"adherence(all) {100 * entry['adherence']['all']:.1f}%  {entry['images_per_s']:.0f} img/s")
@@ -148,7 +155,7 @@ def measure_refiner(refiner, z_q, classes, steps_list, judge, result) -> str:
         result["ablation"][default_key] = judge(refine_all(refiner, z_q, classes, rcfg.steps, rcfg.sampler),
                                                 name=default_key)
     try:
-        raw = load_stage(refiner.checkpoint_path, "refiner", raw=True)
+        raw = load_stage(refiner.checkpoint_path, "refiner", raw=True, device=refiner.device)
     except ValueError as err:  # e.g. a run whose last.ckpt is a later or earlier snapshot: the rest still counts
         result["raw_weights"] = None
         print(f"raw weights: not measured ({err})")
@@ -177,8 +184,13 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline-steps", default="10,25,50", help="baseline step counts")
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the FID intervals")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    add_device_argument(parser, "held-out images are encoded, refined, sampled, judged and timed (the stages "
+                        "train on trainer.accelerator's)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_intermixed_args(argv)  # key=value overrides may follow --options
+    device = benchmark_device(args.device)
+    if device is None:
+        return 2
 
     from hybrid.checkpoints import final_path
     from hybrid.eval.adherence import adherence_from_logits, oracle_logits, paired_adherence_difference
@@ -188,10 +200,11 @@ def main(argv=None) -> int:
     overrides = [*args.overrides, f"run_dir={args.run_dir}"]
     if args.tokenizer:
         overrides.append(f"tokenizer.checkpoint={args.tokenizer}")
-    cfg, oracle = config_and_oracle(args.config, overrides)
+    cfg, oracle = config_and_oracle(args.config, overrides, device)
     if cfg is None:
         return oracle  # the exit code
-    result = {"machine": machine(), "command": " ".join(["python -m benchmarks.refiner", *(argv or sys.argv[1:])])}
+    result = {"machine": machine(device),
+              "command": " ".join(["python -m benchmarks.refiner", *(argv or sys.argv[1:])])}
     stages = (([] if args.tokenizer else ["tokenizer"]) + (["refiner"] if args.refiner else [])
               + (["diffusion"] if args.baseline else []))
     result["train_minutes"] = {}
@@ -204,7 +217,7 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     first = "refiner" if args.refiner else "diffusion"
-    probe = load_stage(final_path(cfg.run_dir, first), first)
+    probe = load_stage(final_path(cfg.run_dir, first), first, device=device)
     tok = probe.tokenizer
     data = heldout_samples(tok.image_size, args.num_images, EVAL_SEED)
     images, classes, attrs = data["image"], data["class_id"], data["attrs"]
@@ -228,7 +241,7 @@ def main(argv=None) -> int:
         return out
 
     with torch.no_grad():
-        enc = [tok.encode(images[i:i + 250]) for i in range(0, images.shape[0], 250)]
+        enc = [tok.encode(images[i:i + 250].to(device)) for i in range(0, images.shape[0], 250)]
         z = torch.cat([e.z for e in enc])
         z_q = torch.cat([e.z_q for e in enc])
         decode = lambda lat: torch.cat([tok.decode(lat[i:i + 250]).clamp(-1, 1) for i in range(0, lat.shape[0], 250)])  # noqa: E731
@@ -255,14 +268,15 @@ def main(argv=None) -> int:
             for a, d in result["ablation"][default_key]["adherence_vs_z_q"].items()))
         result["targets"] = targets(result, default_key, steps_list)
     if args.baseline:
-        base = load_stage(final_path(cfg.run_dir, "diffusion"), "diffusion")
+        base = load_stage(final_path(cfg.run_dir, "diffusion"), "diffusion", device=device)
         dcfg = base.section
         result["baseline"] = {"config": {k: dcfg[k] for k in ("arch", "width", "depth", "objective", "sampler")},
                               "params": sum(p.numel() for p in base.model.parameters()),
                               "forward_ms_per_image": forward_ms_per_image(base, coarse=False), "steps": {}}
         for steps in [int(s) for s in args.baseline_steps.split(",")]:
             entry = judge(sample_baseline(base, classes, steps), paired=False)
-            entry["images_per_s"] = 16 / median_seconds(lambda s=steps: sample_baseline(base, classes[:16], s))
+            entry["images_per_s"] = 16 / median_seconds(lambda s=steps: sample_baseline(base, classes[:16], s),
+                                                         base.device)
             result["baseline"]["steps"][str(steps)] = entry
             print(f"baseline {steps:2d} steps  FID {fmt_ci(entry['fid'])}  {entry['images_per_s']:.1f} img/s (b16)")
     if "targets" in result:

@@ -2,7 +2,7 @@
 
     python -m benchmarks.repair --run-dir runs/main --out runs/bench/repair.json \\
         [--variant repair:refiner.corrupt_prob=0.1 --variant plain:refiner.corrupt_prob=0] \\
-        [--num-samples 2000] [--config FILE] [key=value ...]
+        [--num-samples 2000] [--device auto] [--config FILE] [key=value ...]
 
 The run directory must hold a trained tokenizer and AR stage. Each `--variant NAME:key=value,...`
 is a refiner trained (when `<run-dir>/repair/NAME/refiner/final.ckpt` is missing) exactly as
@@ -14,6 +14,8 @@ each variant also gets paired differences (one bootstrap draws the same rows of 
 FID(pure AR) as `fid_vs_ar`, and, after the first variant, FID(variant) - FID(first variant) as
 `fid_vs_first`; an interval that excludes 0 says the two differ. `refiner.corrupt_prob` is the repair
 knob (the fraction of coarse tokens replaced by near-miss codes in training); 0 trains on clean tokens only.
+The samples are generated and judged on `--device` (default: CUDA when available), recorded as
+`machine.device`; the refiners train on `trainer.accelerator`'s device.
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import config_and_oracle, judge_class_prompts, machine, write_result
+from benchmarks.common import (
+    add_device_argument,
+    benchmark_device,
+    config_and_oracle,
+    judge_class_prompts,
+    machine,
+    write_result,
+)
 
 DEFAULT_VARIANTS = ["repair:refiner.corrupt_prob=0.1", "plain:refiner.corrupt_prob=0"]
 
@@ -46,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=2000)
     parser.add_argument("--config", default=None)
     parser.add_argument("--out", default=None)
+    add_device_argument(parser)
     args, overrides = parser.parse_known_args(argv)
+    device = benchmark_device(args.device)
+    if device is None:
+        return 2
     try:
         variants = [parse_variant(v) for v in (args.variant or DEFAULT_VARIANTS)]
     except ValueError as err:
@@ -63,10 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             print(f"error: {run_dir} has no trained {what} ({path} is missing)", file=sys.stderr)
             return 1
-    cfg, oracle = config_and_oracle(args.config, [f"run_dir={run_dir}", *overrides])
+    cfg, oracle = config_and_oracle(args.config, [f"run_dir={run_dir}", *overrides], device)
     if cfg is None:
         return oracle
-    result = {"machine": machine(), "command": "python -m benchmarks.repair " + " ".join(
+    result = {"machine": machine(device), "command": "python -m benchmarks.repair " + " ".join(
         sys.argv[1:] if argv is None else argv), "num_samples": args.num_samples, "variants": {}}
 
     from hybrid.eval.fid import paired_fid_difference
@@ -105,13 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         result["variants"][name] = {"overrides": extra, "corrupt_prob": vcfg.refiner.corrupt_prob,
                                     "corrupt_neighbors": vcfg.refiner.corrupt_neighbors,
                                     "train_minutes": round((time.time() - t0) / 60, 2) if trained else None}
-    pipe = HybridPipeline.from_checkpoints(tok_path, ar=ar_path)
+    pipe = HybridPipeline.from_checkpoints(tok_path, ar=ar_path, device=device)
     result["ar"] = judge(pipe, "ar", "ar")
     print(line("pure AR", result["ar"]), flush=True)
     first = variants[0][0]
     for name, _ in variants:
         pipe = HybridPipeline.from_checkpoints(tok_path, ar=ar_path, refiner=final_path(run_dir / "repair" / name,
-                                                                                        "refiner"))
+                                                                                        "refiner"), device=device)
         entry = result["variants"][name]
         entry.update(judge(pipe, name, "hybrid"))
         entry["fid_vs_ar"] = paired(name, "ar")

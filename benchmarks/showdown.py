@@ -3,7 +3,7 @@
     python benchmarks/showdown.py --run-dir runs/showdown --out runs/showdown/report \\
         [--config FILE] [--systems ar raster diffusion hybrid] [--num-samples 1000] [--seeds 3] \\
         [--sweep-samples 500] [--cfg-sweep 1 2 4] [--samplers ddim dpm] \\
-        [--refiner-steps 1 2 4 8] [--diffusion-steps 10 25 50] [--no-match-flops] [key=value ...]
+        [--refiner-steps 1 2 4 8] [--diffusion-steps 10 25 50] [--no-match-flops] [--device auto] [key=value ...]
 
 Same data, same tokenizer, same code, one run. Stages are trained into `--run-dir` exactly as
 `python train.py stage=...` trains them (a stage whose final checkpoint exists is reused), each with a
@@ -38,9 +38,13 @@ Evaluation (oracle features, class prompts drawn like the validation data):
    half-budget snapshot against the full budget's on seed 0's first `--sweep-samples` requests
    (convergence).
 
+Generation, judging and timing run on `--device` (default: CUDA when available; recorded as the JSON's
+`machine.device`, and a GPU's name in the report's title only when it ran there); the stages train on
+`trainer.accelerator`'s device.
+
 Writes `<out>/showdown.json`, `<out>/showdown.md` (the tables, the verdicts and the debate table)
 and two plots: `fid_vs_speed.png` and `fid_vs_refiner_steps.png`. Generated images' oracle features
-are cached under `<out>/cache/` keyed by the weights and settings, so a re-run after an
+are cached under `<out>/cache/` keyed by the weights, settings and device, so a re-run after an
 interruption, or with more systems, reuses what was judged.
 """
 
@@ -62,7 +66,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from benchmarks.common import config_and_oracle, machine, write_result
+from benchmarks.common import add_device_argument, benchmark_device, config_and_oracle, machine, write_result
 from benchmarks.curve import Snapshots
 
 SYSTEMS = ("ar", "raster", "diffusion", "hybrid")
@@ -310,6 +314,8 @@ class Judge:
 
         n = n or self.n
         key = f"{tag}|{mode}|{settings_key(settings)}|{seed}|{n}|{kind}|v{SAMPLING_VERSION}|{self.oracle_id}"
+        if pipe.device.type != "cpu":  # a seed draws other images on another device (CPU keys stay as they were)
+            key += f"|{pipe.device.type}"
         key = hashlib.sha1(key.encode()).hexdigest()[:16]
         path = self.cache / f"{key}.pt"
         if path.is_file():
@@ -382,8 +388,8 @@ class Judge:
 # ------------------------------------------------------------------------------------------------
 
 
-def load_pipes(run_dir: Path, stages: dict, which: str = "final") -> dict:
-    """{system: (pipeline, weights tag)} for the trained systems; which = "final" | "half"."""
+def load_pipes(run_dir: Path, stages: dict, device: torch.device, which: str = "final") -> dict:
+    """{system: (pipeline on `device`, weights tag)} for the trained systems; which = "final" | "half"."""
     from hybrid.pipeline import HybridPipeline
 
     tok = run_dir / "tokenizer" / "final.ckpt"
@@ -394,7 +400,7 @@ def load_pipes(run_dir: Path, stages: dict, which: str = "final") -> dict:
     for system, parts in wanted.items():
         if any(v is None for v in parts.values()):
             continue
-        pipes[system] = (HybridPipeline.from_checkpoints(tok, **parts), file_tag(tok, *parts.values()))
+        pipes[system] = (HybridPipeline.from_checkpoints(tok, **parts, device=device), file_tag(tok, *parts.values()))
     return pipes
 
 
@@ -431,7 +437,7 @@ def operating_point(rows: list[dict]) -> dict:
     return max(ok, key=lambda r: r["images_per_s"])
 
 
-def run(args, cfg, oracle) -> dict:
+def run(args, cfg, oracle, device: torch.device) -> dict:
     run_dir = Path(cfg.run_dir)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -440,7 +446,7 @@ def run(args, cfg, oracle) -> dict:
     stages = train_system_stages(cfg, run_dir, systems, args.match_flops)
     train_seconds = time.perf_counter() - t0
     fair = fairness(stages)
-    pipes = load_pipes(run_dir, stages)
+    pipes = load_pipes(run_dir, stages, device)
     judge = Judge(oracle, cfg, out_dir, args.num_samples, args.seeds, cfg.eval.bootstrap, cfg.eval.batch_size)
     result: dict = {"systems": {}, "stages": stages, "fairness": fair}
 
@@ -491,7 +497,7 @@ def run(args, cfg, oracle) -> dict:
         for row in result["systems"]["hybrid"]["rows"]:
             row["fid_vs_ar"] = judge.paired((*pipes["hybrid"], MODE["hybrid"], row["settings"]), ar_set)
     start = time.perf_counter()
-    halves = load_pipes(run_dir, stages, which="half")
+    halves = load_pipes(run_dir, stages, device, which="half")
     for system, entry in result["systems"].items():
         op = op_row(entry)
         if system not in halves:
@@ -554,8 +560,9 @@ def side_by_side_speed(ops: dict, classes: torch.Tensor, rounds: int) -> dict:
     """images/s at batch 16 of each system's operating point, timed interleaved: every round times one
     call of each system, in an order rotated round by round, after one untimed warm-up round, so a
     drift of the machine's speed (or whichever system happens to run first) falls on all of them
-    alike. `ops`: {system: (pipeline, mode, settings)}. Returns {"images_per_s": {system: median},
-    "rounds": rounds}."""
+    alike. `ops`: {system: (pipeline, mode, settings)}. Each call is timed on its pipeline's device
+    (`Stopwatch`: a CUDA device is synchronized). Returns {"images_per_s": {system: median}, "rounds": rounds}."""
+    from hybrid.devices import Stopwatch
     from hybrid.eval.evaluate import TIMING_BATCH
 
     names = list(ops)
@@ -565,10 +572,10 @@ def side_by_side_speed(ops: dict, classes: torch.Tensor, rounds: int) -> dict:
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
             pipe, mode, settings = ops[name]
-            start = time.perf_counter()
-            pipe(classes=batch, mode=mode, seed=r, batch_size=TIMING_BATCH, **settings)
+            with Stopwatch(pipe.device) as watch:
+                pipe(classes=batch, mode=mode, seed=r, batch_size=TIMING_BATCH, **settings)
             if r > 0:  # round 0 warms every pipeline up
-                times[name].append(time.perf_counter() - start)
+                times[name].append(watch.seconds)
     return {"images_per_s": {n: TIMING_BATCH / float(np.median(t)) for n, t in times.items()}, "rounds": rounds}
 
 
@@ -676,8 +683,11 @@ def markdown(result: dict) -> str:
     lines += ["", "## Verdicts", ""]
     if result.get("side_by_side"):
         sbs = result["side_by_side"]
+        retimed = sbs.get("retimed", {}).get("machine")  # --retime may run on another machine or device
         lines += [f"Speeds compared side by side (operating points timed interleaved, rotating order, medians of "
-                  f"{sbs['rounds']} rounds, batch 16): "
+                  f"{sbs['rounds']} rounds, batch 16"
+                  + (f"; re-timed on {retimed.get('gpu') or retimed['cpu']}, {retimed['date']}" if retimed else "")
+                  + "): "
                   + ", ".join(f"{result['systems'][k]['label']} {v:.1f}" for k, v in sbs["images_per_s"].items())
                   + " images/s.", ""]
     v = result["verdicts"]
@@ -778,8 +788,9 @@ def plots(result: dict, out_dir: Path) -> list[str]:
     return written
 
 
-def retime(run_dir: Path, out_dir: Path) -> int:
-    """`--retime`: the side-by-side timing again for an existing showdown.json; verdicts and markdown rewritten."""
+def retime(run_dir: Path, out_dir: Path, device: torch.device) -> int:
+    """`--retime`: the side-by-side timing again for an existing showdown.json, on `device` (recorded with it);
+    verdicts and markdown rewritten."""
     from hybrid.eval.evaluate import EVAL_REQUEST_SEED, make_requests
 
     path = out_dir / "showdown.json"
@@ -787,12 +798,12 @@ def retime(run_dir: Path, out_dir: Path) -> int:
         print(f"error: --retime needs an earlier run's '{path}'", file=sys.stderr)
         return 2
     result = json.loads(path.read_text())
-    pipes = load_pipes(run_dir, result["stages"])
+    pipes = load_pipes(run_dir, result["stages"], device)
     start = time.perf_counter()
     classes = make_requests(TIMING_CLASSES, seed=EVAL_REQUEST_SEED)["classes"]
     result["side_by_side"] = side_by_side_speed(timed_operating_points(result["systems"], pipes), classes,
                                                 rounds=SIDE_BY_SIDE_ROUNDS)
-    result["side_by_side"]["retimed"] = {"machine": machine(), "seconds": time.perf_counter() - start}
+    result["side_by_side"]["retimed"] = {"machine": machine(device), "seconds": time.perf_counter() - start}
     result["verdicts"] = verdicts(result["systems"], result["side_by_side"]["images_per_s"])
     write_result(path, result)
     (out_dir / "showdown.md").write_text(markdown(result))
@@ -823,23 +834,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retime", action="store_true", help="only re-run the side-by-side timing of the operating "
                         "points recorded in OUT/showdown.json (on a quiet machine) and rewrite its verdicts and "
                         "markdown; nothing is trained or judged")
+    add_device_argument(parser, "images are generated, judged and timed (the stages train on trainer.accelerator's)")
     args, overrides = parser.parse_known_args(argv)
+    device = benchmark_device(args.device)
+    if device is None:
+        return 2
     if args.retime:
-        return retime(Path(args.run_dir), Path(args.out))
+        return retime(Path(args.run_dir), Path(args.out), device)
     for name in ("num_samples", "seeds", "sweep_samples"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    cfg, oracle = config_and_oracle(args.config, [f"run_dir={args.run_dir}", *overrides])
+    cfg, oracle = config_and_oracle(args.config, [f"run_dir={args.run_dir}", *overrides], device)
     if cfg is None:
         return oracle
     if args.holdout and not cfg.data.holdout:
         cfg.data.holdout = list(cfg.oracle.holdout)
         print(f"[showdown] held out of the generators' training data: {', '.join(cfg.data.holdout)}")
-    result = {"machine": machine(),
+    result = {"machine": machine(device),
               "command": "python benchmarks/showdown.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "args": vars(args)}
     try:
-        result.update(run(args, cfg, oracle))
+        result.update(run(args, cfg, oracle, device))
     except ShowdownError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """Stage 1 benchmark: train the tokenizer with the default config and measure it on held-out images.
 
-    python -m benchmarks.tokenizer --out runs/bench/tokenizer.json [--config FILE] [key=value ...]
+    python -m benchmarks.tokenizer --out runs/bench/tokenizer.json [--device auto] [--config FILE] [key=value ...]
     python -m benchmarks.tokenizer --reuse --run-dir runs/default      # measure an existing tokenizer
 
 Trains `stage=tokenizer` exactly as `python train.py stage=tokenizer` does (same config, same
@@ -15,6 +15,8 @@ code) into `--run-dir`, recording the PSNR of both paths on a fixed held-out bat
 - codebook usage (codes used / min(codebook size, positions)) and perplexity per scale and pooled;
 - the residual's share of the latent's energy, sum |r|^2 / sum |z|^2;
 - encode + decode images/s at batch 100 (median of 3).
+The held-out measurements run on `--device` (default: CUDA when available), recorded as `machine.device`;
+the stage trains on `trainer.accelerator`'s device.
 Targets (issue #3): stage <= 8 min; continuous >= 26 dB, discrete >= 22 dB; continuous FID below
 the discrete one outside the intervals; usage >= 90% pooled and >= 50% at the finest scale.
 """
@@ -29,6 +31,8 @@ import torch
 from pytorch_lightning import Callback
 
 from benchmarks.common import (
+    add_device_argument,
+    benchmark_device,
     config_and_oracle,
     disjoint,
     fmt_ci,
@@ -84,10 +88,12 @@ class PSNRCurve(Callback):
 
 @torch.no_grad()
 def reconstruct(tokenizer, images: torch.Tensor, batch_size: int = 250, keep=None):
-    """(decode(z), decode(z_q)) clamped to [-1, 1], on the CPU; `keep(out)` sees every encoder output."""
+    """(decode(z), decode(z_q)) clamped to [-1, 1], on the CPU (encoded and decoded on the tokenizer's device);
+    `keep(out)` sees every encoder output."""
+    device = next(tokenizer.parameters()).device
     cont, disc = [], []
     for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size]
+        x = images[start:start + batch_size].to(device)
         out = tokenizer.encode(x)
         if keep is not None:
             keep(out)
@@ -140,8 +146,9 @@ def measure(tokenizer, oracle, n: int, bootstrap: int = 200) -> dict:
 
 @torch.no_grad()
 def throughput(tokenizer, batch: torch.Tensor, repeats: int = 3) -> float:
-    """Encode + decode images/s at batch len(batch): median of `repeats` after a warm-up."""
-    return batch.shape[0] / median_seconds(lambda: tokenizer.decode(tokenizer.encode(batch).z), repeats)
+    """Encode + decode images/s at batch len(batch), on the tokenizer's device: median of `repeats` after a warm-up."""
+    batch = batch.to(next(tokenizer.parameters()).device)
+    return batch.shape[0] / median_seconds(lambda: tokenizer.decode(tokenizer.encode(batch).z), batch.device, repeats)
 
 
 def main(argv=None) -> int:
@@ -154,18 +161,25 @@ def main(argv=None) -> int:
     parser.add_argument("--curve-images", type=int, default=256, help="held-out images per curve point")
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the FID intervals")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    add_device_argument(parser, "the held-out images are reconstructed, judged and timed (the stage trains on "
+                        "trainer.accelerator's)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_intermixed_args(argv)  # key=value overrides may follow --options
+    device = benchmark_device(args.device)
+    if device is None:
+        return 2
 
     from hybrid.checkpoints import final_path
     from hybrid.config import to_dict
     from hybrid.lit.base import load_tokenizer
 
-    cfg, oracle = config_and_oracle(args.config, [*args.overrides, f"run_dir={args.run_dir}", "stage=tokenizer"])
+    cfg, oracle = config_and_oracle(args.config, [*args.overrides, f"run_dir={args.run_dir}", "stage=tokenizer"],
+                                    device)
     if cfg is None:
         return oracle  # the exit code
     tok_cfg = to_dict(cfg)["tokenizer"]
-    result = {"machine": machine(), "command": " ".join(["python -m benchmarks.tokenizer", *(argv or sys.argv[1:])]),
+    result = {"machine": machine(device),
+              "command": " ".join(["python -m benchmarks.tokenizer", *(argv or sys.argv[1:])]),
               "tokenizer_config": tok_cfg}
     final = final_path(cfg.run_dir, "tokenizer")
     if args.reuse:
@@ -182,7 +196,7 @@ def main(argv=None) -> int:
         stage_seconds = time.time() - t0 - curve.measuring
         result["stage_seconds"] = round(stage_seconds, 1)
         result["curve"] = curve.points
-    tokenizer, _, _ = load_tokenizer(final)
+    tokenizer = load_tokenizer(final)[0].to(device)
     torch.manual_seed(0)
     result.update(measure(tokenizer, oracle, args.num_images, args.bootstrap))
     result["targets"] = targets(result)

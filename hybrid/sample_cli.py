@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
-import torch
-
+from hybrid.devices import Stopwatch, resolve_device
 from hybrid.pipeline import MODES, HybridPipeline, PipelineError
 
 
@@ -46,14 +44,6 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise PipelineError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
-
-
 def _requests(args) -> tuple[list[int] | None, list[str] | None]:
     if args.num < 1:
         raise PipelineError(f"-n must be >= 1, got {args.num}")
@@ -77,7 +67,7 @@ def main(argv=None) -> int:
     from hybrid.checkpoints import CheckpointError
 
     try:
-        device = _device(args.device)
+        device = resolve_device(args.device)
         classes, prompts = _requests(args)
         if args.run:
             pipe = HybridPipeline.from_run(args.run, device=device)
@@ -91,13 +81,12 @@ def main(argv=None) -> int:
                   if value is not None]
         if args.mode == "ar" and unused:
             print(f"note: {', '.join(unused)} set the refiner, which --mode ar does not run", file=sys.stderr)
-        start = time.perf_counter()
-        images = pipe(
-            classes=classes, prompts=prompts, mode=args.mode, seed=args.seed, batch_size=args.batch_size,
-            cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-            steps=args.steps, sampler=args.sampler, refiner_cfg=args.refiner_cfg,
-        )
-        seconds = time.perf_counter() - start
+        with Stopwatch(device) as watch:
+            images = pipe(
+                classes=classes, prompts=prompts, mode=args.mode, seed=args.seed, batch_size=args.batch_size,
+                cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                steps=args.steps, sampler=args.sampler, refiner_cfg=args.refiner_cfg,
+            )
     except (PipelineError, CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -110,6 +99,6 @@ def main(argv=None) -> int:
             save_png(image, out / f"{i:04d}.png")
     if args.grid:
         save_grid(images, out / "grid.png")
-    n = images.shape[0]
+    n, seconds = images.shape[0], watch.seconds
     print(f"{n} images ({args.mode}) in {seconds:.2f} s = {n / seconds:.1f} images/s on {device}; written to {out}/")
     return 0

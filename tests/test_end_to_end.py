@@ -282,9 +282,10 @@ def test_curve_benchmark_trains_ar_with_snapshots_and_judges_each(toy_run, tmp_p
     out_json = tmp_path / "curve.json"
     out = _run(["-m", "benchmarks.curve", "--config", "configs/toy.yaml", "--run-dir", str(curve_run),
                 "--at", "10", "30", "--num-samples", "40", "--out", str(out_json), f"cache_dir={base / 'cache'}",
-                "trainer.progress_bar=false"])
+                "trainer.progress_bar=false", "--device", "cpu"])
     assert (curve_run / "ar" / "final.ckpt").is_file()
     result = json.loads(out_json.read_text())
+    assert result["machine"]["device"] == "cpu" and "gpu" not in result["machine"]  # the numbers' device
     assert [row["step"] for row in result["rows"]] == [10, 30]
     first, last = result["rows"]
     assert 0 < first["ar_minutes"] < last["ar_minutes"]
@@ -318,6 +319,7 @@ def test_curve_benchmark_trains_ar_with_snapshots_and_judges_each(toy_run, tmp_p
     greedy = json.loads(greedy_json.read_text())
     assert (curve_run / "ar" / "final.ckpt").stat().st_mtime == mtime
     assert greedy["settings"] == {"temperature": 0.0, "cfg": 1.0, "steps": 2}
+    assert greedy["machine"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
     assert greedy["rows"][0]["ar"]["fid"] != last["ar"]["fid"]
     # its grids go to their own folder, beside (not over) the default settings' grids
     curve_dir = curve_run / "ar" / "curve"
@@ -362,9 +364,11 @@ def test_tokenizer_benchmark_judges_both_reconstruction_paths(toy_run, tmp_path)
     base = toy_run[1]
     out_json = tmp_path / "tokenizer.json"
     out = _run(["-m", "benchmarks.tokenizer", "--config", "configs/toy.yaml", "--run-dir", str(toy_run[0]), "--reuse",
-                "--num-images", "48", "--bootstrap", "20", "--out", str(out_json), f"cache_dir={base / 'cache'}"])
+                "--num-images", "48", "--bootstrap", "20", "--out", str(out_json), f"cache_dir={base / 'cache'}",
+                "--device", "cpu"])
     result = json.loads(out_json.read_text())
     assert "stage_seconds" not in result  # reused, not trained
+    assert result["machine"]["device"] == "cpu" and result["images_per_s"] > 0
     for path in ("continuous", "discrete"):
         adh = result[f"adherence_{path}"]
         assert {"shape", "color", "position", "all"} <= set(adh)
@@ -380,9 +384,10 @@ def test_refiner_benchmark_judges_z_q_z_noise_and_each_sampler_on_a_trained_run(
     out_json = tmp_path / "refiner.json"
     out = _run(["-m", "benchmarks.refiner", "--config", "configs/toy.yaml", "--run-dir", str(bench_run),
                 "--tokenizer", str(bench_run / "tokenizer" / "final.ckpt"), "--num-images", "48", "--steps", "1,2",
-                "--bootstrap", "20", "--out", str(out_json), f"cache_dir={base / 'cache'}"])
+                "--bootstrap", "20", "--out", str(out_json), f"cache_dir={base / 'cache'}", "--device", "cpu"])
     result = json.loads(out_json.read_text())
     assert result["train_minutes"] == {}  # both stages were reused
+    assert result["machine"]["device"] == "cpu" and result["refiner_forward_ms_per_image"] > 0
     assert set(result["ablation"]) == {"ddim/1", "ddim/2", "dpm/1", "dpm/2"}
     for entry in [result["z_q"], result["z"], result["z_q_plus_noise"], *result["ablation"].values()]:
         fid, (lo, hi) = entry["fid"]["fid"], entry["fid"]["ci"]
@@ -457,8 +462,10 @@ def test_given_scales_benchmark_keeps_the_given_codes(toy_run, tmp_path):
     base = toy_run[1]
     out_json = tmp_path / "given.json"
     out = _run(["-m", "benchmarks.given_scales", "--config", "configs/toy.yaml", "--run-dir", str(toy_run[0]),
-                "--num-images", "40", "--out", str(out_json), f"cache_dir={base / 'cache'}", "eval.bootstrap=20"])
+                "--num-images", "40", "--out", str(out_json), f"cache_dir={base / 'cache'}", "eval.bootstrap=20",
+                "--device", "cpu"])
     result = json.loads(out_json.read_text())
+    assert result["machine"]["device"] == "cpu" and "gpu" not in result["machine"]
     assert [row["given"] for row in result["rows"]] == [0, 1, 2, 3] and result["scales"] == [1, 2, 4]
     last = result["rows"][-1]
     assert last["fid"] == last["given_only"]["fid"] and last["adherence"] == last["given_only"]["adherence"]
@@ -486,8 +493,10 @@ def test_repair_benchmark_trains_each_variant_and_judges_hybrid_samples(toy_run,
     out_json = tmp_path / "repair.json"
     _run(["-m", "benchmarks.repair", "--config", "configs/toy.yaml", "--run-dir", str(bench_run),
           "--variant", "repair:refiner.corrupt_prob=0.5", "--variant", "plain:refiner.corrupt_prob=0",
-          "--num-samples", "40", "--out", str(out_json), f"cache_dir={base / 'cache'}", "trainer.progress_bar=false"])
+          "--num-samples", "40", "--out", str(out_json), f"cache_dir={base / 'cache'}", "trainer.progress_bar=false",
+          "--device", "cpu"])
     result = json.loads(out_json.read_text())
+    assert result["machine"]["device"] == "cpu"
     assert set(result["variants"]) == {"repair", "plain"}
     assert result["variants"]["repair"]["corrupt_prob"] == 0.5 and result["variants"]["plain"]["corrupt_prob"] == 0
     for entry in [result["ar"], *result["variants"].values()]:
@@ -521,8 +530,9 @@ def test_showdown_trains_every_system_and_measures_them_side_by_side(toy_run, tm
     common = ["--config", "configs/toy.yaml", "--run-dir", str(show_run), "--out", str(out_dir),
               f"cache_dir={base / 'cache'}", "trainer.progress_bar=false"]
     _run(["benchmarks/showdown.py", *common, "--num-samples", "32", "--seeds", "2", "--sweep-samples", "16",
-          "--cfg-sweep", "1", "2", "--refiner-steps", "1", "2", "--diffusion-steps", "2", "4"])
+          "--cfg-sweep", "1", "2", "--refiner-steps", "1", "2", "--diffusion-steps", "2", "4", "--device", "cpu"])
     result = json.loads((out_dir / "showdown.json").read_text())
+    assert result["machine"]["device"] == "cpu" and "gpu" not in result["machine"]  # the speeds' device
     systems = result["systems"]
     assert set(systems) == {"ar", "raster", "diffusion", "hybrid"}
     scales = [1, 2, 4]  # configs/toy.yaml
@@ -589,9 +599,10 @@ def test_showdown_trains_every_system_and_measures_them_side_by_side(toy_run, tm
     # --retime: only the side-by-side timing again, verdicts and markdown rewritten, nothing re-judged
     (out_dir / "showdown.md").write_text("stale")
     cached = sorted((out_dir / "cache").iterdir())
-    _run(["benchmarks/showdown.py", "--retime", "--run-dir", str(show_run), "--out", str(out_dir)])
+    _run(["benchmarks/showdown.py", "--retime", "--run-dir", str(show_run), "--out", str(out_dir), "--device", "cpu"])
     again = json.loads((out_dir / "showdown.json").read_text())
     assert again["side_by_side"]["retimed"]["seconds"] > 0 and again["systems"] == systems
+    assert again["side_by_side"]["retimed"]["machine"]["device"] == "cpu"
     assert again["verdicts"]["hybrid_vs_diffusion"]["speedup"] == pytest.approx(
         again["side_by_side"]["images_per_s"]["hybrid"] / again["side_by_side"]["images_per_s"]["diffusion"])
     assert "Speeds compared side by side" in (out_dir / "showdown.md").read_text()

@@ -19,7 +19,6 @@ prompts carry the first object's shape and color; text prompts name every attrib
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from tqdm import tqdm
 from hybrid.checkpoints import write_json
 from hybrid.data.attributes import ATTRIBUTES, NUM_CLASSES, class_id
 from hybrid.data.procedural import caption, sample_attributes
+from hybrid.devices import Stopwatch
 from hybrid.images import save_grid
 
 EVAL_REQUEST_SEED = 20_261_127
@@ -104,16 +104,17 @@ def _generate_modes(pipe, modes, batch_size: int, settings: dict | None = None, 
 def measure_speed(pipe, mode: str, classes: torch.Tensor | None, repeats: int = 3,
                   prompts: list[str] | None = None, **settings) -> dict:
     """images/s at batch 16 and ms/image at batch 1, medians of `repeats` after a warm-up, for the first
-    class ids of `classes` (or, when it is None, the first `prompts`); `settings` go to the pipeline."""
+    class ids of `classes` (or, when it is None, the first `prompts`); `settings` go to the pipeline.
+    Each call is timed on the pipeline's device (`Stopwatch`: a CUDA device is synchronized)."""
     def median_seconds(batch: int) -> float:
         request = ({"classes": classes[:batch]} if classes is not None
                    else _fitted(pipe, mode, {"prompts": prompts[:batch]}))
         pipe(**request, mode=mode, seed=0, batch_size=batch, **settings)
         times = []
         for r in range(repeats):
-            start = time.perf_counter()
-            pipe(**request, mode=mode, seed=r + 1, batch_size=batch, **settings)
-            times.append(time.perf_counter() - start)
+            with Stopwatch(pipe.device) as watch:
+                pipe(**request, mode=mode, seed=r + 1, batch_size=batch, **settings)
+            times.append(watch.seconds)
         return float(np.median(times))
 
     return {

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader
 from hybrid.checkpoints import is_rank_zero
 from hybrid.data.attributes import ATTRIBUTES, SHAPES
 from hybrid.data.procedural import DATA_VERSION
+from hybrid.devices import resolve_device
 from hybrid.precision import resolve_precision
 
 FORMAT = "hybrid-oracle"
@@ -254,12 +255,6 @@ def _dataset(cfg, size: int, seed: int, split: str, holdout=(), only_holdout: bo
                              only_holdout=only_holdout)
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 @torch.no_grad()
 def measure(oracle: Oracle, dataset, batch_size: int = 256, num_workers: int = 0) -> dict[str, float]:
     """Per-attribute accuracy of `oracle` on a procedural dataset.
@@ -351,7 +346,7 @@ def train_oracle(cfg, device: str | torch.device | None = "auto", progress: bool
     the data is infinite and varied by construction.
     `meta` holds the accuracies (`evaluate_oracle`), the training time and the config.
     """
-    device = _resolve_device(device)
+    device = resolve_device(device)
     with _cpu_threads(device, cfg.oracle.num_workers):
         return _train(cfg, device, progress)
 
@@ -554,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             ensure_oracle(cfg, retrain=True, device=args.device)
             return 0
-        device = _resolve_device(args.device)
+        device = resolve_device(args.device)
         oracle = load_oracle(cfg=cfg, device=device)
         t0 = time.time()
         with _cpu_threads(device, cfg.oracle.num_workers):

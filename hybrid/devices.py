@@ -1,0 +1,54 @@
+"""Which device a command runs on (`--device auto | cpu | cuda | cuda:N`), and wall-clock timing on it.
+
+CUDA launches kernels asynchronously: a call returns once its work is queued, and only a read of the
+result back to the host waits for it. Pure-AR sampling reads nothing back, so a clock read right after
+the call measures kernel launches, not work. `Stopwatch` waits for the device at both ends of what it
+times (on a CPU there is nothing to wait for); every images/s and ms/image of the project is timed by it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """A `--device` value as a torch.device: `auto` (or None) is CUDA when available, else the CPU.
+    Raises ValueError (one line, naming the flag) for CUDA on a machine without it and for unknown names."""
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait until `device` has finished the work queued on it (a no-op on a CPU, which runs in order)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Stopwatch:
+    """`with Stopwatch(device) as watch: work()` -> `watch.seconds`: the wall time of the work on `device`,
+    the device synchronized before the clock starts and before it stops."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.seconds = float("nan")
+        self._start = 0.0
+
+    def __enter__(self) -> Stopwatch:
+        synchronize(self.device)  # work queued before the block is not the block's
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            synchronize(self.device)
+        self.seconds = time.perf_counter() - self._start
