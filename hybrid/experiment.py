@@ -108,7 +108,14 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.time()
     try:
-        for stage in stage_plan(cfg):
+        plan = stage_plan(cfg)
+        if cfg.retrain:  # the whole plan at once: an interrupted retrain goes on without retrain=true
+            from hybrid.lit.runner import TRAINABLE_STAGES, retraining, set_aside_for_retrain
+
+            for stage in plan:
+                if stage in TRAINABLE_STAGES and retraining(cfg):
+                    set_aside_for_retrain(cfg, stage)
+        for stage in plan:
             run_stage(cfg, stage)
     except (ConfigError, CheckpointError, FileNotFoundError, NonFiniteLossError, ValueError,
             FloatingPointError) as err:  # FloatingPointError: the oracle's non-finite loss

@@ -440,3 +440,87 @@ def test_an_error_in_a_dataloader_worker_is_reported_in_one_line(tmp_path, monke
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: no readable sample in 13 consecutive shards drawn from "
                                                f"'{pattern}'"), err
+
+
+def _main_toy(tmp_path, *overrides):
+    from hybrid.experiment import main
+
+    return main(["--config", str(TOY), f"run_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}",
+                 "trainer.progress_bar=false", "trainer.accelerator=cpu", "ar.token_cache=false",
+                 "tokenizer.train.max_steps=2", "ar.train.max_steps=4", "ar.train.ckpt_every=1",
+                 "refiner.train.max_steps=2", "oracle.train.max_steps=2", "eval.num_samples=16", *overrides])
+
+
+def test_an_interrupted_retrain_of_every_stage_goes_on_without_retrain_or_under_a_requeue(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """train.py stage=all retrain=true sets the whole plan aside at its start: after a Ctrl-C in the AR stage,
+    the same command without retrain=true (or SLURM's requeue of it, which keeps retrain=true) skips the new
+    tokenizer, resumes the AR and trains the refiner, and never reads a stage of the run being replaced."""
+    import torch
+
+    from hybrid.lit.ar import ARModule
+
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert _main_toy(tmp_path) == 0
+    run = tmp_path / "run"
+    real = ARModule.compute_loss
+
+    def ctrl_c_at_step_2(self, batch):
+        if self.global_step >= 2:
+            raise KeyboardInterrupt
+        return real(self, batch)
+
+    for resume in (["seed=1"], ["seed=1", "retrain=true"]):
+        monkeypatch.setattr(ARModule, "compute_loss", ctrl_c_at_step_2)
+        handler = signal.getsignal(signal.SIGINT)
+        try:
+            with pytest.raises(SystemExit):
+                _main_toy(tmp_path, "seed=1", "retrain=true")
+        finally:
+            signal.signal(signal.SIGINT, handler)
+        assert "re-run the same command without retrain=true" in capsys.readouterr().out
+        for stage in ("tokenizer", "ar", "refiner"):  # all set aside at the start, the refiner before its turn
+            assert list(tmp_path.glob(f"run/{stage}.before-retrain-*")), stage
+        assert not (run / "refiner").exists() and not (run / "ar" / "final.ckpt").exists()
+        monkeypatch.setattr(ARModule, "compute_loss", real)
+        if "retrain=true" in resume:
+            monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+        assert _main_toy(tmp_path, *resume) == 0
+        out = capsys.readouterr().out
+        assert "[tokenizer]" in out and "exists: skipped" in out and "[ar] resuming from" in out, out
+        ckpts = {s: torch.load(run / s / "final.ckpt", weights_only=True) for s in ("tokenizer", "ar", "refiner")}
+        assert ckpts["ar"]["global_step"] == 4
+        assert all(c["hyper_parameters"]["config"]["seed"] == 1 for c in ckpts.values())
+        monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+
+
+def test_retrain_warm_starting_from_the_stage_being_replaced_reads_it_where_it_was_set_aside(tmp_path, monkeypatch,
+                                                                                             capsys):
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    from hybrid.lit.runner import fit_stage
+
+    cfg = _toy(tmp_path)
+    fit_stage(cfg, "tokenizer")
+    fit_stage(cfg, "ar")
+    own = str(tmp_path / "ar" / "final.ckpt")
+    fit_stage(_toy(tmp_path, "retrain=true", f"init_from={own}"), "ar")
+    out = capsys.readouterr().out
+    aside = sorted(tmp_path.glob("ar.before-retrain-*"))
+    assert len(aside) == 1
+    assert f"init_from={own} was set aside by retrain=true: reading {aside[0] / 'final.ckpt'}" in out
+    assert (tmp_path / "ar" / "final.ckpt").is_file()
+
+
+def test_adopting_a_stage_sets_an_interrupted_trainings_leftovers_aside(tmp_path, monkeypatch):
+    from hybrid.lit.runner import fit_stage
+
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    source = _toy(tmp_path / "source")
+    tok, ar = fit_stage(source, "tokenizer"), fit_stage(source, "ar")
+    leftover = tmp_path / "run" / "ar" / "checkpoints" / "last.ckpt"  # an AR training interrupted here
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"another training's state")
+    fit_stage(_toy(tmp_path / "run", f"tokenizer.checkpoint={tok}", f"ar.checkpoint={ar}"), "ar")
+    assert sorted(p.name for p in (tmp_path / "run" / "ar").iterdir()) == ["final.ckpt"]
+    (aside,) = (tmp_path / "run").glob("ar.before-retrain-*")
+    assert (aside / "checkpoints" / "last.ckpt").read_bytes() == b"another training's state"

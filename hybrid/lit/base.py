@@ -299,7 +299,7 @@ class TokenizerConsumer(StageModule):
             raise CheckpointError(
                 f"stage {self.stage}: the checkpoint to resume from was trained on tokenizer weights {recorded}, "
                 f"but this run's tokenizer ({self.hparams.get('tokenizer_path', '?')}) has weights {current}; "
-                f"retrain the stage on it (retrain=true), or move {self.stage_dir} aside"
+                f"retrain the stage on it (stage={self.stage} retrain=true), or move {self.stage_dir} aside"
             )
 
     def trainable_parameters(self):

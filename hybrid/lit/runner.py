@@ -4,8 +4,10 @@ Resume rules, in order: a SLURM auto-requeue checkpoint (`hpc_ckpt_*.ckpt` in th
 directory) is picked up by Lightning itself when `fit` gets no `ckpt_path`; else the stage's
 `checkpoints/last.ckpt` (written atomically every `train.ckpt_every` steps); else a fresh start.
 A stage whose `final.ckpt` exists is skipped unless `retrain=true`, which first moves the stage's
-folder aside (`<stage>.before-retrain-<time>`) and trains from scratch; a SLURM requeue of a
-`retrain=true` job (`SLURM_RESTART_COUNT` > 0) resumes instead, like any other requeued job.
+folder aside (`<stage>.before-retrain-<time>`) and trains from scratch; `train.py` sets every stage of
+its plan aside at once, at its start, so after an interruption the same command without `retrain=true`
+goes on (finished stages skipped, the interrupted one resumed). A SLURM requeue of a `retrain=true` job
+(`SLURM_RESTART_COUNT` > 0) goes on in the same way.
 
 Resume and faults: every checkpoint goes through `AtomicCheckpointIO` (a temporary file in the
 target's folder, fsync, `os.replace`), so a SIGKILL at any moment leaves the previous complete
@@ -33,6 +35,7 @@ from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
 
+from hybrid.checkpoints import FINAL as FINAL_NAME
 from hybrid.checkpoints import final_path, init_weights, last_path, stage_dir
 from hybrid.config import to_dict
 from hybrid.lit.slurm import slurm_trainer_kwargs
@@ -107,14 +110,14 @@ def adopt_checkpoint(cfg, stage: str) -> Path:
     checkpoint of this stage; for the later stages, trained on this run's tokenizer) and copied into the
     run as `<stage>/final.ckpt`, which later stages, the evaluation, `sample.py --run` and exports read,
     so the run directory holds every stage it was built from. A different `final.ckpt` already there is
-    an error unless `retrain=true`, which sets the stage's folder aside first. Returns the source path
-    (every rank reads it; rank 0 writes the copy)."""
+    an error unless `retrain=true`, which sets the stage's folder aside first (as it does with what an
+    interrupted training left there). Returns the source path (every rank reads it; rank 0 writes the copy)."""
     import filecmp
     import shutil
 
     from hybrid.checkpoints import CheckpointError, check_tokenizer_match, is_rank_zero, load_checkpoint
 
-    source = Path(cfg[stage].checkpoint)
+    source = Path(followed(cfg[stage].checkpoint, f"{stage}.checkpoint"))
     ckpt = load_checkpoint(source, expect_stage=stage)  # names the file when it is missing or not one
     if stage != "tokenizer":
         from hybrid.lit.base import load_tokenizer
@@ -125,13 +128,12 @@ def adopt_checkpoint(cfg, stage: str) -> Path:
     final = final_path(cfg.run_dir, stage)
     if not is_rank_zero() or (final.is_file() and filecmp.cmp(source, final, shallow=False)):
         return source
-    if final.is_file():
-        if not cfg.retrain:
-            raise CheckpointError(
-                f"{stage}.checkpoint={source}, but this run already has another {stage} checkpoint ({final}); "
-                f"use another run_dir, or retrain=true to set {final.parent} aside and take {source}"
-            )
-        set_aside_for_retrain(cfg, stage)
+    if final.is_file() and not retraining(cfg):
+        raise CheckpointError(
+            f"{stage}.checkpoint={source}, but this run already has another {stage} checkpoint ({final}); "
+            f"use another run_dir, or add stage={stage} retrain=true to set {final.parent} aside and take {source}"
+        )
+    set_aside_for_retrain(cfg, stage)  # also what an interrupted training of this stage left
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.copyfile(source, tmp)
@@ -323,16 +325,51 @@ def resume_path(cfg, stage: str) -> str | None:
     return str(last) if last.is_file() else None  # a newer last.ckpt wins over a stale hpc checkpoint
 
 
-def set_aside_for_retrain(cfg, stage: str) -> Path | None:
+def retraining(cfg) -> bool:
+    """`retrain=true` on the command's first start. A SLURM requeue of it (`SLURM_RESTART_COUNT` > 0) goes on
+    instead: its first start set every stage of its plan aside already, so a finished stage is skipped and an
+    interrupted one resumes, as in any requeued job."""
+    return bool(cfg.retrain) and int(os.environ.get("SLURM_RESTART_COUNT") or 0) == 0
+
+
+def followed(path: str, key: str) -> str:
+    """`path`; when it no longer exists because it lay in a stage folder `retrain=true` set aside (e.g.
+    `stage=ar retrain=true init_from=RUN/ar/final.ckpt`, warm-starting from the result being replaced), the
+    same file in the newest `<folder>.before-retrain-*`. Works on every rank (no record is shared)."""
+    p = Path(path)
+    if not path or p.exists():
+        return path
+    for parent in p.parents:
+        for aside in sorted(parent.parent.glob(f"{parent.name}.before-retrain-*"), reverse=True):
+            moved = aside / p.relative_to(parent)
+            if moved.exists():
+                print(f"{key}={path} was set aside by retrain=true: reading {moved}")
+                return str(moved)
+    return path
+
+
+def _stale_checkpoints(sdir: Path) -> list[Path]:
+    return [p for p in (sdir / FINAL_NAME, sdir / "checkpoints" / "last.ckpt", *sdir.glob("hpc_ckpt_*.ckpt"))
+            if p.is_file()]
+
+
+def set_aside_for_retrain(cfg, stage: str, wait_minutes: float = 10.0) -> Path | None:
     """`retrain=true`: renames the stage's folder (checkpoints, logs, images) to
     `<stage>.before-retrain-<time>` so the stage starts fresh and nothing it wrote before is lost (or
     appended to); returns the new name, None when there was nothing to set aside. Rank 0 renames; the
-    other ranks start fresh too, and look for Lightning's SLURM checkpoint only inside the fit, after
-    all ranks have met."""
-    from hybrid.checkpoints import is_rank_zero
+    other ranks wait until its checkpoints are gone from the stage folder, so that none of them resumes
+    from one (Lightning looks for a SLURM checkpoint before the ranks meet)."""
+    from hybrid.checkpoints import CheckpointError, is_rank_zero
 
     sdir = stage_dir(cfg.run_dir, stage)
-    if not is_rank_zero() or not sdir.is_dir() or not any(sdir.iterdir()):
+    if not is_rank_zero():
+        deadline = time.time() + wait_minutes * 60
+        while _stale_checkpoints(sdir):
+            if time.time() > deadline:
+                raise CheckpointError(f"stage {stage}: rank 0 did not set {sdir} aside within {wait_minutes} min")
+            time.sleep(0.5)
+        return None
+    if not sdir.is_dir() or not any(sdir.iterdir()):
         return None
     aside = sdir.with_name(f"{sdir.name}.before-retrain-{time.strftime('%Y%m%d-%H%M%S')}")
     n = 1
@@ -383,7 +420,7 @@ def _named_resume_mismatch(stage: str, ckpt_path: str | None, sdir: Path):
         raise CheckpointError(
             f"stage {stage}: cannot resume from {where}: its weights do not fit the model this config builds "
             f"({'; '.join(lines)[:300]}); was a model setting changed since? Undo the change to resume, or "
-            "retrain=true to train the stage again (the old folder is kept aside)"
+            f"add stage={stage} retrain=true to train the stage again (the old folder is kept aside)"
         ) from None
 
 
@@ -396,22 +433,23 @@ def fit_stage(cfg, stage: str, callbacks=()) -> Path:
     if cfg[stage].checkpoint:
         adopt_checkpoint(cfg, stage)
         return final
-    if final.is_file() and not cfg.retrain:
+    fresh = retraining(cfg)
+    if final.is_file() and not fresh:
         changed = check_skipped_stage(cfg, stage, final)
-        print(f"[{stage}] {final} exists: skipped (retrain=true trains it again)")
+        print(f"[{stage}] {final} exists: skipped (stage={stage} retrain=true trains it again)")
         if changed:
             print(f"[{stage}] note: it was trained with other settings than this command's: {changed}; "
-                  "retrain=true trains it with this command's")
+                  f"stage={stage} retrain=true trains it with this command's")
         return final
-    fresh = cfg.retrain and int(os.environ.get("SLURM_RESTART_COUNT") or 0) == 0
     if fresh:
-        set_aside_for_retrain(cfg, stage)
+        set_aside_for_retrain(cfg, stage)  # a no-op when train.py set the whole plan aside at its start
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(cfg, stage)
     ckpt_path = None if fresh else resume_path(cfg, stage)
     if cfg.init_from and ckpt_path is None:
-        skipped = init_weights(module, cfg.init_from, stage, strict=cfg.init_strict)
-        print(f"[{stage}] initialised from {cfg.init_from}" + (f" (skipped {len(skipped)} keys)" if skipped else ""))
+        source = followed(cfg.init_from, "init_from")
+        skipped = init_weights(module, source, stage, strict=cfg.init_strict)
+        print(f"[{stage}] initialised from {source}" + (f" (skipped {len(skipped)} keys)" if skipped else ""))
     extra = list(module.extra_callbacks()) if hasattr(module, "extra_callbacks") else []
     extra.extend(callbacks)
     trainer = build_trainer(cfg, stage, extra)
