@@ -18,6 +18,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from hybrid.names import CFG_SCHEDULES, SAMPLERS, TIMESTEP_DENSITIES  # what the model code dispatches on
+
 STAGES = ("tokenizer", "oracle", "ar", "refiner", "diffusion", "eval", "all")
 
 
@@ -331,13 +333,6 @@ class ExperimentConfig:
     diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(condition="class"))
     eval: EvalConfig = field(default_factory=EvalConfig)
 
-
-# Names the model code dispatches on, defined here (the schema) and imported by it, so that checking a config
-# needs no torch: the denoisers' trainer x sampler matrix (hybrid.refiner.diffusion), their timestep densities
-# (diffusers' training utilities) and the AR's guidance schedules (hybrid.ar.sampling).
-SAMPLERS: dict[str, tuple[str, ...]] = {"ddpm": ("ddim", "dpm"), "flow": ("euler", "dpm")}
-TIMESTEP_DENSITIES = ("logit_normal", "uniform", "mode")
-CFG_SCHEDULES = ("constant", "linear")
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "stage": STAGES,

@@ -260,7 +260,7 @@ class HybridPipeline:
         """`prompts` cut to the bytes the mode's text encoders take (`max_text_len`), as training cut its
         captions (the evaluation asks for the data's own captions, some longer than that). `__call__`
         refuses a longer prompt instead, so a user's prompt is never shortened without a word."""
-        from hybrid.lit.refiner import fit_caption
+        from hybrid.nn.embeddings import fit_caption
 
         limit = self._text_limit(mode)
         return list(prompts) if limit is None else [fit_caption(p, limit) for p in prompts]

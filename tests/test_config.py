@@ -214,3 +214,15 @@ def test_malformed_yaml_files_are_named_errors(tmp_path, text, needle):
         load_config(path)
     (tmp_path / "empty.yaml").write_text("")
     assert load_config(tmp_path / "empty.yaml").ar.width == load_config(None).ar.width  # empty: the defaults
+
+
+def test_model_code_imports_neither_lightning_webdataset_nor_omegaconf():
+    """The house rule (ARCHITECTURE.md): models under hybrid/{nn,tokenizer,ar,refiner} are plain nn.Modules; the
+    names the config checks them against live in hybrid/names.py, which imports nothing."""
+    code = ("import sys, hybrid.nn, hybrid.tokenizer, hybrid.ar, hybrid.refiner, hybrid.ar.sampling, "
+            "hybrid.refiner.diffusion, hybrid.nn.embeddings\n"
+            "banned = ('omegaconf', 'pytorch_lightning', 'lightning', 'webdataset')\n"
+            "print(sorted(m for m in banned if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout

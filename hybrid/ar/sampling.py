@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hybrid.config import CFG_SCHEDULES  # the names live with the schema
+from hybrid.names import CFG_SCHEDULES
 
 
 def guidance_scale(cfg: float, schedule: str, step: int, num_steps: int) -> float:

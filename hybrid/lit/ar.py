@@ -36,8 +36,8 @@ from hybrid.checkpoints import atomic_torch_save
 from hybrid.config import to_dict
 from hybrid.data.module import EpochIndexSampler, HybridDataModule, ResumableLoader
 from hybrid.lit.base import TokenizerConsumer, eager
-from hybrid.lit.refiner import fit_caption
 from hybrid.models import build_ar
+from hybrid.nn.embeddings import fit_caption
 
 TOKEN_CACHE_FILE = "token_cache.pt"
 

@@ -27,12 +27,8 @@ import torch
 
 from hybrid.lit.base import TokenizerConsumer, WarmupEMA
 from hybrid.models import build_denoiser, build_diffusion, coarse_scales, refiner_target_std
+from hybrid.nn.embeddings import fit_caption
 from hybrid.refiner.diffusion import refiner_compose, refiner_target
-
-
-def fit_caption(text: str, max_len: int) -> str:
-    """`text` cut to at most `max_len` UTF-8 bytes (never inside a character)."""
-    return text.encode("utf-8")[:max_len].decode("utf-8", errors="ignore")
 
 
 class DenoiserStage(TokenizerConsumer):

@@ -51,6 +51,12 @@ def drop_condition(ids: torch.Tensor, prob: float, null_id: int, generator: torc
     return torch.where(keep, ids, torch.full_like(ids, null_id))
 
 
+def fit_caption(text: str, max_len: int) -> str:
+    """`text` cut to at most `max_len` UTF-8 bytes (never inside a character): how training fits captions to a
+    text encoder's `max_len`, and how the evaluation fits the data's captions the same way."""
+    return text.encode("utf-8")[:max_len].decode("utf-8", errors="ignore")
+
+
 def encode_text(captions: list[str], max_len: int, device: torch.device | str = "cpu"):
     """UTF-8 bytes, right-padded: -> ids (B, max_len) long in 0..255, valid (B, max_len) bool.
 

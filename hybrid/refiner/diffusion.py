@@ -58,7 +58,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
-from hybrid.config import SAMPLERS, TIMESTEP_DENSITIES  # the names live with the schema
+from hybrid.names import SAMPLERS, TIMESTEP_DENSITIES
 
 OBJECTIVES = ("ddpm", "flow")
 PREDICTIONS = ("v_prediction", "epsilon", "sample")
