@@ -503,6 +503,19 @@ def suggested_scales(latent: int) -> list[int]:
     return [*sides, latent]
 
 
+def stage_plan(cfg: DictConfig) -> list[str]:
+    """The stages `train.py` runs for this config, in order (`stage=all`: the default experiment)."""
+    if cfg.stage != "all":
+        return [cfg.stage]
+    # The oracle judges the procedural data only: on the user's own shards it is not trained.
+    plan = ["tokenizer", "oracle", "ar", "refiner"]
+    if cfg.data.source != "procedural":
+        plan.remove("oracle")
+    if cfg.with_diffusion or cfg.diffusion.checkpoint:
+        plan.append("diffusion")
+    return plan + ["eval"]
+
+
 def validate(cfg: DictConfig) -> None:
     """Checks that the schema's types cannot express: choices, ranges, files that must exist."""
     for key, choices in {**CHOICES, **_model_choices()}.items():
@@ -542,8 +555,14 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"config key 'tokenizer.scales' must end at the latent size {latent} {sizes}, got {scales}; {fix}, "
             "or set tokenizer.coarse_grid=true for a token grid coarser than the latent")
+    if cfg.data.source == "shards" and cfg.ar.condition == "class" and cfg.refiner.condition == "text":
+        raise ConfigError("config key 'refiner.condition' is text with ar.condition=class on your own shards: the "
+                          "hybrid mode is asked class ids, which carry no caption for the refiner; use the same "
+                          "condition for both (or refiner.condition=class / none)")
     coarse = cfg.refiner.coarse_scales
-    if coarse > len(scales) and not cfg.tokenizer.checkpoint:  # a tokenizer checkpoint's own scales: checked at build
+    plan = stage_plan(cfg)
+    # only against a tokenizer this command trains: another's scales (a checkpoint's, a run's) are checked at build
+    if coarse > len(scales) and "tokenizer" in plan and not cfg.tokenizer.checkpoint:
         raise ConfigError(f"config key 'refiner.coarse_scales' is {coarse}; the tokenizer has {len(scales)} scales "
                           f"({scales}), so choose 0 (all) to {len(scales)}")
     for name in ("refiner", "diffusion"):
@@ -595,8 +614,11 @@ def _check_generation_settings(cfg: DictConfig, settings: dict[str, Any]) -> Non
     known = list(dict.fromkeys(name for names in SAMPLERS.values() for name in names))
     if sampler not in known:
         raise bad("sampler", f"choose one of {', '.join(known)}")
+    # against the objective of a denoiser this command trains; one trained earlier (stage=eval on a run) has its
+    # own, which the evaluation checks when it loads it
+    plan = stage_plan(cfg)
     judged = [name for name, mode in (("refiner", "hybrid"), ("diffusion", "diffusion"))
-              if mode in cfg.eval.modes or (name == "diffusion" and cfg.with_diffusion)]
+              if name in plan and (mode in cfg.eval.modes or name == "diffusion")]
     for name in judged:
         objective = cfg[name].objective
         if sampler not in SAMPLERS[objective]:

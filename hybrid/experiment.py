@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from hybrid.config import ConfigError, config_groups, load_cli_config, to_dict
+from hybrid.config import ConfigError, config_groups, load_cli_config, stage_plan, to_dict
 
 USAGE_EPILOG = """\
 overrides are key=value pairs on the config schema, e.g.
@@ -35,18 +35,6 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     return parser.parse_args(argv)
-
-
-def stage_plan(cfg) -> list[str]:
-    if cfg.stage != "all":
-        return [cfg.stage]
-    # The oracle judges the procedural data only: on the user's own shards it is not trained.
-    plan = ["tokenizer", "oracle", "ar", "refiner"]
-    if cfg.data.source != "procedural":
-        plan.remove("oracle")
-    if cfg.with_diffusion or cfg.diffusion.checkpoint:
-        plan.append("diffusion")
-    return plan + ["eval"]
 
 
 def run_stage(cfg, stage: str) -> None:

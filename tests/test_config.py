@@ -226,3 +226,23 @@ def test_model_code_imports_neither_lightning_webdataset_nor_omegaconf():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_checks_that_need_the_trained_stage_wait_for_it_when_this_command_does_not_train_it():
+    """A run's stages may have been trained with other settings than this command's: `stage=eval` does not judge
+    eval.settings' sampler against the command line's objective (the evaluation checks the trained refiner's), and
+    `stage=refiner` leaves refiner.coarse_scales to the run's own tokenizer (checked when the refiner is built)."""
+    with pytest.raises(ConfigError, match="refiner.objective"):
+        load_config(None, ["eval.settings=sampler=euler"])  # stage=all trains this ddpm refiner
+    assert load_config(None, ["stage=eval", "eval.settings=sampler=euler"]).stage == "eval"
+    with pytest.raises(ConfigError, match="refiner.coarse_scales"):
+        load_config(None, ["refiner.coarse_scales=9"])
+    assert load_config(None, ["stage=refiner", "refiner.coarse_scales=9"]).refiner.coarse_scales == 9
+
+
+def test_a_text_refiner_behind_a_class_ar_on_own_shards_is_refused_at_load(tmp_path):
+    shards = ["data.source=shards", f"data.shards={tmp_path}/train-*.tar"]
+    with pytest.raises(ConfigError, match="refiner.condition"):
+        load_config(None, [*shards, "refiner.condition=text"])
+    load_config(None, [*shards, "refiner.condition=text", "ar.condition=text"])
+    load_config(None, ["refiner.condition=text"])  # procedural classes have names to caption with
