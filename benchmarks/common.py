@@ -28,9 +28,9 @@ def benchmark_device(name: str) -> torch.device | None:
         return None
 
 
-def config_and_oracle(config: str | None, overrides: list[str], device: torch.device):
-    """(resolved config, trained oracle on `device`), or (None, exit code) after printing why (bad config: 2;
-    no oracle: 1)."""
+def config_and_oracle(config: str | None, overrides: list[str], device: torch.device, refuse=None):
+    """(resolved config, trained oracle on `device`), or (None, exit code) after printing why (bad config, or one
+    that `refuse(cfg)` returns a reason against, checked before the oracle is loaded: 2; no oracle: 1)."""
     import sys
 
     from hybrid.config import load_cli_config
@@ -38,6 +38,10 @@ def config_and_oracle(config: str | None, overrides: list[str], device: torch.de
 
     cfg = load_cli_config(config, overrides)
     if cfg is None:
+        return None, 2
+    reason = refuse(cfg) if refuse is not None else None
+    if reason:
+        print(f"error: {reason}", file=sys.stderr)
         return None, 2
     try:
         return cfg, load_oracle(cfg=cfg, device=device)

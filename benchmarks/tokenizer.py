@@ -16,7 +16,10 @@ code) into `--run-dir`, recording the PSNR of both paths on a fixed held-out bat
 - the residual's share of the latent's energy, sum |r|^2 / sum |z|^2;
 - encode + decode images/s at batch 100 (median of 3).
 The held-out measurements run on `--device` (default: CUDA when available), recorded as `machine.device`;
-the stage trains on `trainer.accelerator`'s device.
+the stage trains on `trainer.accelerator`'s device. Every run without `--reuse` trains afresh (retrain=true):
+a tokenizer folder already in `--run-dir` is set aside as `tokenizer.before-retrain-<time>`, so repeated
+runs keep the old copies (delete them when done). `tokenizer.checkpoint=...` is refused: the stage would
+take that file instead of training; `--reuse` measures a trained tokenizer.
 Targets (issue #3): stage <= 8 min; continuous >= 26 dB, discrete >= 22 dB; continuous FID below
 the discrete one outside the intervals; usage >= 90% pooled and >= 50% at the finest scale.
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 from pytorch_lightning import Callback
@@ -151,11 +155,30 @@ def throughput(tokenizer, batch: torch.Tensor, repeats: int = 3) -> float:
     return batch.shape[0] / median_seconds(lambda: tokenizer.decode(tokenizer.encode(batch).z), batch.device, repeats)
 
 
+def refuse_checkpoint(cfg) -> str | None:
+    """Why this benchmark cannot run with `tokenizer.checkpoint` set (None when it is not): the stage would take
+    that file instead of training, and the report would time no training (stage_seconds ~0, no curve)."""
+    source = cfg.tokenizer.checkpoint
+    if not source:
+        return None
+    path = Path(source)
+    if path.name == "final.ckpt" and path.parent.name == "tokenizer":  # a run's own: --reuse reads it in place
+        how = f"--reuse --run-dir {path.parent.parent}"
+    else:
+        how = "--reuse --run-dir RUN with it copied to RUN/tokenizer/final.ckpt"
+    return (f"tokenizer.checkpoint={source}: this benchmark trains and times a fresh tokenizer, and with a checkpoint "
+            f"the stage takes that file instead; to measure it, drop tokenizer.checkpoint and pass {how}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tokenizer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=None, help="experiment YAML (default: configs/default.yaml)")
-    parser.add_argument("--run-dir", default="runs/bench/tokenizer", help="where the stage trains (its run_dir)")
-    parser.add_argument("--reuse", action="store_true", help="measure the run's existing tokenizer, do not train")
+    parser.add_argument("--run-dir", default="runs/bench/tokenizer",
+                        help="where the stage trains (its run_dir); each run without --reuse trains afresh and sets "
+                             "the previous RUN_DIR/tokenizer folder aside as RUN_DIR/tokenizer.before-retrain-<time>, "
+                             "so repeated runs keep old copies (delete them when done)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="measure the run's existing tokenizer (RUN_DIR/tokenizer/final.ckpt), do not train")
     parser.add_argument("--num-images", type=int, default=5000, help="held-out images for PSNR/FID/usage")
     parser.add_argument("--curve-every", type=int, default=100, help="steps between PSNR-vs-time points")
     parser.add_argument("--curve-images", type=int, default=256, help="held-out images per curve point")
@@ -174,7 +197,7 @@ def main(argv=None) -> int:
     from hybrid.lit.base import load_tokenizer
 
     cfg, oracle = config_and_oracle(args.config, [*args.overrides, f"run_dir={args.run_dir}", "stage=tokenizer"],
-                                    device)
+                                    device, refuse=refuse_checkpoint)
     if cfg is None:
         return oracle  # the exit code
     tok_cfg = to_dict(cfg)["tokenizer"]

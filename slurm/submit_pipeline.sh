@@ -7,7 +7,9 @@
 #   oracle ───────────────────┘   (needs no tokenizer: runs beside it; procedural data only, as in train.py)
 #
 # usage: slurm/submit_pipeline.sh [--config FILE] [--run-dir DIR] [--dry-run] [key=value ...]
-#   key=value overrides go to every stage (e.g. tokenizer.train.max_steps=500 cache_dir=/scratch/cache).
+#   key=value overrides go to every stage (e.g. tokenizer.train.max_steps=500 cache_dir=/scratch/cache),
+#   except that the oracle job runs with retrain=false: as with `train.py stage=all retrain=true`, the oracle
+#   (shared between runs, in cache_dir) is not retrained; `train.py stage=oracle retrain=true` retrains it.
 #   --dry-run prints the sbatch commands instead of submitting them.
 #   The config and overrides are resolved first (with $PYTHON, else the active venv's or .venv's python),
 #   so a bad key fails here, before any job is submitted.
@@ -91,6 +93,15 @@ single_res=(--nodes=1 --ntasks-per-node=1 --gpus-per-node="$(( gpus > 0 ? 1 : 0 
 
 if [ "$dry_run" = 0 ]; then mkdir -p "$run_dir/slurm"; fi
 
+# The oracle job: the same overrides without retrain=... (ensure_oracle retrains the shared oracle for
+# stage=oracle retrain=true, which train.py stage=all never asks for), and retrain=false after them for a
+# config file that says retrain: true.
+oracle_overrides=()
+for override in "${overrides[@]}"; do
+    case "$override" in retrain=*) ;; *) oracle_overrides+=("$override") ;; esac
+done
+oracle_overrides+=("retrain=false")
+
 # submit STAGE DEPENDENCY RESOURCES...: prints the job id
 submit() {
     local stage="$1" dependency="$2"; shift 2
@@ -98,7 +109,11 @@ submit() {
                --export="ALL,HYBRID_DIR=$repo,CONFIG=$config,STAGE=$stage,RUN_DIR=$run_dir"
                "$@" "${site[@]}")
     if [ -n "$dependency" ]; then cmd+=(--dependency="afterok:$dependency" --kill-on-invalid-dep=yes); fi
-    cmd+=("$repo/slurm/train.sbatch" "${overrides[@]}")
+    if [ "$stage" = oracle ]; then
+        cmd+=("$repo/slurm/train.sbatch" "${oracle_overrides[@]}")
+    else
+        cmd+=("$repo/slurm/train.sbatch" "${overrides[@]}")
+    fi
     if [ "$dry_run" = 1 ]; then
         printf '%q ' "${cmd[@]}" >&2; echo >&2
         echo "<$stage>"

@@ -412,6 +412,47 @@ def test_folder_val_split_keeps_the_training_class_ids(tmp_path):
         write_folder(out, tmp_path / "images_val", image_size=16, split="val", progress=False)
 
 
+def test_a_train_rewrite_adds_new_classes_after_the_existing_ids(tmp_path, capsys):
+    """A class folder added after the train split was written: writing the train split again (--overwrite, the
+    command the error used to refuse, advising to write every class) adds it to classes.json with the next id,
+    with a note that data.num_classes must grow; the ids already there never change, so models trained on them and
+    the val split stay consistent. A val class that is not in classes.json stays an error, whose advice works."""
+    images, out = tmp_path / "images", tmp_path / "out"
+    _class_folders(images, ["cat", "dog"])
+    _class_folders(tmp_path / "images_val", ["ant", "dog"])
+    common = ["write", "--source", "folder", "--out", str(out), "--image-size", "16", "--no-progress"]
+    train = [*common, "--folder", str(images), "--split", "train"]
+    val = [*common, "--folder", str(tmp_path / "images_val"), "--split", "val"]
+    assert main(train) == 0
+    with pytest.raises(SystemExit) as exit_info:
+        main(val)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "class 'ant' of image folder" in err
+    assert "write the train split with it first" in err and "then this val split" in err
+    assert json.loads((out / "classes.json").read_text()) == {"cat": 0, "dog": 1}
+
+    _class_folders(images, ["ant"])  # sorts first: ids from the sorted names would shift cat's and dog's
+    assert main(train + ["--overwrite"]) == 0  # the advice, followed
+    err = capsys.readouterr().err
+    assert re.search(rf"^note: added class 'ant' to '{re.escape(str(out / 'classes.json'))}' as id 2 \(the existing "
+                     r"ids are kept\): data\.num_classes must grow to 3 to train on these shards$", err, re.M), err
+    assert main(val) == 0
+    _class_folders(images, ["bee", "fox"])
+    assert main(train + ["--overwrite"]) == 0
+    assert "classes 'bee', 'fox' to" in capsys.readouterr().err
+    mapping = {"cat": 0, "dog": 1, "ant": 2, "bee": 3, "fox": 4}
+    assert json.loads((out / "classes.json").read_text()) == mapping
+    names = {}
+    for split in ("train", "val"):
+        for sample in wds.WebDataset(str(out / f"{split}-000000.tar"), shardshuffle=False):
+            meta = json.loads(sample["json"])
+            assert meta["class_id"] == mapping[meta["class_name"]], (split, meta)
+            names.setdefault(split, set()).add(meta["class_name"])
+    assert names == {"train": set(mapping), "val": {"ant", "dog"}}
+    assert sorted(p.name for p in out.iterdir()) == ["classes.json", "train-000000.tar", "val-000000.tar"]
+    assert main(train + ["--overwrite"]) == 0 and "note:" not in capsys.readouterr().err  # nothing new: no note
+
+
 def test_rewriting_a_split_refuses_or_replaces_exactly_its_old_shards(tmp_path, capsys, monkeypatch):
     """A second write of a split into the same --out would leave old shards that `train-*.tar` still reads
     (duplicated images): it is refused, naming how many are there; --overwrite replaces that split only, and the

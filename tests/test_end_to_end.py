@@ -1,6 +1,7 @@
 """The main job end to end on the toy config: train.py (all stages) -> metrics.json -> sample.py -> export."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -376,6 +377,27 @@ def test_tokenizer_benchmark_judges_both_reconstruction_paths(toy_run, tmp_path)
         assert f"adherence {path}" in out.stdout
     # the two paths decode different latents, so their images (and FIDs) differ
     assert result["fid_continuous"]["fid"] != result["fid_discrete"]["fid"]
+
+
+def test_tokenizer_benchmark_refuses_a_tokenizer_checkpoint_and_points_at_reuse(toy_run, tmp_path):
+    """With tokenizer.checkpoint the stage takes that file instead of training, and the benchmark reported a
+    training time of ~0 s, an empty curve and the stage<=8min target as met. It is a one-line error (exit 2,
+    before anything is written) pointing at --reuse --run-dir, the mode that measures a trained tokenizer (the
+    test above follows that advice on the same run). --help says that every training run sets the previous
+    tokenizer folder aside, so repeated runs keep old copies."""
+    base, ckpt = toy_run[1], toy_run[0] / "tokenizer" / "final.ckpt"
+    bench = tmp_path / "bench"
+    out = subprocess.run([sys.executable, "-m", "benchmarks.tokenizer", "--config", "configs/toy.yaml", "--run-dir",
+                          str(bench), "--num-images", "48", "--bootstrap", "20", "--curve-every", "1000",
+                          f"cache_dir={base / 'cache'}", "--device", "cpu", f"tokenizer.checkpoint={ckpt}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
+    assert f"tokenizer.checkpoint={ckpt}" in out.stderr and f"--reuse --run-dir {toy_run[0]}" in out.stderr
+    assert not bench.exists()  # nothing taken over, nothing trained
+    wide = subprocess.run([sys.executable, "-m", "benchmarks.tokenizer", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "COLUMNS": "1000"})  # no line wrapped inside the name
+    assert wide.returncode == 0 and "RUN_DIR/tokenizer.before-retrain-<time>" in wide.stdout
 
 
 def test_refiner_benchmark_judges_z_q_z_noise_and_each_sampler_on_a_trained_run(toy_run, tmp_path):

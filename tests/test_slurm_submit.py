@@ -68,3 +68,15 @@ def test_the_diffusion_job_follows_train_pys_plan(tmp_path):
     assert list(jobs) == ["tokenizer", "oracle", "ar", "refiner", "diffusion", "eval"]
     assert "diffusion" in commands["eval"].split("--dependency=", 1)[1].split()[0]
     assert "diffusion" not in dry_run(tmp_path)[0]
+
+
+def test_retrain_true_does_not_reach_the_shared_oracle(tmp_path):
+    """`train.py stage=all retrain=true` leaves the oracle alone (it is shared between runs, in cache_dir; only
+    `stage=oracle retrain=true` retrains it). The pipeline's oracle job runs `stage=oracle`, so it gets the
+    overrides without retrain=true, and retrain=false after them (the config file could say retrain: true); every
+    other job keeps retrain=true."""
+    _, commands = dry_run(tmp_path, "retrain=true", "tokenizer.train.max_steps=5")
+    args = {stage: line.split("slurm/train.sbatch", 1)[1].split() for stage, line in commands.items()}
+    assert args["oracle"] == ["tokenizer.train.max_steps=5", "retrain=false"]
+    for stage in ("tokenizer", "ar", "refiner", "eval"):
+        assert args[stage] == ["retrain=true", "tokenizer.train.max_steps=5"], stage

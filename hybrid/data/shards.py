@@ -12,8 +12,9 @@ once the new ones are complete. Each sample is `KEY.png` (RGB, image_size x
 image_size) and `KEY.json` = {"class_id", "caption", "attrs", ...}. Procedural samples store
 their full caption and all attributes (sample i of a shard set equals `ProceduralDataset(...)[i]`
 pixel for pixel); folder samples take the class from the subfolder name (`DIR/classes.json`
-maps names to ids; a later split written to DIR keeps its ids; an empty class subfolder keeps
-its id and images outside class subfolders are not written, each with a warning), the caption from a sidecar
+maps names to ids; a later split written to DIR keeps its ids, and a later train split adds its new classes
+with new ids after them; an empty class subfolder keeps its id and images outside class subfolders are not
+written, each with a warning), the caption from a sidecar
 `NAME.txt` next to the image when there is one, else from the class name, and store no
 attributes (readers fill them with -1). Folder images of other sizes are resized (shorter side)
 and center-cropped; their order is shuffled with `--seed` so that shards mix classes.
@@ -621,21 +622,24 @@ def class_caption(name: str) -> str:
     return name.replace("_", " ").replace("-", " ").strip()
 
 
-def folder_class_ids(out: str | os.PathLike, classes: Sequence[str], folder: str | os.PathLike,
-                     save: bool = True) -> dict[str, int]:
-    """Class name -> id for writing `folder` (with class subfolders `classes`) into `out`.
+def folder_class_ids(out: str | os.PathLike, classes: Sequence[str], folder: str | os.PathLike, split: str = "train",
+                     save: bool = True) -> tuple[dict[str, int], list[str]]:
+    """(class name -> id, the classes new to `out/classes.json`) for writing `folder` (with class subfolders
+    `classes`) as `split` into `out`.
 
-    An existing `out/classes.json` (written with an earlier split) is kept: every class of `folder`
-    must be in it, so a validation folder with fewer classes keeps the training ids. Without one, the
-    sorted names get ids 0, 1, ... and (with `save`) the mapping is written to `out/classes.json`.
-    Raises ValueError naming the file when it is not a mapping or lacks a class of `folder`.
+    An existing `out/classes.json` (written with an earlier split) keeps its ids, so models trained on the
+    shards and the other split stay consistent. A train split adds the classes that are not in it, with new ids
+    after the existing ones (data.num_classes must grow with them); any other split must hold only classes that
+    are in it, so a validation folder with fewer classes keeps the training ids. Without the file, the sorted
+    names get ids 0, 1, .... With `save`, a new or extended mapping is written to `out/classes.json`.
+    Raises ValueError naming the file when it is not a mapping or (not a train split) lacks a class of `folder`.
     """
     path = Path(out) / "classes.json"
     if not path.is_file():
         ids = {name: i for i, name in enumerate(classes)}
         if save:
             _save_class_ids(path, ids)
-        return ids
+        return ids, []
     try:
         ids = json.loads(path.read_text())
         if not isinstance(ids, dict) or not all(isinstance(v, int) for v in ids.values()):
@@ -643,13 +647,20 @@ def folder_class_ids(out: str | os.PathLike, classes: Sequence[str], folder: str
     except ValueError as err:
         raise ValueError(f"'{path}' is not a class mapping ({err})") from None
     missing = [name for name in classes if name not in ids]
-    if missing:
+    if missing and split != "train":
         shown = ", ".join(f"'{name}'" for name in missing)
-        raise ValueError(f"class{'es' if len(missing) > 1 else ''} {shown} of image folder '{folder}' "
-                         f"{'are' if len(missing) > 1 else 'is'} not in '{path}' ({', '.join(ids)}), which an "
-                         f"earlier write to this --out made: write the split with every class first, or use "
+        many = len(missing) > 1
+        raise ValueError(f"class{'es' if many else ''} {shown} of image folder '{folder}' {'are' if many else 'is'} "
+                         f"not in '{path}' ({', '.join(ids)}), which an earlier write to this --out made: write the "
+                         f"train split with {'them' if many else 'it'} first (it adds its new classes to classes.json; "
+                         f"add --overwrite when this --out holds train shards), then this {split} split, or use "
                          f"another --out")
-    return ids
+    if missing:
+        start = max(ids.values(), default=-1) + 1
+        ids = {**ids, **{name: start + i for i, name in enumerate(missing)}}
+        if save:
+            _save_class_ids(path, ids)
+    return ids, missing
 
 
 def _save_class_ids(path: Path, ids: dict[str, int]) -> None:
@@ -665,7 +676,8 @@ def write_folder(out: str | os.PathLike, folder: str | os.PathLike, image_size: 
                  progress: bool = True) -> list[str]:
     """Write an image folder (class = subfolder) as shards plus `out/classes.json`; returns the shards.
 
-    Class ids come from `out/classes.json` when an earlier split wrote it (see `folder_class_ids`).
+    Class ids come from `out/classes.json` when an earlier split wrote it; a train split adds its new classes
+    there, with new ids after the existing ones (see `folder_class_ids`).
     Images are shuffled with `seed`, resized/center-cropped to image_size; unreadable images are
     skipped with a warning. The split's shards already in `out` are an error (FileExistsError), or are
     replaced with `overwrite`.
@@ -673,7 +685,7 @@ def write_folder(out: str | os.PathLike, folder: str | os.PathLike, image_size: 
     if count is not None and count < 1:
         raise ValueError(f"--count must be >= 1, got {count}")
     classes, items = folder_items(folder)
-    ids = folder_class_ids(out, classes, folder, save=False)
+    ids, added = folder_class_ids(out, classes, folder, split, save=False)
     old = old_shards(out, split, overwrite)
     random.Random(seed).shuffle(items)
     if count is not None:
@@ -705,8 +717,15 @@ def write_folder(out: str | os.PathLike, folder: str | os.PathLike, image_size: 
     if not shards:
         raise ValueError(f"none of the {len(items)} image(s) of image folder '{folder}' could be read (see the "
                          f"warnings above): nothing written to '{out}'")
-    if not (Path(out) / "classes.json").is_file():  # written with the first split's shards, not before
-        _save_class_ids(Path(out) / "classes.json", ids)
+    path = Path(out) / "classes.json"
+    if added or not path.is_file():  # written (or extended) with the split's shards, not before
+        _save_class_ids(path, ids)
+    if added:
+        shown = ", ".join(f"'{name}'" for name in added)
+        many = len(added) > 1
+        print(f"note: added class{'es' if many else ''} {shown} to '{path}' as id{'s' if many else ''} "
+              f"{', '.join(str(ids[name]) for name in added)} (the existing ids are kept): data.num_classes must grow "
+              f"to {max(ids.values()) + 1} to train on these shards", file=sys.stderr)
     if skipped:
         print(f"skipped {skipped} unreadable image(s)", file=sys.stderr)
     return shards
@@ -740,8 +759,9 @@ def _write_cli(argv: Sequence[str] | None) -> int:
     w.add_argument("--folder", default=None, help="image folder with one subfolder per class (--source folder)")
     w.add_argument("--holdout", default="", help="procedural: comma-separated color:shape pairs never drawn in train")
     w.add_argument("--overwrite", action="store_true",
-                   help="replace the split's shards already in OUT (OUT/SPLIT-*.tar; other splits and classes.json are "
-                        "kept); without it, writing a split that OUT already holds is an error")
+                   help="replace the split's shards already in OUT (OUT/SPLIT-*.tar; other splits and the ids in "
+                        "classes.json are kept, and a train split adds its new classes there); without it, writing a "
+                        "split that OUT already holds is an error")
     w.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     if not 16 <= args.image_size <= 256:
