@@ -120,12 +120,14 @@ def bench_decode(args, device) -> dict:
     for B in sorted({1, args.sample_batch}):
         for name, L in (("full", model.seq_len - 1), ("quarter", model.seq_len // 4)):  # full: the last step's
             caches = [PreallocatedKVCache(model.seq_len) for _ in model.blocks]
-            model._transformer(torch.randn(B, L, args.width, device=device), 0, None, caches)  # L keys per layer
-            saved = [(c.k, c.v) for c in caches]
+            # the adaLN condition (B, D) every block and the head take (None for a model without adaLN)
+            c = torch.randn(B, args.width, device=device) if model.adaln else None
+            model._transformer(torch.randn(B, L, args.width, device=device), 0, None, caches, c)  # L keys per layer
+            saved = [(k.k, k.v) for k in caches]
             x = torch.randn(B, 1, args.width, device=device)  # the new token's input row
 
-            def step(caches=caches, x=x):
-                model.head(model._transformer(x, 0, None, caches))  # (B, 1, V)
+            def step(caches=caches, x=x, c=c):
+                model.head(model._transformer(x, 0, None, caches, c), c)  # (B, 1, V)
 
             def restore(caches=caches, saved=saved):  # forget the new token: every repeat sees L cached
                 for c, (k, v) in zip(caches, saved):

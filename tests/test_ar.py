@@ -555,3 +555,24 @@ def test_ar_efficiency_benchmark_times_fp32_bf16_and_compiled_steps_side_by_side
     assert [len(compiled["times"][k]) for k in ("compiled", "eager")] == [2, 2]
     assert compiled["speedup"] == pytest.approx(compiled["eager"] / compiled["compiled"])
     assert training["flops_per_step"] > 0
+
+
+def test_ar_efficiency_benchmark_decode_sampling_and_draw_parts_run_on_a_tiny_model(tmp_path):
+    """The README's `python -m benchmarks.ar_efficiency --out FILE` runs every part; the decode part crashed on the
+    adaLN AR (the default) because it called the blocks without their condition."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "eff.json"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.ar_efficiency", "--out", str(out), "--width", "16",
+                           "--depth", "1", "--heads", "2", "--scales", "1", "2", "--codebook", "16", "--channels", "4",
+                           "--sample-batch", "2", "--repeats", "2", "--parts", "decode", "sampling", "draw",
+                           "--device", "cpu"], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for batch in result["decode"]["batches"].values():
+        assert batch["full"]["ms_per_token_step"] > 0 and batch["quarter"]["ms_per_token_step"] > 0
+    assert "sampling" in result and "draw" in result
