@@ -316,6 +316,18 @@ def test_ensure_oracle_trains_once_and_caches(tmp_path, capsys):
     other.oracle.train.batch_size = 4
     assert ensure_oracle(other, device="cpu") == path and path.stat().st_mtime == mtime
     assert "trained with different oracle.train.batch_size (8 there, 4 here)" in capsys.readouterr().out
+    # a mistyped oracle.path is an error, not a new judge trained there; stage=oracle trains one there
+    typo = cfg.copy()
+    typo.oracle.path = str(tmp_path / "orcale.safetensors")
+    with pytest.raises(FileNotFoundError, match="oracle.path .*orcale.safetensors' does not exist"):
+        ensure_oracle(typo, device="cpu")
+    assert not (tmp_path / "orcale.safetensors").exists()
+    # stage=oracle retrain=true replaces the shared oracle and keeps the old one beside it
+    again = cfg.copy()
+    again.stage, again.retrain = "oracle", True
+    assert ensure_oracle(again, device="cpu") == path and path.stat().st_mtime != mtime
+    kept = sorted(p.name for p in tmp_path.glob("*.before-retrain-*"))
+    assert len(kept) == 2 and kept[0].endswith(".json") and kept[1].endswith(".safetensors"), kept
 
 
 def test_an_oracle_of_older_data_is_not_picked_up_and_warns_when_loaded(tmp_path):

@@ -454,6 +454,10 @@ def ensure_oracle(cfg, retrain: bool | None = None, device: str | torch.device |
     if path.is_file() and not retrain:
         _report_cached(cfg, path)
         return path
+    if not retrain and cfg.oracle.path and not path.is_file() and cfg.stage != "oracle":  # a typo: no new judge
+        raise FileNotFoundError(
+            f"oracle.path '{path}' does not exist: fix the path, leave oracle.path empty for the shared cached "
+            f"oracle, or train one there first (python train.py stage=oracle oracle.path={path})")
     if not is_rank_zero():
         deadline = time.time() + wait_minutes * 60
         while not path.is_file():
@@ -464,6 +468,13 @@ def ensure_oracle(cfg, retrain: bool | None = None, device: str | torch.device |
         return path
     print(f"training the oracle ({cfg.oracle.backbone}, {cfg.data.image_size}px) -> {path}", flush=True)
     oracle, meta = train_oracle(cfg, device=device, progress=bool(cfg.trainer.progress_bar))
+    if path.is_file():  # retrain: every run judged by the old oracle may need it again; keep it beside
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for old in (path, sidecar_path(path)):
+            if old.is_file():
+                kept = old.with_name(f"{old.stem}.before-retrain-{stamp}{old.suffix}")
+                os.replace(old, kept)
+                print(f"the previous {old} was moved to {kept}")
     save_oracle(oracle, path, meta)
     print(format_table(meta["accuracy"]))
     print(f"oracle trained in {meta['train_seconds'] / 60:.1f} min; saved {path} and {sidecar_path(path)}")
