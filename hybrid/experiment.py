@@ -38,6 +38,12 @@ def parse_args(argv: list[str] | None):
 
 
 def run_stage(cfg, stage: str) -> None:
+    if stage == "eval":  # stages given by <stage>.checkpoint are judged too: adopt them into the run first
+        from hybrid.lit.runner import TRAINABLE_STAGES, adopt_checkpoint
+
+        for name in TRAINABLE_STAGES:
+            if cfg[name].checkpoint:
+                adopt_checkpoint(cfg, name)
     if stage == "oracle":
         from hybrid.eval.oracle import ensure_oracle
         from hybrid.precision import stage_device
@@ -124,8 +130,9 @@ def print_summary(cfg, seconds: float, evaluated: bool = True) -> None:
     print(f"\nfinished in {seconds / 60:.1f} min; outputs in {run_dir}/")
     metrics = run_dir / "metrics.json"
     if metrics.is_file() and not evaluated:
+        # this command's whole config (config.yaml, written at its start), so the data, sizes and oracle match
         print(f"  {metrics} is from an earlier evaluation, not of what this command trained; judge again with: "
-              f"python train.py stage=eval run_dir={run_dir}")
+              f"python train.py --config {run_dir / 'config.yaml'} stage=eval")
     elif metrics.is_file():
         import json
 

@@ -224,6 +224,10 @@ def test_the_summary_of_a_command_without_eval_does_not_pass_old_metrics_off_as_
                 "trainer.progress_bar=false", "stage=refiner"])
     assert "is from an earlier evaluation" in out.stdout and "stage=eval" in out.stdout, out.stdout
     assert "FID" not in out.stdout.split("finished in", 1)[1]
+    hint = out.stdout.split("judge again with: python ", 1)[1].split()  # the toy run's own config, not the default's
+    assert hint[:3] == ["train.py", "--config", str(run_dir / "config.yaml")] and hint[3] == "stage=eval", hint
+    judged = _run(hint[:4])
+    assert "FID" in judged.stdout.split("finished in", 1)[1] and "training the oracle" not in judged.stdout
 
 
 def test_damaged_exports_and_export_targets_are_one_line_errors(toy_run, tmp_path):

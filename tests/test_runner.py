@@ -524,3 +524,17 @@ def test_adopting_a_stage_sets_an_interrupted_trainings_leftovers_aside(tmp_path
     assert sorted(p.name for p in (tmp_path / "run" / "ar").iterdir()) == ["final.ckpt"]
     (aside,) = (tmp_path / "run").glob("ar.before-retrain-*")
     assert (aside / "checkpoints" / "last.ckpt").read_bytes() == b"another training's state"
+
+
+def test_stage_eval_judges_stages_given_by_checkpoint_keys(tmp_path, monkeypatch):
+    """`stage=eval` with tokenizer/ar/refiner.checkpoint adopts them into the run and judges them (it failed with
+    'has no trained tokenizer', or judged the run's own stages without a word)."""
+    import json
+
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert _main_toy(tmp_path / "a") == 0
+    src = tmp_path / "a" / "run"
+    keys = [f"{s}.checkpoint={src / s / 'final.ckpt'}" for s in ("tokenizer", "ar", "refiner")]
+    assert _main_toy(tmp_path / "b", "stage=eval", *keys) == 0
+    metrics = json.loads((tmp_path / "b" / "run" / "metrics.json").read_text())
+    assert {"tokenizer", "ar", "hybrid"} <= set(metrics)
