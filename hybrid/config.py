@@ -516,6 +516,27 @@ def stage_plan(cfg: DictConfig) -> list[str]:
     return plan + ["eval"]
 
 
+def _check_num_classes_against_classes_json(cfg: DictConfig) -> None:
+    """`data.num_classes` against the `classes.json` the shards writer puts beside the shards: 0 (the procedural
+    data's 42) or fewer than it lists would build a class table that does not fit the shards."""
+    import glob
+    import json
+
+    pattern = cfg.data.shards
+    folder = Path(pattern) if Path(pattern).is_dir() else Path(pattern.split("{", 1)[0]).parent
+    if not (folder / "classes.json").is_file() and "*" in pattern:
+        folder = next((Path(f).parent for f in sorted(glob.glob(pattern))), folder)
+    path = folder / "classes.json"
+    try:
+        listed = len(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return  # no classes.json (shards written elsewhere, or captions only): nothing to check against
+    if cfg.data.num_classes < listed:
+        given = "0 (the procedural data's classes)" if cfg.data.num_classes == 0 else str(cfg.data.num_classes)
+        raise ConfigError(f"config key 'data.num_classes' is {given}, but '{path}' lists {listed} classes: "
+                          f"set data.num_classes={listed}")
+
+
 def validate(cfg: DictConfig) -> None:
     """Checks that the schema's types cannot express: choices, ranges, files that must exist."""
     for key, choices in {**CHOICES, **_model_choices()}.items():
@@ -540,6 +561,12 @@ def validate(cfg: DictConfig) -> None:
                           "tokenizer.pretrained (its checkpoints store it); leave it empty")
     if cfg.data.source == "shards" and not cfg.data.shards:
         raise ConfigError("config key 'data.shards' must name the training shards when data.source=shards")
+    if cfg.data.source != "shards" and (cfg.data.shards or cfg.data.val_shards):
+        key = "data.shards" if cfg.data.shards else "data.val_shards"
+        raise ConfigError(f"config key '{key}' is set, but data.source is {cfg.data.source}, which does not read it: "
+                          "add data.source=shards")
+    if cfg.data.source == "shards":
+        _check_num_classes_against_classes_json(cfg)
     if not 16 <= cfg.data.image_size <= 256:
         raise ConfigError(f"config key 'data.image_size' is {cfg.data.image_size}; it must be within 16..256")
     latent = cfg.data.image_size // cfg.tokenizer.downsample

@@ -246,3 +246,20 @@ def test_a_text_refiner_behind_a_class_ar_on_own_shards_is_refused_at_load(tmp_p
         load_config(None, [*shards, "refiner.condition=text"])
     load_config(None, [*shards, "refiner.condition=text", "ar.condition=text"])
     load_config(None, ["refiner.condition=text"])  # procedural classes have names to caption with
+
+
+def test_shard_settings_that_would_be_silently_wrong_are_refused(tmp_path):
+    """data.shards without data.source=shards trained on procedural data; data.num_classes left at 0 (the
+    procedural 42) on 3-class shards built a 42-class model; classes.json beside the shards says how many."""
+    import json
+
+    with pytest.raises(ConfigError, match="add data.source=shards"):
+        load_config(None, [f"data.shards={tmp_path}/train-*.tar"])
+    (tmp_path / "classes.json").write_text(json.dumps({"bird": 0, "cat": 1, "dog": 2}))
+    for pattern in (f"{tmp_path}/train-*.tar", f"{tmp_path}/train-{{000000..000003}}.tar", str(tmp_path)):
+        shards = ["data.source=shards", f"data.shards={pattern}"]
+        with pytest.raises(ConfigError, match=r"lists 3 classes: set data.num_classes=3"):
+            load_config(None, shards)
+        with pytest.raises(ConfigError, match="data.num_classes"):
+            load_config(None, [*shards, "data.num_classes=2"])
+        assert load_config(None, [*shards, "data.num_classes=3"]).data.num_classes == 3
