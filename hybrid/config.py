@@ -552,6 +552,25 @@ def validate(cfg: DictConfig) -> None:
             value = OmegaConf.select(cfg, key)
             if value < low:
                 raise ConfigError(f"config key '{key}' is {value}; it must be >= {low}")
+    if cfg.tokenizer.codebook_size < 2:
+        raise ConfigError(f"config key 'tokenizer.codebook_size' is {cfg.tokenizer.codebook_size}; it must be >= 2")
+    for stage in TRAINED_STAGES:
+        train = cfg[stage].train
+        if train.lr <= 0:
+            raise ConfigError(f"config key '{stage}.train.lr' is {train.lr}; it must be > 0")
+        if train.max_steps < 1 and not (train.max_steps == -1 and train.max_minutes > 0):
+            raise ConfigError(f"config key '{stage}.train.max_steps' is {train.max_steps}; it must be >= 1 (or -1, no "
+                              f"step limit, with {stage}.train.max_minutes > 0)")
+    devices = cfg.trainer.devices
+    if isinstance(devices, int) and (devices == 0 or devices < -1):
+        raise ConfigError(f"config key 'trainer.devices' is {devices}; give a count >= 1, -1 (all), a list of ids or "
+                          "auto")
+    sample = cfg.ar.sample
+    try:  # the AR's default sampling settings obey the same ranges as sample.py's flags and eval.settings
+        GenerationSettings(cfg=sample.cfg, cfg_schedule=sample.cfg_schedule, temperature=sample.temperature,
+                           top_k=sample.top_k, top_p=sample.top_p)
+    except ValueError as err:
+        raise ConfigError(f"config key 'ar.sample': {err}") from None
     for key in PATH_KEYS:
         value = OmegaConf.select(cfg, key)
         if value and not Path(value).exists():

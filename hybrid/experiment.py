@@ -115,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
             FloatingPointError) as err:  # FloatingPointError: the oracle's non-finite loss
         print(f"error: {error_line(err)}", file=sys.stderr)
         return 1
+    except Exception as err:  # Lightning's own refusals (an accelerator this machine lacks, ...) are one line too
+        if type(err).__name__ != "MisconfigurationException":
+            raise
+        print(f"error: {error_line(err)} (trainer.* keys)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # outside a fit (the oracle, the evaluation); a fit says how to resume itself
         print("\ninterrupted (a finished stage is kept; re-run the same command to go on)", file=sys.stderr)
         return 130

@@ -263,3 +263,23 @@ def test_shard_settings_that_would_be_silently_wrong_are_refused(tmp_path):
         with pytest.raises(ConfigError, match="data.num_classes"):
             load_config(None, [*shards, "data.num_classes=2"])
         assert load_config(None, [*shards, "data.num_classes=3"]).data.num_classes == 3
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("ar.sample.temperature=-3", "temperature=-3"),  # accepted before, and used by eval and sample.py's defaults
+    ("ar.sample.top_p=2", "top_p=2"),
+    ("ar.train.max_steps=-5", "ar.train.max_steps"),  # Lightning's traceback after the tokenizer had trained
+    ("ar.train.max_steps=0", "ar.train.max_steps"),  # 'trained' an untouched AR
+    ("ar.train.max_steps=-1", "max_minutes"),  # no step limit needs a time limit
+    ("refiner.train.lr=-1", "refiner.train.lr"),  # "Invalid learning rate: -1.0", naming no key, after a stage
+    ("trainer.devices=0", "trainer.devices"),
+    ("tokenizer.codebook_size=1", "tokenizer.codebook_size"),  # a RuntimeError from random_
+])
+def test_values_no_stage_can_use_are_refused_at_load(override, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(None, [override])
+
+
+def test_an_unbounded_stage_with_a_time_limit_still_loads():
+    cfg = load_config(None, ["ar.train.max_steps=-1", "ar.train.max_minutes=5", "trainer.devices=-1"])
+    assert cfg.ar.train.max_steps == -1

@@ -538,3 +538,17 @@ def test_stage_eval_judges_stages_given_by_checkpoint_keys(tmp_path, monkeypatch
     assert _main_toy(tmp_path / "b", "stage=eval", *keys) == 0
     metrics = json.loads((tmp_path / "b" / "run" / "metrics.json").read_text())
     assert {"tokenizer", "ar", "hybrid"} <= set(metrics)
+
+
+def test_lightnings_own_refusals_are_one_line(tmp_path, capsys):
+    """An accelerator this machine lacks: Lightning raises MisconfigurationException when the Trainer is built."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a GPU")
+    from hybrid.experiment import main
+
+    assert main(["--config", str(TOY), f"run_dir={tmp_path}", "stage=tokenizer", "trainer.accelerator=gpu",
+                 "trainer.progress_bar=false"]) == 1
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "trainer.*" in err[0], err
