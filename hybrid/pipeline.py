@@ -285,7 +285,7 @@ class HybridPipeline:
         share its draws, so an image depends on its batch); `generator` overrides `seed`.
         """
         s = GenerationSettings(**settings)
-        classes = _as_ids(classes)
+        classes, prompts = _as_ids(classes), _as_prompts(prompts)
         n = self._check_request(classes, prompts, mode, batch_size)
         if generator is None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -319,7 +319,7 @@ class HybridPipeline:
             raise PipelineError("ar_and_hybrid needs the ar and hybrid modes with a refiner that reads every "
                                 "token scale (refiner.coarse_scales 0); generate each mode on its own instead")
         s = GenerationSettings(**settings)
-        classes = _as_ids(classes)
+        classes, prompts = _as_ids(classes), _as_prompts(prompts)
         self._check_request(classes, prompts, "ar", batch_size)
         n = self._check_request(classes, prompts, "hybrid", batch_size)
         if generator is None:
@@ -389,10 +389,17 @@ class HybridPipeline:
 
 
 def _as_ids(classes) -> torch.Tensor | None:
-    """Class ids as a long tensor (None stays None)."""
-    if classes is None or isinstance(classes, torch.Tensor):
-        return classes
-    return torch.tensor(list(classes), dtype=torch.long)
+    """Class ids as a long tensor (None stays None; one int is one request)."""
+    if classes is None:
+        return None
+    if isinstance(classes, torch.Tensor):
+        return classes.reshape(-1) if classes.dim() == 0 else classes
+    return torch.tensor([classes] if isinstance(classes, int) else list(classes), dtype=torch.long)
+
+
+def _as_prompts(prompts) -> list[str] | None:
+    """Prompts as a list (None stays None; one string is one prompt, not one per character)."""
+    return [prompts] if isinstance(prompts, str) else prompts
 
 
 def _batches(classes: torch.Tensor | None, prompts: list[str] | None, n: int, batch_size: int):

@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     try:
         device = resolve_device(args.device)
         classes, prompts = _requests(args)
+        if Path(args.out).exists() and not Path(args.out).is_dir():  # found before generating, not after
+            raise PipelineError(f"--out {args.out} is a file; give a folder")
         if args.run:
             pipe = HybridPipeline.from_run(args.run, device=device)
         else:
@@ -81,6 +83,11 @@ def main(argv=None) -> int:
                   if value is not None]
         if args.mode == "ar" and unused:
             print(f"note: {', '.join(unused)} set the refiner, which --mode ar does not run", file=sys.stderr)
+        ar_only = [flag for flag, value in (("--cfg", args.cfg), ("--temperature", args.temperature),
+                                            ("--top-k", args.top_k), ("--top-p", args.top_p)) if value is not None]
+        if args.mode == "diffusion" and ar_only:
+            print(f"note: {', '.join(ar_only)} set the AR, which --mode diffusion does not run (its guidance is "
+                  "--refiner-cfg)", file=sys.stderr)
         with Stopwatch(device) as watch:
             images = pipe(
                 classes=classes, prompts=prompts, mode=args.mode, seed=args.seed, batch_size=args.batch_size,

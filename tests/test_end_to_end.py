@@ -692,3 +692,20 @@ def test_own_images_folder_to_shards_to_train_to_eval(tmp_path, random_inception
     bad = subprocess.run([sys.executable, "sample.py", "--run", str(run_dir), "--class", "2", "--out",
                           str(tmp_path / "s2")], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "class id 2" in bad.stderr
+
+
+def test_the_python_api_takes_one_prompt_or_one_class_as_one_request(toy_run, tmp_path):
+    """pipe(prompts='red') made one image per character; pipe(classes=3) raised a TypeError."""
+    from hybrid.pipeline import HybridPipeline
+
+    pipe = HybridPipeline.from_run(toy_run[0])
+    assert torch.equal(pipe(classes=3, mode="ar", seed=1), pipe(classes=[3], mode="ar", seed=1))
+    assert torch.equal(pipe(classes=torch.tensor(3), mode="ar", seed=1), pipe(classes=[3], mode="ar", seed=1))
+    from hybrid.pipeline import _as_prompts
+
+    assert _as_prompts("a red circle") == ["a red circle"] and _as_prompts(["a", "b"]) == ["a", "b"]
+    (tmp_path / "a-file").write_text("kept")
+    out = subprocess.run([sys.executable, "sample.py", "--run", str(toy_run[0]), "--class", "1", "--out",
+                          str(tmp_path / "a-file")], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and "is a file" in out.stderr and "Traceback" not in out.stderr, out.stderr[-1500:]
+    assert (tmp_path / "a-file").read_text() == "kept"
