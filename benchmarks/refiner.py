@@ -180,8 +180,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-refiner", dest="refiner", action="store_false",
                         help="skip the refiner measurements (e.g. to add the baseline to an earlier run)")
     parser.add_argument("--num-images", type=int, default=2000, help="held-out images (and real images) for FID")
-    parser.add_argument("--steps", default="1,2,4,8", help="refiner step counts")
-    parser.add_argument("--baseline-steps", default="10,25,50", help="baseline step counts")
+    parser.add_argument("--steps", default="1,2,4,8", help="refiner step counts, comma-separated (default 1,2,4,8)")
+    parser.add_argument("--baseline-steps", default="10,25,50",
+                        help="baseline step counts, comma-separated (default 10,25,50)")
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the FID intervals")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     add_device_argument(parser, "held-out images are encoded, refined, sampled, judged and timed (the stages "

@@ -578,6 +578,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.tokenizer.pretrained_config:
         raise ConfigError("config key 'tokenizer.pretrained_config' is filled by the tokenizer stage from "
                           "tokenizer.pretrained (its checkpoints store it); leave it empty")
+    if cfg.init_from and cfg.stage not in ("tokenizer", "ar", "refiner", "diffusion"):
+        raise ConfigError(f"config key 'init_from' warm-starts one stage, but stage is {cfg.stage}: add the stage "
+                          "the checkpoint belongs to (e.g. stage=ar)")
     if cfg.data.source == "shards" and not cfg.data.shards:
         raise ConfigError("config key 'data.shards' must name the training shards when data.source=shards")
     if cfg.data.source != "shards" and (cfg.data.shards or cfg.data.val_shards):

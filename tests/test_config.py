@@ -283,3 +283,9 @@ def test_values_no_stage_can_use_are_refused_at_load(override, needle):
 def test_an_unbounded_stage_with_a_time_limit_still_loads():
     cfg = load_config(None, ["ar.train.max_steps=-1", "ar.train.max_minutes=5", "trainer.devices=-1"])
     assert cfg.ar.train.max_steps == -1
+
+
+def test_init_from_names_the_one_stage_it_warm_starts():
+    with pytest.raises(ConfigError, match="init_from.*stage=ar"):
+        load_config(None, ["init_from=README.md"])  # stage=all: every stage would read the AR checkpoint
+    assert load_config(None, ["init_from=README.md", "stage=ar"]).init_from == "README.md"

@@ -368,7 +368,8 @@ def test_ctrl_c_during_a_fit_says_where_to_resume_from(tmp_path, monkeypatch, ca
         signal.signal(signal.SIGINT, handler)
     out = capsys.readouterr().out
     last = tmp_path / "tokenizer" / "checkpoints" / "last.ckpt"
-    assert f"[tokenizer] interrupted at step 3; last checkpoint: {last} (step 2); re-run the same command" in out, out
+    assert (f"[tokenizer] interrupted at step 3; last checkpoint: {last} (step 2); re-running the same command "
+            "resumes from it") in out, out
 
 
 def test_a_skipped_stage_names_changed_settings_and_refuses_a_retrained_tokenizer(tmp_path, monkeypatch, capsys):
@@ -478,7 +479,7 @@ def test_an_interrupted_retrain_of_every_stage_goes_on_without_retrain_or_under_
                 _main_toy(tmp_path, "seed=1", "retrain=true")
         finally:
             signal.signal(signal.SIGINT, handler)
-        assert "re-run the same command without retrain=true" in capsys.readouterr().out
+        assert "re-running the same command without retrain=true resumes" in capsys.readouterr().out
         for stage in ("tokenizer", "ar", "refiner"):  # all set aside at the start, the refiner before its turn
             assert list(tmp_path.glob(f"run/{stage}.before-retrain-*")), stage
         assert not (run / "refiner").exists() and not (run / "ar" / "final.ckpt").exists()
@@ -503,12 +504,18 @@ def test_retrain_warm_starting_from_the_stage_being_replaced_reads_it_where_it_w
     fit_stage(cfg, "tokenizer")
     fit_stage(cfg, "ar")
     own = str(tmp_path / "ar" / "final.ckpt")
-    fit_stage(_toy(tmp_path, "retrain=true", f"init_from={own}"), "ar")
+    fit_stage(_toy(tmp_path, "retrain=true", "stage=ar", f"init_from={own}"), "ar")
     out = capsys.readouterr().out
     aside = sorted(tmp_path.glob("ar.before-retrain-*"))
     assert len(aside) == 1
     assert f"init_from={own} was set aside by retrain=true: reading {aside[0] / 'final.ckpt'}" in out
     assert (tmp_path / "ar" / "final.ckpt").is_file()
+    # an init_from that does not fit, found after the set-aside: the error says where the previous stage went
+    from hybrid.checkpoints import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"'tokenizer' checkpoint.*previous ar stage is in .*ar\.before-retrain"):
+        wrong = tmp_path / "tokenizer" / "final.ckpt"
+        fit_stage(_toy(tmp_path, "retrain=true", "stage=ar", f"init_from={wrong}"), "ar")
 
 
 def test_adopting_a_stage_sets_an_interrupted_trainings_leftovers_aside(tmp_path, monkeypatch):

@@ -36,7 +36,7 @@ from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
 
 from hybrid.checkpoints import FINAL as FINAL_NAME
-from hybrid.checkpoints import final_path, init_weights, last_path, stage_dir
+from hybrid.checkpoints import CheckpointError, final_path, init_weights, last_path, stage_dir
 from hybrid.config import to_dict
 from hybrid.lit.slurm import slurm_trainer_kwargs
 from hybrid.precision import resolve_precision, uses_gpu
@@ -242,8 +242,10 @@ def build_trainer(cfg, stage: str, extra_callbacks=()) -> pl.Trainer:
         # Lightning answers Ctrl-C by exiting (sys.exit(1)) right after this hook, so the way back is said here
         if isinstance(exception, KeyboardInterrupt) and trainer.global_rank == 0:
             again = "the same command without retrain=true" if cfg.retrain else "the same command"
-            print(f"[{stage}] interrupted at step {trainer.global_step}; last checkpoint: "
-                  f"{module.last_good_checkpoint()}; re-run {again} to resume from it", flush=True)
+            last = module.last_good_checkpoint()
+            how = "starts the stage over" if last.startswith("none") else "resumes from it"
+            print(f"[{stage}] interrupted at step {trainer.global_step}; last checkpoint: {last}; re-running {again} "
+                  f"{how}", flush=True)
 
     callbacks.append(LambdaCallback(on_train_start=_say_start, on_exception=_say_how_to_resume))
     # -------------------------------------------------------------------------------------------
@@ -448,7 +450,13 @@ def fit_stage(cfg, stage: str, callbacks=()) -> Path:
     ckpt_path = None if fresh else resume_path(cfg, stage)
     if cfg.init_from and ckpt_path is None:
         source = followed(cfg.init_from, "init_from")
-        skipped = init_weights(module, source, stage, strict=cfg.init_strict)
+        try:
+            skipped = init_weights(module, source, stage, strict=cfg.init_strict)
+        except CheckpointError as err:
+            aside = sorted(stage_dir(cfg.run_dir, stage).parent.glob(f"{stage}.before-retrain-*"))
+            if fresh and aside:  # the run's previous stage is not lost: say where it is
+                raise CheckpointError(f"{err} (the run's previous {stage} stage is in {aside[-1]})") from None
+            raise
         print(f"[{stage}] initialised from {source}" + (f" (skipped {len(skipped)} keys)" if skipped else ""))
     extra = list(module.extra_callbacks()) if hasattr(module, "extra_callbacks") else []
     extra.extend(callbacks)
