@@ -47,10 +47,10 @@ from benchmarks.common import (
     median_seconds,
     write_result,
 )
+from hybrid.names import SAMPLERS
 
 EVAL_SEED = 41_001
 REAL_SEED = 41_002
-SAMPLERS = {"ddpm": ("ddim", "dpm"), "flow": ("euler", "dpm")}
 
 
 def load_stage(path, stage: str, raw: bool = False, device: torch.device | str = "cpu"):

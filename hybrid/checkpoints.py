@@ -160,10 +160,15 @@ def is_rank_zero() -> bool:
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Writes JSON atomically (temporary file, then rename), so a reader never sees half a file."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Writes a text file atomically (temporary file beside it, then rename): never half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # per process: two writers never share one
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 

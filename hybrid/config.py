@@ -359,6 +359,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.condition": ("none", "class", "text"),
     "diffusion.objective": ("ddpm", "flow"),
     "diffusion.prediction": ("v_prediction", "epsilon", "sample"),
+    # names the model code dispatches on (hybrid/names.py); `sampler` is checked against `objective` by the
+    # trainer x sampler matrix (SAMPLERS) in `validate`
+    "ar.sample.cfg_schedule": CFG_SCHEDULES,
+    "refiner.timestep_density": TIMESTEP_DENSITIES,
+    "diffusion.timestep_density": TIMESTEP_DENSITIES,
 }
 # Keys whose value is a list of choices: the modes stage=eval judges (hybrid.eval.evaluate; diffusion is judged
 # whenever the run has one)
@@ -386,13 +391,6 @@ NON_NEGATIVE_KEYS = (
 # Keys that name files or folders which must exist when set.
 PATH_KEYS = ("tokenizer.pretrained", "tokenizer.checkpoint", "ar.checkpoint", "refiner.checkpoint",
              "diffusion.checkpoint", "init_from", "eval.inception_weights")
-
-
-def _model_choices() -> dict[str, tuple]:
-    """The choices of the keys whose names the model code dispatches on (defined above). The denoisers'
-    `sampler` is checked against their `objective` by the trainer x sampler matrix (`SAMPLERS`) in `validate`."""
-    return {"ar.sample.cfg_schedule": CFG_SCHEDULES, "refiner.timestep_density": TIMESTEP_DENSITIES,
-            "diffusion.timestep_density": TIMESTEP_DENSITIES}
 
 
 # --------------------------------------------------------------------------------------------
@@ -539,7 +537,7 @@ def _check_num_classes_against_classes_json(cfg: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Checks that the schema's types cannot express: choices, ranges, files that must exist."""
-    for key, choices in {**CHOICES, **_model_choices()}.items():
+    for key, choices in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             raise ConfigError(f"config key '{key}' is {value!r}; choose one of {', '.join(map(str, choices))}")

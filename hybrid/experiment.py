@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import sys
 import time
@@ -87,16 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     from hybrid.nn.attention import set_default_backend
 
     set_default_backend(cfg.attention.backend)
-    from hybrid.checkpoints import is_rank_zero
+    from hybrid.checkpoints import is_rank_zero, write_text_atomic
 
     run_dir = Path(cfg.run_dir)
     if is_rank_zero():
         from omegaconf import OmegaConf
 
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / f".config.yaml.tmp-{os.getpid()}"  # atomic: a reader never sees half a file
-        OmegaConf.save(OmegaConf.create(to_dict(cfg)), tmp)
-        os.replace(tmp, run_dir / "config.yaml")
+        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))))
     from hybrid.checkpoints import CheckpointError
     from hybrid.lit.base import NonFiniteLossError
 

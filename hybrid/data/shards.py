@@ -67,6 +67,7 @@ from torch.utils.data import IterableDataset
 from webdataset import tariterators
 from webdataset.utils import make_seed
 
+from hybrid.checkpoints import write_json
 from hybrid.data.attributes import ATTRIBUTES, class_id
 from hybrid.data.procedural import SPLITS, ProceduralDataset, caption, to_tensor, unknown_attrs
 
@@ -622,8 +623,8 @@ def class_caption(name: str) -> str:
     return name.replace("_", " ").replace("-", " ").strip()
 
 
-def folder_class_ids(out: str | os.PathLike, classes: Sequence[str], folder: str | os.PathLike, split: str = "train",
-                     save: bool = True) -> tuple[dict[str, int], list[str]]:
+def folder_class_ids(out: str | os.PathLike, classes: Sequence[str], folder: str | os.PathLike,
+                     split: str = "train") -> tuple[dict[str, int], list[str]]:
     """(class name -> id, the classes new to `out/classes.json`) for writing `folder` (with class subfolders
     `classes`) as `split` into `out`.
 
@@ -631,15 +632,12 @@ def folder_class_ids(out: str | os.PathLike, classes: Sequence[str], folder: str
     shards and the other split stay consistent. A train split adds the classes that are not in it, with new ids
     after the existing ones (data.num_classes must grow with them); any other split must hold only classes that
     are in it, so a validation folder with fewer classes keeps the training ids. Without the file, the sorted
-    names get ids 0, 1, .... With `save`, a new or extended mapping is written to `out/classes.json`.
+    names get ids 0, 1, .... The caller writes a new or extended mapping (once the shards are complete).
     Raises ValueError naming the file when it is not a mapping or (not a train split) lacks a class of `folder`.
     """
     path = Path(out) / "classes.json"
     if not path.is_file():
-        ids = {name: i for i, name in enumerate(classes)}
-        if save:
-            _save_class_ids(path, ids)
-        return ids, []
+        return {name: i for i, name in enumerate(classes)}, []
     try:
         ids = json.loads(path.read_text())
         if not isinstance(ids, dict) or not all(isinstance(v, int) for v in ids.values()):
@@ -658,17 +656,7 @@ def folder_class_ids(out: str | os.PathLike, classes: Sequence[str], folder: str
     if missing:
         start = max(ids.values(), default=-1) + 1
         ids = {**ids, **{name: start + i for i, name in enumerate(missing)}}
-        if save:
-            _save_class_ids(path, ids)
     return ids, missing
-
-
-def _save_class_ids(path: Path, ids: dict[str, int]) -> None:
-    """Write a class mapping atomically (a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(ids, indent=1))
-    os.replace(tmp, path)
 
 
 def write_folder(out: str | os.PathLike, folder: str | os.PathLike, image_size: int = 32, per_shard: int = 1000,
@@ -685,7 +673,7 @@ def write_folder(out: str | os.PathLike, folder: str | os.PathLike, image_size: 
     if count is not None and count < 1:
         raise ValueError(f"--count must be >= 1, got {count}")
     classes, items = folder_items(folder)
-    ids, added = folder_class_ids(out, classes, folder, split, save=False)
+    ids, added = folder_class_ids(out, classes, folder, split)
     old = old_shards(out, split, overwrite)
     random.Random(seed).shuffle(items)
     if count is not None:
@@ -719,7 +707,7 @@ def write_folder(out: str | os.PathLike, folder: str | os.PathLike, image_size: 
                          f"warnings above): nothing written to '{out}'")
     path = Path(out) / "classes.json"
     if added or not path.is_file():  # written (or extended) with the split's shards, not before
-        _save_class_ids(path, ids)
+        write_json(path, ids)  # atomic
     if added:
         shown = ", ".join(f"'{name}'" for name in added)
         many = len(added) > 1

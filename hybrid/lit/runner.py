@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import logging
 import os
 import sys
@@ -80,6 +81,21 @@ def tokenizer_checkpoint(cfg) -> Path:
     return path
 
 
+def tokenizer_weights_hash(path: str | os.PathLike) -> str:
+    """The weights hash a tokenizer checkpoint's later stages record, read from its state dict (the tokenizer is
+    not built); memoised per file version, since each stage's checks ask for it."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return _tokenizer_weights_hash(str(p), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_weights_hash(path: str, _mtime_ns: int, _size: int) -> str:
+    from hybrid.checkpoints import load_checkpoint, sub_state_dict, weights_hash
+
+    return weights_hash(sub_state_dict(load_checkpoint(path, expect_stage="tokenizer")["state_dict"], "tokenizer"))
+
+
 def check_skipped_stage(cfg, stage: str, final: Path) -> str:
     """Before a finished stage is skipped: refuses it when it was trained on other tokenizer weights than
     the run's tokenizer now has (retrained since), and returns its settings that differ from this
@@ -88,9 +104,7 @@ def check_skipped_stage(cfg, stage: str, final: Path) -> str:
 
     ckpt = load_checkpoint(final, expect_stage=stage)
     if stage != "tokenizer":
-        from hybrid.lit.base import load_tokenizer
-
-        check_tokenizer_match(ckpt, load_tokenizer(tokenizer_checkpoint(cfg))[2], final)
+        check_tokenizer_match(ckpt, tokenizer_weights_hash(tokenizer_checkpoint(cfg)), final)
 
     def flat(d, prefix):
         for key, value in d.items():
@@ -118,15 +132,14 @@ def adopt_checkpoint(cfg, stage: str) -> Path:
     from hybrid.checkpoints import CheckpointError, check_tokenizer_match, is_rank_zero, load_checkpoint
 
     source = Path(followed(cfg[stage].checkpoint, f"{stage}.checkpoint"))
+    final = final_path(cfg.run_dir, stage)
+    if source.is_file() and final.is_file() and filecmp.cmp(source, final, shallow=False):
+        return source  # adopted before (and checked then)
     ckpt = load_checkpoint(source, expect_stage=stage)  # names the file when it is missing or not one
     if stage != "tokenizer":
-        from hybrid.lit.base import load_tokenizer
-
-        tokenizer = tokenizer_checkpoint(cfg)
-        check_tokenizer_match(ckpt, load_tokenizer(tokenizer)[2], source)
+        check_tokenizer_match(ckpt, tokenizer_weights_hash(tokenizer_checkpoint(cfg)), source)
     del ckpt
-    final = final_path(cfg.run_dir, stage)
-    if not is_rank_zero() or (final.is_file() and filecmp.cmp(source, final, shallow=False)):
+    if not is_rank_zero():
         return source
     if final.is_file() and not retraining(cfg):
         raise CheckpointError(
