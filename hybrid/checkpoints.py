@@ -46,6 +46,16 @@ def last_path(run_dir: str | os.PathLike, stage: str) -> Path:
     return stage_dir(run_dir, stage) / "checkpoints" / LAST
 
 
+def hpc_paths(run_dir: str | os.PathLike, stage: str) -> list[Path]:
+    """The stage's SLURM requeue checkpoints (`hpc_ckpt_<n>.ckpt`, hybrid/lit/slurm.py), oldest first."""
+    return sorted(stage_dir(run_dir, stage).glob("hpc_ckpt_*.ckpt"), key=lambda p: p.stat().st_mtime)
+
+
+def resumable_paths(run_dir: str | os.PathLike, stage: str) -> list[Path]:
+    """The stage's checkpoints on disk that a re-run could resume from: last.ckpt and the hpc checkpoints."""
+    return [p for p in (last_path(run_dir, stage), *hpc_paths(run_dir, stage)) if p.is_file()]
+
+
 def load_checkpoint(path: str | os.PathLike, expect_stage: str | None = None, map_location="cpu") -> dict[str, Any]:
     """Loads a checkpoint without executing code from it (`weights_only=True`).
 

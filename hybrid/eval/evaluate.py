@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from hybrid.checkpoints import write_json
-from hybrid.data.attributes import ATTRIBUTES, NUM_CLASSES, class_id
+from hybrid.data.attributes import ATTRIBUTES, class_id
 from hybrid.data.procedural import caption, sample_attributes
 from hybrid.devices import Stopwatch
 from hybrid.images import save_grid
@@ -339,6 +339,7 @@ def run_evaluation(cfg) -> dict:
     """`train.py stage=eval`: loads (or trains) the oracle, evaluates the run, writes metrics.json."""
     from hybrid.config import GenerationSettings
     from hybrid.eval.oracle import ensure_oracle, load_oracle
+    from hybrid.models import num_classes
     from hybrid.precision import stage_device
 
     device = stage_device(cfg)
@@ -349,7 +350,7 @@ def run_evaluation(cfg) -> dict:
     if cfg.data.source == "shards":
         pattern, source = eval_shard_pattern(cfg)
         real = read_shard_images(pattern, cfg.eval.num_samples, cfg.data.image_size,
-                                 cfg.data.num_classes or NUM_CLASSES)
+                                 num_classes(cfg))
         n = len(real["images"])
         print(f"[eval] real images: the first {n} readable samples of {source} '{pattern}'"
               + (f" (all there are; eval.num_samples is {cfg.eval.num_samples})" if n < cfg.eval.num_samples else ""))

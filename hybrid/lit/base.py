@@ -33,7 +33,7 @@ from pytorch_lightning.plugins.precision import MixedPrecision
 from pytorch_lightning.strategies import FSDPStrategy
 from pytorch_lightning.utilities.enums import GradClipAlgorithmType
 
-from hybrid.checkpoints import last_path, load_checkpoint, stage_dir, sub_state_dict, weights_hash
+from hybrid.checkpoints import load_checkpoint, resumable_paths, sub_state_dict, weights_hash
 from hybrid.config import from_dict
 from hybrid.images import save_grid
 from hybrid.models import build_tokenizer, with_pretrained_config
@@ -128,9 +128,7 @@ class StageModule(pl.LightningModule):
 
     def last_good_checkpoint(self) -> str:
         """The newest checkpoint of this stage on disk (last.ckpt or a SLURM hpc checkpoint) and its step."""
-        candidates = [last_path(self.cfg.run_dir, self.stage), *stage_dir(self.cfg.run_dir, self.stage).glob(
-            "hpc_ckpt_*.ckpt")]
-        existing = [p for p in candidates if p.is_file()]
+        existing = resumable_paths(self.cfg.run_dir, self.stage)
         if not existing:
             return "none (no checkpoint written yet)"
         path = max(existing, key=os.path.getmtime)

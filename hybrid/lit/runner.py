@@ -36,8 +36,15 @@ from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
 
-from hybrid.checkpoints import FINAL as FINAL_NAME
-from hybrid.checkpoints import CheckpointError, final_path, init_weights, last_path, stage_dir
+from hybrid.checkpoints import (
+    CheckpointError,
+    final_path,
+    hpc_paths,
+    init_weights,
+    last_path,
+    resumable_paths,
+    stage_dir,
+)
 from hybrid.config import to_dict
 from hybrid.lit.slurm import slurm_trainer_kwargs
 from hybrid.precision import resolve_precision, uses_gpu
@@ -332,9 +339,8 @@ class AppendingCSVLogger(CSVLogger):
 
 def resume_path(cfg, stage: str) -> str | None:
     """The checkpoint a re-run resumes from (None = fresh, or Lightning's own hpc_ckpt pick-up)."""
-    sdir = stage_dir(cfg.run_dir, stage)
     last = last_path(cfg.run_dir, stage)
-    hpc = sorted(sdir.glob("hpc_ckpt_*.ckpt"), key=lambda p: p.stat().st_mtime)
+    hpc = hpc_paths(cfg.run_dir, stage)
     if hpc and not (last.is_file() and last.stat().st_mtime > hpc[-1].stat().st_mtime):
         return None  # Lightning's SLURM connector resumes from the newest hpc checkpoint by itself
     return str(last) if last.is_file() else None  # a newer last.ckpt wins over a stale hpc checkpoint
@@ -363,9 +369,9 @@ def followed(path: str, key: str) -> str:
     return path
 
 
-def _stale_checkpoints(sdir: Path) -> list[Path]:
-    return [p for p in (sdir / FINAL_NAME, sdir / "checkpoints" / "last.ckpt", *sdir.glob("hpc_ckpt_*.ckpt"))
-            if p.is_file()]
+def _stale_checkpoints(cfg, stage: str) -> list[Path]:
+    final = final_path(cfg.run_dir, stage)
+    return ([final] if final.is_file() else []) + resumable_paths(cfg.run_dir, stage)
 
 
 def set_aside_for_retrain(cfg, stage: str, wait_minutes: float = 10.0) -> Path | None:
@@ -379,7 +385,7 @@ def set_aside_for_retrain(cfg, stage: str, wait_minutes: float = 10.0) -> Path |
     sdir = stage_dir(cfg.run_dir, stage)
     if not is_rank_zero():
         deadline = time.time() + wait_minutes * 60
-        while _stale_checkpoints(sdir):
+        while _stale_checkpoints(cfg, stage):
             if time.time() > deadline:
                 raise CheckpointError(f"stage {stage}: rank 0 did not set {sdir} aside within {wait_minutes} min")
             time.sleep(0.5)
