@@ -372,6 +372,41 @@ def test_ctrl_c_during_a_fit_says_where_to_resume_from(tmp_path, monkeypatch, ca
             "resumes from it") in out, out
 
 
+def test_a_resumed_stage_logs_each_step_once(tmp_path, monkeypatch):
+    """Rows logged after the last checkpoint belong to steps the resumed fit trains again: metrics.csv keeps
+    one row per step (the resumed one), not the interrupted attempt's rows beside it."""
+    import csv
+
+    from hybrid.lit.runner import fit_stage
+    from hybrid.lit.tokenizer import TokenizerModule
+
+    real = TokenizerModule.compute_loss
+
+    def ctrl_c_at_step_5(self, batch):
+        if self.global_step >= 5:
+            raise KeyboardInterrupt
+        return real(self, batch)
+
+    steps = ["tokenizer.train.max_steps=8", "tokenizer.train.ckpt_every=2", "tokenizer.train.log_every=1"]
+    monkeypatch.setattr(TokenizerModule, "compute_loss", ctrl_c_at_step_5)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            fit_stage(_toy(tmp_path, *steps), "tokenizer")
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    log = tmp_path / "tokenizer" / "logs" / "metrics.csv"
+
+    def logged():
+        with open(log, newline="") as f:
+            return [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+    assert logged() == [0, 1, 2, 3, 4]  # step 4 ran after the last checkpoint (step 4 = after 4 steps) was due
+    monkeypatch.setattr(TokenizerModule, "compute_loss", real)
+    fit_stage(_toy(tmp_path, *steps), "tokenizer")
+    assert logged() == list(range(8))
+
+
 def test_a_skipped_stage_names_changed_settings_and_refuses_a_retrained_tokenizer(tmp_path, monkeypatch, capsys):
     from hybrid.checkpoints import CheckpointError
     from hybrid.lit.runner import fit_stage

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import io
 import logging
 import os
 import sys
@@ -44,6 +45,7 @@ from hybrid.checkpoints import (
     last_path,
     resumable_paths,
     stage_dir,
+    write_text_atomic,
 )
 from hybrid.config import to_dict
 from hybrid.lit.slurm import slurm_trainer_kwargs
@@ -319,12 +321,30 @@ def deterministic_mode(cfg) -> bool | str:
 
 class _AppendingWriter(ExperimentWriter):
     """Keeps the rows a stage logged before an interruption: a resumed stage appends to metrics.csv
-    (Lightning's writer deletes it when the log folder exists)."""
+    (Lightning's writer deletes it when the log folder exists). The rows an interrupted fit logged after its
+    last checkpoint describe steps the resumed fit trains again; they are dropped when the resumed fit first
+    writes, so the log holds one row per step, from the trajectory the final weights came from."""
 
     def _check_log_dir_exists(self) -> None:
-        if self._fs.isfile(self.metrics_file_path):
+        self._resumed = self._fs.isfile(self.metrics_file_path)
+        if self._resumed:
             with self._fs.open(self.metrics_file_path, "r", newline="") as f:
                 self.metrics_keys = sorted(next(csv.reader(f), []))
+
+    def save(self) -> None:
+        if self._resumed and self.metrics:
+            self._resumed = False
+            first = min(int(m["step"]) for m in self.metrics)
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                rows = list(csv.DictReader(f))
+            kept = [r for r in rows if not r.get("step") or int(float(r["step"])) < first]
+            if len(kept) < len(rows):
+                out = io.StringIO()
+                writer = csv.DictWriter(out, fieldnames=self.metrics_keys)
+                writer.writeheader()
+                writer.writerows(kept)
+                write_text_atomic(self.metrics_file_path, out.getvalue())
+        super().save()
 
 
 class AppendingCSVLogger(CSVLogger):
