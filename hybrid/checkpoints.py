@@ -189,3 +189,11 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def train_command(run_dir: str | os.PathLike, *overrides: str) -> str:
+    """A train.py command line for a hint about a run: with the run's `config.yaml` (the last command's whole
+    config, so the data, sizes and paths it set come along) where there is one."""
+    config = Path(run_dir) / "config.yaml"
+    head = f"python train.py --config {config}" if config.is_file() else f"python train.py run_dir={run_dir}"
+    return " ".join([head, *overrides])

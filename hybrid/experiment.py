@@ -132,8 +132,10 @@ def print_summary(cfg, seconds: float, evaluated: bool = True) -> None:
     metrics = run_dir / "metrics.json"
     if metrics.is_file() and not evaluated:
         # this command's whole config (config.yaml, written at its start), so the data, sizes and oracle match
+        from hybrid.checkpoints import train_command
+
         print(f"  {metrics} is from an earlier evaluation, not of what this command trained; judge again with: "
-              f"python train.py --config {run_dir / 'config.yaml'} stage=eval")
+              f"{train_command(run_dir, 'stage=eval')}")
     elif metrics.is_file():
         import json
 

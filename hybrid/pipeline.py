@@ -31,6 +31,7 @@ from hybrid.checkpoints import (
     final_path,
     load_checkpoint,
     sub_state_dict,
+    train_command,
     weights_hash,
 )
 from hybrid.config import GenerationSettings, from_dict
@@ -65,6 +66,7 @@ class HybridPipeline:
         self.diffusion = diffusion.eval() if diffusion is not None else None
         self.refiner_diffusion = build_diffusion(configs["refiner"], "refiner") if refiner is not None else None
         self.diffusion_diffusion = build_diffusion(configs["diffusion"], "diffusion") if diffusion is not None else None
+        self.run_dir: Path | None = None  # the run directory it was loaded from (from_run), for hints
 
     # -- loading --------------------------------------------------------------------------------
     @property
@@ -101,7 +103,9 @@ class HybridPipeline:
         stages = {stage: path for stage, path in stages.items() if path.is_file()}
         if "ar" not in stages and "diffusion" not in stages:
             raise PipelineError(f"run directory '{run_dir}' has no trained AR or diffusion stage yet")
-        return cls.from_checkpoints(tok_path, device=device, **stages)
+        pipe = cls.from_checkpoints(tok_path, device=device, **stages)
+        pipe.run_dir = run_dir
+        return pipe
 
     @classmethod
     def from_checkpoints(cls, tokenizer: str | os.PathLike, ar=None, refiner=None, diffusion=None,
@@ -230,9 +234,10 @@ class HybridPipeline:
             raise PipelineError(f"mode '{mode}' is unknown; choose one of {', '.join(MODES)}")
         if mode not in self.modes:
             have = ", ".join(self.modes) or "none"
-            needs = {"hybrid": "a refiner (python train.py stage=refiner)",
-                     "ar": "an AR stage (python train.py stage=ar)",
-                     "diffusion": "the diffusion baseline (python train.py stage=diffusion)"}[mode]
+            stage, what = {"hybrid": ("refiner", "a refiner"), "ar": ("ar", "an AR stage"),
+                           "diffusion": ("diffusion", "the diffusion baseline")}[mode]
+            how = train_command(self.run_dir, f"stage={stage}") if self.run_dir else f"python train.py stage={stage}"
+            needs = f"{what} ({how})"
             raise PipelineError(f"mode '{mode}' needs {needs}, which this pipeline lacks (available modes: {have})")
         if (classes is None) == (prompts is None):
             raise PipelineError("pass either class ids or prompts")

@@ -202,7 +202,7 @@ def test_one_ar_pass_gives_the_ar_and_hybrid_images_of_two(toy_run):
     [
         (["--class", "999"], "class id 999"),
         (["--prompt", ""], "empty"),
-        (["--mode", "diffusion", "--class", "1"], "python train.py stage=diffusion"),
+        (["--mode", "diffusion", "--class", "1"], "config.yaml stage=diffusion"),  # the run's own config
         (["--class", "1", "--batch-size", "0"], "batch size must be >= 1"),
         (["--class", "1", "--steps", "0"], "steps=0"),
         (["--class", "1", "--cfg", "-5"], "cfg=-5"),

@@ -407,6 +407,17 @@ def test_a_resumed_stage_logs_each_step_once(tmp_path, monkeypatch):
     assert logged() == list(range(8))
 
 
+def test_a_missing_stage_hint_keeps_the_commands_config(tmp_path, capsys):
+    """"Train it first" names the run's config.yaml: the bare `python train.py stage=tokenizer run_dir=...` it
+    used to print trained the default config's tokenizer into a run of another config."""
+    from hybrid.experiment import main
+
+    assert main(["--config", str(TOY), f"run_dir={tmp_path}", "stage=ar", "seed=7"]) == 1
+    err = capsys.readouterr().err
+    assert f"python train.py --config {tmp_path / 'config.yaml'} stage=tokenizer)" in err, err
+    assert "seed: 7" in (tmp_path / "config.yaml").read_text()  # the hint brings this command's overrides along
+
+
 def test_a_skipped_stage_names_changed_settings_and_refuses_a_retrained_tokenizer(tmp_path, monkeypatch, capsys):
     from hybrid.checkpoints import CheckpointError
     from hybrid.lit.runner import fit_stage

@@ -45,6 +45,7 @@ from hybrid.checkpoints import (
     last_path,
     resumable_paths,
     stage_dir,
+    train_command,
     write_text_atomic,
 )
 from hybrid.config import to_dict
@@ -84,8 +85,8 @@ def tokenizer_checkpoint(cfg) -> Path:
     path = final_path(cfg.run_dir, "tokenizer")
     if not path.is_file():
         raise FileNotFoundError(
-            f"no tokenizer checkpoint at '{path}': train it first (python train.py stage=tokenizer "
-            f"run_dir={cfg.run_dir}) or set tokenizer.checkpoint=PATH"
+            f"no tokenizer checkpoint at '{path}': train it first ({train_command(cfg.run_dir, 'stage=tokenizer')}) "
+            "or set tokenizer.checkpoint=PATH"
         )
     return path
 
