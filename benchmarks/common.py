@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import platform
-import time
 
 import torch
+
+from hybrid.devices import describe_machine as machine  # noqa: F401 - the benchmarks' name for it
 
 
 def add_device_argument(parser, where: str = "images are generated and judged") -> None:
@@ -102,24 +102,6 @@ def judge_class_prompts(pipe, oracle, cfg, out_dir, modes, num_samples: int, set
     if "fid_vs_ar" in metrics.get("hybrid", {}):
         out["hybrid"]["fid_vs_ar"] = metrics["hybrid"]["fid_vs_ar"]  # paired: the same requests (and tokens)
     return out
-
-
-def machine(device: torch.device) -> dict:
-    """Where the numbers came from: the device they were measured on (`device`: "cpu", "cuda", ...), CPU,
-    cores, threads, torch, and the GPU's name when `device` is one (a GPU the benchmark did not use is not
-    named: its numbers are the CPU's)."""
-    info = {
-        "device": str(device),
-        "cpu": platform.processor() or platform.machine(),
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def heldout_samples(image_size: int, n: int, seed: int, two_object_prob: float = 0.3,

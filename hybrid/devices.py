@@ -8,6 +8,8 @@ times (on a CPU there is nothing to wait for); every images/s and ms/image of th
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 
 import torch
@@ -52,3 +54,22 @@ class Stopwatch:
         if exc_type is None:
             synchronize(self.device)
         self.seconds = time.perf_counter() - self._start
+
+
+def describe_machine(device: torch.device | str) -> dict:
+    """Where timings came from: the device they were measured on (`device`: "cpu", "cuda", ...), CPU, cores,
+    threads, torch, and the GPU's name when `device` is one (a GPU the command did not use is not named: its
+    numbers are the CPU's)."""
+    device = torch.device(device)
+    info = {
+        "device": str(device),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info

@@ -86,6 +86,8 @@ def test_train_writes_every_stage_and_metrics(toy_run):
     assert paired["difference"] == pytest.approx(metrics["hybrid"]["fid"] - metrics["ar"]["fid"])
     assert paired["ci"][0] <= paired["difference"] <= paired["ci"][1] and paired["same_tokens"] is True
     assert "sample.py" in stdout  # the summary says how to sample
+    where = metrics["machine"]  # where images_per_s and ms_per_image_b1 were timed
+    assert where["device"].startswith("cuda" if torch.cuda.is_available() else "cpu") and where["torch_threads"] >= 1
 
 
 def test_eval_settings_judge_every_mode_at_other_sampling_settings(toy_run, tmp_path):

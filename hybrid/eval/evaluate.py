@@ -338,6 +338,7 @@ def _psnr(recon: torch.Tensor, target: torch.Tensor) -> float:
 def run_evaluation(cfg) -> dict:
     """`train.py stage=eval`: loads (or trains) the oracle, evaluates the run, writes metrics.json."""
     from hybrid.config import GenerationSettings
+    from hybrid.devices import describe_machine
     from hybrid.eval.oracle import ensure_oracle, load_oracle
     from hybrid.models import num_classes
     from hybrid.precision import stage_device
@@ -368,6 +369,7 @@ def run_evaluation(cfg) -> dict:
                                inception_weights=cfg.eval.inception_weights, settings=settings, draw=cfg.eval.draw)
     metrics["generation_settings"] = settings or {}  # eval.settings; {} = each stage's own config
     metrics["eval_draw"] = cfg.eval.draw  # which requests and seeds (0: every earlier metrics.json's)
+    metrics["machine"] = describe_machine(device)  # where images_per_s and ms_per_image_b1 were timed
     write_json(Path(cfg.run_dir) / "metrics.json", _finite(metrics))
     print(f"[eval] wrote {Path(cfg.run_dir) / 'metrics.json'}")
     return metrics
