@@ -186,6 +186,23 @@ def test_the_frozen_tokenizer_alone_in_eval_mode_raises_no_warning(tmp_path, rec
     assert unexpected_eval_modules(module) == ["extra"]
 
 
+def test_a_fit_says_its_batch_once_without_lightnings_noise(tmp_path, recwarn, caplog, capsys):
+    """What Lightning says at every fit and is noise here (a cloud-logger tip, "no validation_step" for the stages
+    that share the AR's data module, torch's LeafSpec deprecation) is not said; the global batch is said once."""
+    import logging
+
+    from hybrid.lit.runner import fit_stage
+
+    caplog.set_level(logging.INFO)
+    cfg = _toy(tmp_path)
+    for stage in ("tokenizer", "refiner"):
+        fit_stage(cfg, stage)
+    said = capsys.readouterr().out + caplog.text + "\n".join(str(w.message) for w in recwarn)
+    for noise in ("Tip:", "validation_step", "LeafSpec"):
+        assert noise not in said, (noise, said)
+    assert said.count("global batch") == 2, said  # once per stage
+
+
 def _toy(tmp_path, *overrides):
     return load_config(TOY, [f"run_dir={tmp_path}", "trainer.progress_bar=false", "trainer.accelerator=cpu",
                              "ar.token_cache=false", "tokenizer.train.max_steps=2", "ar.train.max_steps=2",

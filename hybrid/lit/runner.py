@@ -52,7 +52,15 @@ from hybrid.config import to_dict
 from hybrid.lit.slurm import slurm_trainer_kwargs
 from hybrid.precision import resolve_precision, uses_gpu
 
-log = logging.getLogger(__name__)
+
+class _DropLightningTip(logging.Filter):
+    """Drops Lightning's "💡 Tip" advertising a cloud logger, said each time a Trainer is built."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropLightningTip())
 
 TRAINABLE_STAGES = ("tokenizer", "ar", "refiner", "diffusion")
 
@@ -185,10 +193,6 @@ class _StageTimer(Callback):
         per_device = pl_module.tcfg.batch_size
         global_batch = per_device * trainer.world_size * trainer.accumulate_grad_batches
         if trainer.global_rank == 0:
-            log.info(
-                "stage %s: batch %d per device x %d devices x %d accumulation = global batch %d",
-                pl_module.stage, per_device, trainer.world_size, trainer.accumulate_grad_batches, global_batch,
-            )
             print(f"[{pl_module.stage}] global batch size {global_batch} "
                   f"({per_device} per device x {trainer.world_size} device(s) x {trainer.accumulate_grad_batches})")
 
@@ -436,13 +440,22 @@ def unexpected_eval_modules(module: pl.LightningModule) -> list[str]:
 
 
 @contextlib.contextmanager
-def _quiet_if_only_frozen_in_eval(module: pl.LightningModule):
-    """Lightning warns at every fit that modules are in eval mode ("may lead to unexpected behavior"). The
-    frozen tokenizer is so on purpose, so the warning is silenced when it is the only one; any other
-    submodule in eval mode keeps it."""
+def _quiet_fit(module: pl.LightningModule):
+    """Silences what Lightning says at every fit that is noise here, and nothing else:
+    - "Found N module(s) in eval mode": the frozen tokenizer is so on purpose, so the warning is silenced when
+      it is the only one; any other submodule in eval mode keeps it;
+    - "You passed in a `val_dataloader` but have no `validation_step`": the stages without a validation step
+      share the data module that gives the AR its validation batches;
+    - torch's deprecation of `LeafSpec`, which Lightning's own pytree code trips.
+    (Lightning's "💡 Tip" for a cloud logger, said when a Trainer is built, is dropped by `_DropLightningTip`.)"""
+    from pytorch_lightning.utilities.model_helpers import is_overridden
+
     with warnings.catch_warnings():
         if not unexpected_eval_modules(module):
             warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode", PossibleUserWarning)
+        if not is_overridden("validation_step", module):
+            warnings.filterwarnings("ignore", r"You passed in a `val_dataloader` but have no `validation_step`")
+        warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
         yield
 
 
@@ -506,7 +519,7 @@ def fit_stage(cfg, stage: str, callbacks=()) -> Path:
         print(f"[{stage}] resuming from {ckpt_path}")
     # weights_only: a resumed checkpoint runs no code (torch's default too; said here so it stays so)
     resumable = _named_resume_mismatch(stage, ckpt_path, stage_dir(cfg.run_dir, stage))
-    with _quiet_if_only_frozen_in_eval(module), resumable:
+    with _quiet_fit(module), resumable:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if trainer.interrupted:
         again = "the same command without retrain=true" if cfg.retrain else "the same command"
