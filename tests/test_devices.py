@@ -99,3 +99,18 @@ def test_device_cuda_without_cuda_is_a_one_line_error(no_cuda, tmp_path, capsys,
     err = capsys.readouterr().err
     assert "--device cuda: CUDA is not available" in err and err.strip().count("\n") == 0, err
     assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_images_per_s_is_timed_on_a_whole_batch_even_with_fewer_requests():
+    """eval.num_samples=4 (or 4 real images) used to time batches of 4 and report 16 / their time as images/s."""
+    from hybrid.eval.evaluate import TIMING_BATCH, measure_speed
+
+    class CountingPipe(FakePipe):
+        def __call__(self, classes=None, prompts=None, batch_size=None, **_):
+            self.events.append((len(classes if classes is not None else prompts), batch_size))
+
+    seen: list = []
+    measure_speed(CountingPipe(seen, "cpu"), "ar", torch.arange(3), repeats=1)
+    measure_speed(CountingPipe(seen, "cpu"), "ar", None, repeats=1, prompts=["a red circle", "a blue square"])
+    whole, single = (TIMING_BATCH, TIMING_BATCH), (1, 1)
+    assert seen == [whole, whole, single, single] * 2, seen

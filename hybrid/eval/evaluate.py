@@ -107,8 +107,12 @@ def measure_speed(pipe, mode: str, classes: torch.Tensor | None, repeats: int = 
     class ids of `classes` (or, when it is None, the first `prompts`); `settings` go to the pipeline.
     Each call is timed on the pipeline's device (`Stopwatch`: a CUDA device is synchronized)."""
     def median_seconds(batch: int) -> float:
-        request = ({"classes": classes[:batch]} if classes is not None
-                   else _fitted(pipe, mode, {"prompts": prompts[:batch]}))
+        # fewer requests than the batch (a small eval.num_samples, a few real images) are repeated to fill it:
+        # images/s is of a whole batch of 16
+        if classes is not None:
+            request = {"classes": classes.repeat(-(-batch // len(classes)))[:batch]}
+        else:
+            request = _fitted(pipe, mode, {"prompts": (list(prompts) * -(-batch // len(prompts)))[:batch]})
         pipe(**request, mode=mode, seed=0, batch_size=batch, **settings)
         times = []
         for r in range(repeats):
