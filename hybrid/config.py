@@ -545,6 +545,11 @@ def validate(cfg: DictConfig) -> None:
         for value in OmegaConf.select(cfg, key):
             if value not in choices:
                 raise ConfigError(f"config key '{key}' has {value!r}; choose among {', '.join(map(str, choices))}")
+    if not cfg.eval.modes:
+        raise ConfigError("config key 'eval.modes' is empty; name the modes to judge, e.g. \"eval.modes=[ar,hybrid]\" "
+                          "(the diffusion baseline is judged whenever the run has it)")
+    if cfg.eval.num_samples < 2:
+        raise ConfigError(f"config key 'eval.num_samples' is {cfg.eval.num_samples}; FID needs at least 2 images")
     for keys, low in ((POSITIVE_KEYS, 1), (NON_NEGATIVE_KEYS, 0)):
         for key in keys:
             value = OmegaConf.select(cfg, key)

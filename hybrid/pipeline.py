@@ -91,8 +91,10 @@ class HybridPipeline:
         return out
 
     @classmethod
-    def from_run(cls, run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> HybridPipeline:
-        """Loads every trained stage of a run directory (each stage's `final.ckpt`)."""
+    def from_run(cls, run_dir: str | os.PathLike, device: str | torch.device = "cpu",
+                 need_generator: bool = True) -> HybridPipeline:
+        """Loads every trained stage of a run directory (each stage's `final.ckpt`). `need_generator=False`
+        loads a run with a tokenizer alone too (the evaluation judges its reconstructions)."""
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
             raise PipelineError(f"run directory '{run_dir}' does not exist")
@@ -101,7 +103,7 @@ class HybridPipeline:
             raise PipelineError(f"run directory '{run_dir}' has no trained tokenizer ({tok_path} is missing)")
         stages = {stage: final_path(run_dir, stage) for stage in ("ar", "refiner", "diffusion")}
         stages = {stage: path for stage, path in stages.items() if path.is_file()}
-        if "ar" not in stages and "diffusion" not in stages:
+        if need_generator and "ar" not in stages and "diffusion" not in stages:
             raise PipelineError(f"run directory '{run_dir}' has no trained AR or diffusion stage yet")
         pipe = cls.from_checkpoints(tok_path, device=device, **stages)
         pipe.run_dir = run_dir

@@ -116,6 +116,26 @@ def test_eval_settings_judge_every_mode_at_other_sampling_settings(toy_run, tmp_
     assert drawn["ar"]["fid"] != before["ar"]["fid"] and drawn["hybrid"]["fid"] != after["hybrid"]["fid"]
 
 
+def test_eval_says_which_asked_for_modes_the_run_lacks_and_keeps_metrics_when_it_has_none(toy_run, tmp_path):
+    """A mode the run cannot judge used to be dropped without a word; with none left, metrics.json was
+    rewritten holding no mode at all."""
+    _, base, _ = toy_run
+    run = _copy_stages(toy_run, tmp_path / "no-ar", ("tokenizer", "refiner"))
+    (run / "metrics.json").write_text('{"earlier": 1}')
+    common = ["train.py", "--config", "configs/toy.yaml", "stage=eval", f"run_dir={run}", f"cache_dir={base / 'cache'}",
+              "trainer.progress_bar=false", "eval.num_samples=16"]
+    out = subprocess.run([sys.executable, *common, "eval.modes=[ar,hybrid]"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 1 and "nothing to judge" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    for mode in ("ar", "hybrid"):
+        assert f"not judging {mode}: the run has no ar stage" in out.stdout, out.stdout
+    assert f"--config {run / 'config.yaml'} stage=ar" in out.stdout
+    assert (run / "metrics.json").read_text() == '{"earlier": 1}'
+    out = _run([*common, "eval.modes=[tokenizer,hybrid]"])
+    assert "not judging hybrid: the run has no ar stage" in out.stdout
+    assert set(json.loads((run / "metrics.json").read_text())) >= {"tokenizer", "machine"}
+    assert "hybrid" not in json.loads((run / "metrics.json").read_text())
+
+
 @pytest.mark.slow  # InceptionV3 at 299 px on the toy run's images: ~1 min on 2 cores
 def test_eval_adds_inception_fid_when_given_local_weights(toy_run, tmp_path, random_inception_weights):
     import shutil

@@ -157,7 +157,7 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
 
     run_dir = Path(run_dir)
     if pipe is None:
-        pipe = HybridPipeline.from_run(run_dir, device=device)
+        pipe = HybridPipeline.from_run(run_dir, device=device, need_generator=False)
     counts = pipe.parameter_counts()
     real = real_images(oracle, num_samples, **(real_kwargs or {}))  # (N, 3, S, S)
     real_feats = oracle_features(real, oracle)
@@ -287,7 +287,7 @@ def evaluate_shards_run(run_dir, real: dict, batch_size: int = 100,
     from hybrid.pipeline import HybridPipeline
 
     run_dir = Path(run_dir)
-    pipe = HybridPipeline.from_run(run_dir, device=device)
+    pipe = HybridPipeline.from_run(run_dir, device=device, need_generator=False)
     counts = pipe.parameter_counts()
     images, classes = real["images"], real["classes"]
     n = images.shape[0]
@@ -348,7 +348,7 @@ def run_evaluation(cfg) -> dict:
     from hybrid.precision import stage_device
 
     device = stage_device(cfg)
-    modes = tuple(cfg.eval.modes) + ("diffusion",)
+    modes = judged_modes(cfg)
     settings = GenerationSettings.parse(cfg.eval.settings) or None  # checked when the config loaded
     if settings:
         print(f"[eval] generation settings for every mode (eval.settings): {cfg.eval.settings}")
@@ -377,6 +377,32 @@ def run_evaluation(cfg) -> dict:
     write_json(Path(cfg.run_dir) / "metrics.json", _finite(metrics))
     print(f"[eval] wrote {Path(cfg.run_dir) / 'metrics.json'}")
     return metrics
+
+
+MODE_STAGES = {"tokenizer": ("tokenizer",), "ar": ("ar",), "hybrid": ("ar", "refiner"), "diffusion": ("diffusion",)}
+
+
+def judged_modes(cfg) -> tuple[str, ...]:
+    """The modes `stage=eval` judges: `eval.modes` that the run has trained, and the diffusion baseline
+    whenever it has one. Each asked-for mode the run lacks is said in one line with the command that trains
+    what it needs; a run with nothing to judge is an error (its metrics.json is left as it is)."""
+    from hybrid.checkpoints import final_path, train_command
+
+    def missing(mode: str) -> list[str]:
+        return [s for s in MODE_STAGES[mode] if not final_path(cfg.run_dir, s).is_file()]
+
+    judged = []
+    for mode in dict.fromkeys([*cfg.eval.modes, "diffusion"]):
+        lacking = missing(mode)
+        if not lacking:
+            judged.append(mode)
+        elif mode in cfg.eval.modes:
+            how = " and ".join(train_command(cfg.run_dir, f"stage={s}") for s in lacking)
+            print(f"[eval] not judging {mode}: the run has no {' or '.join(lacking)} stage (train it with: {how})")
+    if not judged:
+        raise ValueError(f"nothing to judge in '{cfg.run_dir}': it has none of the stages eval.modes="
+                         f"[{','.join(cfg.eval.modes)}] needs")
+    return tuple(judged)
 
 
 def eval_shard_pattern(cfg) -> tuple[str, str]:
