@@ -15,17 +15,17 @@ import time
 import torch
 
 
-def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+def resolve_device(name: str | torch.device | None = "auto", flag: str = "--device") -> torch.device:
     """A `--device` value as a torch.device: `auto` (or None) is CUDA when available, else the CPU.
-    Raises ValueError (one line, naming the flag) for CUDA on a machine without it and for unknown names."""
+    Raises ValueError (one line, naming `flag`) for CUDA on a machine without it and for unknown names."""
     if name is None or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{flag} {name}: expected auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        raise ValueError(f"{flag} {name}: CUDA is not available on this machine")
     return device
 
 

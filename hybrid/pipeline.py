@@ -18,6 +18,7 @@ with EMA weights (refiner, diffusion) are loaded with them.
 from __future__ import annotations
 
 import json
+import operator
 import os
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from hybrid.checkpoints import (
 )
 from hybrid.config import GenerationSettings, from_dict
 from hybrid.data.attributes import class_name
+from hybrid.devices import resolve_device
 from hybrid.models import (
     build_ar,
     build_denoiser,
@@ -48,6 +50,8 @@ from hybrid.models import (
 )
 
 MODES = ("hybrid", "ar", "diffusion")
+# the stages each mode runs (the tokenizer's own reconstructions are the evaluation's "tokenizer" mode)
+MODE_STAGES = {"tokenizer": ("tokenizer",), "ar": ("ar",), "hybrid": ("ar", "refiner"), "diffusion": ("diffusion",)}
 EXPORT_FORMAT = 1
 
 
@@ -74,6 +78,8 @@ class HybridPipeline:
         return next(self.tokenizer.parameters()).device
 
     def to(self, device) -> HybridPipeline:
+        """Moves every stage to `device` (auto, cpu, cuda, cuda:N or a torch.device)."""
+        device = _device(device)
         for module in (self.tokenizer, self.ar, self.refiner, self.diffusion):
             if module is not None:
                 module.to(device)
@@ -95,7 +101,7 @@ class HybridPipeline:
                  need_generator: bool = True) -> HybridPipeline:
         """Loads every trained stage of a run directory (each stage's `final.ckpt`). `need_generator=False`
         loads a run with a tokenizer alone too (the evaluation judges its reconstructions)."""
-        run_dir = Path(run_dir)
+        run_dir, device = Path(run_dir), _device(device)
         if not run_dir.is_dir():
             raise PipelineError(f"run directory '{run_dir}' does not exist")
         tok_path = final_path(run_dir, "tokenizer")
@@ -115,6 +121,7 @@ class HybridPipeline:
         """Loads explicit stage checkpoints (Lightning `.ckpt` files), e.g. a refiner from another run.
 
         Every stage must have been trained with this tokenizer (checked by weights hash)."""
+        device = _device(device)
         ckpt = load_checkpoint(tokenizer, expect_stage="tokenizer")
         configs = {"tokenizer": ckpt["hyper_parameters"]["config"]}
         tok = build_tokenizer(configs["tokenizer"], source=tokenizer)
@@ -141,7 +148,10 @@ class HybridPipeline:
         folder = Path(folder)
         if folder.exists() and not folder.is_dir():
             raise PipelineError(f"cannot export to '{folder}': it is a file, not a folder")
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise PipelineError(f"cannot export to '{folder}': {err.strerror}") from None
         manifest: dict[str, Any] = {"format": EXPORT_FORMAT, "stages": {}}
         for stage, module in self._stages().items():
             state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
@@ -157,7 +167,7 @@ class HybridPipeline:
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device = "cpu") -> HybridPipeline:
         """Loads a `save_pretrained` folder: safetensors and JSON only, nothing is unpickled."""
-        folder = Path(folder)
+        folder, device = Path(folder), _device(device)
         manifest_path = folder / "pipeline.json"
         if not manifest_path.is_file():
             raise PipelineError(f"'{folder}' is not an exported pipeline: {manifest_path} is missing")
@@ -216,9 +226,10 @@ class HybridPipeline:
         if kind == "class":
             if classes is not None:
                 return classes.to(self.device)
-            if stage == "ar":
+            if stage in ("ar", "diffusion"):  # the generator would ignore the prompts; a refiner behind a text AR
+                model_name = {"ar": "AR model", "diffusion": "diffusion baseline"}[stage]  # takes its null class
                 raise PipelineError(
-                    "this AR model is class-conditioned (ar.condition=class): pass class ids, not prompts")
+                    f"this {model_name} is class-conditioned ({stage}.condition=class): pass class ids, not prompts")
             return torch.full((len(prompts),), model.class_embed.null_id if hasattr(model, "class_embed")
                               else num_classes(self.parsed[stage]), dtype=torch.long, device=self.device)
         # text
@@ -236,10 +247,14 @@ class HybridPipeline:
             raise PipelineError(f"mode '{mode}' is unknown; choose one of {', '.join(MODES)}")
         if mode not in self.modes:
             have = ", ".join(self.modes) or "none"
-            stage, what = {"hybrid": ("refiner", "a refiner"), "ar": ("ar", "an AR stage"),
-                           "diffusion": ("diffusion", "the diffusion baseline")}[mode]
-            how = train_command(self.run_dir, f"stage={stage}") if self.run_dir else f"python train.py stage={stage}"
-            needs = f"{what} ({how})"
+            what = {"ar": "an AR stage", "refiner": "a refiner", "diffusion": "the diffusion baseline"}
+            lacking = [stage for stage in MODE_STAGES[mode] if self._stages().get(stage) is None]
+
+            def how(stage: str) -> str:
+                return train_command(self.run_dir, f"stage={stage}") if self.run_dir else \
+                    f"python train.py stage={stage}"
+
+            needs = " and ".join(f"{what[stage]} ({how(stage)})" for stage in lacking)
             raise PipelineError(f"mode '{mode}' needs {needs}, which this pipeline lacks (available modes: {have})")
         if (classes is None) == (prompts is None):
             raise PipelineError("pass either class ids or prompts")
@@ -295,7 +310,7 @@ class HybridPipeline:
         classes, prompts = _as_ids(classes), _as_prompts(prompts)
         n = self._check_request(classes, prompts, mode, batch_size)
         if generator is None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
+            generator = torch.Generator(device=self.device).manual_seed(_seed(seed))
         images, tokens = [], []
         for part_classes, part_prompts in _batches(classes, prompts, n, batch_size):
             out = self._generate_batch(part_classes, part_prompts, mode, s, generator)
@@ -330,7 +345,7 @@ class HybridPipeline:
         self._check_request(classes, prompts, "ar", batch_size)
         n = self._check_request(classes, prompts, "hybrid", batch_size)
         if generator is None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
+            generator = torch.Generator(device=self.device).manual_seed(_seed(seed))
         ar_images, hybrid_images = [], []
         for part_classes, part_prompts in _batches(classes, prompts, n, batch_size):
             ar_cond = self._condition_for("ar", self.ar, part_classes, part_prompts)
@@ -395,18 +410,58 @@ class HybridPipeline:
         return self.tokenizer.decode(z).clamp(-1, 1)
 
 
+def _seed(seed: int) -> int:
+    """`seed`, checked: a torch generator takes -2**63 .. 2**64 - 1."""
+    try:
+        value = operator.index(seed)
+    except TypeError:
+        value = None
+    if value is None or not -2**63 <= value < 2**64:
+        raise PipelineError(f"seed {seed!r} is not an integer in -2**63 .. 2**64-1")
+    return value
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    """A `device` argument as sample.py's --device reads it: auto is CUDA when available; a CUDA device on a
+    machine without one is a PipelineError before any model is built."""
+    try:
+        return resolve_device(device, flag="device")
+    except ValueError as err:
+        raise PipelineError(str(err)) from None
+
+
 def _as_ids(classes) -> torch.Tensor | None:
-    """Class ids as a long tensor (None stays None; one int is one request)."""
+    """Class ids as a 1-D long tensor (None stays None; one int is one request). Raises PipelineError for
+    anything that is not a sequence of whole numbers (a float id, a 2-D tensor, a string), or no request."""
     if classes is None:
         return None
-    if isinstance(classes, torch.Tensor):
-        return classes.reshape(-1) if classes.dim() == 0 else classes
-    return torch.tensor([classes] if isinstance(classes, int) else list(classes), dtype=torch.long)
+    if isinstance(classes, str):
+        raise PipelineError(f"class ids must be integers, got the string {classes!r} (prompts go in prompts=)")
+    try:
+        ids = torch.as_tensor(classes)
+    except (TypeError, ValueError, RuntimeError):
+        raise PipelineError(f"class ids must be integers, got {classes!r}") from None
+    if ids.numel() == 0:
+        raise PipelineError("no class ids given: pass at least one")
+    if ids.dim() > 1:
+        raise PipelineError(f"class ids must be one id or a flat list of ids, got a tensor of shape {tuple(ids.shape)}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise PipelineError(f"class ids must be integers, got {ids.dtype} values")
+    return ids.reshape(-1).long()
 
 
 def _as_prompts(prompts) -> list[str] | None:
-    """Prompts as a list (None stays None; one string is one prompt, not one per character)."""
-    return [prompts] if isinstance(prompts, str) else prompts
+    """Prompts as a list (None stays None; one string is one prompt, not one per character). Raises
+    PipelineError for a non-string prompt, or no request."""
+    if prompts is None:
+        return None
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise PipelineError("no prompts given: pass at least one")
+    bad = [p for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise PipelineError(f"prompts must be strings, got {bad[0]!r}")
+    return prompts
 
 
 def _batches(classes: torch.Tensor | None, prompts: list[str] | None, n: int, batch_size: int):

@@ -49,9 +49,16 @@ def _requests(args) -> tuple[list[int] | None, list[str] | None]:
         raise PipelineError(f"-n must be >= 1, got {args.num}")
     if args.prompts_file:
         path = Path(args.prompts_file)
+        if path.is_dir():
+            raise PipelineError(f"--prompts-file {path} is a folder; give a text file with one prompt per line")
         if not path.is_file():
             raise PipelineError(f"prompts file '{path}' does not exist")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first prompt
+        except UnicodeDecodeError as err:
+            raise PipelineError(f"prompts file '{path}' is not UTF-8 text (byte {err.object[err.start]:#04x} at "
+                                f"position {err.start})") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
             raise PipelineError(f"prompts file '{path}' holds no prompt")
         return None, [p for p in prompts for _ in range(args.num)]
@@ -69,8 +76,15 @@ def main(argv=None) -> int:
     try:
         device = resolve_device(args.device)
         classes, prompts = _requests(args)
-        if Path(args.out).exists() and not Path(args.out).is_dir():  # found before generating, not after
-            raise PipelineError(f"--out {args.out} is a file; give a folder")
+        out = Path(args.out)
+        writes = args.individual or args.grid
+        if out.exists() and not out.is_dir():  # found before generating, not after
+            raise PipelineError(f"--out {out} is a file; give a folder")
+        if writes:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise PipelineError(f"cannot create --out {out}: {err.strerror}") from None
         if args.run:
             pipe = HybridPipeline.from_run(args.run, device=device)
         else:
@@ -99,13 +113,12 @@ def main(argv=None) -> int:
         return 2
     from hybrid.images import save_grid, save_png, to_uint8
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     if args.individual:
         for i, image in enumerate(to_uint8(images)):
             save_png(image, out / f"{i:04d}.png")
     if args.grid:
         save_grid(images, out / "grid.png")
     n, seconds = images.shape[0], watch.seconds
-    print(f"{n} images ({args.mode}) in {seconds:.2f} s = {n / seconds:.1f} images/s on {device}; written to {out}/")
+    where = f"written to {out}/" if writes else "nothing written (--no-grid --no-individual)"
+    print(f"{n} images ({args.mode}) in {seconds:.2f} s = {n / seconds:.1f} images/s on {device}; {where}")
     return 0

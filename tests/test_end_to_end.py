@@ -731,3 +731,61 @@ def test_the_python_api_takes_one_prompt_or_one_class_as_one_request(toy_run, tm
                           str(tmp_path / "a-file")], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2 and "is a file" in out.stderr and "Traceback" not in out.stderr, out.stderr[-1500:]
     assert (tmp_path / "a-file").read_text() == "kept"
+
+
+def test_python_api_requests_and_devices_that_cannot_be_served_are_one_line_errors(toy_run, monkeypatch):
+    """Each of these used to end in a TypeError/AttributeError/RuntimeError from deep inside, or (a float id,
+    a prompt to a class-conditioned diffusion baseline) to generate something other than what was asked."""
+    import numpy as np
+
+    from hybrid.pipeline import HybridPipeline, PipelineError
+
+    pipe = HybridPipeline.from_run(toy_run[0], device="auto")  # auto: CUDA where there is one, as --device
+    assert pipe.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert torch.equal(pipe(classes=np.int64(3), mode="ar", seed=1), pipe(classes=[3], mode="ar", seed=1))
+    for request, needle in (({"classes": []}, "no class ids"), ({"prompts": []}, "no prompts"),
+                            ({"classes": torch.tensor([3.7])}, "integers"), ({"classes": [[1, 2]]}, r"shape \(1, 2\)"),
+                            ({"classes": "3"}, "the string '3'"), ({"prompts": [3]}, "must be strings, got 3"),
+                            ({"classes": [1], "seed": 10**20}, "seed 100000000000000000000")):
+        with pytest.raises(PipelineError, match=needle):
+            pipe(mode="ar", **request)
+    # a class-conditioned diffusion baseline refuses prompts as the AR does (it gave unconditional images)
+    pipe.diffusion, pipe.diffusion_diffusion = pipe.refiner, pipe.refiner_diffusion  # a stand-in class denoiser
+    pipe.parsed["diffusion"] = pipe.parsed["refiner"]
+    assert pipe.diffusion.condition == "class"
+    with pytest.raises(PipelineError, match=r"diffusion baseline is class-conditioned .*pass class ids"):
+        pipe(prompts=["a red circle"], mode="diffusion")
+    # a mode names the stages it lacks (a run without an AR: not "needs a refiner", which it has)
+    pipe.ar = None
+    with pytest.raises(PipelineError, match=r"needs an AR stage \(python train.py --config .*config.yaml stage=ar\)"):
+        pipe(classes=[1], mode="hybrid")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(PipelineError, match="device cuda: CUDA is not available"):
+        HybridPipeline.from_run(toy_run[0], device="cuda")
+
+
+def test_sample_cli_file_errors_are_one_line_and_found_before_generating(toy_run, tmp_path):
+    run_dir = toy_run[0]
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "latin1.txt").write_bytes("a red circle\ncaf\xe9\n".encode("latin-1"))
+    (tmp_path / "bom.txt").write_text("\ufeffa red circle\n", encoding="utf-8")
+
+    def sample(*args):
+        return subprocess.run([sys.executable, "sample.py", "--run", str(run_dir), *args], cwd=ROOT,
+                              capture_output=True, text=True)
+
+    for args, needle in ((["--class", "1", "--out", str(tmp_path / "a-file" / "sub")], "cannot create --out"),
+                         (["--class", "1", "--write-export", str(tmp_path / "a-file" / "x"), "--out",
+                           str(tmp_path / "o")], "cannot export to"),
+                         (["--prompts-file", str(tmp_path)], "is a folder"),
+                         (["--prompts-file", str(tmp_path / "latin1.txt")], "is not UTF-8 text (byte 0xe9"),
+                         (["--class", "1", "--seed", str(10**25)], "seed 1000")):
+        out = sample(*args)
+        assert out.returncode == 2 and needle in out.stderr, (args, out.stderr[-2000:])
+        assert out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    from hybrid.sample_cli import _requests, parse_args
+
+    _, prompts = _requests(parse_args(["--run", "x", "--prompts-file", str(tmp_path / "bom.txt"), "-n", "1"]))
+    assert prompts == ["a red circle"]  # not "\ufeffa red circle"
+    out = sample("--class", "1", "-n", "2", "--no-grid", "--no-individual", "--out", str(tmp_path / "none"))
+    assert out.returncode == 0 and "nothing written" in out.stdout and not (tmp_path / "none").exists()

@@ -379,14 +379,12 @@ def run_evaluation(cfg) -> dict:
     return metrics
 
 
-MODE_STAGES = {"tokenizer": ("tokenizer",), "ar": ("ar",), "hybrid": ("ar", "refiner"), "diffusion": ("diffusion",)}
-
-
 def judged_modes(cfg) -> tuple[str, ...]:
     """The modes `stage=eval` judges: `eval.modes` that the run has trained, and the diffusion baseline
     whenever it has one. Each asked-for mode the run lacks is said in one line with the command that trains
     what it needs; a run with nothing to judge is an error (its metrics.json is left as it is)."""
     from hybrid.checkpoints import final_path, train_command
+    from hybrid.pipeline import MODE_STAGES
 
     def missing(mode: str) -> list[str]:
         return [s for s in MODE_STAGES[mode] if not final_path(cfg.run_dir, s).is_file()]
