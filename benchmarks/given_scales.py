@@ -25,6 +25,7 @@ import torch
 
 from benchmarks.common import (
     add_judging_arguments,
+    at_least,
     fmt_ci,
     heldout_images,
     heldout_samples,
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.given_scales", description=__doc__.split("\n\n")[0])
     add_judging_arguments(parser, "run directory with a trained tokenizer and AR",
                           "cfg, cfg_schedule, temperature, top_k, top_p")
-    parser.add_argument("--num-images", type=int, default=1000)
+    parser.add_argument("--num-images", type=at_least(2), default=1000, help="held-out images (>= 2: FID)")
     started = start_judging(parser, argv)
     if isinstance(started, int):
         return started
