@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import add_device_argument, benchmark_device
+from benchmarks.common import add_device_argument, at_least, benchmark_device
 from hybrid.ar import ARModel
 from hybrid.ar.model import PreallocatedKVCache
 from hybrid.ar.sampling import draw_categorical
@@ -283,20 +283,21 @@ def main(argv: list[str] | None = None) -> int:
     ar, tok = ARConfig(), TokenizerConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="JSON file to write")
-    p.add_argument("--width", type=int, default=ar.width)
-    p.add_argument("--depth", type=int, default=ar.depth)
-    p.add_argument("--heads", type=int, default=ar.heads)
+    p.add_argument("--width", type=at_least(4, multiple_of=4), default=ar.width,
+                   help="model width (a multiple of 4: the 2D sin/cos positions)")
+    p.add_argument("--depth", type=at_least(1), default=ar.depth)
+    p.add_argument("--heads", type=at_least(1), default=ar.heads, help="attention heads (they must divide --width)")
     p.add_argument("--mlp-ratio", type=float, default=ar.mlp_ratio)
-    p.add_argument("--scales", type=int, nargs="+", default=list(tok.scales))
-    p.add_argument("--codebook", type=int, default=tok.codebook_size)
-    p.add_argument("--channels", type=int, default=tok.latent_channels)
-    p.add_argument("--num-classes", type=int, default=100)
-    p.add_argument("--sample-batch", type=int, default=16)
-    p.add_argument("--train-batch", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=30, help="decoding-step repeats")
-    p.add_argument("--sample-repeats", type=int, default=3)
-    p.add_argument("--train-steps", type=int, default=3, help="timed training steps (after one warm-up)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0 = torch's default)")
+    p.add_argument("--scales", type=at_least(1), nargs="+", default=list(tok.scales))
+    p.add_argument("--codebook", type=at_least(1), default=tok.codebook_size)
+    p.add_argument("--channels", type=at_least(1), default=tok.latent_channels)
+    p.add_argument("--num-classes", type=at_least(1), default=100)
+    p.add_argument("--sample-batch", type=at_least(1), default=16)
+    p.add_argument("--train-batch", type=at_least(1), default=64)
+    p.add_argument("--repeats", type=at_least(1), default=30, help="decoding-step repeats")
+    p.add_argument("--sample-repeats", type=at_least(1), default=3)
+    p.add_argument("--train-steps", type=at_least(1), default=3, help="timed training steps (after one warm-up)")
+    p.add_argument("--threads", type=at_least(0), default=0, help="torch threads on the CPU (0 = torch's default)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the model for the training step, and time it against the same module run "
                         "eager, in alternation")
@@ -306,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                    choices=["decode", "sampling", "training", "draw"])
     add_device_argument(p, "the AR model runs and is timed")
     args = p.parse_args(argv)
+    if args.width % args.heads:
+        p.error(f"argument --heads: {args.heads} must divide --width {args.width}")
     device = benchmark_device(args.device)
     if device is None:
         return 2

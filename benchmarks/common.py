@@ -2,11 +2,46 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import torch
 
 from hybrid.devices import describe_machine as machine  # noqa: F401 - the benchmarks' name for it
+
+
+def at_least(minimum: int, multiple_of: int = 1):
+    """argparse `type` of an integer flag that must be >= `minimum` and a multiple of `multiple_of` (a count,
+    a step, a width): a bad value is argparse's error naming the flag and the value (exit 2) when the arguments
+    are parsed, before any work, not a traceback from deep inside it (an empty median, FID of one sample)."""
+    def parse(text: str) -> int:
+        value = int(text)  # not an integer: argparse's "invalid int value: 'abc'"
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if value % multiple_of:
+            raise argparse.ArgumentTypeError(f"must be a multiple of {multiple_of}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def int_list(minimum: int = 1, maximum: int | None = None):
+    """argparse `type` of comma-separated integers, each in minimum..maximum: '1,2,4' -> [1, 2, 4]."""
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+        if not values:
+            raise argparse.ArgumentTypeError("expected at least one integer")
+        for value in values:
+            if value < minimum or (maximum is not None and value > maximum):
+                span = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+                raise argparse.ArgumentTypeError(f"each value must be {span}, got {value}")
+        return values
+
+    return parse
 
 
 def add_device_argument(parser, where: str = "images are generated and judged") -> None:
@@ -65,9 +100,11 @@ def start_judging(parser, argv: list[str] | None):
     """A judging benchmark's start (its parser has `add_judging_arguments`; unknown arguments are key=value
     overrides): (args with --device resolved to a torch.device, generation settings parsed from --sample,
     resolved config with run_dir set, oracle on that device), or an exit code after printing why (bad
-    --device, --sample or config: 2; no oracle: 1)."""
+    --device, --sample or config: 2; no oracle: 1). --sample's values are range-checked here, before the oracle
+    loads or a stage trains."""
     import sys
 
+    from hybrid.names import SAMPLERS
     from hybrid.pipeline import GenerationSettings
 
     args, overrides = parser.parse_known_args(argv)
@@ -76,6 +113,10 @@ def start_judging(parser, argv: list[str] | None):
         return 2
     try:
         settings = GenerationSettings.parse(args.sample)
+        GenerationSettings(**settings)  # the ranges: top_p in (0, 1], steps >= 1, ...
+        known = list(dict.fromkeys(name for names in SAMPLERS.values() for name in names))
+        if settings.get("sampler", known[0]) not in known:
+            raise ValueError(f"generation setting sampler={settings['sampler']}: choose one of {', '.join(known)}")
     except ValueError as err:
         print(f"error: --sample: {err}", file=sys.stderr)
         return 2

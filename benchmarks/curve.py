@@ -36,6 +36,7 @@ import pytorch_lightning as pl
 
 from benchmarks.common import (
     add_judging_arguments,
+    at_least,
     judge_class_prompts,
     machine,
     start_judging,
@@ -91,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_judging_arguments(parser, "run directory (its AR stage is trained here with snapshots unless it exists)",
                           "cfg, cfg_schedule, temperature, top_k, top_p, steps, sampler, refiner_cfg")
-    parser.add_argument("--at", type=int, nargs="+", required=True, help="AR steps to judge (<= max_steps)")
-    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--at", type=at_least(1), nargs="+", required=True, help="AR steps to judge (<= max_steps)")
+    parser.add_argument("--num-samples", type=at_least(2), default=1000, help="class prompts per point (>= 2: FID)")
     started = start_judging(parser, argv)
     if isinstance(started, int):
         return started

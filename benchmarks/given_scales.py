@@ -25,6 +25,7 @@ import torch
 
 from benchmarks.common import (
     add_judging_arguments,
+    at_least,
     fmt_ci,
     heldout_images,
     heldout_samples,
@@ -32,15 +33,17 @@ from benchmarks.common import (
     start_judging,
     write_result,
 )
+from hybrid.config import GenerationSettings
 
 EVAL_SEED = 43_001  # held-out images whose first scales are given
 REAL_SEED = 43_002  # fresh real images for FID
 ATTRS = ("shape", "color", "position", "size", "fill", "background")
 
 
-def sample_with_given(pipe, indices: list[torch.Tensor], classes: torch.Tensor, m: int, settings: dict,
-                      batch: int = 100, seed: int = 0) -> torch.Tensor:
-    """Decoded z_q (N, 3, H, W) of AR samples whose first m scales are `indices`' (one seed for all m)."""
+def sample_with_given(pipe, indices: list[torch.Tensor], classes: torch.Tensor, m: int,
+                      settings: GenerationSettings, batch: int = 100, seed: int = 0) -> torch.Tensor:
+    """Decoded z_q (N, 3, H, W) of AR samples whose first m scales are `indices`' (one seed for all m), drawn with
+    `settings` (`pipe.ar_sampling` fills what they leave unset from the AR's config)."""
     generator = torch.Generator(pipe.device).manual_seed(seed)
     kwargs = pipe.ar_sampling(settings)
     out = []
@@ -62,11 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.given_scales", description=__doc__.split("\n\n")[0])
     add_judging_arguments(parser, "run directory with a trained tokenizer and AR",
                           "cfg, cfg_schedule, temperature, top_k, top_p")
-    parser.add_argument("--num-images", type=int, default=1000)
+    parser.add_argument("--num-images", type=at_least(2), default=1000, help="held-out images (>= 2: FID)")
     started = start_judging(parser, argv)
     if isinstance(started, int):
         return started
     args, settings, cfg, oracle = started
+    generation = GenerationSettings(**settings)  # --sample as the pipeline takes it (its ranges checked already)
     from hybrid.pipeline import HybridPipeline, PipelineError
     try:
         pipe = HybridPipeline.from_run(args.run_dir, device=args.device)
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         indices = [torch.cat(parts) for parts in zip(*(tok.encode(data["image"][i:i + 250].to(args.device)).indices
                                                        for i in range(0, args.num_images, 250)))]
         for m in range(len(scales) + 1):
-            images = sample_with_given(pipe, indices, classes, m, settings)
+            images = sample_with_given(pipe, indices, classes, m, generation)
             row = {"given": m, "given_scales": scales[:m],
                    "fid": bootstrap_fid(oracle_features(images, oracle), real, cfg.eval.bootstrap),
                    "adherence": adherence(images, attrs, oracle)}
@@ -107,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                       + " ".join(f"{100 * entry['adherence'][a]:9.1f}%" for a in ATTRS), flush=True)
     command = "python -m benchmarks.given_scales " + " ".join(sys.argv[1:] if argv is None else argv)
     write_result(args.out, {"machine": machine(args.device), "command": command, "num_images": args.num_images,
-                            "settings": settings, "ar_sampling": pipe.ar_sampling(settings), "scales": scales,
+                            "settings": settings, "ar_sampling": pipe.ar_sampling(generation), "scales": scales,
                             "rows": rows})
     return 0
 

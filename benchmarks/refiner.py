@@ -37,12 +37,14 @@ import torch
 
 from benchmarks.common import (
     add_device_argument,
+    at_least,
     benchmark_device,
     config_and_oracle,
     disjoint,
     fmt_ci,
     heldout_images,
     heldout_samples,
+    int_list,
     machine,
     median_seconds,
     write_result,
@@ -179,9 +181,11 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline", action="store_true", help="also train and measure the pure-diffusion baseline")
     parser.add_argument("--no-refiner", dest="refiner", action="store_false",
                         help="skip the refiner measurements (e.g. to add the baseline to an earlier run)")
-    parser.add_argument("--num-images", type=int, default=2000, help="held-out images (and real images) for FID")
-    parser.add_argument("--steps", default="1,2,4,8", help="refiner step counts, comma-separated (default 1,2,4,8)")
-    parser.add_argument("--baseline-steps", default="10,25,50",
+    parser.add_argument("--num-images", type=at_least(2), default=2000,
+                        help="held-out images (and real images) for FID")
+    parser.add_argument("--steps", type=int_list(1), default="1,2,4,8",
+                        help="refiner step counts, comma-separated (default 1,2,4,8)")
+    parser.add_argument("--baseline-steps", type=int_list(1), default="10,25,50",
                         help="baseline step counts, comma-separated (default 10,25,50)")
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the FID intervals")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -254,7 +258,7 @@ def main(argv=None) -> int:
     print(f"decode(z_q)  FID {fmt_ci(result['z_q']['fid'])}")
     print(f"decode(z)    FID {fmt_ci(result['z']['fid'])}{vs_z_q(result['z'])}")
     print(f"decode(z_q + noise of the residual's scale)  FID {fmt_ci(result['z_q_plus_noise']['fid'])}")
-    steps_list = [int(s) for s in args.steps.split(",")]
+    steps_list = args.steps
     if args.refiner:
         coarse = z_q
         if probe.section.coarse_scales:  # the refiner reads only the first scales: refine those
@@ -274,7 +278,7 @@ def main(argv=None) -> int:
         result["baseline"] = {"config": {k: dcfg[k] for k in ("arch", "width", "depth", "objective", "sampler")},
                               "params": sum(p.numel() for p in base.model.parameters()),
                               "forward_ms_per_image": forward_ms_per_image(base, coarse=False), "steps": {}}
-        for steps in [int(s) for s in args.baseline_steps.split(",")]:
+        for steps in args.baseline_steps:
             entry = judge(sample_baseline(base, classes, steps), paired=False)
             entry["images_per_s"] = 16 / median_seconds(lambda s=steps: sample_baseline(base, classes[:16], s),
                                                          base.device)

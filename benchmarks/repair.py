@@ -27,6 +27,7 @@ from pathlib import Path
 
 from benchmarks.common import (
     add_device_argument,
+    at_least,
     benchmark_device,
     config_and_oracle,
     judge_class_prompts,
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--variant", action="append", default=None, help="NAME:key=value,... (repeatable)")
-    parser.add_argument("--num-samples", type=int, default=2000)
+    parser.add_argument("--num-samples", type=at_least(2), default=2000, help="class prompts per row (>= 2: FID)")
     parser.add_argument("--config", default=None)
     parser.add_argument("--out", default=None)
     add_device_argument(parser)

@@ -66,7 +66,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from benchmarks.common import add_device_argument, benchmark_device, config_and_oracle, machine, write_result
+from benchmarks.common import (
+    add_device_argument,
+    at_least,
+    benchmark_device,
+    config_and_oracle,
+    machine,
+    write_result,
+)
 from benchmarks.curve import Snapshots
 
 SYSTEMS = ("ar", "raster", "diffusion", "hybrid")
@@ -818,14 +825,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for showdown.json, showdown.md, plots and the cache")
     parser.add_argument("--config", default=None)
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
-    parser.add_argument("--num-samples", type=int, default=1000, help="images per seed per setting")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--sweep-samples", type=int, default=500)
+    parser.add_argument("--num-samples", type=at_least(2), default=1000, help="images per seed per setting (>= 2: FID)")
+    parser.add_argument("--seeds", type=at_least(1), default=3)
+    parser.add_argument("--sweep-samples", type=at_least(2), default=500)
     parser.add_argument("--cfg-sweep", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     parser.add_argument("--samplers", nargs="+", default=None, help="denoiser samplers to sweep (default: the "
                         "config's refiner.sampler)")
-    parser.add_argument("--refiner-steps", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--diffusion-steps", type=int, nargs="+", default=[10, 25, 50])
+    parser.add_argument("--refiner-steps", type=at_least(1), nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--diffusion-steps", type=at_least(1), nargs="+", default=[10, 25, 50])
     parser.add_argument("--holdout", action=argparse.BooleanOptionalAction, default=True,
                         help="when data.holdout is empty, hold oracle.holdout's color:shape pairs out of the "
                         "generators' training data (composition is measured on them)")
@@ -841,9 +848,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.retime:
         return retime(Path(args.run_dir), Path(args.out), device)
-    for name in ("num_samples", "seeds", "sweep_samples"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
     cfg, oracle = config_and_oracle(args.config, [f"run_dir={args.run_dir}", *overrides], device)
     if cfg is None:
         return oracle

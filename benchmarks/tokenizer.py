@@ -36,6 +36,7 @@ from pytorch_lightning import Callback
 
 from benchmarks.common import (
     add_device_argument,
+    at_least,
     benchmark_device,
     config_and_oracle,
     disjoint,
@@ -179,9 +180,9 @@ def main(argv=None) -> int:
                              "so repeated runs keep old copies (delete them when done)")
     parser.add_argument("--reuse", action="store_true",
                         help="measure the run's existing tokenizer (RUN_DIR/tokenizer/final.ckpt), do not train")
-    parser.add_argument("--num-images", type=int, default=5000, help="held-out images for PSNR/FID/usage")
-    parser.add_argument("--curve-every", type=int, default=100, help="steps between PSNR-vs-time points")
-    parser.add_argument("--curve-images", type=int, default=256, help="held-out images per curve point")
+    parser.add_argument("--num-images", type=at_least(2), default=5000, help="held-out images for PSNR/FID/usage")
+    parser.add_argument("--curve-every", type=at_least(1), default=100, help="steps between PSNR-vs-time points")
+    parser.add_argument("--curve-images", type=at_least(1), default=256, help="held-out images per curve point")
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the FID intervals")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     add_device_argument(parser, "the held-out images are reconstructed, judged and timed (the stage trains on "

@@ -522,6 +522,19 @@ def test_given_scales_benchmark_keeps_the_given_codes(toy_run, tmp_path):
     assert {"shape", "color", "position"} <= set(first["adherence"])
     assert "given codes alone" in out.stdout
 
+    # --sample reaches the AR's sampler (it crashed: the parsed dict went where GenerationSettings belongs):
+    # greedy tokens change the sampled rows, not the row where every scale is given
+    greedy_json = tmp_path / "given-greedy.json"
+    _run(["-m", "benchmarks.given_scales", "--config", "configs/toy.yaml", "--run-dir", str(toy_run[0]),
+          "--num-images", "40", "--sample", "cfg=2,temperature=0", "--out", str(greedy_json),
+          f"cache_dir={base / 'cache'}", "eval.bootstrap=20", "--device", "cpu"])
+    greedy = json.loads(greedy_json.read_text())
+    assert greedy["settings"] == {"cfg": 2.0, "temperature": 0.0}
+    assert greedy["ar_sampling"]["cfg"] == 2.0 and greedy["ar_sampling"]["temperature"] == 0.0
+    assert greedy["ar_sampling"]["top_k"] == result["ar_sampling"]["top_k"]  # unset: the AR config's
+    assert greedy["rows"][0]["fid"]["fid"] != first["fid"]["fid"]
+    assert greedy["rows"][-1]["fid"] == last["fid"]
+
 
 def test_noise_residual_has_the_residual_scale_and_follows_the_seed():
     from benchmarks.refiner import noise_residual

@@ -1,0 +1,83 @@
+"""The benchmarks refuse bad arguments in one line (exit 2) before any work: no oracle loaded, no stage trained,
+nothing timed. Each of these once ended in a traceback, some of them after minutes of work."""
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_AR = ["--width", "16", "--depth", "1", "--heads", "2", "--scales", "1", "2", "--codebook", "16", "--channels",
+           "4", "--parts", "draw", "--device", "cpu"]  # a size the old code would have run in a second
+
+
+@pytest.mark.parametrize("command, argv, needle", [
+    ("benchmarks.ar_efficiency", ["--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
+    ("benchmarks.ar_efficiency", ["--width", "30"], "argument --width: must be a multiple of 4, got 30"),
+    ("benchmarks.ar_efficiency", ["--width", "20", "--heads", "3"], "--heads: 3 must divide --width 20"),
+    ("benchmarks.ar_efficiency", ["--train-steps", "0"], "argument --train-steps: must be >= 1"),
+    ("benchmarks.curve", ["--run-dir", "{tmp}/run", "--at", "10", "--num-samples", "1"],
+     "argument --num-samples: must be >= 2, got 1"),
+    ("benchmarks.curve", ["--run-dir", "{tmp}/run", "--at", "0"], "argument --at: must be >= 1, got 0"),
+    ("benchmarks.given_scales", ["--run-dir", "{tmp}/run", "--num-images", "1"], "argument --num-images: must be >= 2"),
+    ("benchmarks.repair", ["--run-dir", "{tmp}/run", "--num-samples", "1"], "argument --num-samples: must be >= 2"),
+    ("benchmarks.refiner", ["--run-dir", "{tmp}/run", "--num-images", "1"], "argument --num-images: must be >= 2"),
+    ("benchmarks.refiner", ["--run-dir", "{tmp}/run", "--steps", "1,x"], "argument --steps: expected comma-separated"),
+    ("benchmarks.refiner", ["--run-dir", "{tmp}/run", "--baseline-steps", "0,10"],
+     "argument --baseline-steps: each value must be >= 1, got 0"),
+    ("benchmarks.tokenizer", ["--run-dir", "{tmp}/run", "--curve-every", "0"], "argument --curve-every: must be >= 1"),
+    ("benchmarks.showdown", ["--run-dir", "{tmp}/run", "--out", "{tmp}/out", "--num-samples", "1"],
+     "argument --num-samples: must be >= 2"),
+    ("benchmarks.showdown", ["--run-dir", "{tmp}/run", "--out", "{tmp}/out", "--refiner-steps", "1", "0"],
+     "argument --refiner-steps: must be >= 1, got 0"),
+    ("benchmarks.data_throughput", ["--sizes", "abc"], "argument --sizes: expected comma-separated integers"),
+    ("benchmarks.data_throughput", ["--sizes", "16,300"], "argument --sizes: each value must be in 16..256, got 300"),
+])
+def test_bad_counts_sizes_and_widths_are_refused_when_parsed(tmp_path, capsys, command, argv, needle):
+    main = importlib.import_module(command).main
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    if command == "benchmarks.ar_efficiency":
+        argv = ["--out", str(tmp_path / "eff.json"), *TINY_AR, *argv]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []  # nothing trained, timed or written
+
+
+@pytest.mark.parametrize("command, argv", [
+    ("benchmarks.curve", ["--at", "10"]),
+    ("benchmarks.given_scales", []),
+])
+@pytest.mark.parametrize("sample, needle", [
+    ("top_p=5", "top_p=5.0: it must be in (0, 1]"),
+    ("cfg=2,steps=0", "steps=0: it must be >= 1"),
+    ("cfg_schedule=cosine", "cfg_schedule=cosine"),
+    ("sampler=bogus", "sampler=bogus: choose one of"),
+])
+def test_bad_sample_settings_are_refused_before_the_oracle_loads(tmp_path, capsys, command, argv, sample, needle):
+    """--sample's ranges (GenerationSettings' own) are checked with its keys and types: the old code loaded the
+    oracle (here: failed to find it, exit 1) and ended in a traceback where the value was first used."""
+    main = importlib.import_module(command).main
+    code = main(["--run-dir", str(tmp_path / "run"), *argv, "--sample", sample, "--device", "cpu",
+                 f"cache_dir={tmp_path / 'cache'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: --sample: ") and needle in err, err
+    assert err.strip().count("\n") == 0 and "oracle" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_data_throughput_without_32_reports_its_target_as_not_measured(tmp_path):
+    """--sizes without 32: the 32x32 target is 'not measured' (null), not 'NOT met' from a rate of 0 it never
+    measured."""
+    out = tmp_path / "data.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.data_throughput", "--sizes", "16", "--seconds", "0.01",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert list(result["procedural"]) == ["16"] and result["meets_target"] is None
+    assert "-> not measured" in proc.stdout and "NOT met" not in proc.stdout
