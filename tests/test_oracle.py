@@ -225,6 +225,20 @@ def test_paired_adherence_difference_counts_only_the_rows_where_the_two_sets_dis
         paired_adherence_difference({"shape": a["shape"][:10]}, b, req)
 
 
+def test_adherence_is_an_exact_fraction_like_the_paired_difference():
+    """Adherence in float32 (31/48 - 32/48 = -0.0208333731) disagreed with the paired difference (-1/48) by more
+    than 1e-6 relative: the refiner benchmark's own consistency check failed on some toy runs."""
+    req = {"shape": torch.zeros(48, dtype=torch.long)}
+    hits = torch.zeros(48, dtype=torch.long)
+    a, b = {"shape": hits.clone()}, {"shape": hits.clone()}
+    a["shape"][31:] = 1  # right on 31 rows
+    b["shape"][32:] = 1  # right on 32 rows
+    assert adherence_from_logits(a, req)["shape"] == 31 / 48
+    paired = paired_adherence_difference(a, b, req, bootstrap=0)["shape"]["difference"]
+    assert adherence_from_logits(a, req)["shape"] - adherence_from_logits(b, req)["shape"] == pytest.approx(
+        paired, rel=1e-12, abs=0)
+
+
 def test_proportion_interval_is_the_wilson_score_interval():
     lo, hi = proportion_interval(0.5, 100)
     assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)

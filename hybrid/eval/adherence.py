@@ -53,11 +53,11 @@ def adherence_from_logits(logits: dict[str, torch.Tensor], requested: dict[str, 
         if not mask.any():
             continue
         hit = (pred == req) | ~mask  # unrequested counts as satisfied
-        result[name] = hit[mask].float().mean().item()
+        result[name] = hit[mask].double().mean().item()  # double: exact fractions, as the paired difference
         all_ok &= hit
         any_req |= mask
     if any_req is not None and any_req.any():
-        result["all"] = all_ok[any_req].float().mean().item()
+        result["all"] = all_ok[any_req].double().mean().item()
     return result
 
 
