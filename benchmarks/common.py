@@ -26,6 +26,17 @@ def at_least(minimum: int, multiple_of: int = 1):
     return parse
 
 
+def non_negative_float(text: str) -> float:
+    """argparse `type` of a float flag that must be >= 0 (a guidance scale)."""
+    value = float(text)  # not a number: argparse's "invalid float value"
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+non_negative_float.__name__ = "float"
+
+
 def int_list(minimum: int = 1, maximum: int | None = None):
     """argparse `type` of comma-separated integers, each in minimum..maximum: '1,2,4' -> [1, 2, 4]."""
     def parse(text: str) -> list[int]:
@@ -93,6 +104,7 @@ def add_judging_arguments(parser, run_dir_help: str, sample_keys: str) -> None:
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--sample", default="", help=f"generation settings, comma-separated KEY=VALUE ({sample_keys}); "
                         "default: the stages' configs")
+    parser.set_defaults(sample_keys=tuple(key.strip() for key in sample_keys.split(",")))
     add_device_argument(parser)
 
 
@@ -117,6 +129,10 @@ def start_judging(parser, argv: list[str] | None):
         known = list(dict.fromkeys(name for names in SAMPLERS.values() for name in names))
         if settings.get("sampler", known[0]) not in known:
             raise ValueError(f"generation setting sampler={settings['sampler']}: choose one of {', '.join(known)}")
+        ignored = [key for key in settings if key not in args.sample_keys]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)} would change nothing here: this benchmark's generation takes "
+                             f"{', '.join(args.sample_keys)}")
     except ValueError as err:
         print(f"error: --sample: {err}", file=sys.stderr)
         return 2

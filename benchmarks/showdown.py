@@ -72,6 +72,7 @@ from benchmarks.common import (
     benchmark_device,
     config_and_oracle,
     machine,
+    non_negative_float,
     write_result,
 )
 from benchmarks.curve import Snapshots
@@ -828,7 +829,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=at_least(2), default=1000, help="images per seed per setting (>= 2: FID)")
     parser.add_argument("--seeds", type=at_least(1), default=3)
     parser.add_argument("--sweep-samples", type=at_least(2), default=500)
-    parser.add_argument("--cfg-sweep", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    parser.add_argument("--cfg-sweep", type=non_negative_float, nargs="+", default=[1.0, 2.0, 4.0])
     parser.add_argument("--samplers", nargs="+", default=None, help="denoiser samplers to sweep (default: the "
                         "config's refiner.sampler)")
     parser.add_argument("--refiner-steps", type=at_least(1), nargs="+", default=[1, 2, 4, 8])

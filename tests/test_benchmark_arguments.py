@@ -33,6 +33,8 @@ TINY_AR = ["--width", "16", "--depth", "1", "--heads", "2", "--scales", "1", "2"
      "argument --num-samples: must be >= 2"),
     ("benchmarks.showdown", ["--run-dir", "{tmp}/run", "--out", "{tmp}/out", "--refiner-steps", "1", "0"],
      "argument --refiner-steps: must be >= 1, got 0"),
+    ("benchmarks.showdown", ["--run-dir", "{tmp}/run", "--out", "{tmp}/out", "--cfg-sweep", "1", "-2"],
+     "argument --cfg-sweep: must be >= 0, got -2"),
     ("benchmarks.data_throughput", ["--sizes", "abc"], "argument --sizes: expected comma-separated integers"),
     ("benchmarks.data_throughput", ["--sizes", "16,300"], "argument --sizes: each value must be in 16..256, got 300"),
 ])
@@ -69,6 +71,16 @@ def test_bad_sample_settings_are_refused_before_the_oracle_loads(tmp_path, capsy
     assert code == 2 and err.startswith("error: --sample: ") and needle in err, err
     assert err.strip().count("\n") == 0 and "oracle" not in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sample_keys_a_benchmark_does_not_use_are_refused(tmp_path, capsys):
+    """given_scales judges the AR's images alone: a refiner setting in --sample changed nothing, without a word."""
+    from benchmarks.given_scales import main
+
+    code = main(["--run-dir", str(tmp_path / "run"), "--sample", "cfg=2,steps=4", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: --sample: steps would change nothing here" in err, err
+    assert err.strip().count("\n") == 0 and list(tmp_path.iterdir()) == []
 
 
 def test_data_throughput_without_32_reports_its_target_as_not_measured(tmp_path):
