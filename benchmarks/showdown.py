@@ -374,20 +374,20 @@ class Judge:
     # -- cost ---------------------------------------------------------------------------------
     def cost(self, pipe, mode: str, settings: dict) -> dict:
         """images/s (batch 16), ms/image (batch 1), network evaluations and FLOPs per image."""
-        from hybrid.eval.evaluate import TIMING_BATCH, measure_speed
+        from hybrid.eval.evaluate import TIMING_BATCH, fill_batch, measure_speed
 
         classes = self.requests[0]["classes"]
         out = measure_speed(pipe, mode, classes, repeats=TIMING_REPEATS, **settings)
+        batch = fill_batch(classes, TIMING_BATCH)  # per image = per batch / its size, whatever --num-samples is
         counters = Counters(pipe)
         try:
-            pipe(classes=classes[:TIMING_BATCH], mode=mode, seed=0, batch_size=TIMING_BATCH, **settings)
+            pipe(classes=batch, mode=mode, seed=0, batch_size=TIMING_BATCH, **settings)
         finally:
             counters.close()
         out["network_evals"] = counters.counts  # per batch = per image: a batch runs them once, in sequence
         out["sequential_evals"] = sum(counters.counts.values())
         out["flops_per_image"] = count_flops(
-            lambda: pipe(classes=classes[:TIMING_BATCH], mode=mode, seed=0, batch_size=TIMING_BATCH,
-                         **settings)) / TIMING_BATCH
+            lambda: pipe(classes=batch, mode=mode, seed=0, batch_size=TIMING_BATCH, **settings)) / TIMING_BATCH
         return out
 
 
@@ -571,10 +571,10 @@ def side_by_side_speed(ops: dict, classes: torch.Tensor, rounds: int) -> dict:
     alike. `ops`: {system: (pipeline, mode, settings)}. Each call is timed on its pipeline's device
     (`Stopwatch`: a CUDA device is synchronized). Returns {"images_per_s": {system: median}, "rounds": rounds}."""
     from hybrid.devices import Stopwatch
-    from hybrid.eval.evaluate import TIMING_BATCH
+    from hybrid.eval.evaluate import TIMING_BATCH, fill_batch
 
     names = list(ops)
-    batch = classes[:TIMING_BATCH]
+    batch = fill_batch(classes, TIMING_BATCH)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds + 1):
         order = names[r % len(names):] + names[:r % len(names)]

@@ -193,7 +193,20 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 def train_command(run_dir: str | os.PathLike, *overrides: str) -> str:
     """A train.py command line for a hint about a run: with the run's `config.yaml` (the last command's whole
-    config, so the data, sizes and paths it set come along) where there is one."""
+    config, so the data, sizes and paths it set come along) where there is one. The last command's one-off keys
+    are undone: `init_from` (a warm start of that command's stage) and `retrain` (which would set finished
+    stages aside)."""
+    import shlex
+
     config = Path(run_dir) / "config.yaml"
-    head = f"python train.py --config {config}" if config.is_file() else f"python train.py run_dir={run_dir}"
-    return " ".join([head, *overrides])
+    if not config.is_file():
+        return " ".join(["python train.py", shlex.quote(f"run_dir={run_dir}"), *overrides])
+    from omegaconf import OmegaConf
+
+    try:
+        saved = OmegaConf.load(config)
+        one_off = [key for key, on in (("init_from=", saved.get("init_from")), ("retrain=false", saved.get("retrain")))
+                   if on]
+    except Exception:  # noqa: BLE001 - a hint never fails the command it is part of
+        one_off = []
+    return " ".join(["python train.py --config", shlex.quote(str(config)), *one_off, *overrides])

@@ -437,6 +437,9 @@ def _as_ids(classes) -> torch.Tensor | None:
         return None
     if isinstance(classes, str):
         raise PipelineError(f"class ids must be integers, got the string {classes!r} (prompts go in prompts=)")
+    if not isinstance(classes, (torch.Tensor, int)) and not hasattr(classes, "__array__") and \
+            hasattr(classes, "__iter__"):
+        classes = list(classes)  # a generator, map, set, ...: read once
     try:
         ids = torch.as_tensor(classes)
     except (TypeError, ValueError, RuntimeError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -69,6 +70,22 @@ def _requests(args) -> tuple[list[int] | None, list[str] | None]:
     raise PipelineError("give --prompt, --class or --prompts-file")
 
 
+def _check_creatable(folder: Path) -> None:
+    """Raises PipelineError unless `folder` is a folder or can be made (its nearest existing ancestor is a
+    writable folder), without making it."""
+    parent = folder
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent == folder:
+        if not os.access(folder, os.W_OK):
+            raise PipelineError(f"--out {folder} is not writable")
+        return
+    if not parent.is_dir():
+        raise PipelineError(f"cannot create --out {folder}: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PipelineError(f"cannot create --out {folder}: {parent} is not writable")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from hybrid.checkpoints import CheckpointError
@@ -81,10 +98,7 @@ def main(argv=None) -> int:
         if out.exists() and not out.is_dir():  # found before generating, not after
             raise PipelineError(f"--out {out} is a file; give a folder")
         if writes:
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-            except OSError as err:
-                raise PipelineError(f"cannot create --out {out}: {err.strerror}") from None
+            _check_creatable(out)  # created after generating: a failed command leaves no empty folder behind
         if args.run:
             pipe = HybridPipeline.from_run(args.run, device=device)
         else:
@@ -113,6 +127,12 @@ def main(argv=None) -> int:
         return 2
     from hybrid.images import save_grid, save_png, to_uint8
 
+    if writes:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            print(f"error: cannot create --out {out}: {err.strerror}", file=sys.stderr)
+            return 2
     if args.individual:
         for i, image in enumerate(to_uint8(images)):
             save_png(image, out / f"{i:04d}.png")

@@ -114,3 +114,8 @@ def test_images_per_s_is_timed_on_a_whole_batch_even_with_fewer_requests():
     measure_speed(CountingPipe(seen, "cpu"), "ar", None, repeats=1, prompts=["a red circle", "a blue square"])
     whole, single = (TIMING_BATCH, TIMING_BATCH), (1, 1)
     assert seen == [whole, whole, single, single] * 2, seen
+    from benchmarks.showdown import side_by_side_speed  # the showdown's own side-by-side timing, likewise
+
+    seen.clear()
+    side_by_side_speed({"ar": (CountingPipe(seen, "cpu"), "ar", {})}, torch.arange(3), rounds=2)
+    assert seen == [whole] * 3, seen

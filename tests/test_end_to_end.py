@@ -756,6 +756,7 @@ def test_python_api_requests_and_devices_that_cannot_be_served_are_one_line_erro
     pipe = HybridPipeline.from_run(toy_run[0], device="auto")  # auto: CUDA where there is one, as --device
     assert pipe.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert torch.equal(pipe(classes=np.int64(3), mode="ar", seed=1), pipe(classes=[3], mode="ar", seed=1))
+    assert torch.equal(pipe(classes=(c for c in [3, 1]), mode="ar"), pipe(classes=np.array([3, 1]), mode="ar"))
     for request, needle in (({"classes": []}, "no class ids"), ({"prompts": []}, "no prompts"),
                             ({"classes": torch.tensor([3.7])}, "integers"), ({"classes": [[1, 2]]}, r"shape \(1, 2\)"),
                             ({"classes": "3"}, "the string '3'"), ({"prompts": [3]}, "must be strings, got 3"),
@@ -800,5 +801,7 @@ def test_sample_cli_file_errors_are_one_line_and_found_before_generating(toy_run
 
     _, prompts = _requests(parse_args(["--run", "x", "--prompts-file", str(tmp_path / "bom.txt"), "-n", "1"]))
     assert prompts == ["a red circle"]  # not "\ufeffa red circle"
+    out = sample("--class", "999", "--out", str(tmp_path / "new"))  # a failed command leaves no folder behind
+    assert out.returncode == 2 and not (tmp_path / "new").exists(), out.stderr
     out = sample("--class", "1", "-n", "2", "--no-grid", "--no-individual", "--out", str(tmp_path / "none"))
     assert out.returncode == 0 and "nothing written" in out.stdout and not (tmp_path / "none").exists()

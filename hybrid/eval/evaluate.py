@@ -101,18 +101,24 @@ def _generate_modes(pipe, modes, batch_size: int, settings: dict | None = None, 
     return out
 
 
+def fill_batch(requests, n: int):
+    """The first `n` of `requests` (class ids, a tensor, or prompts, a list), repeated to fill `n` when there are
+    fewer: a speed or cost per image is of a whole batch of `n`, not of a smaller one divided by `n`."""
+    reps = -(-n // len(requests))
+    return requests.repeat(reps)[:n] if isinstance(requests, torch.Tensor) else (list(requests) * reps)[:n]
+
+
 def measure_speed(pipe, mode: str, classes: torch.Tensor | None, repeats: int = 3,
                   prompts: list[str] | None = None, **settings) -> dict:
     """images/s at batch 16 and ms/image at batch 1, medians of `repeats` after a warm-up, for the first
-    class ids of `classes` (or, when it is None, the first `prompts`); `settings` go to the pipeline.
+    class ids of `classes` (or, when it is None, the first `prompts`), repeated to fill the batch where there are
+    fewer; `settings` go to the pipeline.
     Each call is timed on the pipeline's device (`Stopwatch`: a CUDA device is synchronized)."""
     def median_seconds(batch: int) -> float:
         # fewer requests than the batch (a small eval.num_samples, a few real images) are repeated to fill it:
         # images/s is of a whole batch of 16
-        if classes is not None:
-            request = {"classes": classes.repeat(-(-batch // len(classes)))[:batch]}
-        else:
-            request = _fitted(pipe, mode, {"prompts": (list(prompts) * -(-batch // len(prompts)))[:batch]})
+        request = ({"classes": fill_batch(classes, batch)} if classes is not None
+                   else _fitted(pipe, mode, {"prompts": fill_batch(prompts, batch)}))
         pipe(**request, mode=mode, seed=0, batch_size=batch, **settings)
         times = []
         for r in range(repeats):

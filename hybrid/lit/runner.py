@@ -264,6 +264,9 @@ def build_trainer(cfg, stage: str, extra_callbacks=()) -> pl.Trainer:
     def _say_start(trainer, _module) -> None:
         if trainer.global_rank == 0:
             print(f"[{stage}] fit starts at step {trainer.global_step}", flush=True)
+            for logger in trainer.loggers:
+                if isinstance(logger, AppendingCSVLogger):
+                    logger.experiment.first_step = trainer.global_step  # rows from here on are trained again
 
     def _say_how_to_resume(trainer, module, exception) -> None:
         # Lightning answers Ctrl-C by exiting (sys.exit(1)) right after this hook, so the way back is said here
@@ -326,9 +329,12 @@ def deterministic_mode(cfg) -> bool | str:
 
 class _AppendingWriter(ExperimentWriter):
     """Keeps the rows a stage logged before an interruption: a resumed stage appends to metrics.csv
-    (Lightning's writer deletes it when the log folder exists). The rows an interrupted fit logged after its
-    last checkpoint describe steps the resumed fit trains again; they are dropped when the resumed fit first
-    writes, so the log holds one row per step, from the trajectory the final weights came from."""
+    (Lightning's writer deletes it when the log folder exists). The rows an interrupted fit logged from the
+    step it resumes at (`first_step`, set when the fit starts: the checkpoint's step, 0 when it starts over)
+    describe steps the resumed fit trains again; they are dropped when the resumed fit first writes, so the log
+    holds one row per step, from the trajectory the final weights came from."""
+
+    first_step: int | None = None
 
     def _check_log_dir_exists(self) -> None:
         self._resumed = self._fs.isfile(self.metrics_file_path)
@@ -340,6 +346,8 @@ class _AppendingWriter(ExperimentWriter):
         if self._resumed and self.metrics:
             self._resumed = False
             first = min(int(m["step"]) for m in self.metrics)
+            if self.first_step is not None:
+                first = min(first, self.first_step)
             with self._fs.open(self.metrics_file_path, "r", newline="") as f:
                 rows = list(csv.DictReader(f))
             kept = [r for r in rows if not r.get("step") or int(float(r["step"])) < first]
