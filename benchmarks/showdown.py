@@ -64,7 +64,6 @@ if __package__ in (None, ""):  # `python benchmarks/showdown.py`: make the repos
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from benchmarks.common import (
     add_device_argument,
@@ -76,6 +75,7 @@ from benchmarks.common import (
     write_result,
 )
 from benchmarks.curve import Snapshots
+from hybrid.progress import progress_bar
 
 SYSTEMS = ("ar", "raster", "diffusion", "hybrid")
 MODE = {"ar": "ar", "raster": "ar", "diffusion": "diffusion", "hybrid": "hybrid"}
@@ -306,8 +306,8 @@ class Judge:
         from hybrid.eval.evaluate import generation_seed
 
         out = []
-        for start in tqdm(range(0, len(classes), self.batch_size), desc=f"{mode} {settings_key(settings)} seed {seed}",
-                          leave=False, unit="batch"):
+        for start in progress_bar(range(0, len(classes), self.batch_size),
+                                  desc=f"{mode} {settings_key(settings)} seed {seed}", leave=False, unit="batch"):
             out.append(pipe(classes=classes[start:start + self.batch_size], mode=mode,
                             seed=generation_seed(seed, start), batch_size=self.batch_size, **settings).cpu())
         return torch.cat(out)

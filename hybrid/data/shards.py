@@ -499,9 +499,9 @@ def _png_bytes(pixels: np.ndarray) -> bytes:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
+    from hybrid.progress import progress_bar
 
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True)
+    return progress_bar(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True)
 
 
 def old_shards(out: str | os.PathLike, split: str, overwrite: bool = False) -> list[Path]:

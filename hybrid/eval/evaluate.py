@@ -24,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from hybrid.checkpoints import write_json
 from hybrid.data.attributes import ATTRIBUTES, class_id
 from hybrid.data.procedural import caption, sample_attributes
 from hybrid.devices import Stopwatch
 from hybrid.images import save_grid
+from hybrid.progress import progress_bar
 
 EVAL_REQUEST_SEED = 20_261_127
 TIMING_BATCH = 16
@@ -68,7 +68,7 @@ def _per_batch(batch_size: int, desc: str, request: dict, draw: int = 0):
     batch's first index (`generation_seed`), so every mode is asked the same requests with the same seeds."""
     key = "classes" if "classes" in request else "prompts"
     items = request[key]
-    for start in tqdm(range(0, len(items), batch_size), desc=desc, leave=False, unit="batch"):
+    for start in progress_bar(range(0, len(items), batch_size), desc=desc, leave=False, unit="batch"):
         yield generation_seed(draw, start), {key: items[start : start + batch_size]}
 
 
@@ -246,7 +246,7 @@ def _mode_params(mode: str, counts: dict[str, int]) -> dict[str, int]:
 def _reconstruct(pipe, images: torch.Tensor, batch_size: int, run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """decode(z) and decode(z_q) of `images` (each (N, 3, S, S) in [-1, 1]); saves the comparison grid."""
     recon_c, recon_d = [], []
-    for start in tqdm(range(0, images.shape[0], batch_size), desc="eval tokenizer", leave=False, unit="batch"):
+    for start in progress_bar(range(0, images.shape[0], batch_size), desc="eval tokenizer", leave=False, unit="batch"):
         x = images[start : start + batch_size].to(pipe.device)
         enc = pipe.tokenizer.encode(x)
         recon_c.append(pipe.tokenizer.decode(enc.z).clamp(-1, 1).cpu())

@@ -377,9 +377,9 @@ def _train(cfg, device: torch.device, progress: bool) -> tuple[Oracle, dict]:
     bf16 = resolve_precision(cfg).startswith("bf16")
     bar = None
     if progress:
-        from tqdm import tqdm
+        from hybrid.progress import progress_bar
 
-        bar = tqdm(total=tc.max_steps, desc="oracle", dynamic_ncols=True, file=sys.stdout)
+        bar = progress_bar(total=tc.max_steps, desc="oracle", dynamic_ncols=True, file=sys.stdout)
     start = time.time()
     step, images_seen = 0, 0
     running = {}

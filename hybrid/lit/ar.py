@@ -30,7 +30,6 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from hybrid.checkpoints import atomic_torch_save
 from hybrid.config import to_dict
@@ -38,6 +37,7 @@ from hybrid.data.module import EpochIndexSampler, HybridDataModule, ResumableLoa
 from hybrid.lit.base import TokenizerConsumer, eager
 from hybrid.models import build_ar
 from hybrid.nn.embeddings import fit_caption
+from hybrid.progress import progress_bar
 
 TOKEN_CACHE_FILE = "token_cache.pt"
 
@@ -145,7 +145,7 @@ class ARModule(TokenizerConsumer):
         class_id = torch.empty(size, dtype=torch.long)
         captions: list[str] = []
         n = 0
-        progress = tqdm(total=size, desc="[ar] encoding the token pool", unit="img", leave=False,
+        progress = progress_bar(total=size, desc="[ar] encoding the token pool", unit="img", leave=False,
                         disable=self.global_rank != 0 or not self.cfg.trainer.progress_bar)
         for batch in images.train_dataloader():
             enc = self.tokenizer.encode(batch["image"].to(self.device))
