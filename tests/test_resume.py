@@ -258,6 +258,10 @@ def test_kill_at_random_steps_and_rerun_matches_an_uninterrupted_run(tokenizer_c
     last = run_dir / "refiner" / "checkpoints" / "last.ckpt"
     cmd = _refiner_cmd(run_dir, tokenizer_ckpt)
     resumed_from = []
+    # seconds per step, measured from the checkpoints each run writes and carried to the next; a run that shows
+    # one checkpoint before its target keeps the last estimate (a fixed 0.2 s guess outlasted the 3+ steps a
+    # target leaves when steps took ~30 ms: the run finished before its kill)
+    step_time = 0.01
     for n in range(KILLS):
         start = (resumed_from or [0])[-1]  # each kill leaves room for the next ones (a kill can overshoot a step)
         target = rng.randint(start + 1, start + max(1, (MAX_STEPS - 3 - start) // (KILLS - n)))
@@ -276,8 +280,8 @@ def test_kill_at_random_steps_and_rerun_matches_an_uninterrupted_run(tokenizer_c
                             break
                     time.sleep(0.02)
                 steps = sorted(written)
-                step_time = min(1.0, (written[steps[-1]] - written[steps[0]]) / (steps[-1] - steps[0])) \
-                    if len(steps) > 1 else 0.2
+                if len(steps) > 1:
+                    step_time = min(1.0, (written[steps[-1]] - written[steps[0]]) / (steps[-1] - steps[0]))
                 time.sleep(rng.uniform(0.0, 0.9) * step_time)  # land anywhere in the next step or checkpoint write
             finally:
                 proc.send_signal(signal.SIGKILL)
