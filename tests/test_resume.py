@@ -213,7 +213,7 @@ def tokenizer_ckpt(tmp_path_factory):
     return base / "tokenizer" / "final.ckpt"
 
 
-MAX_STEPS = 16
+MAX_STEPS = 40  # kill targets lie in the first half: a watcher that sees checkpoints late still kills mid-run
 KILLS = 3
 
 
@@ -264,7 +264,7 @@ def test_kill_at_random_steps_and_rerun_matches_an_uninterrupted_run(tokenizer_c
     step_time = 0.01
     for n in range(KILLS):
         start = (resumed_from or [0])[-1]  # each kill leaves room for the next ones (a kill can overshoot a step)
-        target = rng.randint(start + 1, start + max(1, (MAX_STEPS - 3 - start) // (KILLS - n)))
+        target = rng.randint(start + 1, start + max(1, (MAX_STEPS // 2 - start) // (KILLS - n)))
         with open(tmp_path / f"out{n}.txt", "w") as log:
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
             seen, deadline = None, time.time() + 300
