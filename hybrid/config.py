@@ -388,6 +388,22 @@ NON_NEGATIVE_KEYS = (
       for key in ("warmup_steps", "log_every", "image_every", "ckpt_every", "val_every")),
 )
 
+# Float keys and their ranges. Each of these once went unchecked: a value out of range failed only when its stage
+# built its model or optimizer, after the stages before it had trained ("Invalid weight_decay value: -1.0", naming
+# no key), or trained something else without a word (mlp_ratio 0: blocks with no MLP; negative max_minutes: no
+# time limit).
+PROBABILITY_KEYS = ("data.caption_keep", "data.two_object_prob", "data.glyph_prob", "oracle.glyph_prob",
+                    "tokenizer.discrete_prob", "ar.cond_drop", "ar.dropout", "ar.drop_path", "refiner.cond_drop",
+                    "refiner.corrupt_prob", "diffusion.cond_drop")
+# decays and mixing ratios; train.ema_decay 0 = no EMA
+FRACTION_KEYS = ("tokenizer.ema_decay", "tokenizer.phi_ratio",
+                 *(f"{stage}.train.ema_decay" for stage in TRAINED_STAGES))
+NON_NEGATIVE_FLOAT_KEYS = ("tokenizer.commitment", *(f"{stage}.train.{key}" for stage in TRAINED_STAGES
+                                                      for key in ("weight_decay", "grad_clip", "ema_warmup",
+                                                                  "max_minutes")))
+POSITIVE_FLOAT_KEYS = ("ar.mlp_ratio", "refiner.mlp_ratio", "diffusion.mlp_ratio", "refiner.flow_shift",
+                       "diffusion.flow_shift")
+
 # Keys that name files or folders which must exist when set.
 PATH_KEYS = ("tokenizer.pretrained", "tokenizer.checkpoint", "ar.checkpoint", "refiner.checkpoint",
              "diffusion.checkpoint", "init_from", "eval.inception_weights")
@@ -642,11 +658,27 @@ def validate(cfg: DictConfig) -> None:
     if cfg.ar.token_cache_passes < 0:
         raise ConfigError(f"config key 'ar.token_cache_passes' is {cfg.ar.token_cache_passes}; it must be >= 0 "
                           f"(0 keeps the pool at ar.token_cache_size)")
-    for key in ("data.caption_keep", "data.two_object_prob", "data.glyph_prob", "ar.cond_drop",
-                "refiner.cond_drop", "refiner.corrupt_prob", "tokenizer.discrete_prob"):
+    for key in PROBABILITY_KEYS:
         value = OmegaConf.select(cfg, key)
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"config key '{key}' is {value}; it must be a probability in [0, 1]")
+    for key in FRACTION_KEYS:
+        value = OmegaConf.select(cfg, key)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"config key '{key}' is {value}; it must be within [0, 1]")
+    for key in NON_NEGATIVE_FLOAT_KEYS:
+        value = OmegaConf.select(cfg, key)
+        if not value >= 0.0:
+            raise ConfigError(f"config key '{key}' is {value}; it must be >= 0")
+    for key in POSITIVE_FLOAT_KEYS:
+        value = OmegaConf.select(cfg, key)
+        if not value > 0.0:
+            raise ConfigError(f"config key '{key}' is {value}; it must be > 0")
+    for name in ("ar", "refiner", "diffusion"):  # a block's MLP has int(width x mlp_ratio) hidden units
+        sec = cfg[name]
+        if int(sec.width * sec.mlp_ratio) < 1:
+            raise ConfigError(f"config key '{name}.mlp_ratio' is {sec.mlp_ratio}; with {name}.width {sec.width} its "
+                              "MLP would have no hidden unit")
 
 
 def _check_generation_settings(cfg: DictConfig, settings: dict[str, Any]) -> None:

@@ -282,6 +282,44 @@ def test_values_no_stage_can_use_are_refused_at_load(override, needle):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize("override, rule", [
+    # a late traceback naming no key: "Invalid weight_decay value: -1.0" once the tokenizer had trained
+    ("ar.train.weight_decay=-1", "must be >= 0"),
+    ("refiner.train.grad_clip=-1", "must be >= 0"),  # Lightning's error at the refiner's fit
+    ("diffusion.train.ema_warmup=-1", "must be >= 0"),  # a ZeroDivisionError in the EMA's second update
+    ("tokenizer.train.max_minutes=-2", "must be >= 0"),  # no time limit at all, silently
+    ("tokenizer.commitment=-1", "must be >= 0"),
+    ("ar.mlp_ratio=0", "must be > 0"),  # blocks with no MLP, silently
+    ("refiner.mlp_ratio=-1", "must be > 0"),  # "negative dimension" at the refiner's build
+    ("diffusion.mlp_ratio=-0.5", "must be > 0"),
+    ("refiner.flow_shift=0", "must be > 0"),
+    ("ar.dropout=1.5", "must be a probability in [0, 1]"),  # nn.Dropout's ValueError at the AR's build
+    ("ar.drop_path=-0.1", "must be a probability in [0, 1]"),
+    ("diffusion.cond_drop=2", "must be a probability in [0, 1]"),
+    ("oracle.glyph_prob=1.5", "must be a probability in [0, 1]"),
+    ("tokenizer.phi_ratio=1.5", "must be within [0, 1]"),
+    ("tokenizer.ema_decay=-0.1", "must be within [0, 1]"),
+    ("refiner.train.ema_decay=1.5", "must be within [0, 1]"),
+])
+def test_float_keys_out_of_range_are_refused_at_load_naming_the_key(override, rule):
+    key, value = override.split("=")
+    with pytest.raises(ConfigError, match=re.escape(f"config key '{key}' is {float(value)}; it {rule}")):
+        load_config(None, [override])
+
+
+def test_an_mlp_ratio_that_leaves_no_hidden_unit_is_refused():
+    with pytest.raises(ConfigError, match=r"'ar.mlp_ratio' is 0.001; with ar.width 192 its MLP would have no hidden"):
+        load_config(None, ["ar.mlp_ratio=0.001"])
+    assert load_config(None, ["ar.mlp_ratio=0.01"]).ar.mlp_ratio == 0.01  # 1 hidden unit: small, but a model
+
+
+def test_the_float_ranges_admit_their_edges():
+    edges = ["refiner.train.ema_decay=0", "tokenizer.train.grad_clip=0", "ar.train.weight_decay=0",
+             "tokenizer.phi_ratio=1", "ar.dropout=0", "diffusion.train.ema_warmup=0", "tokenizer.commitment=0"]
+    cfg = load_config(None, edges)  # 0 = off (EMA, clipping), as the schema's comments say
+    assert cfg.refiner.train.ema_decay == 0 and cfg.tokenizer.train.grad_clip == 0
+
+
 def test_an_unbounded_stage_with_a_time_limit_still_loads():
     cfg = load_config(None, ["ar.train.max_steps=-1", "ar.train.max_minutes=5", "trainer.devices=-1"])
     assert cfg.ar.train.max_steps == -1
