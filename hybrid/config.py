@@ -382,6 +382,7 @@ POSITIVE_KEYS = (
 )
 NON_NEGATIVE_KEYS = (
     "seed", "data.seed", "data.num_workers", "data.num_classes", "tokenizer.dead_code_steps", "oracle.num_workers",
+    "tokenizer.layers_per_block",
     "oracle.holdout_samples", "ar.token_cache_size", "ar.sample.top_k", "refiner.coarse_scales",
     "refiner.corrupt_neighbors", "eval.bootstrap", "eval.draw",
     *(f"{stage}.train.{key}" for stage in TRAINED_STAGES
@@ -674,6 +675,9 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not value > 0.0:
             raise ConfigError(f"config key '{key}' is {value}; it must be > 0")
+    if not cfg.tokenizer.channels or min(cfg.tokenizer.channels) < 1:
+        raise ConfigError(f"config key 'tokenizer.channels' must be a list of positive ints (conv channels per "
+                          f"level), got {list(cfg.tokenizer.channels)}")
     for name in ("ar", "refiner", "diffusion"):  # a block's MLP has int(width x mlp_ratio) hidden units
         sec = cfg[name]
         if int(sec.width * sec.mlp_ratio) < 1:

@@ -307,6 +307,14 @@ def test_float_keys_out_of_range_are_refused_at_load_naming_the_key(override, ru
         load_config(None, [override])
 
 
+def test_tokenizer_layer_and_channel_counts_are_refused_at_load():
+    with pytest.raises(ConfigError, match="'tokenizer.layers_per_block' is -1; it must be >= 0"):
+        load_config(None, ["tokenizer.layers_per_block=-1"])  # was a tokenizer with 0 layers per block, silently
+    for channels in ("[]", "[32,-64]", "[0]"):
+        with pytest.raises(ConfigError, match=r"'tokenizer.channels' must be a list of positive ints"):
+            load_config(None, [f"tokenizer.channels={channels}"])
+
+
 def test_an_mlp_ratio_that_leaves_no_hidden_unit_is_refused():
     with pytest.raises(ConfigError, match=r"'ar.mlp_ratio' is 0.001; with ar.width 192 its MLP would have no hidden"):
         load_config(None, ["ar.mlp_ratio=0.001"])
