@@ -37,6 +37,8 @@ import os
 import statistics
 from pathlib import Path
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as importing hybrid does (hybrid/__init__.py)
+
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode

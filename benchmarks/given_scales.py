@@ -19,7 +19,10 @@ Needs a run directory with a trained tokenizer and next-scale AR, and the cached
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as importing hybrid does (hybrid/__init__.py)
 
 import torch
 

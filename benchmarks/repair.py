@@ -21,9 +21,12 @@ The samples are generated and judged on `--device` (default: CUDA when available
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as importing hybrid does (hybrid/__init__.py)
 
 from benchmarks.common import (
     add_device_argument,

@@ -8,7 +8,8 @@ import os as _os
 # waits for needs: on 2 cores a training step took 2.3-3.9x as long beside a second job, against 1.8-1.9x with
 # passive waiting, which costs nothing alone (`python -m benchmarks.threads`, docs/results.md). OpenMP reads
 # this when torch loads, so it takes effect where hybrid is imported before torch (train.py, sample.py,
-# `python -m hybrid...`; not a script that imports torch first); a value already set wins.
+# `python -m hybrid...`; the benchmarks set it themselves before torch, `threads` aside, which measures it; a script
+# of yours that imports torch before hybrid does not get it); a value already set wins.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # diffusers imports xformers eagerly whenever it is installed; on a machine without working xformers
