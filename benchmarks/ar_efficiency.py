@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import add_device_argument, at_least, benchmark_device
+from benchmarks.common import add_device_argument, at_least, benchmark_device, positive_float
 from hybrid.ar import ARModel
 from hybrid.ar.model import PreallocatedKVCache
 from hybrid.ar.sampling import draw_categorical
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="model width (a multiple of 4: the 2D sin/cos positions)")
     p.add_argument("--depth", type=at_least(1), default=ar.depth)
     p.add_argument("--heads", type=at_least(1), default=ar.heads, help="attention heads (they must divide --width)")
-    p.add_argument("--mlp-ratio", type=float, default=ar.mlp_ratio)
+    p.add_argument("--mlp-ratio", type=positive_float, default=ar.mlp_ratio)
     p.add_argument("--scales", type=at_least(1), nargs="+", default=list(tok.scales))
     p.add_argument("--codebook", type=at_least(1), default=tok.codebook_size)
     p.add_argument("--channels", type=at_least(1), default=tok.latent_channels)

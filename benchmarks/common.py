@@ -37,6 +37,17 @@ def non_negative_float(text: str) -> float:
 non_negative_float.__name__ = "float"
 
 
+def positive_float(text: str) -> float:
+    """argparse `type` of a float flag that must be > 0 (a ratio)."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+positive_float.__name__ = "float"
+
+
 def int_list(minimum: int = 1, maximum: int | None = None):
     """argparse `type` of comma-separated integers, each in minimum..maximum: '1,2,4' -> [1, 2, 4]."""
     def parse(text: str) -> list[int]:

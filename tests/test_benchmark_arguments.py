@@ -19,6 +19,8 @@ TINY_AR = ["--width", "16", "--depth", "1", "--heads", "2", "--scales", "1", "2"
     ("benchmarks.ar_efficiency", ["--width", "30"], "argument --width: must be a multiple of 4, got 30"),
     ("benchmarks.ar_efficiency", ["--width", "20", "--heads", "3"], "--heads: 3 must divide --width 20"),
     ("benchmarks.ar_efficiency", ["--train-steps", "0"], "argument --train-steps: must be >= 1"),
+    ("benchmarks.ar_efficiency", ["--mlp-ratio", "0"], "argument --mlp-ratio: must be > 0, got 0"),  # no MLP
+    ("benchmarks.ar_efficiency", ["--mlp-ratio", "-2"], "argument --mlp-ratio: must be > 0, got -2"),  # a traceback
     ("benchmarks.curve", ["--run-dir", "{tmp}/run", "--at", "10", "--num-samples", "1"],
      "argument --num-samples: must be >= 2, got 1"),
     ("benchmarks.curve", ["--run-dir", "{tmp}/run", "--at", "0"], "argument --at: must be >= 1, got 0"),
