@@ -669,6 +669,31 @@ def test_showdown_trains_every_system_and_measures_them_side_by_side(toy_run, tm
     assert "Speeds compared side by side" in (out_dir / "showdown.md").read_text()
     assert sorted((out_dir / "cache").iterdir()) == cached
 
+    # --confirm-samples: the hybrid's and pure AR's operating points again on fresh prompts, each FID with its own
+    # interval; everything else comes from the cache
+    confirm_out = _run(["benchmarks/showdown.py", *common, "--systems", "ar", "hybrid", "--num-samples", "32",
+                        "--seeds", "2", "--sweep-samples", "16", "--cfg-sweep", "1", "2", "--refiner-steps", "1", "2",
+                        "--confirm-samples", "40", "--device", "cpu"])
+    confirmed = json.loads((out_dir / "showdown.json").read_text())
+    for before, now in zip(systems["hybrid"]["rows"], confirmed["systems"]["hybrid"]["rows"], strict=True):
+        assert (now["fid"], now["fid_ci"]) == (before["fid"], before["fid_ci"])  # from the cache, unchanged
+    c = confirmed["confirmation"]
+    assert c["n"] == 40 and c["draw"] == 1000 and "confirmation" in confirmed["seconds"]["eval"]
+    for name in ("ar", "hybrid"):
+        assert c[name]["fid_ci"][0] <= c[name]["fid"] <= c[name]["fid_ci"][1]
+        assert c[name]["fid"] != confirmed["systems"][name]["rows"][0]["fid"]  # other prompts, other images
+    d = c["paired_difference"]
+    assert d["difference"] == pytest.approx(c["hybrid"]["fid"] - c["ar"]["fid"])
+    assert c["fid_better_outside_interval"] == (c["hybrid"]["fid_ci"][1] < c["ar"]["fid_ci"][0])
+    verdict = confirmed["verdicts"]["hybrid_vs_ar"]
+    assert verdict["confirmation_n"] == 40
+    assert verdict["fid_better_outside_interval_confirmed"] == c["fid_better_outside_interval"]
+    assert verdict["met"] == ((verdict["fid_better_outside_interval"] or c["fid_better_outside_interval"])
+                              and verdict["ar_over_hybrid_speed"] <= 1.5)
+    assert "on 40 fresh prompts (--confirm-samples)" in (out_dir / "showdown.md").read_text()
+    assert "confirmation on 40 fresh prompts" in confirm_out.stdout
+    _check_the_confirmation_pass_gives_the_images_of_two(confirmed, show_run, base, tmp_path)
+
     # a re-run reuses the stages and the judged images: same numbers, no training
     again = _run(["benchmarks/showdown.py", *common, "--systems", "ar", "--num-samples", "32", "--seeds", "2",
                   "--sweep-samples", "16", "--cfg-sweep", "1", "2"])
@@ -681,6 +706,29 @@ def test_showdown_trains_every_system_and_measures_them_side_by_side(toy_run, tm
     bad = subprocess.run([sys.executable, "benchmarks/showdown.py", *common, "--systems", "ar", "--no-holdout"],
                          cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "data.holdout" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _check_the_confirmation_pass_gives_the_images_of_two(result, show_run, base, tmp_path):
+    """`Judge.sample_pair` (one AR pass for both modes) gives exactly the features that two `sample_set` calls
+    (one pass per mode) give for the same requests and seeds."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.showdown import Judge, load_pipes, op_row
+    from hybrid.config import load_config
+    from hybrid.eval.oracle import load_oracle
+
+    cfg = load_config("configs/toy.yaml", [f"run_dir={show_run}", f"cache_dir={base / 'cache'}"])
+    oracle = load_oracle(cfg=cfg, device=torch.device("cpu"))
+    pipes = load_pipes(show_run, result["stages"], torch.device("cpu"))
+    settings = {name: op_row(result["systems"][name])["settings"] for name in ("ar", "hybrid")}
+    settings["hybrid"] = {**settings["ar"], "steps": 2}  # the AR sampled alike: the shared pass
+    one, two = (Judge(oracle, cfg, tmp_path / name, 8, 1, 10, 4) for name in ("one-pass", "two-passes"))
+    shared = one.sample_pair((*pipes["ar"], settings["ar"]), (*pipes["hybrid"], settings["hybrid"]), 7, 12)
+    for entry, mode in zip(shared, ("ar", "hybrid")):
+        alone = two.sample_set(*pipes[mode], mode, settings[mode], 7, 12)
+        assert torch.equal(entry["features"], alone["features"]) and entry["adherence"] == alone["adherence"], mode
+    assert len(list((tmp_path / "one-pass" / "cache").glob("*.pt"))) == 2  # under sample_set's own keys:
+    assert sorted(p.name for p in (tmp_path / "one-pass" / "cache").glob("*.pt")) == sorted(
+        p.name for p in (tmp_path / "two-passes" / "cache").glob("*.pt"))  # a later sample_set call finds them
 
 
 @pytest.mark.slow  # the toy stages on a folder of images, then InceptionV3 at 299 px: ~2 min on 2 cores
