@@ -531,25 +531,54 @@ def stage_plan(cfg: DictConfig) -> list[str]:
     return plan + ["eval"]
 
 
-def _check_num_classes_against_classes_json(cfg: DictConfig) -> None:
-    """`data.num_classes` against the `classes.json` the shards writer puts beside the shards: 0 (the procedural
-    data's 42) or fewer than it lists would build a class table that does not fit the shards."""
-    import glob
+def _classes_json(pattern: str) -> tuple[Path, dict] | None:
+    """(path, {class name: id}) of the `classes.json` beside the first shard of `pattern`, found as the reader
+    expands the pattern (folders, globs, brace ranges, `~`, `::`), or, when it matches no shard yet (the data
+    module names such a pattern), in the folder the pattern names; None when there is none (shards written
+    elsewhere, captions only)."""
     import json
 
-    pattern = cfg.data.shards
-    folder = Path(pattern) if Path(pattern).is_dir() else Path(pattern.split("{", 1)[0]).parent
-    if not (folder / "classes.json").is_file() and "*" in pattern:
-        folder = next((Path(f).parent for f in sorted(glob.glob(pattern))), folder)
-    path = folder / "classes.json"
+    from hybrid.data.shards import expand_shards
+
     try:
-        listed = len(json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError):
-        return  # no classes.json (shards written elsewhere, or captions only): nothing to check against
-    if cfg.data.num_classes < listed:
+        folder = Path(expand_shards(pattern)[0]).parent
+    except FileNotFoundError:
+        first = Path(pattern.split("::")[0].strip()).expanduser()
+        folder = first if first.is_dir() else Path(str(first).split("{", 1)[0]).parent
+    try:
+        path = folder / "classes.json"
+        ids = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return (path, ids) if isinstance(ids, dict) else None
+
+
+def _check_num_classes_against_classes_json(cfg: DictConfig) -> None:
+    """`data.num_classes` against the `classes.json` the shards writer puts beside the shards: 0 (the procedural
+    data's 42) or fewer than it lists would build a class table that does not fit the shards. Validation shards
+    with their own `classes.json` (written to another --out) must give every class the training shards' id:
+    theirs start again at 0, and the evaluation would ask for one class and judge against another."""
+    train = _classes_json(cfg.data.shards)
+    if train is None:
+        return
+    path, ids = train
+    if cfg.data.num_classes < len(ids):
         given = "0 (the procedural data's classes)" if cfg.data.num_classes == 0 else str(cfg.data.num_classes)
-        raise ConfigError(f"config key 'data.num_classes' is {given}, but '{path}' lists {listed} classes: "
-                          f"set data.num_classes={listed}")
+        raise ConfigError(f"config key 'data.num_classes' is {given}, but '{path}' lists {len(ids)} classes: "
+                          f"set data.num_classes={len(ids)}")
+    val = _classes_json(cfg.data.val_shards) if cfg.data.val_shards else None
+    if val is None or val[0].resolve() == path.resolve():
+        return
+    val_path, val_ids = val
+    wrong = [name for name, cid in val_ids.items() if ids.get(name) != cid]
+    if wrong:
+        name = wrong[0]
+        theirs = f"id {ids[name]}" if name in ids else "no id (it is not a training class)"
+        raise ConfigError(
+            f"config key 'data.val_shards': '{val_path}' gives class '{name}' id {val_ids[name]}, but the training "
+            f"shards' '{path}' gives it {theirs}" + (f" ({len(wrong)} classes differ)" if len(wrong) > 1 else "")
+            + f"; write the validation folder into the training shards' folder (python -m hybrid.data.shards write "
+            f"--folder VAL --split val --out {path.parent}), which keeps their ids")
 
 
 def validate(cfg: DictConfig) -> None:

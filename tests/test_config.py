@@ -267,6 +267,45 @@ def test_shard_settings_that_would_be_silently_wrong_are_refused(tmp_path):
         assert load_config(None, [*shards, "data.num_classes=3"]).data.num_classes == 3
 
 
+def _shards_with_classes(folder, classes: dict) -> str:
+    import json
+
+    folder.mkdir(parents=True)
+    (folder / "train-000000.tar").write_bytes(b"")
+    (folder / "val-000000.tar").write_bytes(b"")
+    (folder / "classes.json").write_text(json.dumps(classes))
+    return str(folder)
+
+
+def test_validation_shards_with_other_class_ids_are_refused_at_load(tmp_path):
+    """A val folder written to its own --out got ids from 0 ({"dog": 0}); against training shards where dog is 2
+    the evaluation asked for birds and judged against dogs, silently (found by a review)."""
+    train = _shards_with_classes(tmp_path / "train", {"bird": 0, "cat": 1, "dog": 2})
+    base = ["data.source=shards", f"data.shards={train}/train-*.tar", "data.num_classes=3"]
+    val = _shards_with_classes(tmp_path / "val", {"dog": 0})
+    with pytest.raises(ConfigError, match=re.escape(f"config key 'data.val_shards': '{val}/classes.json' gives class "
+                                                    f"'dog' id 0, but the training shards' '{train}/classes.json' "
+                                                    f"gives it id 2; write the validation folder into the training "
+                                                    f"shards' folder (python -m hybrid.data.shards write --folder VAL "
+                                                    f"--split val --out {train})")):
+        load_config(None, [*base, f"data.val_shards={val}/val-*.tar"])
+    fox = _shards_with_classes(tmp_path / "fox", {"dog": 2, "fox": 3})
+    with pytest.raises(ConfigError, match="'fox' id 3, but .* gives it no id \\(it is not a training class\\)"):
+        load_config(None, [*base, f"data.val_shards={fox}"])
+    same = _shards_with_classes(tmp_path / "same", {"dog": 2, "cat": 1})  # a subset with the same ids
+    for ok in (f"{same}/val-*.tar", f"{train}/val-*.tar"):
+        assert load_config(None, [*base, f"data.val_shards={ok}"]).data.val_shards == ok
+
+
+def test_the_class_count_check_reads_shards_under_the_home_folder(tmp_path, monkeypatch):
+    """'~/data/mine/train-*.tar' skipped the check (the reader expands '~', the check did not): training built the
+    procedural data's 42-class table for 2-class shards."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _shards_with_classes(tmp_path / "data" / "mine", {"bird": 0, "cat": 1})
+    with pytest.raises(ConfigError, match=r"'data.num_classes' is 0 .* lists 2 classes: set data.num_classes=2"):
+        load_config(None, ["data.source=shards", "data.shards=~/data/mine/train-*.tar"])
+
+
 @pytest.mark.parametrize("override, needle", [
     ("ar.sample.temperature=-3", "temperature=-3"),  # accepted before, and used by eval and sample.py's defaults
     ("ar.sample.top_p=2", "top_p=2"),

@@ -589,6 +589,118 @@ def test_cli_prints_warnings_as_one_line_each(tmp_path):
     assert proc.stdout == f"wrote 1 shard(s) to {tmp_path / 'out'}: train-000000.tar\n"
 
 
+def _written_images(out) -> dict[str, torch.Tensor]:
+    """{the image's path in its folder: (3, H, W) in [-1, 1]} of out's train shards."""
+    return {json.loads(s["json"])["path"]: shards_module.decode_sample(s)["image"]
+            for s in wds.WebDataset(str(out / "train-000000.tar"), shardshuffle=False)}
+
+
+def test_folder_images_are_written_as_they_are_meant_to_be_seen(tmp_path):
+    """Found by a review: 16-bit gray was written white (PIL's convert clips it at 255), phone photos sideways
+    (EXIF orientation ignored), and transparent pixels in whatever colour they hide (alpha dropped)."""
+    root = tmp_path / "images"
+    (root / "cat").mkdir(parents=True)
+    (root / "dog").mkdir()
+    Image.fromarray(np.full((20, 20), 32768, np.uint16)).save(root / "cat" / "gray16.png")  # mid-gray, 16-bit
+    Image.fromarray(np.full((20, 20), 128, np.uint8)).save(root / "cat" / "gray8.png")
+    stored = np.zeros((32, 64, 3), np.uint8)  # stored 64 wide: left half red, right half blue
+    stored[:, :32] = (255, 0, 0)
+    stored[:, 32:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display (the left edge becomes the top)
+    Image.fromarray(stored).save(root / "dog" / "phone.jpg", exif=exif, quality=95)
+    clear = np.zeros((20, 20, 4), np.uint8)  # fully transparent, hiding black
+    Image.fromarray(clear, "RGBA").save(root / "dog" / "clear.png")
+    half = np.zeros((20, 20, 2), np.uint8)  # gray + alpha: black at half opacity over white = mid-gray
+    half[..., 1] = 128
+    Image.fromarray(half, "LA").save(root / "dog" / "half.png")
+    write_folder(tmp_path / "out", root, image_size=16, progress=False)
+    got = _written_images(tmp_path / "out")
+    assert got["cat/gray16.png"].mean().item() == pytest.approx(0.0, abs=0.02)  # was 1.0 (white)
+    assert torch.equal(got["cat/gray16.png"], got["cat/gray8.png"])  # 32768/65535 is 8-bit 128
+    phone = got["dog/phone.jpg"]  # displayed 32 wide, 64 tall, center-cropped: red above, blue below
+    assert torch.allclose(phone[:, :6].mean((1, 2)), torch.tensor([1.0, -1.0, -1.0]), atol=0.1)
+    assert torch.allclose(phone[:, -6:].mean((1, 2)), torch.tensor([-1.0, -1.0, 1.0]), atol=0.1)
+    assert torch.equal(got["dog/clear.png"], torch.ones(3, 16, 16))  # white, not the hidden black
+    assert got["dog/half.png"].mean().item() == pytest.approx(0.0, abs=0.02)
+
+
+def test_a_caption_file_that_is_not_utf8_is_named_and_the_rest_is_written(tmp_path, capsys):
+    """One Latin-1 sidecar among many stopped the whole write with "'utf-8' codec can't decode byte 0xe9",
+    naming no file, and left an empty --out behind."""
+    root = tmp_path / "images"
+    _class_folders(root, ["cafe", "tea"])
+    (root / "cafe" / "cafe.txt").write_bytes("un café".encode("latin-1"))
+    (root / "tea" / "tea.txt").write_bytes("\ufeffgreen tea".encode("utf-8"))  # a BOM is not part of the caption
+    with pytest.warns(ShardWarning, match=rf"caption file '{re.escape(str(root / 'cafe' / 'cafe.txt'))}' is not "
+                                          r"readable UTF-8 text .*captioned with its class name"):
+        write_folder(tmp_path / "out", root, image_size=16, progress=False)
+    captions = sorted(s["caption"] for s in EvalShards(str(tmp_path / "out" / "train-*.tar")))
+    assert captions == ["cafe", "green tea"]
+
+
+def test_a_write_that_fails_midway_leaves_no_empty_out_folder(tmp_path, monkeypatch):
+    _class_folders(tmp_path / "images", ["cat", "dog"])
+
+    def broken(pixels):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(shards_module, "_png_bytes", broken)
+    with pytest.raises(OSError, match="disk full"):
+        write_folder(tmp_path / "new" / "out", tmp_path / "images", image_size=16, progress=False)
+    assert not (tmp_path / "new" / "out").exists()
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.md").write_text("mine")
+    with pytest.raises(OSError, match="disk full"):
+        write_folder(tmp_path / "kept", tmp_path / "images", image_size=16, progress=False)
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["notes.md"]  # a folder it did not create stays
+
+
+def test_shards_in_a_folder_whose_name_has_glob_characters_are_found(tmp_path):
+    """The writer wrote to 'run[1]' and the readers then said the pattern "matches no file": '[1]' was read as
+    a character class."""
+    _class_folders(tmp_path / "images", ["cat", "dog"])
+    out = tmp_path / "run[1]"
+    write_folder(out, tmp_path / "images", image_size=16, progress=False)
+    shard = str(out / "train-000000.tar")
+    for pattern in (str(out), shard, str(out / "train-*.tar"), str(out / "train-{000000..000000}.tar")):
+        assert expand_shards(pattern) == [shard], pattern
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        expand_shards(str(out / "val-*.tar"))
+
+
+def test_hidden_folders_are_skipped_at_any_depth_and_one_class_is_warned(tmp_path):
+    """A class's '.thumbnails' copy was written as a second image; classes one level too deep were written as one
+    class, silently."""
+    root = tmp_path / "images"
+    _class_folders(root, ["cat", "dog"])
+    (root / "cat" / ".thumbnails").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "cat" / ".thumbnails" / "cat.png")
+    (root / "cat" / "more").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "cat" / "more" / "kitten.png")
+    write_folder(tmp_path / "out", root, image_size=16, progress=False)
+    assert sorted(_written_images(tmp_path / "out")) == ["cat/cat.png", "cat/more/kitten.png", "dog/dog.png"]
+    nested = tmp_path / "nested"
+    _class_folders(nested / "images", ["cat", "dog"])
+    with pytest.warns(ShardWarning, match=rf"one class subfolder, 'images': every image gets class id 0 \(it holds "
+                                          rf"subfolders cat, dog: .*--folder '{re.escape(str(nested / 'images'))}'"):
+        write_folder(tmp_path / "out2", nested, image_size=16, progress=False)
+
+
+def test_cli_folder_source_follows_from_folder(tmp_path, capsys):
+    _class_folders(tmp_path / "images", ["cat", "dog"])
+    assert main(["write", "--folder", str(tmp_path / "images"), "--out", str(tmp_path / "out"), "--image-size", "16",
+                 "--no-progress"]) == 0  # was "--source procedural needs --count"
+    assert (tmp_path / "out" / "train-000000.tar").is_file()
+    for argv, needle in ((["--source", "procedural", "--count", "4", "--folder", str(tmp_path / "images")],
+                          "--folder is read with --source folder"),
+                         (["--folder", str(tmp_path / "out" / "classes.json")], "is a file: give the folder")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["write", "--out", str(tmp_path / "other"), "--no-progress", *argv])
+        assert exit_info.value.code == 2 and needle in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # Data module
 # ----------------------------------------------------------------------------------------------

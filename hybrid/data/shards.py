@@ -16,8 +16,10 @@ maps names to ids; a later split written to DIR keeps its ids, and a later train
 with new ids after them; an empty class subfolder keeps its id and images outside class subfolders are not
 written, each with a warning), the caption from a sidecar
 `NAME.txt` next to the image when there is one, else from the class name, and store no
-attributes (readers fill them with -1). Folder images of other sizes are resized (shorter side)
-and center-cropped; their order is shuffled with `--seed` so that shards mix classes.
+attributes (readers fill them with -1). Folder images are made 8-bit RGB as they are meant to be seen
+(`to_rgb`: EXIF orientation, 16-bit gray scaled, transparency over white); other sizes are resized
+(shorter side) and center-cropped; hidden files and folders are skipped at any depth; their order is
+shuffled with `--seed` so that shards mix classes.
 
 Reading (the rank and world size are arguments, never read from torch.distributed here):
 
@@ -62,7 +64,7 @@ import braceexpand
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import IterableDataset
 from webdataset import tariterators
 from webdataset.utils import make_seed
@@ -106,12 +108,18 @@ def expand_shards(pattern: str | Sequence[str]) -> list[str]:
     missing: list[str] = []
     for part in parts:
         part = os.path.expanduser(part.strip())
-        if os.path.isdir(part):
-            urls.extend(sorted(glob.glob(os.path.join(part, "*.tar"))))
+        if os.path.isdir(part):  # escaped: a folder named 'run[1]' is that folder, not a character class
+            urls.extend(sorted(glob.glob(os.path.join(glob.escape(part), "*.tar"))))
+            continue
+        if os.path.isfile(part):  # a literal file, whatever characters its name holds
+            urls.append(part)
             continue
         for item in braceexpand.braceexpand(part):
             if glob.has_magic(item):
-                urls.extend(sorted(glob.glob(item)))
+                # 'out[1]/train-*.tar': when the pattern as a whole matches nothing, its folder is taken literally
+                found = glob.glob(item) or glob.glob(os.path.join(glob.escape(os.path.dirname(item)),
+                                                                  os.path.basename(item)))
+                urls.extend(sorted(found))
             elif os.path.isfile(item):
                 urls.append(item)
             else:
@@ -199,6 +207,25 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+_WIDE_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # 16- and 32-bit single-channel modes
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB image as it is meant to be seen: turned by its EXIF orientation (phone photos store their
+    pixels sideways), 16-bit gray scaled to 8 bits (PIL's convert clips it at 255: white), and transparency
+    composited over white (convert drops alpha and shows whatever colour the hidden pixels hold)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in _WIDE_GRAY:
+        pixels = np.asarray(image, dtype=np.float64)
+        wide = image.mode.startswith("I;16") or pixels.max(initial=0) > 255  # 16-bit range, as PNG stores it
+        pixels = np.clip(pixels * (255 / 65535 if wide else 1.0) + 0.5, 0, 255).astype(np.uint8)
+        image = Image.fromarray(pixels, "L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
+    return image.convert("RGB")
+
+
 def decode_sample(sample: dict, image_size: int | None = None) -> dict:
     """Raw shard sample {"png": bytes, "json": bytes, ...} -> {"image" (3,H,W) in [-1,1], "class_id",
     "caption", "attrs"}. Raises ValueError (naming the sample) when a part is missing or corrupt."""
@@ -207,7 +234,7 @@ def decode_sample(sample: dict, image_size: int | None = None) -> dict:
         raise ValueError(f"{where} lacks its .png or .json part (has {sorted(k for k in sample if k[0] != '_')})")
     try:
         with Image.open(io.BytesIO(sample["png"])) as im:
-            im = im.convert("RGB")
+            im = to_rgb(im)
         if image_size is not None:
             im = resize_center_crop(im, image_size)
         pixels = np.asarray(im)
@@ -524,7 +551,8 @@ def _write_shards(out: str | os.PathLike, split: str, per_shard: int, samples: I
     """Write `samples` as `OUT/SPLIT-000000.tar, ...`; returns exactly the shards written ([] without a sample).
 
     The shards go to a hidden folder inside `out` first and are moved into place only once all of them are
-    complete, so an error or an interrupt midway leaves `out` as it was, and no sample leaves no shard. Then the
+    complete, so an error or an interrupt midway leaves `out` as it was (an `out` this call created is removed
+    again), and no sample leaves no shard. Then the
     shards of `replace` (the split's old ones, see `old_shards`) that the new ones did not overwrite are removed.
     """
     created = not Path(out).exists()
@@ -539,9 +567,6 @@ def _write_shards(out: str | os.PathLike, split: str, per_shard: int, samples: I
                 sink.write(sample)
                 count += 1
         if count == 0:  # the ShardWriter opened an empty first shard: it stays in the staging folder
-            shutil.rmtree(staging, ignore_errors=True)
-            if created and not any(Path(out).iterdir()):
-                Path(out).rmdir()
             return []
         shards = []
         for path in map(Path, written):
@@ -553,6 +578,8 @@ def _write_shards(out: str | os.PathLike, split: str, per_shard: int, samples: I
         return shards
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(Path(out).iterdir()):  # no sample, or an error midway: no empty --out left behind
+            Path(out).rmdir()
 
 
 def write_procedural(out: str | os.PathLike, count: int, image_size: int = 32, per_shard: int = 1000, seed: int = 0,
@@ -591,7 +618,9 @@ def folder_items(folder: str | os.PathLike) -> tuple[list[str], list[tuple[Path,
     ids do not shift when images are added there later -- and about images directly in the folder,
     which belong to no class and are not written.
     """
-    root = Path(folder)
+    root = Path(folder).expanduser()
+    if root.is_file():
+        raise FileNotFoundError(f"image folder '{root}' is a file: give the folder that holds one subfolder per class")
     if not root.is_dir():
         raise FileNotFoundError(f"image folder '{root}' does not exist")
     loose = sum(1 for p in root.iterdir() if _is_image(p))
@@ -601,7 +630,8 @@ def folder_items(folder: str | os.PathLike) -> tuple[list[str], list[tuple[Path,
         raise ValueError(f"image folder '{root}' has no class subfolders (expected {root}/<class>/<image>){hint}")
     items, empty = [], []
     for cid, name in enumerate(classes):
-        found = [path for path in sorted((root / name).rglob("*")) if _is_image(path)]
+        found = [path for path in sorted((root / name).rglob("*")) if _is_image(path)
+                 and not any(part.startswith(".") for part in path.relative_to(root / name).parts)]
         items.extend((path, cid) for path in found)
         if not found:
             empty.append(name)
@@ -615,6 +645,12 @@ def folder_items(folder: str | os.PathLike) -> tuple[list[str], list[tuple[Path,
     if loose:
         warnings.warn(f"{loose} image(s) directly in image folder '{root}' are in no class subfolder and are not "
                       f"written (move them into {root}/<class>/)", ShardWarning, stacklevel=3)
+    if len(classes) == 1:
+        inner = sorted(p.name for p in (root / classes[0]).iterdir() if p.is_dir() and not p.name.startswith("."))
+        more = (f" (it holds subfolders {', '.join(inner[:5])}: are they the classes? then give --folder "
+                f"'{root / classes[0]}')") if inner else ""
+        warnings.warn(f"image folder '{root}' has one class subfolder, '{classes[0]}': every image gets class id 0"
+                      f"{more}", ShardWarning, stacklevel=3)
     return classes, items
 
 
@@ -659,6 +695,22 @@ def folder_class_ids(out: str | os.PathLike, classes: Sequence[str], folder: str
     return ids, missing
 
 
+def _sidecar_caption(image: Path, bar) -> str:
+    """The caption in `NAME.txt` beside an image, "" without one; a sidecar that is not UTF-8 text is named in a
+    warning and the class name captions the image instead (one such file used to stop the whole write with a
+    codec error that named no file)."""
+    sidecar = image.with_suffix(".txt")
+    if not sidecar.is_file():
+        return ""
+    try:
+        return sidecar.read_text(encoding="utf-8-sig").strip()
+    except (UnicodeDecodeError, OSError) as err:
+        with bar.external_write_mode(file=sys.stderr):
+            warnings.warn(f"caption file '{sidecar}' is not readable UTF-8 text ({type(err).__name__}: {err}); its "
+                          "image is captioned with its class name", ShardWarning, stacklevel=5)
+        return ""
+
+
 def write_folder(out: str | os.PathLike, folder: str | os.PathLike, image_size: int = 32, per_shard: int = 1000,
                  seed: int = 0, split: str = "train", count: int | None = None, overwrite: bool = False,
                  progress: bool = True) -> list[str]:
@@ -687,15 +739,14 @@ def write_folder(out: str | os.PathLike, folder: str | os.PathLike, image_size: 
                 bar.update()
                 try:
                     with Image.open(path) as im:
-                        pixels = np.asarray(resize_center_crop(im.convert("RGB"), image_size))
+                        pixels = np.asarray(resize_center_crop(to_rgb(im), image_size))
                 except Exception as err:
                     skipped += 1
                     with bar.external_write_mode(file=sys.stderr):  # on its own line, not after the progress bar
                         warnings.warn(f"skipping unreadable image '{path}': {type(err).__name__}: {err}",
                                       ShardWarning, stacklevel=4)
                     continue
-                sidecar = path.with_suffix(".txt")
-                text = sidecar.read_text().strip() if sidecar.is_file() else ""
+                text = _sidecar_caption(path, bar)
                 name = classes[cid]
                 meta = {"class_id": ids[name], "caption": text or class_caption(name), "attrs": {},
                         "class_name": name, "path": str(path.relative_to(folder)), "source": "folder"}
@@ -738,7 +789,8 @@ def _write_cli(argv: Sequence[str] | None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     w = sub.add_parser("write", help="write WebDataset shards from the procedural dataset or an image folder")
     w.add_argument("--out", required=True, help="output directory (shards are OUT/SPLIT-000000.tar, ...)")
-    w.add_argument("--source", choices=("procedural", "folder"), default="procedural")
+    w.add_argument("--source", choices=("procedural", "folder"), default=None,
+                   help="procedural (needs --count) or folder (needs --folder); default: folder when --folder is given")
     w.add_argument("--count", type=int, default=None, help="number of samples (procedural: required; folder: cap)")
     w.add_argument("--image-size", type=int, default=32)
     w.add_argument("--per-shard", type=int, default=1000)
@@ -752,6 +804,10 @@ def _write_cli(argv: Sequence[str] | None) -> int:
                         "split that OUT already holds is an error")
     w.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
+    if args.source is None:
+        args.source = "folder" if args.folder else "procedural"
+    if args.source == "procedural" and args.folder:
+        parser.error("--folder is read with --source folder, not --source procedural")
     if not 16 <= args.image_size <= 256:
         parser.error(f"--image-size {args.image_size} is outside 16..256")
     if args.per_shard < 1:
