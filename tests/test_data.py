@@ -667,6 +667,9 @@ def test_shards_in_a_folder_whose_name_has_glob_characters_are_found(tmp_path):
         assert expand_shards(pattern) == [shard], pattern
     with pytest.raises(FileNotFoundError, match="matches no file"):
         expand_shards(str(out / "val-*.tar"))
+    write_folder(out, tmp_path / "images", image_size=16, split="val", progress=False)
+    dm = HybridDataModule(batch_size=2, source="shards", shards=str(out / "train-*.tar"), image_size=16)
+    assert expand_shards(dm.resolve_val_pattern()) == [str(out / "val-000000.tar")]  # the sibling val split
 
 
 def test_hidden_folders_are_skipped_at_any_depth_and_one_class_is_warned(tmp_path):
@@ -745,7 +748,6 @@ def test_datamodule_shards_source(tmp_path):
     assert sum(len(b["caption"]) for b in dm.val_dataloader()) == 5  # sibling val-*.tar
     assert dm.skip_counts() == {"train_bad_samples": 0, "train_bad_shards": 0, "val_bad_samples": 0,
                                 "val_bad_shards": 0}
-
 
 
 def test_datamodule_lightning_smoke(tmp_path):

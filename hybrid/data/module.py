@@ -242,7 +242,7 @@ class HybridDataModule(pl.LightningDataModule):
         if self.source != "shards":
             return None
         first = expand_shards(self.shards)[0]
-        siblings = sorted(glob.glob(os.path.join(os.path.dirname(first), "val-*.tar")))
+        siblings = sorted(glob.glob(os.path.join(glob.escape(os.path.dirname(first)), "val-*.tar")))
         if siblings:
             return os.path.join(os.path.dirname(first), "val-*.tar")
         warnings.warn(f"no validation data: data.val_shards is empty and there is no val-*.tar next to "
