@@ -531,6 +531,27 @@ def stage_plan(cfg: DictConfig) -> list[str]:
     return plan + ["eval"]
 
 
+def _builds_tokenizer_from_folder(cfg: DictConfig) -> bool:
+    """Whether this command builds a tokenizer from `tokenizer.pretrained`'s folder: it runs the tokenizer stage
+    and that stage has not finished in the run (or is retrained). Later stages, sample.py and exports rebuild the
+    autoencoder from the config its checkpoints store, without the folder."""
+    if not cfg.tokenizer.pretrained or cfg.tokenizer.checkpoint or "tokenizer" not in stage_plan(cfg):
+        return False
+    run_dir = Path(cfg.run_dir or Path("runs") / cfg.name)
+    return bool(cfg.retrain) or not (run_dir / "tokenizer" / "final.ckpt").is_file()
+
+
+def _pretrained_downsample(folder: str) -> int | None:
+    """The downsampling factor (2 ** (levels - 1)) of the diffusers AutoencoderKL in `folder`, from its
+    config.json; None when that is unreadable (the tokenizer stage names the problem when it loads the folder)."""
+    import json
+
+    try:
+        return 2 ** (len(json.loads((Path(folder) / "config.json").read_text())["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _classes_json(pattern: str) -> tuple[Path, dict] | None:
     """(path, {class name: id}) of the `classes.json` beside the first shard of `pattern`, found as the reader
     expands the pattern (folders, globs, brace ranges, `~`, `::`), or, when it matches no shard yet (the data
@@ -622,6 +643,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"config key 'ar.sample': {err}") from None
     for key in PATH_KEYS:
         value = OmegaConf.select(cfg, key)
+        if value and value.startswith("~"):  # `key=~/x` on a command line reaches us unexpanded
+            value = os.path.expanduser(value)
+            OmegaConf.update(cfg, key, value)
+        if key == "tokenizer.pretrained" and not _builds_tokenizer_from_folder(cfg):
+            continue  # the run's trained tokenizer carries the autoencoder; its folder may have moved
         if value and not Path(value).exists():
             raise ConfigError(f"config key '{key}': '{value}' does not exist")
     if cfg.tokenizer.pretrained_config:
@@ -640,16 +666,25 @@ def validate(cfg: DictConfig) -> None:
         _check_num_classes_against_classes_json(cfg)
     if not 16 <= cfg.data.image_size <= 256:
         raise ConfigError(f"config key 'data.image_size' is {cfg.data.image_size}; it must be within 16..256")
-    latent = cfg.data.image_size // cfg.tokenizer.downsample
+    downsample, source = cfg.tokenizer.downsample, f"tokenizer.downsample {cfg.tokenizer.downsample}"
+    known = not cfg.tokenizer.pretrained  # the latent size, unless a pretrained folder's config.json says it
+    if cfg.tokenizer.pretrained and _builds_tokenizer_from_folder(cfg):
+        factor = _pretrained_downsample(cfg.tokenizer.pretrained)
+        if factor is not None:
+            downsample, known = factor, True
+            source = f"the downsampling {factor} of tokenizer.pretrained '{cfg.tokenizer.pretrained}'"
+    if known and cfg.data.image_size % downsample:
+        raise ConfigError(f"config key 'data.image_size' is {cfg.data.image_size}, which {source} does not divide")
+    latent = cfg.data.image_size // downsample
     scales = list(cfg.tokenizer.scales)
     if scales != sorted(set(scales)) or not scales or scales[0] < 1:
         raise ConfigError(f"config key 'tokenizer.scales' must be strictly increasing positive ints, got {scales}")
-    sizes = f"(data.image_size {cfg.data.image_size} / tokenizer.downsample {cfg.tokenizer.downsample})"
+    sizes = f"(data.image_size {cfg.data.image_size} / {source})"
     fix = f'e.g. "tokenizer.scales=[{",".join(map(str, suggested_scales(latent)))}]"'  # copy-pasteable
-    if not cfg.tokenizer.pretrained and scales[-1] > latent:
+    if known and scales[-1] > latent:
         raise ConfigError(
             f"config key 'tokenizer.scales' must not exceed the latent size {latent} {sizes}, got {scales}; {fix}")
-    if not cfg.tokenizer.pretrained and scales[-1] < latent and not cfg.tokenizer.coarse_grid:
+    if known and scales[-1] < latent and not cfg.tokenizer.coarse_grid:
         raise ConfigError(
             f"config key 'tokenizer.scales' must end at the latent size {latent} {sizes}, got {scales}; {fix}, "
             "or set tokenizer.coarse_grid=true for a token grid coarser than the latent")

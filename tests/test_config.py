@@ -49,6 +49,55 @@ def test_pretrained_config_is_filled_by_the_tokenizer_stage_not_by_hand():
         load_config(None, ["tokenizer.pretrained_config={latent_channels: 4}"])
 
 
+def _vae_config(folder, levels: int):
+    import json
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "latent_channels": 4,
+                                                    "block_out_channels": [8] * levels}))
+    return folder
+
+
+def test_a_pretrained_folders_latent_size_checks_scales_and_image_size_at_load(tmp_path):
+    """With tokenizer.pretrained the scales went unchecked: the tokenizer swapped them for others with a warning,
+    and refiner.coarse_scales failed only when the refiner was built, after three stages had trained (a review)."""
+    vae = _vae_config(tmp_path / "vae", levels=3)  # downsampling 4: a 16-pixel image has a 4 x 4 latent
+    base = ["data.image_size=16", f"tokenizer.pretrained={vae}"]
+    with pytest.raises(ConfigError, match=re.escape(
+            f"must not exceed the latent size 4 (data.image_size 16 / the downsampling 4 of tokenizer.pretrained "
+            f"'{vae}'), got [1, 2, 3, 4, 6, 8]; e.g. \"tokenizer.scales=[1,2,3,4]\"")):
+        load_config(None, base)
+    assert list(load_config(None, [*base, "tokenizer.scales=[1,2,4]"]).tokenizer.scales) == [1, 2, 4]
+    with pytest.raises(ConfigError, match="'refiner.coarse_scales' is 4; the tokenizer has 3 scales"):
+        load_config(None, [*base, "tokenizer.scales=[1,2,4]", "refiner.coarse_scales=4"])
+    deep = _vae_config(tmp_path / "deep", levels=6)  # downsampling 32
+    with pytest.raises(ConfigError, match=re.escape(f"'data.image_size' is 16, which the downsampling 32 of "
+                                                    f"tokenizer.pretrained '{deep}' does not divide")):
+        load_config(None, ["data.image_size=16", f"tokenizer.pretrained={deep}"])
+
+
+def test_a_pretrained_folder_is_needed_only_while_the_tokenizer_trains_and_may_be_given_with_a_tilde(
+        tmp_path, monkeypatch):
+    """The AR, refiner and eval stages rebuild the autoencoder from the tokenizer checkpoint's config: a moved
+    folder stopped them at load ("does not exist"). `tokenizer.pretrained=~/vae` reached the check unexpanded."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _vae_config(tmp_path / "vae", levels=3)
+    cfg = load_config(None, ["data.image_size=16", "tokenizer.pretrained=~/vae", "tokenizer.scales=[1,2,4]"])
+    assert cfg.tokenizer.pretrained == str(tmp_path / "vae")
+    run = tmp_path / "run"
+    gone = ["data.image_size=16", f"tokenizer.pretrained={tmp_path / 'moved'}", "tokenizer.scales=[1,2,4]",
+            f"run_dir={run}"]
+    for stage in ("all", "tokenizer"):
+        with pytest.raises(ConfigError, match="'tokenizer.pretrained': .*moved' does not exist"):
+            load_config(None, [*gone, f"stage={stage}"])
+    (run / "tokenizer").mkdir(parents=True)
+    (run / "tokenizer" / "final.ckpt").write_bytes(b"")  # the tokenizer stage is done
+    for stage in ("all", "ar", "eval"):
+        assert load_config(None, [*gone, f"stage={stage}"]).stage == stage
+    with pytest.raises(ConfigError, match="does not exist"):  # retraining it reads the folder again
+        load_config(None, [*gone, "stage=tokenizer", "retrain=true"])
+
+
 def test_token_grids_coarser_than_the_latent_need_coarse_grid():
     with pytest.raises(ConfigError, match="set tokenizer.coarse_grid=true"):  # e.g. a new image size, old scales
         load_config(None, ["data.image_size=64"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 import torch
@@ -390,6 +391,35 @@ def test_pretrained_autoencoder_from_a_local_folder(tmp_path):
     losses = tok.training_losses(x)
     losses["loss"].backward()
     assert all(torch.isfinite(p.grad).all() for p in tok.parameters() if p.requires_grad)
+
+
+def test_a_folder_whose_weights_are_not_an_autoencoder_kl_is_refused_naming_it(tmp_path):
+    """Without `accelerate` diffusers fills weights it does not find at random and only logs it: another model
+    class's folder or a partial weights file built a frozen autoencoder of noise (found by a review)."""
+    from diffusers import UNet2DModel
+    from safetensors.torch import load_file, save_file
+
+    UNet2DModel(sample_size=8, block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4,
+                down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2).save_pretrained(
+        tmp_path / "unet")
+    with pytest.raises(ValueError, match=rf"tokenizer.pretrained: '{re.escape(str(tmp_path / 'unet'))}' holds a "
+                                         r"diffusers UNet2DModel, not an AutoencoderKL"):
+        HybridTokenizer(image_size=16, pretrained=str(tmp_path / "unet"), codebook_size=64)
+    _tiny_vae_folder(tmp_path / "partial")
+    weights = tmp_path / "partial" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if not k.startswith("decoder.")}, weights)
+    with pytest.raises(ValueError, match=r"'.*partial': its weights do not fit its config.json \(\d+ missing keys: "
+                                         r"decoder\."):
+        HybridTokenizer(image_size=16, pretrained=str(tmp_path / "partial"), codebook_size=64)
+    _tiny_vae_folder(tmp_path / "pipeline" / "vae")  # a whole pipeline's folder: the hint names its vae/
+    with pytest.raises(ValueError, match=rf"a whole pipeline: .*pretrained={re.escape(str(tmp_path))}/pipeline/vae"):
+        HybridTokenizer(image_size=16, pretrained=str(tmp_path / "pipeline"), codebook_size=64)
+    vae = _tiny_vae_folder(tmp_path / "half")
+    for name in ("diffusion_pytorch_model.safetensors", "config.json"):
+        (tmp_path / "half" / name).unlink()
+    vae.save_pretrained(tmp_path / "half", variant="fp16")  # only diffusion_pytorch_model.fp16.safetensors
+    tok = HybridTokenizer(image_size=16, pretrained=str(tmp_path / "half"), codebook_size=64)
+    assert torch.equal(tok.autoencoder.vae.decoder.conv_out.weight, vae.decoder.conv_out.weight)
 
 
 def test_pretrained_autoencoder_rebuilds_from_its_stored_config_without_the_folder(tmp_path):

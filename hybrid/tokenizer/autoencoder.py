@@ -27,6 +27,7 @@ Two interchangeable autoencoders with the same small interface (`encode`, `decod
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -204,6 +205,44 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _load_autoencoder_kl(path: str):
+    """diffusers' `AutoencoderKL.from_pretrained(path)`, refused (ValueError naming tokenizer.pretrained and the
+    folder) unless every weight comes from the folder: without `accelerate`, diffusers fills missing weights at
+    random and only logs it, so another model class's folder or a partial file built a frozen autoencoder of
+    noise (found by a review: a UNet folder trained until its first step failed deep inside diffusers)."""
+    from diffusers import AutoencoderKL
+
+    folder = Path(path)
+    where = f"tokenizer.pretrained: '{path}'"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{where} is not a folder with a diffusers AutoencoderKL")
+    if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
+        raise ValueError(f"{where} holds a whole pipeline: give its autoencoder, tokenizer.pretrained={folder / 'vae'}")
+    try:
+        kind = json.loads((folder / "config.json").read_text()).get("_class_name", "AutoencoderKL")
+    except (OSError, ValueError, AttributeError):
+        kind = "AutoencoderKL"  # no or unreadable config.json: diffusers' own error below names it
+    if kind != "AutoencoderKL":
+        raise ValueError(f"{where} holds a diffusers {kind}, not an AutoencoderKL")
+    plain = any((folder / f"diffusion_pytorch_model.{ext}").is_file() for ext in ("safetensors", "bin"))
+    variant = "fp16" if not plain and (folder / "diffusion_pytorch_model.fp16.safetensors").is_file() else None
+    try:
+        vae, info = AutoencoderKL.from_pretrained(path, output_loading_info=True, variant=variant)
+    except Exception as err:
+        raise ValueError(f"{where}: cannot load an AutoencoderKL from it: {_first_line(err)}") from err
+    for what in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = info.get(what) or []
+        if keys:
+            shown = ", ".join(str(k) for k in list(keys)[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            raise ValueError(f"{where}: its weights do not fit its config.json ({len(keys)} "
+                             f"{what.replace('_', ' ')}: {shown})")
+    return vae
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 class PretrainedAutoencoder(nn.Module):
     """A frozen diffusers `AutoencoderKL` from a local folder; latent = scaled posterior mean.
 
@@ -224,13 +263,7 @@ class PretrainedAutoencoder(nn.Module):
             except Exception as err:
                 raise ValueError(f"tokenizer.pretrained_config: cannot build an AutoencoderKL from it: {err}") from err
         else:
-            if not Path(path).is_dir():
-                raise FileNotFoundError(
-                    f"tokenizer.pretrained: '{path}' is not a folder with a diffusers AutoencoderKL")
-            try:
-                vae = AutoencoderKL.from_pretrained(path)
-            except Exception as err:
-                raise ValueError(f"tokenizer.pretrained: cannot load an AutoencoderKL from '{path}': {err}") from err
+            vae = _load_autoencoder_kl(path)
         vae.set_attn_processor(HybridAttnProcessor())
         self.vae = vae.requires_grad_(False).eval()
         self.path = str(path)

@@ -121,8 +121,9 @@ class HybridTokenizer(nn.Module):
                                            patch_size, shortcut)
         self.downsample_factor = self.autoencoder.downsample
         if image_size % self.downsample_factor:
-            raise ValueError(f"image size {image_size} is not divisible by the autoencoder's downsampling "
-                             f"{self.downsample_factor}")
+            which = f"tokenizer.pretrained '{pretrained}'" if pretrained else "tokenizer.downsample"
+            raise ValueError(f"data.image_size {image_size} is not divisible by the downsampling "
+                             f"{self.downsample_factor} of {which}")
         self.image_size = image_size
         self.latent_channels = self.autoencoder.latent_channels
         self.latent_size = image_size // self.downsample_factor
