@@ -38,7 +38,7 @@ def test_resume_prefers_the_newest_of_hpc_and_last(tmp_path):
     now = time.time()
     os.utime(last, (now - 10, now - 10))
     os.utime(hpc, (now, now))
-    assert resume_path(cfg, "ar") is None  # Lightning picks the newer hpc checkpoint up itself
+    assert resume_path(cfg, "ar") == str(hpc)  # named: Lightning picks it up itself only inside a SLURM job
     os.utime(last, (now + 10, now + 10))
     assert resume_path(cfg, "ar") == str(last)  # a later last.ckpt beats a stale hpc checkpoint
 
@@ -387,6 +387,27 @@ def test_ctrl_c_during_a_fit_says_where_to_resume_from(tmp_path, monkeypatch, ca
     last = tmp_path / "tokenizer" / "checkpoints" / "last.ckpt"
     assert (f"[tokenizer] interrupted at step 3; last checkpoint: {last} (step 2); re-running the same command "
             "resumes from it") in out, out
+
+
+def test_a_slurm_checkpoint_is_resumed_from_outside_a_slurm_job(tmp_path, monkeypatch, capsys):
+    """A requeue checkpoint (hpc_ckpt_<n>.ckpt: SIGUSR1 where `scontrol` is missing, or a Ctrl-C's save) was left
+    to Lightning, which picks it up only inside a SLURM batch job: re-run on a workstation, a login node or in an
+    interactive allocation, the stage started again from step 0 (found by a review)."""
+    from hybrid.checkpoints import load_checkpoint
+    from hybrid.lit.runner import fit_stage
+
+    for key in ("SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_NTASKS", "SLURM_RESTART_COUNT"):
+        monkeypatch.delenv(key, raising=False)
+    fit_stage(_toy(tmp_path, "tokenizer.train.max_steps=4", "tokenizer.train.ckpt_every=2"), "tokenizer")
+    sdir = tmp_path / "tokenizer"
+    (sdir / "final.ckpt").unlink()
+    (sdir / "checkpoints" / "last.ckpt").rename(sdir / "hpc_ckpt_1.ckpt")
+    step = load_checkpoint(sdir / "hpc_ckpt_1.ckpt")["global_step"]
+    assert step == 4
+    capsys.readouterr()
+    fit_stage(_toy(tmp_path, "tokenizer.train.max_steps=6", "tokenizer.train.ckpt_every=2"), "tokenizer")
+    assert "[tokenizer] fit starts at step 4" in capsys.readouterr().out
+    assert load_checkpoint(sdir / "final.ckpt")["global_step"] == 6
 
 
 def test_a_resumed_stage_logs_each_step_once(tmp_path, monkeypatch):

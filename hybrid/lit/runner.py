@@ -371,11 +371,14 @@ class AppendingCSVLogger(CSVLogger):
 
 
 def resume_path(cfg, stage: str) -> str | None:
-    """The checkpoint a re-run resumes from (None = fresh, or Lightning's own hpc_ckpt pick-up)."""
+    """The checkpoint a re-run resumes from (None = fresh): the newer of last.ckpt and the newest SLURM requeue
+    checkpoint. The hpc checkpoint is named explicitly: Lightning picks it up by itself only inside a SLURM batch
+    job, so a re-run on a workstation, a login node or in an interactive allocation (`scontrol` missing, or a
+    Ctrl-C's save) started the stage again from step 0 (found by a review)."""
     last = last_path(cfg.run_dir, stage)
     hpc = hpc_paths(cfg.run_dir, stage)
     if hpc and not (last.is_file() and last.stat().st_mtime > hpc[-1].stat().st_mtime):
-        return None  # Lightning's SLURM connector resumes from the newest hpc checkpoint by itself
+        return str(hpc[-1])
     return str(last) if last.is_file() else None  # a newer last.ckpt wins over a stale hpc checkpoint
 
 
