@@ -17,6 +17,7 @@ also record the tokenizer checkpoint's path and a hash of its weights (`tokenize
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -49,6 +50,18 @@ def last_path(run_dir: str | os.PathLike, stage: str) -> Path:
 def hpc_paths(run_dir: str | os.PathLike, stage: str) -> list[Path]:
     """The stage's SLURM requeue checkpoints (`hpc_ckpt_<n>.ckpt`, hybrid/lit/slurm.py), oldest first."""
     return sorted(stage_dir(run_dir, stage).glob("hpc_ckpt_*.ckpt"), key=lambda p: p.stat().st_mtime)
+
+
+def set_aside_copy(path: str | os.PathLike) -> Path | None:
+    """Where a file that lay in a stage folder `retrain=true` set aside (`<folder>.before-retrain-<time>`, the
+    newest first) is now, or None: e.g. `init_from=RUN/ar/final.ckpt` in `stage=ar retrain=true`."""
+    p = Path(path)
+    for parent in p.parents:
+        for aside in sorted(parent.parent.glob(f"{glob.escape(parent.name)}.before-retrain-*"), reverse=True):
+            moved = aside / p.relative_to(parent)
+            if moved.exists():
+                return moved
+    return None
 
 
 def resumable_paths(run_dir: str | os.PathLike, stage: str) -> list[Path]:

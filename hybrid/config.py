@@ -531,6 +531,14 @@ def stage_plan(cfg: DictConfig) -> list[str]:
     return plan + ["eval"]
 
 
+def _set_aside(path: str) -> bool:
+    """Whether `path` lay in a stage folder that `retrain=true` set aside: the runner reads it from there
+    (`runner.followed`), e.g. when a requeued `stage=ar retrain=true init_from=RUN/ar/final.ckpt` starts again."""
+    from hybrid.checkpoints import set_aside_copy
+
+    return set_aside_copy(path) is not None
+
+
 def _builds_tokenizer_from_folder(cfg: DictConfig) -> bool:
     """Whether this command builds a tokenizer from `tokenizer.pretrained`'s folder: it runs the tokenizer stage
     and that stage has not finished in the run (or is retrained). Later stages, sample.py and exports rebuild the
@@ -648,7 +656,7 @@ def validate(cfg: DictConfig) -> None:
             OmegaConf.update(cfg, key, value)
         if key == "tokenizer.pretrained" and not _builds_tokenizer_from_folder(cfg):
             continue  # the run's trained tokenizer carries the autoencoder; its folder may have moved
-        if value and not Path(value).exists():
+        if value and not Path(value).exists() and not (key == "init_from" and _set_aside(value)):
             raise ConfigError(f"config key '{key}': '{value}' does not exist")
     if cfg.tokenizer.pretrained_config:
         raise ConfigError("config key 'tokenizer.pretrained_config' is filled by the tokenizer stage from "

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hybrid.config import load_config
+from hybrid.config import ConfigError, load_config
 from hybrid.lit.runner import AppendingCSVLogger, resume_path
 
 TOY = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
@@ -603,6 +603,13 @@ def test_retrain_warm_starting_from_the_stage_being_replaced_reads_it_where_it_w
     assert len(aside) == 1
     assert f"init_from={own} was set aside by retrain=true: reading {aside[0] / 'final.ckpt'}" in out
     assert (tmp_path / "ar" / "final.ckpt").is_file()
+    # its requeue (or the same command without retrain) before the new stage finished: the config still loads,
+    # and the runner reads init_from where it was set aside (it failed at load: "'init_from': ... does not exist")
+    (tmp_path / "ar" / "final.ckpt").unlink()
+    for again in ("retrain=true", "retrain=false"):
+        assert _toy(tmp_path, again, "stage=ar", f"init_from={own}").init_from == own
+    with pytest.raises(ConfigError, match="'init_from': .* does not exist"):
+        _toy(tmp_path, "stage=ar", f"init_from={tmp_path / 'refiner' / 'final.ckpt'}")
     # an init_from that does not fit, found after the set-aside: the error says where the previous stage went
     from hybrid.checkpoints import CheckpointError
 

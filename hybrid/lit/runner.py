@@ -44,6 +44,7 @@ from hybrid.checkpoints import (
     init_weights,
     last_path,
     resumable_paths,
+    set_aside_copy,
     stage_dir,
     train_command,
     write_text_atomic,
@@ -393,16 +394,13 @@ def followed(path: str, key: str) -> str:
     """`path`; when it no longer exists because it lay in a stage folder `retrain=true` set aside (e.g.
     `stage=ar retrain=true init_from=RUN/ar/final.ckpt`, warm-starting from the result being replaced), the
     same file in the newest `<folder>.before-retrain-*`. Works on every rank (no record is shared)."""
-    p = Path(path)
-    if not path or p.exists():
+    if not path or Path(path).exists():
         return path
-    for parent in p.parents:
-        for aside in sorted(parent.parent.glob(f"{parent.name}.before-retrain-*"), reverse=True):
-            moved = aside / p.relative_to(parent)
-            if moved.exists():
-                print(f"{key}={path} was set aside by retrain=true: reading {moved}")
-                return str(moved)
-    return path
+    moved = set_aside_copy(path)
+    if moved is None:
+        return path
+    print(f"{key}={path} was set aside by retrain=true: reading {moved}")
+    return str(moved)
 
 
 def _stale_checkpoints(cfg, stage: str) -> list[Path]:
