@@ -7,6 +7,8 @@
 #   oracle ───────────────────┘   (needs no tokenizer: runs beside it; procedural data only, as in train.py)
 #
 # usage: slurm/submit_pipeline.sh [--config FILE] [--run-dir DIR] [--dry-run] [key=value ...]
+#   A relative --config is looked up in the current directory, then in the repository (configs/long.yaml works
+#   from anywhere); a relative --run-dir is taken from the current directory (default: <repo>/runs/<config>-<time>).
 #   key=value overrides go to every stage (e.g. tokenizer.train.max_steps=500 cache_dir=/scratch/cache),
 #   except that the oracle job runs with retrain=false: as with `train.py stage=all retrain=true`, the oracle
 #   (shared between runs, in cache_dir) is not retrained; `train.py stage=oracle retrain=true` retrains it.
@@ -22,6 +24,7 @@
 #   CPUS_PER_TASK  CPU cores per task (default 8)
 #   TIME           time limit per training job (default 04:00:00; a job that hits it is requeued and resumes)
 #   EVAL_TIME      time limit of the oracle and eval jobs (default 02:00:00)
+#   GPU_GRES       1 = ask for GPUs as a generic resource (--gres=gpu:N) instead of --gpus-per-node=N
 #   SBATCH_ARGS    extra sbatch options for every job, space separated (e.g. "--partition=gpu --account=proj")
 #   WITH_DIFFUSION 1 = also train the pure-diffusion baseline (and pass with_diffusion=true)
 # The oracle and eval jobs use one task (and one GPU when GPUS_PER_NODE > 0).
@@ -32,11 +35,20 @@ config="${CONFIG:-configs/default.yaml}"
 run_dir="${RUN_DIR:-}"
 dry_run=0
 overrides=()
+# train.sbatch applies OVERRIDES from its environment, and sbatch --export=ALL passes this shell's: one left over
+# from a single-stage submission would reach every job unchecked
+if [ -n "${OVERRIDES:-}" ]; then
+    echo "warning: OVERRIDES='$OVERRIDES' in your environment is not used: pass overrides as key=value arguments" >&2
+fi
+unset OVERRIDES
+needs_value() {
+    if [ $# -lt 2 ] || [ -z "$2" ]; then echo "error: $1 needs a value" >&2; exit 2; fi
+}
 while [ $# -gt 0 ]; do
     case "$1" in
-        --config) config="$2"; shift 2 ;;
+        --config) needs_value "$@"; config="$2"; shift 2 ;;
         --config=*) config="${1#*=}"; shift ;;
-        --run-dir) run_dir="$2"; shift 2 ;;
+        --run-dir) needs_value "$@"; run_dir="$2"; shift 2 ;;
         --run-dir=*) run_dir="${1#*=}"; shift ;;
         --dry-run) dry_run=1; shift ;;
         -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "${BASH_SOURCE[0]}"; exit 0 ;;
@@ -47,12 +59,15 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-case "$config" in /*) ;; *) config="$repo/$config" ;; esac
+case "$config" in
+    /*) ;;
+    *) if [ -f "$config" ]; then config="$PWD/$config"; else config="$repo/$config"; fi ;;
+esac
 if [ ! -f "$config" ]; then echo "error: config file '$config' does not exist" >&2; exit 2; fi
 if [ -z "$run_dir" ]; then
-    run_dir="runs/$(basename "$config" .yaml)-$(date +%Y%m%d-%H%M%S)"
+    run_dir="$repo/runs/$(basename "$config" .yaml)-$(date +%Y%m%d-%H%M%S)"
 fi
-case "$run_dir" in /*) ;; *) run_dir="$repo/$run_dir" ;; esac
+case "$run_dir" in /*) ;; *) run_dir="$PWD/$run_dir" ;; esac
 if [[ "$config$run_dir$repo" == *,* ]]; then
     echo "error: the repository, config and run dir paths must not contain commas (sbatch --export splits on them)" >&2
     exit 2
@@ -86,9 +101,13 @@ cpus="${CPUS_PER_TASK:-8}"
 if [ "$gpus" -gt 0 ]; then tasks="$gpus"; else tasks="${TASKS_PER_NODE:-1}"; fi
 read -r -a site <<< "${SBATCH_ARGS:-}"
 
-train_res=(--nodes="$nodes" --ntasks-per-node="$tasks" --gpus-per-node="$gpus" --cpus-per-task="$cpus"
+# gpu_request N: the sbatch option asking for N GPUs per node (GPU_GRES=1: as a generic resource; none for 0)
+gpu_request() {
+    if [ "${GPU_GRES:-0}" != 1 ]; then echo "--gpus-per-node=$1"; elif [ "$1" -gt 0 ]; then echo "--gres=gpu:$1"; fi
+}
+train_res=(--nodes="$nodes" --ntasks-per-node="$tasks" $(gpu_request "$gpus") --cpus-per-task="$cpus"
            --time="${TIME:-04:00:00}")
-single_res=(--nodes=1 --ntasks-per-node=1 --gpus-per-node="$(( gpus > 0 ? 1 : 0 ))" --cpus-per-task="$cpus"
+single_res=(--nodes=1 --ntasks-per-node=1 $(gpu_request "$(( gpus > 0 ? 1 : 0 ))") --cpus-per-task="$cpus"
             --time="${EVAL_TIME:-02:00:00}")
 
 if [ "$dry_run" = 0 ]; then mkdir -p "$run_dir/slurm"; fi

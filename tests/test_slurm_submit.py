@@ -80,3 +80,50 @@ def test_retrain_true_does_not_reach_the_shared_oracle(tmp_path):
     assert args["oracle"] == ["tokenizer.train.max_steps=5", "retrain=false"]
     for stage in ("tokenizer", "ar", "refiner", "eval"):
         assert args[stage] == ["retrain=true", "tokenizer.train.max_steps=5"], stage
+
+
+def _submit(cwd, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(REPO / "slurm" / "submit_pipeline.sh"), *args],
+                          env={**os.environ, "PYTHON": sys.executable, **env}, cwd=cwd, capture_output=True, text=True)
+
+
+def test_relative_paths_are_the_users_and_a_missing_value_is_named(tmp_path):
+    """A relative --config or --run-dir was resolved against the repository, not the directory the user typed it
+    in ("config file '<repo>/mine.yaml' does not exist"); `--config` without a value ended with "$2: unbound
+    variable" (found by a review)."""
+    (tmp_path / "mine.yaml").write_text((REPO / "configs" / "toy.yaml").read_text())
+    proc = _submit(tmp_path, "--config", "mine.yaml", "--run-dir", "myrun", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert f"CONFIG={tmp_path / 'mine.yaml'}" in proc.stderr and f"RUN_DIR={tmp_path / 'myrun'}" in proc.stderr
+    proc = _submit(tmp_path, "--config", "configs/toy.yaml", "--dry-run")  # not here: the repository's
+    assert proc.returncode == 0 and f"CONFIG={REPO / 'configs' / 'toy.yaml'}" in proc.stderr, proc.stderr
+    assert f"RUN_DIR={REPO / 'runs'}/toy-" in proc.stderr  # the default run dir stays in the repository
+    for flag in ("--config", "--run-dir"):
+        proc = _submit(tmp_path, flag)
+        assert proc.returncode == 2 and proc.stderr.strip() == f"error: {flag} needs a value", proc.stderr
+
+
+def test_overrides_left_in_the_environment_do_not_reach_the_jobs(tmp_path):
+    """train.sbatch applies $OVERRIDES, and sbatch --export=ALL passed the submitting shell's to every job: one
+    left over from a single-stage submission reached them all, unchecked (found by a review)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    seen = tmp_path / "seen.txt"
+    sbatch = bin_dir / "sbatch"  # records the OVERRIDES each job would inherit, answers with a job id
+    sbatch.write_text(f'#!/bin/sh\necho "${{OVERRIDES-unset}}" >> {seen}\necho 42\n')
+    sbatch.chmod(0o755)
+    proc = _submit(REPO, "--config", "configs/toy.yaml", "--run-dir", str(tmp_path / "run"),
+                   PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", OVERRIDES="data.sorce=typo")
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: OVERRIDES='data.sorce=typo' in your environment is not used" in proc.stderr
+    assert seen.read_text().split() == ["unset"] * 5  # tokenizer, oracle, ar, refiner, eval
+
+
+def test_gpus_as_a_generic_resource(tmp_path):
+    _, commands = dry_run(tmp_path, GPU_GRES="1", GPUS_PER_NODE="8")
+    assert "--gres=gpu:8" in commands["ar"] and "--gres=gpu:1" in commands["eval"]
+    assert all("--gpus-per-node" not in line for line in commands.values())
+    _, commands = dry_run(tmp_path, GPU_GRES="1", GPUS_PER_NODE="0")  # a CPU cluster: no GPU request at all
+    assert all("--gres" not in line and "--gpus-per-node" not in line for line in commands.values())
+    _, commands = dry_run(tmp_path, GPUS_PER_NODE="8")
+    assert "--gpus-per-node=8" in commands["ar"] and "--gres" not in commands["ar"]
