@@ -495,8 +495,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         cfg = _merge_checked(cfg, parse_overrides(overrides), "on the command line")
     validate(cfg)
     if not cfg.run_dir:
-        cfg.run_dir = str(Path("runs") / cfg.name)
+        cfg.run_dir = str(run_dir_of(cfg))
     return cfg
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    """The run directory: `run_dir`, or runs/<name> when it is empty."""
+    return Path(cfg.run_dir or Path("runs") / cfg.name)
 
 
 def load_cli_config(path: str | os.PathLike | None, overrides: list[str] | None) -> DictConfig | None:
@@ -545,8 +550,9 @@ def _builds_tokenizer_from_folder(cfg: DictConfig) -> bool:
     autoencoder from the config its checkpoints store, without the folder."""
     if not cfg.tokenizer.pretrained or cfg.tokenizer.checkpoint or "tokenizer" not in stage_plan(cfg):
         return False
-    run_dir = Path(cfg.run_dir or Path("runs") / cfg.name)
-    return bool(cfg.retrain) or not (run_dir / "tokenizer" / "final.ckpt").is_file()
+    from hybrid.checkpoints import final_path
+
+    return bool(cfg.retrain) or not final_path(run_dir_of(cfg), "tokenizer").is_file()
 
 
 def _pretrained_downsample(folder: str) -> int | None:
