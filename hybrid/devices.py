@@ -24,8 +24,14 @@ def resolve_device(name: str | torch.device | None = "auto", flag: str = "--devi
         device = torch.device(name)
     except (RuntimeError, TypeError):
         raise ValueError(f"{flag} {name}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):  # meta, mps, xpu...: nothing here runs or was tested on them
+        raise ValueError(f"{flag} {name}: expected auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{flag} {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ValueError(f"{flag} {name}: this machine has {count} CUDA device{'s' if count != 1 else ''} "
+                         f"(cuda:0..cuda:{count - 1})")
     return device
 
 

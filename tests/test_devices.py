@@ -45,6 +45,22 @@ def test_resolve_device_picks_cuda_only_where_it_exists(no_cuda):
         resolve_device("gpu")
 
 
+def test_resolve_device_refuses_devices_nothing_here_runs_on(monkeypatch):
+    """meta, mps and the like parse as torch devices, but the models' `.to()` or the seeded generator then
+    failed with a bare RuntimeError; an ordinal past the machine's last GPU failed as 'invalid device ordinal'."""
+    from hybrid.devices import resolve_device
+
+    for name in ("meta", "mps", "xpu:0"):
+        with pytest.raises(ValueError, match=f"--device {name}: expected auto, cpu, cuda or cuda:N"):
+            resolve_device(name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    assert resolve_device("cuda") == CUDA
+    with pytest.raises(ValueError, match=r"--device cuda:7: this machine has 2 CUDA devices \(cuda:0..cuda:1\)"):
+        resolve_device("cuda:7")
+
+
 def test_stopwatch_waits_for_the_device_before_reading_the_clock(events):
     from hybrid.devices import Stopwatch
 
