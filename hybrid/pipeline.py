@@ -198,14 +198,28 @@ class HybridPipeline:
                 raise PipelineError(f"'{path}' does not match the weights hash in {manifest_path}")
             return state
 
-        tokenizer = build_tokenizer(configs["tokenizer"], source=manifest_path)
-        tokenizer.load_state_dict(weights("tokenizer"))
+        bad = [stage for stage, config in configs.items() if not isinstance(config, dict)]
+        if bad:
+            raise PipelineError(f"'{manifest_path}' is damaged: the {bad[0]} stage's config is not a mapping")
+
+        def built(stage: str, build):
+            """The stage's network from its config, or a PipelineError naming the manifest (an edited config)."""
+            try:
+                return build()
+            except (KeyError, TypeError, ValueError, AttributeError) as err:
+                if isinstance(err, PipelineError | CheckpointError):
+                    raise
+                raise PipelineError(f"'{manifest_path}': the {stage} stage's config does not build a model "
+                                    f"({type(err).__name__}: {err})") from None
+
+        tokenizer = built("tokenizer", lambda: build_tokenizer(configs["tokenizer"], source=manifest_path))
+        _load_strict(tokenizer, weights("tokenizer"), folder / "tokenizer.safetensors")
         configs["tokenizer"] = with_pretrained_config(configs["tokenizer"], tokenizer)
         models = {}
         for stage in ("ar", "refiner", "diffusion"):
             if stage in stages:
-                model = build_ar(configs[stage], tokenizer) if stage == "ar" else build_denoiser(
-                    configs[stage], stage, tokenizer)
+                model = built(stage, lambda stage=stage: build_ar(configs[stage], tokenizer) if stage == "ar"
+                              else build_denoiser(configs[stage], stage, tokenizer))
                 _load_strict(model, weights(stage), folder / f"{stage}.safetensors")
                 models[stage] = model
         return cls(tokenizer, configs, **models).to(device)
@@ -266,11 +280,51 @@ class HybridPipeline:
                 if limit is not None and len(p.encode("utf-8")) > limit:
                     raise PipelineError(f"prompt {p!r} is {len(p.encode())} bytes; this model takes at most {limit}")
             return len(prompts)
-        n = num_classes(self.parsed["tokenizer"] if mode != "diffusion" else self.parsed["diffusion"])
+        counts = self._class_counts(mode)
+        n = min(counts.values())
         bad = [int(c) for c in classes.tolist() if not 0 <= int(c) < n]
         if bad:
-            raise PipelineError(f"class id {bad[0]} is unknown; this model has classes 0..{n - 1}")
+            fewest = min(counts, key=counts.get)
+            why = f" (the {fewest} stage's)" if len(set(counts.values())) > 1 else ""
+            raise PipelineError(f"class id {bad[0]} is unknown; this model has classes 0..{n - 1}{why}")
         return len(classes)
+
+    def check_request(self, classes=None, prompts=None, mode: str = "hybrid", batch_size: int = 16,
+                      seed: int = 0, **settings: Any) -> int:
+        """What `__call__` checks before it generates anything (requests, mode, batch size, seed, settings,
+        the sampler against the mode's denoiser), as a PipelineError / ValueError; the number of images."""
+        s = GenerationSettings(**settings)
+        n = self._check_request(_as_ids(classes), _as_prompts(prompts), mode, batch_size)
+        self._check_sampler(mode, s.sampler)
+        _seed(seed)
+        return n
+
+    def _check_sampler(self, mode: str, sampler: str | None) -> None:
+        """A sampler the mode's denoiser cannot use, refused before the AR runs (it was found after the first
+        batch's tokens had been drawn)."""
+        from hybrid.names import SAMPLERS
+
+        diffusion = {"hybrid": self.refiner_diffusion, "diffusion": self.diffusion_diffusion}.get(mode)
+        if sampler is not None and diffusion is not None and sampler not in SAMPLERS[diffusion.objective]:
+            stage = "refiner" if mode == "hybrid" else "diffusion"
+            raise PipelineError(f"sampler '{sampler}' does not sample this {stage} ({stage}.objective="
+                                f"{diffusion.objective}); choose one of {', '.join(SAMPLERS[diffusion.objective])}")
+
+    def _class_counts(self, mode: str) -> dict[str, int]:
+        """{stage: its number of classes} for the networks `mode` runs that take a condition, each from its own
+        config (a stage trained after `data.num_classes` grew knows more classes than a reused tokenizer's
+        config says); the tokenizer's when none takes one."""
+        stages = self._stages()
+        counts = {stage: num_classes(self.parsed[stage]) for stage in MODE_STAGES[mode]
+                  if stage != "tokenizer" and getattr(stages.get(stage), "condition", "none") != "none"}
+        return counts or {"tokenizer": num_classes(self.parsed["tokenizer"])}
+
+    def conditioned(self, mode: str = "hybrid") -> bool:
+        """Whether any network `mode` runs takes a condition (class ids or prompts); an unconditional one
+        (`<stage>.condition=none`) draws the same distribution whatever it is asked for."""
+        stages = self._stages()
+        return any(getattr(stages.get(stage), "condition", "none") != "none"
+                   for stage in MODE_STAGES[mode] if stage != "tokenizer")
 
     def _text_limit(self, mode: str) -> int | None:
         """The most UTF-8 bytes of prompt the mode's text-conditioned networks take (None: no text input)."""
@@ -309,6 +363,7 @@ class HybridPipeline:
         s = GenerationSettings(**settings)
         classes, prompts = _as_ids(classes), _as_prompts(prompts)
         n = self._check_request(classes, prompts, mode, batch_size)
+        self._check_sampler(mode, s.sampler)
         if generator is None:
             generator = torch.Generator(device=self.device).manual_seed(_seed(seed))
         images, tokens = [], []
@@ -344,6 +399,7 @@ class HybridPipeline:
         classes, prompts = _as_ids(classes), _as_prompts(prompts)
         self._check_request(classes, prompts, "ar", batch_size)
         n = self._check_request(classes, prompts, "hybrid", batch_size)
+        self._check_sampler("hybrid", s.sampler)
         if generator is None:
             generator = torch.Generator(device=self.device).manual_seed(_seed(seed))
         ar_images, hybrid_images = [], []
@@ -485,7 +541,12 @@ def _null_condition(model, batch: int, device):
 
 
 def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path) -> None:
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes that differ: torch lists every one, one per line
+        lines = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+        raise CheckpointError(f"'{path}' does not fit the model its config describes ({len(lines)} shape(s) differ; "
+                              f"first: {lines[0] if lines else str(err).splitlines()[0]})") from None
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
             f"'{path}' does not fit the model its config describes (missing {result.missing_keys[:5]}, "

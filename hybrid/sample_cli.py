@@ -41,6 +41,9 @@ def parse_args(argv):
     p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True, help="write grid.png")
     p.add_argument("--individual", action=argparse.BooleanOptionalAction, default=True,
                    help="write every image as its own PNG")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the images (NNNN.png, grid.png) an earlier run left in --out; without it such "
+                        "a folder is refused, so two runs' images never mix")
     p.add_argument("--write-export", default=None, help="also export the loaded pipeline to this folder")
     return p.parse_args(argv)
 
@@ -68,6 +71,14 @@ def _requests(args) -> tuple[list[int] | None, list[str] | None]:
     if args.class_id is not None:
         return [args.class_id] * args.num, None
     raise PipelineError("give --prompt, --class or --prompts-file")
+
+
+def _earlier_samples(folder: Path) -> list[Path]:
+    """The files an earlier sample.py run wrote into `folder` (NNNN.png and grid.png), sorted."""
+    if not folder.is_dir():
+        return []
+    return sorted(f for f in folder.iterdir()
+                  if f.is_file() and (f.name == "grid.png" or (f.suffix == ".png" and f.stem.isdigit())))
 
 
 def _check_creatable(folder: Path) -> None:
@@ -99,10 +110,23 @@ def main(argv=None) -> int:
             raise PipelineError(f"--out {out} is a file; give a folder")
         if writes:
             _check_creatable(out)  # created after generating: a failed command leaves no empty folder behind
+            earlier = _earlier_samples(out)
+            if earlier and not args.overwrite:
+                names = ", ".join(f.name for f in earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+                raise PipelineError(f"--out {out} already holds {len(earlier)} image file(s) of an earlier run "
+                                    f"({names}): pass --overwrite to replace them, or give another --out")
         if args.run:
             pipe = HybridPipeline.from_run(args.run, device=device)
         else:
             pipe = HybridPipeline.from_pretrained(args.export, device=device)
+        settings = dict(cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        steps=args.steps, sampler=args.sampler, refiner_cfg=args.refiner_cfg)
+        # the whole request is checked before anything is written (--write-export) or generated
+        pipe.check_request(classes=classes, prompts=prompts, mode=args.mode, seed=args.seed,
+                           batch_size=args.batch_size, **settings)
+        if not pipe.conditioned(args.mode):
+            print(f"note: the {args.mode} model takes no condition ({args.mode}.condition=none): --class and "
+                  "--prompt only set how many images are drawn", file=sys.stderr)
         if args.write_export:
             pipe.save_pretrained(args.write_export)
             print(f"exported to {args.write_export}")
@@ -117,11 +141,8 @@ def main(argv=None) -> int:
             print(f"note: {', '.join(ar_only)} set the AR, which --mode diffusion does not run (its guidance is "
                   "--refiner-cfg)", file=sys.stderr)
         with Stopwatch(device) as watch:
-            images = pipe(
-                classes=classes, prompts=prompts, mode=args.mode, seed=args.seed, batch_size=args.batch_size,
-                cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                steps=args.steps, sampler=args.sampler, refiner_cfg=args.refiner_cfg,
-            )
+            images = pipe(classes=classes, prompts=prompts, mode=args.mode, seed=args.seed,
+                          batch_size=args.batch_size, **settings)
     except (PipelineError, CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -130,8 +151,10 @@ def main(argv=None) -> int:
     if writes:
         try:
             out.mkdir(parents=True, exist_ok=True)
+            for earlier in _earlier_samples(out):  # --overwrite (checked above): only this run's images remain
+                earlier.unlink()
         except OSError as err:
-            print(f"error: cannot create --out {out}: {err.strerror}", file=sys.stderr)
+            print(f"error: cannot write to --out {out}: {err.strerror}", file=sys.stderr)
             return 2
     if args.individual:
         for i, image in enumerate(to_uint8(images)):

@@ -272,9 +272,20 @@ def test_damaged_exports_and_export_targets_are_one_line_errors(toy_run, tmp_pat
     keyless = shutil.copytree(export, tmp_path / "keyless")
     (keyless / "pipeline.json").write_text(json.dumps({"format": 1, "stages": {"tokenizer": {}}}))
     (tmp_path / "a-file").write_text("x")
+    # valid JSON whose config does not fit the weights (the hash covers only the weights): a size-mismatch traceback
+    manifest = json.loads((export / "pipeline.json").read_text())
+    edited = shutil.copytree(export, tmp_path / "edited")
+    manifest["stages"]["ar"]["config"]["ar"]["width"] += 8
+    (edited / "pipeline.json").write_text(json.dumps(manifest))
+    nulled = shutil.copytree(export, tmp_path / "nulled")
+    manifest["stages"]["ar"]["config"] = None
+    (nulled / "pipeline.json").write_text(json.dumps(manifest))
     for args, needle in ((["--export", str(cut)], str(cut / "ar.safetensors")),
                          (["--export", str(broken)], str(broken / "pipeline.json")),
                          (["--export", str(keyless)], "damaged"),
+                         (["--export", str(edited)], f"'{edited / 'ar.safetensors'}' does not fit the model its "
+                                                     "config describes"),
+                         (["--export", str(nulled)], "the ar stage's config is not a mapping"),
                          (["--run", str(run_dir), "--write-export", str(tmp_path / "a-file")], "is a file")):
         out = sample(*args)
         assert out.returncode == 2 and needle in out.stderr, out.stderr[-2000:]
@@ -853,3 +864,104 @@ def test_sample_cli_file_errors_are_one_line_and_found_before_generating(toy_run
     assert out.returncode == 2 and not (tmp_path / "new").exists(), out.stderr
     out = sample("--class", "1", "-n", "2", "--no-grid", "--no-individual", "--out", str(tmp_path / "none"))
     assert out.returncode == 0 and "nothing written" in out.stdout and not (tmp_path / "none").exists()
+
+
+def test_sample_cli_refuses_to_mix_two_runs_images_in_one_out(toy_run, tmp_path):
+    """A second, smaller run into the same --out left the first run's 0002.png.. beside the new grid.png (and
+    --no-grid kept a stale grid), silently. Now it is refused; --overwrite replaces only the earlier images."""
+    run_dir = toy_run[0]
+    out_dir = tmp_path / "samples"
+
+    def sample(*args):
+        return subprocess.run([sys.executable, "sample.py", "--run", str(run_dir), "--mode", "ar", "--out",
+                               str(out_dir), *args], cwd=ROOT, capture_output=True, text=True)
+
+    first = sample("--class", "3", "-n", "3")
+    assert first.returncode == 0, first.stderr[-2000:]
+    (out_dir / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+    refused = sample("--class", "5", "-n", "2", "--no-grid")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    assert "already holds 4 image file(s) of an earlier run (0000.png, 0001.png, 0002.png, ...)" in refused.stderr
+    assert "--overwrite" in refused.stderr and refused.stderr.strip().count("\n") == 0
+    assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before  # nothing already written is lost
+    replaced = sample("--class", "5", "-n", "2", "--no-grid", "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["0000.png", "0001.png", "notes.txt"]
+    assert (out_dir / "notes.txt").read_text() == "mine"  # not an image of an earlier run: kept
+    assert (out_dir / "0000.png").read_bytes() != before["0000.png"]  # class 5 now, not class 3
+
+
+def test_the_request_is_checked_before_the_export_is_written_or_the_ar_runs(toy_run, tmp_path, monkeypatch):
+    """--write-export wrote its folder before the class id was checked (the command then failed with exit 2);
+    a sampler the refiner cannot use was found only after the first batch's AR tokens had been drawn."""
+    from hybrid.pipeline import HybridPipeline, PipelineError
+
+    run_dir = toy_run[0]
+    out = subprocess.run([sys.executable, "sample.py", "--run", str(run_dir), "--class", "999", "--write-export",
+                          str(tmp_path / "export"), "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert out.returncode == 2 and "class id 999" in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "export").exists() and not (tmp_path / "out").exists()
+    pipe = HybridPipeline.from_run(run_dir)
+
+    def no_ar(*_, **__):
+        raise AssertionError("the AR ran before the sampler was checked")
+
+    monkeypatch.setattr(pipe.ar, "generate", no_ar)
+    objective = pipe.refiner_diffusion.objective
+    for call in (lambda: pipe(classes=[1], sampler="bogus"), lambda: pipe.ar_and_hybrid(classes=[1], sampler="bogus"),
+                 lambda: pipe.check_request(classes=[1], sampler="bogus")):
+        with pytest.raises(PipelineError, match=f"sampler 'bogus' does not sample this refiner "
+                                                f"\\(refiner.objective={objective}\\)"):
+            call()
+    assert pipe.check_request(classes=[1, 2], mode="ar", sampler="bogus") == 2  # ar mode runs no sampler
+
+
+def test_class_ids_are_checked_against_the_stages_that_take_them(toy_run):
+    """The class range came from the tokenizer's config. An AR trained after data.num_classes grew (the tokenizer
+    reused) had its new classes refused; one trained with fewer classes took an id at or past its null class:
+    unconditional images, or an IndexError from the embedding table."""
+    import copy
+
+    from hybrid.models import build_ar, num_classes
+    from hybrid.pipeline import HybridPipeline, PipelineError
+
+    pipe = HybridPipeline.from_run(toy_run[0])
+    tokenizer_classes = num_classes(pipe.parsed["tokenizer"])
+
+    def with_ar_classes(n: int) -> HybridPipeline:
+        configs = copy.deepcopy(pipe.configs)
+        configs["ar"]["data"]["num_classes"] = n
+        return HybridPipeline(pipe.tokenizer, configs, ar=build_ar(configs["ar"], pipe.tokenizer),
+                              refiner=pipe.refiner)
+
+    more = with_ar_classes(tokenizer_classes + 8)
+    images = more(classes=[tokenizer_classes + 3], mode="ar", seed=0)  # a class only the AR knows
+    assert images.shape[0] == 1 and torch.isfinite(images).all()
+    with pytest.raises(PipelineError, match=f"class id {tokenizer_classes + 8} is unknown; this model has "
+                                            f"classes 0..{tokenizer_classes + 7}"):
+        more(classes=[tokenizer_classes + 8], mode="ar")
+    fewer = with_ar_classes(5)
+    for mode, why in (("ar", ""), ("hybrid", " \\(the ar stage's\\)" if pipe.refiner.condition != "none" else "")):
+        for bad in (5, 6):  # 5 is the AR's null class (unconditional images), 6 was an IndexError
+            with pytest.raises(PipelineError, match=f"class id {bad} is unknown; this model has classes 0..4{why}$"):
+                fewer(classes=[bad], mode=mode)
+
+
+def test_an_unconditional_diffusion_baseline_says_it_ignores_the_request(toy_run, tmp_path):
+    """With diffusion.condition=none, --class 3 and --class 5 gave the same images without a word."""
+    run_dir, base, _ = toy_run
+    dest = _copy_stages(toy_run, tmp_path / "run", ["tokenizer"])
+    _run(["train.py", "--config", "configs/toy.yaml", f"run_dir={dest}", f"cache_dir={base / 'cache'}",
+          "stage=diffusion", "diffusion.condition=none", "diffusion.train.max_steps=2", "trainer.progress_bar=false"])
+    grids = []
+    for class_id in ("3", "5"):
+        out = _run(["sample.py", "--run", str(dest), "--mode", "diffusion", "--class", class_id, "-n", "2",
+                    "--steps", "1", "--out", str(tmp_path / f"out-{class_id}")])
+        assert "note: the diffusion model takes no condition (diffusion.condition=none)" in out.stderr, out.stderr
+        grids.append((tmp_path / f"out-{class_id}" / "grid.png").read_bytes())
+    assert grids[0] == grids[1]  # what the note says: the class changes nothing
+    conditioned = _run(["sample.py", "--run", str(run_dir), "--mode", "ar", "--class", "3", "-n", "1",
+                        "--out", str(tmp_path / "out-ar")])
+    assert "takes no condition" not in conditioned.stderr
