@@ -305,7 +305,9 @@ class Judge:
         self.real_kwargs = {"two_object_prob": cfg.data.two_object_prob, "glyph_prob": cfg.data.glyph_prob}
         total = num_samples * seeds
         self.real = oracle_features(real_images(oracle, total, **self.real_kwargs), oracle)  # (S*N, D)
-        self.requests = [make_requests(num_samples, seed=request_seed(s)) for s in range(seeds)]
+        self.glyph_prob = float(cfg.data.glyph_prob)  # requests drawn as the real images are (FID: like with like)
+        self.requests = [make_requests(num_samples, seed=request_seed(s), glyph_prob=self.glyph_prob)
+                         for s in range(seeds)]
         self.holdout = [str(p) for p in cfg.data.holdout]
         # Cached features belong to the oracle that computed them (another oracle, e.g. one trained on
         # a later data version, must not reuse them).
@@ -375,9 +377,13 @@ class Judge:
         return feats
 
     def _cache_path(self, pipe, tag: str, mode: str, settings: dict, seed: int, n: int, kind: str) -> Path:
+        from hybrid.eval.evaluate import DEFAULT_GLYPH_PROB
+
         key = f"{tag}|{mode}|{settings_key(settings)}|{seed}|{n}|{kind}|v{SAMPLING_VERSION}|{self.oracle_id}"
         if pipe.device.type != "cpu":  # a seed draws other images on another device (CPU keys stay as they were)
             key += f"|{pipe.device.type}"
+        if self.glyph_prob != DEFAULT_GLYPH_PROB:  # other requests (the default's keys stay as they were)
+            key += f"|glyph_prob={self.glyph_prob}"
         key = hashlib.sha1(key.encode()).hexdigest()[:16]
         return self.cache / f"{key}.pt"
 
@@ -385,9 +391,10 @@ class Judge:
         from hybrid.eval.evaluate import EVAL_REQUEST_SEED, make_requests, request_seed
 
         if kind == "holdout":
-            return make_requests(n, seed=EVAL_REQUEST_SEED + 7, holdout=self.holdout, only_holdout=True)
+            return make_requests(n, seed=EVAL_REQUEST_SEED + 7, holdout=self.holdout, only_holdout=True,
+                                 glyph_prob=self.glyph_prob)
         return self.requests[seed] if n == self.n and seed < len(self.requests) else make_requests(
-            n, seed=request_seed(seed))
+            n, seed=request_seed(seed), glyph_prob=self.glyph_prob)
 
     def _store(self, images: torch.Tensor, req: dict, n: int, path: Path, grid: bool) -> dict:
         from hybrid.eval.adherence import adherence

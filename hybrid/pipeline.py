@@ -251,7 +251,7 @@ class HybridPipeline:
             if self.parsed[stage].data.source != "procedural":
                 raise PipelineError(f"this {stage} model is text-conditioned ({stage}.condition=text) and was trained "
                                     "on your own captions: pass prompts (--prompt), not class ids")
-            prompts = [f"a {class_name(int(c))}" for c in classes.tolist()]  # the procedural classes' names
+            prompts = [class_prompt(int(c)) for c in classes.tolist()]  # the procedural classes' names
         return list(prompts)
 
     def _check_request(self, classes, prompts, mode: str, batch_size: int = 1) -> int:
@@ -464,6 +464,13 @@ class HybridPipeline:
         )
         z = self.tokenizer.unstandardize(x0)  # standardised latent -> z
         return self.tokenizer.decode(z).clamp(-1, 1)
+
+
+def class_prompt(class_id: int) -> str:
+    """A procedural class as a text model's prompt, in its captions' words: 'a red circle', 'an orange star'.
+    (A glyph class reads 'a red glyph': captions name the glyph itself, 'letter K', which a class leaves open.)"""
+    name = class_name(class_id)
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def _seed(seed: int) -> int:

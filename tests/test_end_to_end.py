@@ -965,3 +965,56 @@ def test_an_unconditional_diffusion_baseline_says_it_ignores_the_request(toy_run
     conditioned = _run(["sample.py", "--run", str(run_dir), "--mode", "ar", "--class", "3", "-n", "1",
                         "--out", str(tmp_path / "out-ar")])
     assert "takes no condition" not in conditioned.stderr
+
+
+def test_requests_are_drawn_with_the_data_glyph_prob_of_the_real_images(toy_run, tmp_path, monkeypatch):
+    """The real images followed data.glyph_prob while the class requests always used 0.2: with any other value
+    the generated set asked for other shapes than the real set shows, and FID counted that against the model.
+    The evaluation and the showdown's judge now draw both alike; the default draws the requests of before."""
+    import warnings
+
+    sys.path.insert(0, str(ROOT))
+    import hybrid.eval.evaluate as evaluate
+    from benchmarks.showdown import Judge
+    from hybrid.config import load_config
+    from hybrid.data.attributes import SHAPES
+    from hybrid.eval.oracle import load_oracle
+    from hybrid.pipeline import HybridPipeline
+
+    run_dir, base, _ = toy_run
+    asked = []
+
+    def spy(n, *args, **kwargs):
+        requests = make(n, *args, **kwargs)
+        asked.append(requests)
+        return requests
+
+    make = evaluate.make_requests
+    monkeypatch.setattr(evaluate, "make_requests", spy)
+    cfg = load_config("configs/toy.yaml", [f"run_dir={run_dir}", f"cache_dir={base / 'cache'}"])
+    oracle = load_oracle(cfg=cfg, device=torch.device("cpu"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        evaluate.evaluate_run(tmp_path / "run", oracle, num_samples=40, batch_size=20, bootstrap=5, modes=("ar",),
+                              timing=False, pipe=HybridPipeline.from_run(run_dir), real_kwargs={"glyph_prob": 1.0})
+    glyph = SHAPES.index("glyph")
+    assert (asked[0]["attrs"]["shape"] == glyph).all()  # the class requests: glyphs only, as the real images
+    assert "FID from 40 samples in the oracle's features" in " ".join(str(w.message) for w in caught)
+    default = make(40, seed=evaluate.request_seed(0))
+    assert not (default["attrs"]["shape"] == glyph).all()
+    monkeypatch.setattr(evaluate, "make_requests", make)
+    judges = {p: Judge(oracle, load_config("configs/toy.yaml", [f"run_dir={run_dir}", f"data.glyph_prob={p}"]),
+                       tmp_path / f"judge-{p}", 40, 1, 5, 20) for p in (0.2, 1.0)}
+    assert torch.equal(judges[0.2].requests[0]["classes"], default["classes"])  # the default: the old requests
+    assert (judges[1.0].requests[0]["attrs"]["shape"] == glyph).all()
+    pipe = HybridPipeline.from_run(run_dir)
+    keys = {p: j._cache_path(pipe, "t", "ar", {}, 0, 40, "class") for p, j in judges.items()}
+    assert keys[0.2].name != keys[1.0].name  # a cached set of the default's requests is not reused for others
+
+
+def test_a_text_model_asked_for_a_class_gets_its_captions_grammar():
+    from hybrid.data.attributes import COLORS, SHAPES, class_id
+    from hybrid.pipeline import class_prompt
+
+    assert class_prompt(class_id(SHAPES.index("circle"), COLORS.index("red"))) == "a red circle"
+    assert class_prompt(class_id(SHAPES.index("circle"), COLORS.index("orange"))) == "an orange circle"

@@ -12,8 +12,11 @@ outside the interval, the refiner measurably helps. `generation_settings`: `eval
 ({} = each stage's own sampling config), used for every generating mode. `eval_draw`: `eval.draw`, which
 set of requests and generation seeds was judged.
 
-Requests are drawn like the validation data (fixed seed), so FID compares like with like: class
-prompts carry the first object's shape and color; text prompts name every attribute.
+Requests are drawn like the validation data (fixed seed, `data.glyph_prob`), so FID compares like with
+like: class prompts carry the first object's shape and color; text prompts are the first object's full
+caption (every attribute it names: a star's or glyph's fill is never named, yet `adherence["text"]`
+scores fill and glyph on every row, so its `fill`, `glyph` and `all` include attributes the prompt
+implied rather than said).
 """
 
 from __future__ import annotations
@@ -33,10 +36,20 @@ from hybrid.images import save_grid
 from hybrid.progress import progress_bar
 
 EVAL_REQUEST_SEED = 20_261_127
+DEFAULT_GLYPH_PROB = 0.2  # data.glyph_prob's default: requests drawn with it are the ones every number so far used
+INCEPTION_DIMS = 2048
 TIMING_BATCH = 16
 
 
-def make_requests(n: int, seed: int = EVAL_REQUEST_SEED, glyph_prob: float = 0.2, holdout=(),
+def _warn_if_singular(n: int, dims: int, what: str) -> None:
+    """FID from fewer samples than feature dimensions: both covariances are singular, so the number is
+    comparable only with FIDs from the same sample size (a published Inception FID uses 50,000)."""
+    if n <= dims:
+        warnings.warn(f"FID from {n} samples in {what} ({dims} dimensions): both covariances are singular, so "
+                      f"it is comparable only with FIDs from {n} samples (eval.num_samples)", stacklevel=3)
+
+
+def make_requests(n: int, seed: int = EVAL_REQUEST_SEED, glyph_prob: float = DEFAULT_GLYPH_PROB, holdout=(),
                   only_holdout: bool = False) -> dict:
     """n attribute requests as the data draws them: {"attrs": {name: (n,) long}, "classes": (n,), "captions"}."""
     rng = np.random.default_rng(seed)
@@ -168,7 +181,13 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
     real = real_images(oracle, num_samples, **(real_kwargs or {}))  # (N, 3, S, S)
     real_feats = oracle_features(real, oracle)
     inception = InceptionJudge(real, inception_weights) if inception_weights else None
-    requests = make_requests(num_samples, seed=request_seed(draw))
+    # the class requests are drawn as the real images are: another data.glyph_prob gave a set of other
+    # shapes than the real one, and FID counted the difference against the model
+    requests = make_requests(num_samples, seed=request_seed(draw),
+                             glyph_prob=(real_kwargs or {}).get("glyph_prob", DEFAULT_GLYPH_PROB))
+    _warn_if_singular(num_samples, real_feats.shape[1], "the oracle's features")
+    if inception is not None:
+        _warn_if_singular(num_samples, INCEPTION_DIMS, "Inception's pool features")
     glyph_requests = make_requests(max(1, num_samples // 4), seed=request_seed(draw) + 1, glyph_prob=1.0)
     metrics: dict[str, dict] = {}
 
