@@ -314,17 +314,19 @@ class HybridPipeline:
         """{stage: its number of classes} for the networks `mode` runs that take a condition, each from its own
         config (a stage trained after `data.num_classes` grew knows more classes than a reused tokenizer's
         config says); the tokenizer's when none takes one."""
-        stages = self._stages()
-        counts = {stage: num_classes(self.parsed[stage]) for stage in MODE_STAGES[mode]
-                  if stage != "tokenizer" and getattr(stages.get(stage), "condition", "none") != "none"}
+        counts = {stage: num_classes(self.parsed[stage]) for stage in self._conditioned_stages(mode)}
         return counts or {"tokenizer": num_classes(self.parsed["tokenizer"])}
+
+    def _conditioned_stages(self, mode: str) -> list[str]:
+        """The networks `mode` runs that take a condition (class ids or prompts)."""
+        stages = self._stages()
+        return [stage for stage in MODE_STAGES[mode]
+                if stage != "tokenizer" and getattr(stages.get(stage), "condition", "none") != "none"]
 
     def conditioned(self, mode: str = "hybrid") -> bool:
         """Whether any network `mode` runs takes a condition (class ids or prompts); an unconditional one
         (`<stage>.condition=none`) draws the same distribution whatever it is asked for."""
-        stages = self._stages()
-        return any(getattr(stages.get(stage), "condition", "none") != "none"
-                   for stage in MODE_STAGES[mode] if stage != "tokenizer")
+        return bool(self._conditioned_stages(mode))
 
     def _text_limit(self, mode: str) -> int | None:
         """The most UTF-8 bytes of prompt the mode's text-conditioned networks take (None: no text input)."""
