@@ -186,6 +186,8 @@ def test_every_shipped_config_loads_validates_and_names_its_run_after_its_file(p
         (["eval.modes=[tokenizer,foo]"], "eval.modes", "foo"),
         (["eval.modes=[]"], "eval.modes", "empty"),  # metrics.json was rewritten with no mode in it
         (["eval.num_samples=1"], "eval.num_samples", "1"),  # FID failed after the oracle loaded
+        (["eval.num_real=1"], "eval.num_real", "1"),
+        (["eval.num_real=-5"], "eval.num_real", "-5"),
         (["eval.settings=steps=0"], "eval.settings", "steps=0"),
         (["eval.settings=sampler=euler"], "eval.settings", "sampler=euler"),  # the refiner is ddpm-trained
         (["eval.settings=sampler=heun"], "eval.settings", "sampler=heun"),

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -965,6 +966,44 @@ def test_an_unconditional_diffusion_baseline_says_it_ignores_the_request(toy_run
     conditioned = _run(["sample.py", "--run", str(run_dir), "--mode", "ar", "--class", "3", "-n", "1",
                         "--out", str(tmp_path / "out-ar")])
     assert "takes no condition" not in conditioned.stderr
+
+
+def test_the_streamed_evaluation_judges_the_images_it_would_have_kept(toy_run, tmp_path):
+    """`evaluate_run` judges each batch as it is generated and keeps only features and predictions (a 335,000-
+    prompt evaluation held 23 GB of images otherwise). Its numbers must be those of all images at once: FID
+    against `num_real` real images (here more than the generated ones), adherence, the paired difference."""
+    from hybrid.config import load_config
+    from hybrid.eval.adherence import adherence
+    from hybrid.eval.evaluate import _generate_modes, class_request_attrs, evaluate_run, make_requests, request_seed
+    from hybrid.eval.fid import bootstrap_fid, oracle_features, paired_fid_difference, real_images
+    from hybrid.eval.oracle import load_oracle
+    from hybrid.pipeline import HybridPipeline
+
+    run_dir, base, _ = toy_run
+    cfg = load_config("configs/toy.yaml", [f"run_dir={run_dir}", f"cache_dir={base / 'cache'}"])
+    oracle = load_oracle(cfg=cfg, device=torch.device("cpu")).eval()
+    pipe = HybridPipeline.from_run(run_dir)
+    kept = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 30 samples: the singular-covariance warning
+        metrics = evaluate_run(tmp_path / "run", oracle, num_samples=30, num_real=70, batch_size=8, bootstrap=4,
+                               modes=("ar", "hybrid"), timing=False, pipe=pipe, keep_features=kept)
+    requests = make_requests(30, seed=request_seed(0))
+    images = _generate_modes(pipe, ["ar", "hybrid"], 8, classes=requests["classes"])  # every image at once
+    real = oracle_features(real_images(oracle, 70), oracle)
+    torch.testing.assert_close(kept["real"], real)
+    for mode in ("ar", "hybrid"):
+        entry = metrics[mode]
+        feats = oracle_features(images[mode], oracle)
+        torch.testing.assert_close(kept[mode], feats, rtol=1e-4, atol=1e-5)  # float32 features, other batches
+        reference = bootstrap_fid(feats, real, 4)
+        assert entry["fid_n"] == 30 and entry["fid_n_real"] == 70, mode
+        assert entry["fid"] == pytest.approx(reference["fid"], rel=1e-4), mode
+        assert entry["fid_ci"] == pytest.approx(reference["ci"], rel=1e-4), mode
+        assert entry["adherence"]["class"] == adherence(images[mode], class_request_attrs(requests["attrs"]), oracle)
+        assert (tmp_path / "run" / "eval" / f"{mode}-class.png").is_file()
+    paired = paired_fid_difference(kept["hybrid"], kept["ar"], real, 4)
+    assert metrics["hybrid"]["fid_vs_ar"]["difference"] == pytest.approx(paired["difference"], rel=1e-4, abs=1e-4)
 
 
 def test_requests_are_drawn_with_the_data_glyph_prob_of_the_real_images(toy_run, tmp_path, monkeypatch):

@@ -18,18 +18,23 @@ from hybrid.eval.adherence import (
     adherence,
     adherence_from_logits,
     glyph_accuracy,
+    glyph_accuracy_from_predictions,
     paired_adherence_difference,
     proportion_interval,
 )
 from hybrid.eval.fid import (
     InceptionJudge,
     OracleFeatures,
+    RealResamples,
     bootstrap_fid,
     compute_fid,
     frechet_distance,
     inception_fid,
+    oracle_features,
     oracle_fid_metric,
     paired_fid_difference,
+    real_features,
+    real_images,
 )
 from hybrid.eval.oracle import Oracle, ensure_oracle, load_oracle, main, oracle_path, save_oracle, sidecar_path
 
@@ -117,6 +122,21 @@ def test_bootstrap_ci_contains_point_estimate():
     assert bootstrap_fid(a, b, bootstrap=50, seed=0)["ci"] == out["ci"]  # seeded
     self_out = bootstrap_fid(a, a, bootstrap=20)
     assert self_out["ci"][0] <= self_out["fid"] <= self_out["ci"][1]
+
+
+def test_real_resamples_shared_between_fids_give_each_its_own_bootstrap():
+    """The evaluation resamples its (up to a million) real rows once and reuses them for every mode's FID and the
+    paired difference: each interval must be the one a call of its own gives."""
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(120, 6, generator=g), torch.randn(120, 6, generator=g) + 0.2
+    real = torch.randn(300, 6, generator=g)
+    shared = RealResamples(real)
+    paired = paired_fid_difference(a, b, shared, bootstrap=30)  # the first caller draws the resamples
+    assert bootstrap_fid(a, shared, bootstrap=30) == bootstrap_fid(a, real, bootstrap=30)
+    assert bootstrap_fid(b, shared, bootstrap=30) == bootstrap_fid(b, real, bootstrap=30)
+    assert paired == paired_fid_difference(a, b, real, bootstrap=30)
+    assert bootstrap_fid(a, shared, bootstrap=30)["n_real"] == 300
+    assert len(shared._resampled) == 30  # computed once, not per call
 
 
 def test_paired_fid_difference_sees_a_shift_the_marginal_intervals_cannot():
@@ -292,6 +312,24 @@ def test_adherence_and_glyph_accuracy_through_an_oracle():
     no_glyphs = {k: v.clone() for k, v in req.items()}
     no_glyphs["shape"][:] = 0
     assert math.isnan(glyph_accuracy(x, no_glyphs, fake))
+    # the streamed evaluation's path: the same accuracy from predictions of every row
+    predicted = fake(x)["glyph"].argmax(-1)
+    assert glyph_accuracy_from_predictions(predicted, req) == pytest.approx(2 / 3)
+    assert math.isnan(glyph_accuracy_from_predictions(predicted, no_glyphs))
+    with pytest.raises(ValueError, match="5 predictions for 6 requests"):
+        glyph_accuracy_from_predictions(predicted[:5], req)
+
+
+def test_real_features_in_chunks_are_the_rows_of_all_real_images_at_once():
+    """The evaluation renders a million real images a chunk at a time; the rows must be those of one batch, and
+    the first rows of a larger set those of a smaller one (image i depends on the seed and i only)."""
+    oracle = tiny_oracle().eval()
+    whole = oracle_features(real_images(oracle, 23, two_object_prob=0.3), oracle)
+    seen = []
+    chunked = real_features(oracle, 23, chunk=10, on_chunk=seen.append, two_object_prob=0.3)
+    assert [s.shape[0] for s in seen] == [10, 10, 3]
+    torch.testing.assert_close(chunked, whole)
+    torch.testing.assert_close(real_features(oracle, 7, chunk=4, two_object_prob=0.3), whole[:7])
 
 
 def test_cli_config_error_and_missing_oracle(tmp_path, capsys):
@@ -378,6 +416,18 @@ def test_inception_fid_with_local_random_weights(random_inception_weights):
     assert judge(-images(3, seed=1)) == pytest.approx(other, abs=tol)
     assert judge(images(3, seed=0)) == pytest.approx(same, abs=tol)
     assert judge(-images(3, seed=1)) == pytest.approx(other, abs=tol)
+    # the same numbers batch by batch: real images added in parts, two fake sets streamed side by side
+    parts = InceptionJudge(None, weights)
+    parts.add_real(images(3, seed=0)[:2])
+    parts.add_real(images(3, seed=0)[2:])
+    near, far = parts.stream(), parts.stream()
+    for i in range(3):
+        near.update(images(3, seed=0)[i:i + 1])
+        far.update(-images(3, seed=1)[i:i + 1])
+    assert near.compute() == pytest.approx(same, abs=tol)
+    assert far.compute() == pytest.approx(other, abs=tol)
+    with pytest.raises(ValueError, match="at least 2 real and 2 generated"):
+        parts.stream().compute()
 
 
 def test_oracle_trains_under_bf16_autocast_when_the_precision_says_so(tmp_path):

@@ -120,6 +120,21 @@ def proportion_interval(fraction: float, n: int, z: float = 1.96) -> tuple[float
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def glyph_accuracy_from_predictions(predicted_glyph: torch.Tensor, requested_attrs: dict[str, torch.Tensor]) -> float:
+    """Text rendering from the oracle's glyph predictions (N,) (or logits (N, K)): accuracy among the rows whose
+    requested shape is a glyph. NaN when no row requested a glyph."""
+    shape = torch.as_tensor(requested_attrs["shape"]).long().cpu()
+    glyph = torch.as_tensor(requested_attrs["glyph"]).long().cpu()
+    pred = predicted_glyph.cpu()
+    pred = pred.argmax(-1) if pred.ndim == 2 else pred.long()  # (N,)
+    if pred.shape[0] != glyph.shape[0]:
+        raise ValueError(f"glyph accuracy: {pred.shape[0]} predictions for {glyph.shape[0]} requests")
+    mask = (shape == GLYPH) & (glyph > 0)  # (N,)
+    if not mask.any():
+        return math.nan
+    return (pred[mask] == glyph[mask]).float().mean().item()
+
+
 def glyph_accuracy(images: torch.Tensor, requested_attrs: dict[str, torch.Tensor], oracle: nn.Module,
                    batch_size: int = 250) -> float:
     """Text rendering: oracle accuracy on the glyph attribute for images whose requested shape is a glyph.
@@ -132,4 +147,4 @@ def glyph_accuracy(images: torch.Tensor, requested_attrs: dict[str, torch.Tensor
     if not mask.any():
         return math.nan
     logits = oracle_logits(images[mask.to(images.device)], oracle, batch_size)
-    return (logits["glyph"].argmax(-1) == glyph[mask]).float().mean().item()
+    return glyph_accuracy_from_predictions(logits["glyph"], {"shape": shape[mask], "glyph": glyph[mask]})

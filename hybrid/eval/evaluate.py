@@ -2,10 +2,11 @@
 
 One object per mode — `tokenizer` (reconstructions: decode(z) and decode(z_q)), `ar` (pure AR:
 decode the AR's z_q), `hybrid` (AR + refiner), `diffusion` (when trained) — each with `fid` and
-`fid_ci` (oracle features, `eval.num_samples` images against as many fresh real ones, 95% bootstrap
-interval), `adherence` ({"class": per-attribute accuracy for class prompts, "text": for full-caption
-prompts}, text only for text-conditioned models), `glyph_accuracy` (glyph prompts), `images_per_s`
-(batch 16), `ms_per_image_b1`, and `params` (per stage of that mode). `hybrid` also has `fid_vs_ar`:
+`fid_ci` (oracle features, `eval.num_samples` images against `eval.num_real` fresh real ones, as many by
+default, 95% bootstrap interval; `fid_n` and `fid_n_real` say how many), `adherence` ({"class":
+per-attribute accuracy for class prompts, "text": for full-caption prompts}, text only for
+text-conditioned models), `glyph_accuracy` (glyph prompts), `images_per_s` (batch 16), `ms_per_image_b1`,
+and `params` (per stage of that mode). `hybrid` also has `fid_vs_ar`:
 FID(hybrid) - FID(ar) on the same class requests row for row (the same AR tokens when the refiner reads
 every scale, `same_tokens`), with a paired bootstrap interval (`fid.paired_fid_difference`): below 0
 outside the interval, the refiner measurably helps. `generation_settings`: `eval.settings` as parsed
@@ -17,12 +18,17 @@ like: class prompts carry the first object's shape and color; text prompts are t
 caption (every attribute it names: a star's or glyph's fill is never named, yet `adherence["text"]`
 scores fill and glyph on every row, so its `fill`, `glyph` and `all` include attributes the prompt
 implied rather than said).
+
+Every set of generated images is judged batch by batch as it is made (oracle features and predictions
+kept, the images not), and the real images are rendered a chunk at a time, so memory grows by about a
+kilobyte per request and per real image rather than by the images.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -76,42 +82,105 @@ def generation_seed(draw: int, start: int) -> int:
     return draw * 100_003 + start
 
 
-def _per_batch(batch_size: int, desc: str, request: dict, draw: int = 0):
-    """(seed, {"classes" or "prompts": one batch of them}) with a progress bar. The seed follows from the
-    batch's first index (`generation_seed`), so every mode is asked the same requests with the same seeds."""
-    key = "classes" if "classes" in request else "prompts"
-    items = request[key]
-    for start in progress_bar(range(0, len(items), batch_size), desc=desc, leave=False, unit="batch"):
-        yield generation_seed(draw, start), {key: items[start : start + batch_size]}
-
-
 def _fitted(pipe, mode: str, request: dict) -> dict:
     """The request with its prompts cut to what the mode's text encoders take, as training cut captions."""
     return {"prompts": pipe.fit_prompts(request["prompts"], mode)} if "prompts" in request else request
 
 
-def _generate(pipe, mode: str, batch_size: int, desc: str, settings: dict | None = None, draw: int = 0,
-              **request) -> torch.Tensor:
-    request = _fitted(pipe, mode, request)
-    return torch.cat([pipe(**part, mode=mode, seed=seed, batch_size=batch_size, **(settings or {})).cpu()
-                      for seed, part in _per_batch(batch_size, desc, request, draw)])
+def _mode_batches(pipe, modes, batch_size: int, settings: dict | None = None, suffix: str = "", draw: int = 0,
+                  **request) -> Iterator[dict[str, torch.Tensor]]:
+    """{mode: one batch of images (on the CPU)} for every mode of `modes`, batch after batch of one request
+    (`classes=` or `prompts=`), with one progress bar: an evaluation keeps what it needs of each batch rather
+    than every image. `ar` and `hybrid` come from one AR pass (`HybridPipeline.ar_and_hybrid`, the same
+    images as two passes) when the pipeline allows it. Each mode's prompts are cut to what its text encoder
+    takes (`_fitted`)."""
+    modes = list(modes)
+    if not modes:
+        return
+    shared = "ar" in modes and "hybrid" in modes and pipe.hybrid_shares_ar_tokens
+    fitted = {mode: _fitted(pipe, mode, request) for mode in modes}
+    key = "classes" if "classes" in request else "prompts"
+    desc = f"eval {'+'.join(modes)}{suffix}"
+    # each batch's seed follows from its first index (`generation_seed`), so every mode is asked the same
+    # requests with the same seeds
+    for start in progress_bar(range(0, len(request[key]), batch_size), desc=desc, leave=False, unit="batch"):
+        seed = generation_seed(draw, start)
+        piece = {mode: {key: fitted[mode][key][start:start + batch_size]} for mode in modes}
+        out = {}
+        if shared:
+            ar, hybrid = pipe.ar_and_hybrid(**piece["hybrid"], seed=seed, batch_size=batch_size, **(settings or {}))
+            out["ar"], out["hybrid"] = ar.cpu(), hybrid.cpu()
+        for mode in modes:
+            if mode not in out:
+                out[mode] = pipe(**piece[mode], mode=mode, seed=seed, batch_size=batch_size, **(settings or {})).cpu()
+        yield out
 
 
 def _generate_modes(pipe, modes, batch_size: int, settings: dict | None = None, suffix: str = "", draw: int = 0,
                     **request) -> dict[str, torch.Tensor]:
-    """{mode: images} for one request, each mode as `_generate` makes it. `ar` and `hybrid` come from one
-    AR pass (`HybridPipeline.ar_and_hybrid`, the same images as two passes) when the pipeline allows it."""
-    modes = list(modes)
-    out = {}
-    if "ar" in modes and "hybrid" in modes and pipe.hybrid_shares_ar_tokens:
-        pairs = [pipe.ar_and_hybrid(**part, seed=seed, batch_size=batch_size, **(settings or {})) for seed, part
-                 in _per_batch(batch_size, f"eval ar+hybrid{suffix}", _fitted(pipe, "hybrid", request), draw)]
-        out["ar"] = torch.cat([a.cpu() for a, _ in pairs])
-        out["hybrid"] = torch.cat([h.cpu() for _, h in pairs])
-    for mode in modes:
-        if mode not in out:
-            out[mode] = _generate(pipe, mode, batch_size, f"eval {mode}{suffix}", settings, draw, **request)
-    return out
+    """{mode: all images} for one request: `_mode_batches`, concatenated."""
+    parts: dict[str, list[torch.Tensor]] = {mode: [] for mode in modes}
+    for batch in _mode_batches(pipe, modes, batch_size, settings, suffix, draw, **request):
+        for mode, images in batch.items():
+            parts[mode].append(images)
+    return {mode: torch.cat(images) for mode, images in parts.items() if images}
+
+
+def _generate(pipe, mode: str, batch_size: int, desc: str, settings: dict | None = None, draw: int = 0,
+              **request) -> torch.Tensor:
+    return _generate_modes(pipe, [mode], batch_size, settings, f" {desc}", draw, **request)[mode]
+
+
+class _Tally:
+    """What the evaluation keeps of one set of generated images, added batch by batch: oracle features (FID)
+    and predictions (adherence, glyph accuracy) from one oracle pass, the first `keep` images (the grid), and
+    Inception statistics when there is an Inception judge. At a few hundred bytes per image instead of the
+    image itself, hundreds of thousands of requests fit in memory."""
+
+    def __init__(self, oracle, inception=None, keep: int = 64, chunk: int = 250) -> None:
+        self.oracle, self.keep, self.chunk = oracle, keep, chunk
+        self.device = next(oracle.parameters()).device
+        self.inception = inception.stream() if inception is not None else None
+        self._features: list[torch.Tensor] = []
+        self._predictions: dict[str, list[torch.Tensor]] = {}
+        self._first: list[torch.Tensor] = []
+        self._kept = 0
+
+    @torch.no_grad()
+    def add(self, images: torch.Tensor) -> None:
+        """images (B, 3, S, S) in [-1, 1]."""
+        for start in range(0, images.shape[0], self.chunk):
+            logits, feats = self.oracle.forward_with_features(images[start:start + self.chunk].to(self.device).float())
+            self._features.append(feats.double().cpu())  # (b, D)
+            for name, value in logits.items():
+                self._predictions.setdefault(name, []).append(value.argmax(-1).cpu())  # (b,)
+        if self._kept < self.keep:
+            self._first.append(images[: self.keep - self._kept].cpu())
+            self._kept += self._first[-1].shape[0]
+        if self.inception is not None:
+            self.inception.update(images)
+
+    def features(self) -> torch.Tensor:
+        return torch.cat(self._features)  # (N, D)
+
+    def predictions(self) -> dict[str, torch.Tensor]:
+        return {name: torch.cat(parts) for name, parts in self._predictions.items()}  # {attr: (N,)}
+
+    def first(self) -> torch.Tensor:
+        return torch.cat(self._first)  # (min(N, keep), 3, S, S)
+
+    def inception_fid(self) -> float:
+        return self.inception.compute()
+
+
+def _tally_modes(pipe, modes, oracle, inception, batch_size: int, settings: dict | None = None, suffix: str = "",
+                 draw: int = 0, **request) -> dict[str, _Tally]:
+    """{mode: _Tally of its images for one request}, generated batch by batch (`_mode_batches`)."""
+    tallies = {mode: _Tally(oracle, inception) for mode in modes}
+    for batch in _mode_batches(pipe, modes, batch_size, settings, suffix, draw, **request):
+        for mode, images in batch.items():
+            tallies[mode].add(images)
+    return tallies
 
 
 def fill_batch(requests, n: int):
@@ -147,16 +216,19 @@ def measure_speed(pipe, mode: str, classes: torch.Tensor | None, repeats: int = 
 
 
 def _fid_fields(result: dict) -> dict:
-    return {"fid": result["fid"], "fid_ci": result["ci"], "fid_n": result["n"]}
+    return {"fid": result["fid"], "fid_ci": result["ci"], "fid_n": result["n"], "fid_n_real": result["n_real"]}
 
 
 @torch.no_grad()
 def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100, bootstrap: int = 200,
                  modes=("tokenizer", "ar", "hybrid", "diffusion"), device="cpu", real_kwargs: dict | None = None,
                  timing: bool = True, pipe=None, inception_weights: str = "", settings: dict | None = None,
-                 keep_features: dict | None = None, draw: int = 0) -> dict:
+                 keep_features: dict | None = None, draw: int = 0, num_real: int = 0) -> dict:
     """Evaluates the run's trained modes (see the module docstring); returns the metrics dict.
 
+    `num_real` (`eval.num_real`): how many real images FID compares against (0 = `num_samples`). The real
+    set's own sampling error is half of an FID interval's width when both sets are as large; real images
+    cost a twentieth of a generated one, so a larger real set narrows the interval cheaply.
     `pipe`: an already loaded `HybridPipeline` to judge instead of the run's (benchmarks swap in
     intermediate weights); `run_dir` still receives the PNG grids. `inception_weights`: a local
     InceptionV3 weights file; adds `inception_fid` (against the same real images) to every mode.
@@ -169,25 +241,37 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
     the tokenizer's held-out images are the same in every draw."""
     if draw < 0:
         raise ValueError(f"eval.draw must be >= 0, got {draw}")
+    num_real = num_real or num_samples
+    if num_real < 2:
+        raise ValueError(f"eval.num_real must be 0 (as many as eval.num_samples) or at least 2, got {num_real}")
     from hybrid.data.procedural import ProceduralDataset
-    from hybrid.eval.adherence import adherence, glyph_accuracy
-    from hybrid.eval.fid import InceptionJudge, bootstrap_fid, oracle_features, paired_fid_difference, real_images
+    from hybrid.eval.adherence import adherence_from_logits, glyph_accuracy_from_predictions
+    from hybrid.eval.fid import (
+        InceptionJudge,
+        RealResamples,
+        bootstrap_fid,
+        oracle_features,
+        paired_fid_difference,
+        real_features,
+    )
     from hybrid.pipeline import HybridPipeline
 
     run_dir = Path(run_dir)
     if pipe is None:
         pipe = HybridPipeline.from_run(run_dir, device=device, need_generator=False)
     counts = pipe.parameter_counts()
-    real = real_images(oracle, num_samples, **(real_kwargs or {}))  # (N, 3, S, S)
-    real_feats = oracle_features(real, oracle)
-    inception = InceptionJudge(real, inception_weights) if inception_weights else None
+    inception = InceptionJudge(None, inception_weights, device=pipe.device) if inception_weights else None
+    # rendered and judged a chunk at a time: a million real images never sit in memory at once
+    real_feats = real_features(oracle, num_real, on_chunk=inception.add_real if inception else None,
+                               **(real_kwargs or {}))  # (num_real, D)
+    resampled = RealResamples(real_feats)  # every FID below reuses the real set's resampled moments
     # the class requests are drawn as the real images are: another data.glyph_prob gave a set of other
     # shapes than the real one, and FID counted the difference against the model
     requests = make_requests(num_samples, seed=request_seed(draw),
                              glyph_prob=(real_kwargs or {}).get("glyph_prob", DEFAULT_GLYPH_PROB))
-    _warn_if_singular(num_samples, real_feats.shape[1], "the oracle's features")
+    _warn_if_singular(min(num_samples, num_real), real_feats.shape[1], "the oracle's features")
     if inception is not None:
-        _warn_if_singular(num_samples, INCEPTION_DIMS, "Inception's pool features")
+        _warn_if_singular(min(num_samples, num_real), INCEPTION_DIMS, "Inception's pool features")
     glyph_requests = make_requests(max(1, num_samples // 4), seed=request_seed(draw) + 1, glyph_prob=1.0)
     metrics: dict[str, dict] = {}
 
@@ -196,38 +280,43 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
                                  **(real_kwargs or {}))
         images = torch.stack([data[i]["image"] for i in range(num_samples)])
         recon_c, recon_d = _reconstruct(pipe, images, batch_size, run_dir)
-        cont = bootstrap_fid(oracle_features(recon_c, oracle), real_feats, bootstrap)
-        disc = bootstrap_fid(oracle_features(recon_d, oracle), real_feats, bootstrap)
+        cont = bootstrap_fid(oracle_features(recon_c, oracle), resampled, bootstrap)
+        disc = bootstrap_fid(oracle_features(recon_d, oracle), resampled, bootstrap)
         metrics["tokenizer"] = {
-            "fid": cont["fid"], "fid_ci": cont["ci"], "fid_n": cont["n"],
-            "fid_discrete": disc["fid"], "fid_discrete_ci": disc["ci"],
+            **_fid_fields(cont), "fid_discrete": disc["fid"], "fid_discrete_ci": disc["ci"],
             "psnr_continuous": _psnr(recon_c, images), "psnr_discrete": _psnr(recon_d, images),
             "params": {"tokenizer": counts["tokenizer"]},
         }
         if inception is not None:
             metrics["tokenizer"]["inception_fid"] = inception(recon_c)
+        del images, recon_c, recon_d
 
     generating = _generating_modes(pipe, modes)
     text_modes = [m for m in generating if _condition(pipe, m) == "text"]
-    class_images = _generate_modes(pipe, generating, batch_size, settings, draw=draw, classes=requests["classes"])
-    text_images = _generate_modes(pipe, text_modes, batch_size, settings, " text", draw,
-                                  prompts=requests["captions"])
-    glyph_images = _generate_modes(pipe, text_modes, batch_size, settings, " glyphs", draw,
-                                   prompts=glyph_requests["captions"])
+    # each set is judged batch by batch as it is generated (`_Tally`): its images are not kept
+    tally = {"class": _tally_modes(pipe, generating, oracle, inception, batch_size, settings, draw=draw,
+                                   classes=requests["classes"])}
+    # text and glyph prompts are judged for adherence only: no Inception statistics for them
+    tally["text"] = _tally_modes(pipe, text_modes, oracle, None, batch_size, settings, " text", draw,
+                                 prompts=requests["captions"])
+    tally["glyph"] = _tally_modes(pipe, text_modes, oracle, None, batch_size, settings, " glyphs", draw,
+                                  prompts=glyph_requests["captions"])
     features = {}
     for mode in generating:
-        text_model = mode in text_modes
-        images = class_images.pop(mode)
-        features[mode] = oracle_features(images, oracle)
-        entry = _fid_fields(bootstrap_fid(features[mode], real_feats, bootstrap))
+        judged = tally["class"][mode]
+        features[mode] = judged.features()
+        entry = _fid_fields(bootstrap_fid(features[mode], resampled, bootstrap))
         if inception is not None:
-            entry["inception_fid"] = inception(images)
-        entry["adherence"] = {"class": adherence(images, class_request_attrs(requests["attrs"]), oracle)}
-        save_grid(images[:64], run_dir / "eval" / f"{mode}-class.png")
-        if text_model:
-            entry["adherence"]["text"] = adherence(text_images[mode], requests["attrs"], oracle)
-            entry["glyph_accuracy"] = glyph_accuracy(glyph_images[mode], glyph_requests["attrs"], oracle)
-            save_grid(text_images[mode][:64], run_dir / "eval" / f"{mode}-text.png")
+            entry["inception_fid"] = judged.inception_fid()
+        entry["adherence"] = {"class": adherence_from_logits(judged.predictions(),
+                                                             class_request_attrs(requests["attrs"]))}
+        save_grid(judged.first(), run_dir / "eval" / f"{mode}-class.png")
+        if mode in text_modes:
+            text, glyphs = tally["text"][mode], tally["glyph"][mode]
+            entry["adherence"]["text"] = adherence_from_logits(text.predictions(), requests["attrs"])
+            entry["glyph_accuracy"] = glyph_accuracy_from_predictions(glyphs.predictions()["glyph"],
+                                                                      glyph_requests["attrs"])
+            save_grid(text.first(), run_dir / "eval" / f"{mode}-text.png")
         else:
             entry["adherence"]["text"] = None
             entry["glyph_accuracy"] = None
@@ -238,7 +327,7 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
     if "ar" in features and "hybrid" in features:
         # The same class requests, row for row (and, when the refiner reads every scale, the same tokens):
         # whether the refiner changes FID, judged on the difference itself.
-        paired = paired_fid_difference(features["hybrid"], features["ar"], real_feats, bootstrap)
+        paired = paired_fid_difference(features["hybrid"], features["ar"], resampled, bootstrap)
         metrics["hybrid"]["fid_vs_ar"] = {"difference": paired["difference"], "ci": paired["ci"],
                                           "same_tokens": pipe.hybrid_shares_ar_tokens}
     if keep_features is not None:
@@ -378,6 +467,9 @@ def run_evaluation(cfg) -> dict:
     if settings:
         print(f"[eval] generation settings for every mode (eval.settings): {cfg.eval.settings}")
     if cfg.data.source == "shards":
+        if cfg.eval.num_real:
+            print(f"[eval] eval.num_real={cfg.eval.num_real} is for the procedural data; with data.source=shards the "
+                  "real images are the shards' first eval.num_samples, whose classes or captions are the requests")
         pattern, source = eval_shard_pattern(cfg)
         real = read_shard_images(pattern, cfg.eval.num_samples, cfg.data.image_size,
                                  num_classes(cfg))
@@ -395,7 +487,8 @@ def run_evaluation(cfg) -> dict:
         real_kwargs = {"two_object_prob": cfg.data.two_object_prob, "glyph_prob": cfg.data.glyph_prob}
         metrics = evaluate_run(cfg.run_dir, oracle, num_samples=cfg.eval.num_samples, batch_size=cfg.eval.batch_size,
                                bootstrap=cfg.eval.bootstrap, modes=modes, device=device, real_kwargs=real_kwargs,
-                               inception_weights=cfg.eval.inception_weights, settings=settings, draw=cfg.eval.draw)
+                               inception_weights=cfg.eval.inception_weights, settings=settings, draw=cfg.eval.draw,
+                               num_real=cfg.eval.num_real)
     metrics["generation_settings"] = settings or {}  # eval.settings; {} = each stage's own config
     metrics["eval_draw"] = cfg.eval.draw  # which requests and seeds (0: every earlier metrics.json's)
     metrics["machine"] = describe_machine(device)  # where images_per_s and ms_per_image_b1 were timed

@@ -22,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
 
+from hybrid.progress import progress_bar
+
 FID_REAL_SEED = 20_011  # procedural val-split seed of the reference ("real") images
 INCEPTION_WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth")
@@ -78,6 +80,19 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def _moments(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean (D,), unbiased covariance (D, D)) of feature rows (N, D), in float64. On every thread: for
+    the hundreds of thousands of rows a large evaluation has, this product is what takes the time."""
+    x = features.double()
+    return x.mean(0), torch.cov(x.T)
+
+
+def _fid_of(moments_a: tuple[torch.Tensor, torch.Tensor], moments_b: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """FID from two (mean, covariance) pairs: torchmetrics' `_compute_fid`, its small eigenproblem on one thread."""
+    with _one_thread():
+        return float(_compute_fid(moments_a[0], moments_a[1], moments_b[0], moments_b[1]))
+
+
 def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
     """FID between two feature sets (Na, D) and (Nb, D), as torchmetrics computes it.
 
@@ -86,14 +101,35 @@ def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> floa
     """
     if features_a.shape[0] < 2 or features_b.shape[0] < 2:
         raise ValueError(f"FID needs at least 2 samples per set, got {features_a.shape[0]} and {features_b.shape[0]}")
-    with _one_thread():
-        a, b = features_a.double(), features_b.double()
-        mu_a, mu_b = a.mean(0), b.mean(0)  # (D,)
-        cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)  # (D, D)
-        return float(_compute_fid(mu_a, cov_a, mu_b, cov_b))
+    return _fid_of(_moments(features_a), _moments(features_b))
 
 
-def bootstrap_fid(features_fake: torch.Tensor, features_real: torch.Tensor, bootstrap: int = 200,
+class RealResamples:
+    """A real feature set (N, D) and its bootstrap resamples, each kept as (mean, covariance) once computed, so
+    that every FID judged against the set (each mode's, the paired difference) reuses them: with a million
+    real rows, the resampled covariances are most of a bootstrap's time. Resample k is the same for every
+    caller (its own generator, seeded by `seed`), so each interval stays an ordinary bootstrap of its own."""
+
+    def __init__(self, features: torch.Tensor, seed: int = 0) -> None:
+        self.features = features.double().cpu()
+        self.n = int(self.features.shape[0])
+        self.full = _moments(self.features) if self.n >= 2 else None
+        self._generator = torch.Generator().manual_seed(seed + 1)  # not the fake rows' stream (seed)
+        self._resampled: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, covariance) of resample k (0, 1, ...): rows drawn with replacement."""
+        while len(self._resampled) <= k:
+            rows = torch.randint(self.n, (self.n,), generator=self._generator)
+            self._resampled.append(_moments(self.features[rows]))
+        return self._resampled[k]
+
+
+def _real_resamples(real: torch.Tensor | RealResamples, seed: int) -> RealResamples:
+    return real if isinstance(real, RealResamples) else RealResamples(real, seed)
+
+
+def bootstrap_fid(features_fake: torch.Tensor, features_real: torch.Tensor | RealResamples, bootstrap: int = 200,
                   seed: int = 0, level: float = 0.95) -> dict:
     """FID of two feature sets with a bootstrap confidence interval.
 
@@ -101,53 +137,59 @@ def bootstrap_fid(features_fake: torch.Tensor, features_real: torch.Tensor, boot
     finite-sample bias (duplicates shrink the effective sample), so the raw percentiles would
     sit above the estimate; the interval is therefore the bootstrap distribution's spread
     around the point estimate: [q_lo - bias, q_hi - bias], bias = mean(bootstrap) - fid,
-    clipped below at 0. Returns {"fid", "ci": [lo, hi], "n": fake count, "n_real", "bootstrap"}.
+    clipped below at 0. `features_real` may be a `RealResamples` shared between calls (its own seed
+    then draws the real rows). Returns {"fid", "ci": [lo, hi], "n": fake count, "n_real", "bootstrap"}.
     """
-    fid = frechet_distance(features_fake, features_real)
-    out = {"fid": fid, "ci": [fid, fid], "n": int(features_fake.shape[0]), "n_real": int(features_real.shape[0]),
+    real = _real_resamples(features_real, seed)
+    fid = frechet_distance(features_fake, real.features)
+    out = {"fid": fid, "ci": [fid, fid], "n": int(features_fake.shape[0]), "n_real": real.n,
            "bootstrap": int(bootstrap)}
     if bootstrap < 2:
         return out
-    fake, real = features_fake.double().cpu(), features_real.double().cpu()
-    lo, hi = _bootstrap_interval(lambda i, j: frechet_distance(fake[i], real[j]), fid, fake.shape[0],
-                                 real.shape[0], bootstrap, seed, level)
+    fake = features_fake.double().cpu()
+    lo, hi = _bootstrap_interval(lambda i, k: _fid_of(_moments(fake[i]), real[k]), fid, fake.shape[0], real.n,
+                                 bootstrap, seed, level)
     out["ci"] = [min(max(lo, 0.0), fid), max(hi, fid)]
     return out
 
 
-def paired_fid_difference(features_a: torch.Tensor, features_b: torch.Tensor, features_real: torch.Tensor,
-                          bootstrap: int = 200, seed: int = 0, level: float = 0.95) -> dict:
+def paired_fid_difference(features_a: torch.Tensor, features_b: torch.Tensor,
+                          features_real: torch.Tensor | RealResamples, bootstrap: int = 200, seed: int = 0,
+                          level: float = 0.95) -> dict:
     """FID(a) - FID(b) for two generated sets whose row i answers the same request (the same prompt and
     seed, e.g. the hybrid's images and the pure AR's decoded from the same tokens), with a paired
     bootstrap interval: every resample draws one set of row indices for both a and b (and one for the
     real set), so what the two sets share cancels and only their difference is judged. That interval is
     far narrower than the two FIDs' own intervals; it excluding 0 says a and b differ for these
-    requests. Returns {"difference", "ci": [lo, hi], "fid_a", "fid_b", "n", "bootstrap"}.
+    requests. `features_real` may be a `RealResamples` shared between calls. Returns {"difference",
+    "ci": [lo, hi], "fid_a", "fid_b", "n", "bootstrap"}.
     """
     if features_a.shape != features_b.shape:
         raise ValueError(f"a paired FID difference needs two sets of the same shape (row i of each answering "
                          f"the same request), got {tuple(features_a.shape)} and {tuple(features_b.shape)}")
-    a, b, real = features_a.double().cpu(), features_b.double().cpu(), features_real.double().cpu()
-    fid_a, fid_b = frechet_distance(a, real), frechet_distance(b, real)
+    a, b = features_a.double().cpu(), features_b.double().cpu()
+    real = _real_resamples(features_real, seed)
+    fid_a, fid_b = frechet_distance(a, real.features), frechet_distance(b, real.features)
     diff = fid_a - fid_b
     out = {"difference": diff, "ci": [diff, diff], "fid_a": fid_a, "fid_b": fid_b, "n": int(a.shape[0]),
            "bootstrap": int(bootstrap)}
     if bootstrap >= 2:
-        out["ci"] = list(_bootstrap_interval(
-            lambda i, j: frechet_distance(a[i], real[j]) - frechet_distance(b[i], real[j]), diff, a.shape[0],
-            real.shape[0], bootstrap, seed, level))
+        out["ci"] = list(_bootstrap_interval(lambda i, k: _fid_of(_moments(a[i]), real[k]) - _fid_of(_moments(b[i]),
+                                                                                                   real[k]),
+                                             diff, a.shape[0], real.n, bootstrap, seed, level))
     return out
 
 
 def _bootstrap_interval(statistic, estimate: float, n: int, n_real: int, bootstrap: int, seed: int,
                         level: float) -> tuple[float, float]:
-    """The `level` interval of `statistic(fake rows, real rows)` over `bootstrap` resamples with
-    replacement, shifted by the bootstrap's bias (mean of the resamples - `estimate`)."""
+    """The `level` interval of `statistic(fake rows, k)` (k: the real set's resample, `RealResamples[k]`) over
+    `bootstrap` resamples with replacement, shifted by the bootstrap's bias (mean of the resamples - `estimate`)."""
     gen = torch.Generator().manual_seed(seed)
-    with _one_thread():
-        stats = torch.tensor([statistic(torch.randint(n, (n,), generator=gen),
-                                        torch.randint(n_real, (n_real,), generator=gen))
-                              for _ in range(bootstrap)], dtype=torch.float64)  # (bootstrap,)
+    stats = []
+    for k in progress_bar(range(bootstrap), desc="bootstrap", leave=False, unit="resample",
+                          disable=n + n_real < 100_000):
+        stats.append(statistic(torch.randint(n, (n,), generator=gen), k))
+    stats = torch.tensor(stats, dtype=torch.float64)  # (bootstrap,)
     alpha = (1.0 - level) / 2.0
     lo, hi = torch.quantile(stats, torch.tensor([alpha, 1.0 - alpha], dtype=stats.dtype)).tolist()
     bias = stats.mean().item() - estimate
@@ -180,6 +222,26 @@ def real_images(oracle: nn.Module, num_samples: int = 2000, seed: int = FID_REAL
     return torch.stack([data[i]["image"] for i in range(num_samples)])
 
 
+@torch.no_grad()
+def real_features(oracle: nn.Module, num_samples: int = 2000, seed: int = FID_REAL_SEED, chunk: int = 5000,
+                  on_chunk=None, **dataset_kwargs) -> torch.Tensor:
+    """Oracle features (N, D) float64 of `real_images(oracle, num_samples, seed, **dataset_kwargs)`, rendered
+    `chunk` images at a time so that a million real images never sit in memory at once (the same rows as
+    `oracle_features(real_images(...))`: image i depends on the seed and i only). `on_chunk(images)`, when
+    given, sees every chunk too (an `InceptionJudge.add_real`)."""
+    from hybrid.data.procedural import ProceduralDataset
+
+    data = ProceduralDataset(image_size=oracle.image_size, size=num_samples, seed=seed, split="val", **dataset_kwargs)
+    feats = []
+    for start in progress_bar(range(0, num_samples, chunk), desc="real images", leave=False, unit="chunk",
+                              disable=num_samples <= chunk):
+        images = torch.stack([data[i]["image"] for i in range(start, min(start + chunk, num_samples))])
+        feats.append(oracle_features(images, oracle))
+        if on_chunk is not None:
+            on_chunk(images)
+    return torch.cat(feats)  # (N, D)
+
+
 def compute_fid(fake_images: torch.Tensor, real_images_or_none: torch.Tensor | None, oracle: nn.Module,
                 num_samples: int = 2000, bootstrap: int = 200, seed: int = 0, batch_size: int = 250,
                 real_kwargs: dict | None = None) -> dict:
@@ -202,17 +264,46 @@ def compute_fid(fake_images: torch.Tensor, real_images_or_none: torch.Tensor | N
 # --------------------------------------------------------------------------------------------
 
 
-class InceptionJudge:
-    """Classic FID on InceptionV3 pool features (2048), via torchmetrics and torch-fidelity's network,
-    against one real set whose features are computed once: `judge(fake) -> float`, any number of times.
+class FeatureMoments:
+    """Running count, sum and sum of outer products of feature rows, in float64: the mean and covariance of
+    any number of rows without keeping them (what torchmetrics' FID keeps, too)."""
 
-    real: (N, 3, H, W) float in [-1, 1] (or uint8 [0, 255]); any size (resized to 299).
+    def __init__(self) -> None:
+        self.n = 0
+        self.sum: torch.Tensor | None = None
+        self.outer: torch.Tensor | None = None
+
+    def add(self, features: torch.Tensor) -> None:
+        f = features.detach().double().reshape(features.shape[0], -1).cpu()  # (B, D)
+        if self.sum is None:
+            self.sum, self.outer = f.new_zeros(f.shape[1]), f.new_zeros(f.shape[1], f.shape[1])
+        self.n += f.shape[0]
+        self.sum += f.sum(0)
+        self.outer += f.T @ f
+
+    def mean_cov(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean (D,), unbiased covariance (D, D)); needs at least 2 rows."""
+        if self.n < 2:
+            raise ValueError(f"a covariance needs at least 2 feature rows, got {self.n}")
+        mean = self.sum / self.n
+        return mean, (self.outer - self.n * torch.outer(mean, mean)) / (self.n - 1)
+
+
+class InceptionJudge:
+    """Classic FID on InceptionV3 pool features (2048), with torch-fidelity's network (through torchmetrics),
+    against one real set whose statistics are computed once: `judge(fake) -> float`, any number of times, or
+    `judge.stream()` to add one fake set batch by batch (several at once: one stream per set).
+
+    real: (N, 3, H, W) float in [-1, 1] (or uint8 [0, 255]); any size (resized to 299). None: add the real
+    images with `add_real(images)`, in as many batches as you like, before judging. device: where the
+    network runs (default: real's device, else the CPU); images are moved there.
     weights_path: a local copy of torch-fidelity's InceptionV3 weights (`INCEPTION_WEIGHTS_URL`);
     nothing is downloaded. The file is first checked to hold plain tensors
     (`torch.load(weights_only=True)`) because torch-fidelity itself unpickles it.
     """
 
-    def __init__(self, real: torch.Tensor, weights_path: str | os.PathLike, batch_size: int = 50):
+    def __init__(self, real: torch.Tensor | None, weights_path: str | os.PathLike, batch_size: int = 50,
+                 device: str | torch.device | None = None):
         path = Path(weights_path)
         if not path.is_file():
             raise FileNotFoundError(f"Inception weights '{path}' do not exist; download {INCEPTION_WEIGHTS_URL} "
@@ -226,22 +317,49 @@ class InceptionJudge:
         except Exception as err:  # not a plain state dict
             raise ValueError(f"Inception weights '{path}' are not a plain tensor state dict: {err}") from None
         self.batch_size = batch_size
-        # reset_real_features=False: reset() clears the fake statistics only, so the real ones are kept
-        self.metric = FrechetInceptionDistance(feature=2048, normalize=True, reset_real_features=False,
-                                               feature_extractor_weights_path=str(path)).to(real.device)
-        self._update(real, is_real=True)
+        metric = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(path))
+        device = device if device is not None else real.device if real is not None else "cpu"
+        self.network = metric.inception.eval().to(device)  # torch-fidelity's InceptionV3, taking uint8 images
+        self.real = FeatureMoments()
+        if real is not None:
+            self.add_real(real)
 
-    def _update(self, images: torch.Tensor, is_real: bool) -> None:
+    @torch.no_grad()
+    def add_to(self, moments: FeatureMoments, images: torch.Tensor) -> None:
+        """Adds the pool features of `images` to `moments`, `batch_size` images at a time."""
+        device = next(self.network.parameters()).device
         for start in range(0, images.shape[0], self.batch_size):
             x = images[start:start + self.batch_size]
-            x = x.float() / 255.0 if x.dtype == torch.uint8 else ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
-            self.metric.update(x, real=is_real)
+            # the uint8 images torchmetrics' FID makes of [0, 1] floats with normalize=True
+            x = x if x.dtype == torch.uint8 else ((((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)) * 255).byte()
+            moments.add(self.network(x.to(device)))
+
+    def add_real(self, images: torch.Tensor) -> None:
+        self.add_to(self.real, images)
+
+    def stream(self) -> InceptionStream:
+        return InceptionStream(self)
 
     def __call__(self, fake: torch.Tensor) -> float:
-        self.metric.reset()
-        self._update(fake, is_real=False)
-        with _one_thread():  # a 2048x2048 eigenproblem
-            return float(self.metric.compute())
+        stream = self.stream()
+        stream.update(fake)
+        return stream.compute()
+
+
+class InceptionStream:
+    """One fake set judged by an `InceptionJudge`, added batch by batch: `update(images)`, then `compute()`."""
+
+    def __init__(self, judge: InceptionJudge) -> None:
+        self.judge, self.fake = judge, FeatureMoments()
+
+    def update(self, images: torch.Tensor) -> None:
+        self.judge.add_to(self.fake, images)
+
+    def compute(self) -> float:
+        if self.judge.real.n < 2 or self.fake.n < 2:
+            raise ValueError(f"Inception FID needs at least 2 real and 2 generated images, got {self.judge.real.n} "
+                             f"and {self.fake.n}")
+        return _fid_of(self.judge.real.mean_cov(), self.fake.mean_cov())
 
 
 def inception_fid(fake: torch.Tensor, real: torch.Tensor, weights_path: str | os.PathLike,
