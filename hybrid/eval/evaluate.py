@@ -227,8 +227,8 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
     """Evaluates the run's trained modes (see the module docstring); returns the metrics dict.
 
     `num_real` (`eval.num_real`): how many real images FID compares against (0 = `num_samples`). The real
-    set's own sampling error is half of an FID interval's width when both sets are as large; real images
-    cost a twentieth of a generated one, so a larger real set narrows the interval cheaply.
+    set's own sampling error is about half of an FID interval's variance when both sets are as large; a real
+    image costs about a twentieth of a generated one, so a larger real set narrows the interval cheaply.
     `pipe`: an already loaded `HybridPipeline` to judge instead of the run's (benchmarks swap in
     intermediate weights); `run_dir` still receives the PNG grids. `inception_weights`: a local
     InceptionV3 weights file; adds `inception_fid` (against the same real images) to every mode.
