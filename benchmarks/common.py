@@ -164,7 +164,8 @@ def judge_class_prompts(pipe, oracle, cfg, out_dir, modes, num_samples: int, set
     real_kwargs = {"two_object_prob": cfg.data.two_object_prob, "glyph_prob": cfg.data.glyph_prob}
     metrics = evaluate_run(out_dir, oracle, num_samples=num_samples, batch_size=cfg.eval.batch_size,
                            bootstrap=cfg.eval.bootstrap, modes=tuple(modes), real_kwargs=real_kwargs, timing=False,
-                           pipe=pipe, settings=settings, keep_features=keep_features, draw=cfg.eval.draw)
+                           pipe=pipe, settings=settings, keep_features=keep_features, draw=cfg.eval.draw,
+                           num_real=cfg.eval.num_real)
     out = {mode: {"fid": metrics[mode]["fid"], "fid_ci": metrics[mode]["fid_ci"],
                   "adherence": metrics[mode]["adherence"]["class"]} for mode in modes}
     if "fid_vs_ar" in metrics.get("hybrid", {}):

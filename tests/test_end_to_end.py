@@ -217,7 +217,7 @@ def test_one_ar_pass_gives_the_ar_and_hybrid_images_of_two(toy_run):
     # the evaluation asks batch by batch, each with its own seed: both modes' images are exactly the separate ones
     both = _generate_modes(pipe, ["ar", "hybrid"], 2, {"steps": 2}, classes=torch.tensor(classes))
     for mode in ("ar", "hybrid"):
-        assert torch.equal(both[mode], _generate(pipe, mode, 2, mode, {"steps": 2}, classes=torch.tensor(classes)))
+        assert torch.equal(both[mode], _generate(pipe, mode, 2, {"steps": 2}, classes=torch.tensor(classes)))
 
 
 @pytest.mark.parametrize(
@@ -969,12 +969,14 @@ def test_an_unconditional_diffusion_baseline_says_it_ignores_the_request(toy_run
 
 
 def test_the_streamed_evaluation_judges_the_images_it_would_have_kept(toy_run, tmp_path):
-    """`evaluate_run` judges each batch as it is generated and keeps only features and predictions (a 335,000-
-    prompt evaluation held 23 GB of images otherwise). Its numbers must be those of all images at once: FID
-    against `num_real` real images (here more than the generated ones), adherence, the paired difference."""
+    """`evaluate_run` judges each batch as it is generated (or reconstructed) and keeps only features and
+    predictions (a 335,000-prompt evaluation held 23 GB of images otherwise). Its numbers must be those of all
+    images at once, made here without the evaluation's own batching code: FID against `num_real` real images
+    (more than the generated ones here), adherence, the paired difference, the tokenizer's FID and PSNR."""
     from hybrid.config import load_config
+    from hybrid.data.procedural import ProceduralDataset
     from hybrid.eval.adherence import adherence
-    from hybrid.eval.evaluate import _generate_modes, class_request_attrs, evaluate_run, make_requests, request_seed
+    from hybrid.eval.evaluate import class_request_attrs, evaluate_run, generation_seed, make_requests, request_seed
     from hybrid.eval.fid import bootstrap_fid, oracle_features, paired_fid_difference, real_images
     from hybrid.eval.oracle import load_oracle
     from hybrid.pipeline import HybridPipeline
@@ -987,11 +989,14 @@ def test_the_streamed_evaluation_judges_the_images_it_would_have_kept(toy_run, t
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # 30 samples: the singular-covariance warning
         metrics = evaluate_run(tmp_path / "run", oracle, num_samples=30, num_real=70, batch_size=8, bootstrap=4,
-                               modes=("ar", "hybrid"), timing=False, pipe=pipe, keep_features=kept)
-    requests = make_requests(30, seed=request_seed(0))
-    images = _generate_modes(pipe, ["ar", "hybrid"], 8, classes=requests["classes"])  # every image at once
+                               modes=("tokenizer", "ar", "hybrid"), timing=False, pipe=pipe, keep_features=kept)
     real = oracle_features(real_images(oracle, 70), oracle)
     torch.testing.assert_close(kept["real"], real)
+    # the reference: every image at once, each batch of 8 asked of the pipeline directly
+    classes = make_requests(30, seed=request_seed(0))
+    images = {mode: torch.cat([pipe(classes=classes["classes"][start:start + 8], mode=mode,
+                                    seed=generation_seed(0, start), batch_size=8) for start in range(0, 30, 8)])
+              for mode in ("ar", "hybrid")}
     for mode in ("ar", "hybrid"):
         entry = metrics[mode]
         feats = oracle_features(images[mode], oracle)
@@ -1000,10 +1005,39 @@ def test_the_streamed_evaluation_judges_the_images_it_would_have_kept(toy_run, t
         assert entry["fid_n"] == 30 and entry["fid_n_real"] == 70, mode
         assert entry["fid"] == pytest.approx(reference["fid"], rel=1e-4), mode
         assert entry["fid_ci"] == pytest.approx(reference["ci"], rel=1e-4), mode
-        assert entry["adherence"]["class"] == adherence(images[mode], class_request_attrs(requests["attrs"]), oracle)
+        assert entry["adherence"]["class"] == adherence(images[mode], class_request_attrs(classes["attrs"]), oracle)
         assert (tmp_path / "run" / "eval" / f"{mode}-class.png").is_file()
     paired = paired_fid_difference(kept["hybrid"], kept["ar"], real, 4)
     assert metrics["hybrid"]["fid_vs_ar"]["difference"] == pytest.approx(paired["difference"], rel=1e-4, abs=1e-4)
+    # the tokenizer's reconstructions of the 30 held-out images, all at once
+    data = ProceduralDataset(image_size=pipe.tokenizer.image_size, size=30, seed=1, split="val")
+    held_out = torch.stack([data[i]["image"] for i in range(30)])
+    with torch.no_grad():
+        enc = pipe.tokenizer.encode(held_out)
+        recon = {"continuous": pipe.tokenizer.decode(enc.z).clamp(-1, 1),
+                 "discrete": pipe.tokenizer.decode(enc.z_q).clamp(-1, 1)}
+    tok = metrics["tokenizer"]
+    for kind, key in (("continuous", "fid"), ("discrete", "fid_discrete")):
+        assert tok[key] == pytest.approx(bootstrap_fid(oracle_features(recon[kind], oracle), real, 4)["fid"],
+                                         rel=1e-4), kind
+        mse = (recon[kind] - held_out).pow(2).flatten(1).mean(1)
+        assert tok[f"psnr_{kind}"] == pytest.approx(float((10 * torch.log10(4.0 / mse)).mean()), rel=1e-4), kind
+    assert tok["fid_n"] == 30 and tok["fid_n_real"] == 70
+    assert (tmp_path / "run" / "eval" / "tokenizer.png").is_file()
+
+
+def test_a_singular_covariance_warning_says_which_set_is_too_small():
+    from hybrid.eval.evaluate import _warn_if_singular
+
+    with pytest.warns(UserWarning, match="the real images' covariance is singular"):
+        _warn_if_singular(3000, 100, 128, "the oracle's features")
+    with pytest.warns(UserWarning, match="the generated images' covariance is singular"):
+        _warn_if_singular(100, 3000, 128, "the oracle's features")
+    with pytest.warns(UserWarning, match="both covariances are singular"):
+        _warn_if_singular(100, 100, 128, "the oracle's features")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_if_singular(3000, 3000, 128, "the oracle's features")
 
 
 def test_requests_are_drawn_with_the_data_glyph_prob_of_the_real_images(toy_run, tmp_path, monkeypatch):
@@ -1038,7 +1072,8 @@ def test_requests_are_drawn_with_the_data_glyph_prob_of_the_real_images(toy_run,
                               timing=False, pipe=HybridPipeline.from_run(run_dir), real_kwargs={"glyph_prob": 1.0})
     glyph = SHAPES.index("glyph")
     assert (asked[0]["attrs"]["shape"] == glyph).all()  # the class requests: glyphs only, as the real images
-    assert "FID from 40 samples in the oracle's features" in " ".join(str(w.message) for w in caught)
+    assert "FID from 40 samples against 40 real ones in the oracle's features" in " ".join(str(w.message)
+                                                                                          for w in caught)
     default = make(40, seed=evaluate.request_seed(0))
     assert not (default["attrs"]["shape"] == glyph).all()
     monkeypatch.setattr(evaluate, "make_requests", make)

@@ -416,6 +416,13 @@ def test_inception_fid_with_local_random_weights(random_inception_weights):
     assert judge(-images(3, seed=1)) == pytest.approx(other, abs=tol)
     assert judge(images(3, seed=0)) == pytest.approx(same, abs=tol)
     assert judge(-images(3, seed=1)) == pytest.approx(other, abs=tol)
+    # torchmetrics' own FID with the same weights gives the same number
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    metric = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(weights))
+    metric.update((images(3, seed=0) + 1) / 2, real=True)
+    metric.update((-images(3, seed=1) + 1) / 2, real=False)
+    assert float(metric.compute()) == pytest.approx(other, abs=tol)
     # the same numbers batch by batch: real images added in parts, two fake sets streamed side by side
     parts = InceptionJudge(None, weights)
     parts.add_real(images(3, seed=0)[:2])

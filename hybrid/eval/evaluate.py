@@ -19,9 +19,10 @@ caption (every attribute it names: a star's or glyph's fill is never named, yet 
 scores fill and glyph on every row, so its `fill`, `glyph` and `all` include attributes the prompt
 implied rather than said).
 
-Every set of generated images is judged batch by batch as it is made (oracle features and predictions
-kept, the images not), and the real images are rendered a chunk at a time, so memory grows by about a
-kilobyte per request and per real image rather than by the images.
+Every set of generated (and reconstructed) images is judged batch by batch as it is made (oracle features
+and predictions kept, the images not), and the real images are rendered a chunk at a time, so memory grows
+by about a kilobyte per request and per real image rather than by the images; the bootstrap adds two
+transient copies of the real features (about 3 kB per real image at its peak).
 """
 
 from __future__ import annotations
@@ -47,12 +48,15 @@ INCEPTION_DIMS = 2048
 TIMING_BATCH = 16
 
 
-def _warn_if_singular(n: int, dims: int, what: str) -> None:
-    """FID from fewer samples than feature dimensions: both covariances are singular, so the number is
-    comparable only with FIDs from the same sample size (a published Inception FID uses 50,000)."""
-    if n <= dims:
-        warnings.warn(f"FID from {n} samples in {what} ({dims} dimensions): both covariances are singular, so "
-                      f"it is comparable only with FIDs from {n} samples (eval.num_samples)", stacklevel=3)
+def _warn_if_singular(n: int, n_real: int, dims: int, what: str) -> None:
+    """FID from no more samples than feature dimensions: a covariance is singular, so the number is
+    comparable only with FIDs from the same sample sizes (a published Inception FID uses 50,000)."""
+    if min(n, n_real) <= dims:
+        which = ("both covariances are" if max(n, n_real) <= dims else
+                 "the generated images' covariance is" if n <= dims else "the real images' covariance is")
+        warnings.warn(f"FID from {n} samples against {n_real} real ones in {what} ({dims} dimensions): {which} "
+                      f"singular, so it is comparable only with FIDs from the same counts (eval.num_samples, "
+                      f"eval.num_real)", stacklevel=3)
 
 
 def make_requests(n: int, seed: int = EVAL_REQUEST_SEED, glyph_prob: float = DEFAULT_GLYPH_PROB, holdout=(),
@@ -126,19 +130,21 @@ def _generate_modes(pipe, modes, batch_size: int, settings: dict | None = None, 
     return {mode: torch.cat(images) for mode, images in parts.items() if images}
 
 
-def _generate(pipe, mode: str, batch_size: int, desc: str, settings: dict | None = None, draw: int = 0,
+def _generate(pipe, mode: str, batch_size: int, settings: dict | None = None, draw: int = 0,
               **request) -> torch.Tensor:
-    return _generate_modes(pipe, [mode], batch_size, settings, f" {desc}", draw, **request)[mode]
+    """All images of one mode for one request (`_generate_modes` of that mode alone)."""
+    return _generate_modes(pipe, [mode], batch_size, settings, draw=draw, **request)[mode]
 
 
 class _Tally:
     """What the evaluation keeps of one set of generated images, added batch by batch: oracle features (FID)
     and predictions (adherence, glyph accuracy) from one oracle pass, the first `keep` images (the grid), and
-    Inception statistics when there is an Inception judge. At a few hundred bytes per image instead of the
-    image itself, hundreds of thousands of requests fit in memory."""
+    Inception statistics when there is an Inception judge. At about a kilobyte per image (128 float64
+    features; none with `keep_features=False`, for sets judged on adherence only) instead of the image
+    itself, hundreds of thousands of requests fit in memory."""
 
-    def __init__(self, oracle, inception=None, keep: int = 64, chunk: int = 250) -> None:
-        self.oracle, self.keep, self.chunk = oracle, keep, chunk
+    def __init__(self, oracle, inception=None, keep: int = 64, chunk: int = 250, keep_features: bool = True) -> None:
+        self.oracle, self.keep, self.chunk, self.keep_features = oracle, keep, chunk, keep_features
         self.device = next(oracle.parameters()).device
         self.inception = inception.stream() if inception is not None else None
         self._features: list[torch.Tensor] = []
@@ -151,7 +157,8 @@ class _Tally:
         """images (B, 3, S, S) in [-1, 1]."""
         for start in range(0, images.shape[0], self.chunk):
             logits, feats = self.oracle.forward_with_features(images[start:start + self.chunk].to(self.device).float())
-            self._features.append(feats.double().cpu())  # (b, D)
+            if self.keep_features:
+                self._features.append(feats.double().cpu())  # (b, D)
             for name, value in logits.items():
                 self._predictions.setdefault(name, []).append(value.argmax(-1).cpu())  # (b,)
         if self._kept < self.keep:
@@ -174,9 +181,9 @@ class _Tally:
 
 
 def _tally_modes(pipe, modes, oracle, inception, batch_size: int, settings: dict | None = None, suffix: str = "",
-                 draw: int = 0, **request) -> dict[str, _Tally]:
+                 draw: int = 0, keep_features: bool = True, **request) -> dict[str, _Tally]:
     """{mode: _Tally of its images for one request}, generated batch by batch (`_mode_batches`)."""
-    tallies = {mode: _Tally(oracle, inception) for mode in modes}
+    tallies = {mode: _Tally(oracle, inception, keep_features=keep_features) for mode in modes}
     for batch in _mode_batches(pipe, modes, batch_size, settings, suffix, draw, **request):
         for mode, images in batch.items():
             tallies[mode].add(images)
@@ -250,7 +257,6 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
         InceptionJudge,
         RealResamples,
         bootstrap_fid,
-        oracle_features,
         paired_fid_difference,
         real_features,
     )
@@ -260,7 +266,8 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
     if pipe is None:
         pipe = HybridPipeline.from_run(run_dir, device=device, need_generator=False)
     counts = pipe.parameter_counts()
-    inception = InceptionJudge(None, inception_weights, device=pipe.device) if inception_weights else None
+    # on the CPU, as before and as for the user's own shards: the same weights give the same numbers
+    inception = InceptionJudge(None, inception_weights) if inception_weights else None
     # rendered and judged a chunk at a time: a million real images never sit in memory at once
     real_feats = real_features(oracle, num_real, on_chunk=inception.add_real if inception else None,
                                **(real_kwargs or {}))  # (num_real, D)
@@ -269,27 +276,40 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
     # shapes than the real one, and FID counted the difference against the model
     requests = make_requests(num_samples, seed=request_seed(draw),
                              glyph_prob=(real_kwargs or {}).get("glyph_prob", DEFAULT_GLYPH_PROB))
-    _warn_if_singular(min(num_samples, num_real), real_feats.shape[1], "the oracle's features")
+    _warn_if_singular(num_samples, num_real, real_feats.shape[1], "the oracle's features")
     if inception is not None:
-        _warn_if_singular(min(num_samples, num_real), INCEPTION_DIMS, "Inception's pool features")
+        _warn_if_singular(num_samples, num_real, INCEPTION_DIMS, "Inception's pool features")
     glyph_requests = make_requests(max(1, num_samples // 4), seed=request_seed(draw) + 1, glyph_prob=1.0)
     metrics: dict[str, dict] = {}
 
     if "tokenizer" in modes:
         data = ProceduralDataset(image_size=pipe.tokenizer.image_size, size=num_samples, seed=1, split="val",
                                  **(real_kwargs or {}))
-        images = torch.stack([data[i]["image"] for i in range(num_samples)])
-        recon_c, recon_d = _reconstruct(pipe, images, batch_size, run_dir)
-        cont = bootstrap_fid(oracle_features(recon_c, oracle), resampled, bootstrap)
-        disc = bootstrap_fid(oracle_features(recon_d, oracle), resampled, bootstrap)
+
+        def held_out():
+            for start in progress_bar(range(0, num_samples, batch_size), desc="eval tokenizer", leave=False,
+                                      unit="batch"):
+                yield torch.stack([data[i]["image"] for i in range(start, min(start + batch_size, num_samples))])
+
+        # judged batch by batch, as the generated images are
+        cont, disc = _Tally(oracle, inception, keep=16), _Tally(oracle, keep=16)
+        psnr_c, psnr_d = [], []
+        for images, recon_c, recon_d in _reconstructions(pipe, held_out()):
+            cont.add(recon_c)
+            disc.add(recon_d)
+            psnr_c.append(_psnr_per_image(recon_c, images))
+            psnr_d.append(_psnr_per_image(recon_d, images))
+        first = torch.stack([data[i]["image"] for i in range(min(16, num_samples))])
+        _save_tokenizer_grid(first, disc.first(), cont.first(), run_dir)
+        fid_c = bootstrap_fid(cont.features(), resampled, bootstrap)
+        fid_d = bootstrap_fid(disc.features(), resampled, bootstrap)
         metrics["tokenizer"] = {
-            **_fid_fields(cont), "fid_discrete": disc["fid"], "fid_discrete_ci": disc["ci"],
-            "psnr_continuous": _psnr(recon_c, images), "psnr_discrete": _psnr(recon_d, images),
+            **_fid_fields(fid_c), "fid_discrete": fid_d["fid"], "fid_discrete_ci": fid_d["ci"],
+            "psnr_continuous": float(torch.cat(psnr_c).mean()), "psnr_discrete": float(torch.cat(psnr_d).mean()),
             "params": {"tokenizer": counts["tokenizer"]},
         }
         if inception is not None:
-            metrics["tokenizer"]["inception_fid"] = inception(recon_c)
-        del images, recon_c, recon_d
+            metrics["tokenizer"]["inception_fid"] = cont.inception_fid()
 
     generating = _generating_modes(pipe, modes)
     text_modes = [m for m in generating if _condition(pipe, m) == "text"]
@@ -298,9 +318,9 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
                                    classes=requests["classes"])}
     # text and glyph prompts are judged for adherence only: no Inception statistics for them
     tally["text"] = _tally_modes(pipe, text_modes, oracle, None, batch_size, settings, " text", draw,
-                                 prompts=requests["captions"])
+                                 keep_features=False, prompts=requests["captions"])
     tally["glyph"] = _tally_modes(pipe, text_modes, oracle, None, batch_size, settings, " glyphs", draw,
-                                  prompts=glyph_requests["captions"])
+                                  keep_features=False, prompts=glyph_requests["captions"])
     features = {}
     for mode in generating:
         judged = tally["class"][mode]
@@ -351,16 +371,25 @@ def _mode_params(mode: str, counts: dict[str, int]) -> dict[str, int]:
     return {k: counts[k] for k in used if k in counts}
 
 
+def _reconstructions(pipe, batches) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(images, decode(z), decode(z_q)) on the CPU for each batch of `batches` ((B, 3, S, S) in [-1, 1])."""
+    for images in batches:
+        enc = pipe.tokenizer.encode(images.to(pipe.device))
+        yield images, pipe.tokenizer.decode(enc.z).clamp(-1, 1).cpu(), pipe.tokenizer.decode(enc.z_q).clamp(-1, 1).cpu()
+
+
+def _save_tokenizer_grid(images: torch.Tensor, recon_d: torch.Tensor, recon_c: torch.Tensor, run_dir: Path) -> None:
+    """Rows of 16: the images, decode(z_q), decode(z)."""
+    save_grid(torch.cat([images[:16], recon_d[:16], recon_c[:16]]), run_dir / "eval" / "tokenizer.png", nrow=16)
+
+
 def _reconstruct(pipe, images: torch.Tensor, batch_size: int, run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """decode(z) and decode(z_q) of `images` (each (N, 3, S, S) in [-1, 1]); saves the comparison grid."""
-    recon_c, recon_d = [], []
-    for start in progress_bar(range(0, images.shape[0], batch_size), desc="eval tokenizer", leave=False, unit="batch"):
-        x = images[start : start + batch_size].to(pipe.device)
-        enc = pipe.tokenizer.encode(x)
-        recon_c.append(pipe.tokenizer.decode(enc.z).clamp(-1, 1).cpu())
-        recon_d.append(pipe.tokenizer.decode(enc.z_q).clamp(-1, 1).cpu())
-    recon_c, recon_d = torch.cat(recon_c), torch.cat(recon_d)
-    save_grid(torch.cat([images[:16], recon_d[:16], recon_c[:16]]), run_dir / "eval" / "tokenizer.png", nrow=16)
+    batches = (images[start : start + batch_size] for start in progress_bar(
+        range(0, images.shape[0], batch_size), desc="eval tokenizer", leave=False, unit="batch"))
+    parts = list(_reconstructions(pipe, batches))
+    recon_c, recon_d = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+    _save_tokenizer_grid(images, recon_d, recon_c, run_dir)
     return recon_c, recon_d
 
 
@@ -448,9 +477,14 @@ def evaluate_shards_run(run_dir, real: dict, batch_size: int = 100,
     return metrics
 
 
-def _psnr(recon: torch.Tensor, target: torch.Tensor) -> float:
+def _psnr_per_image(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """PSNR (dB) of each image in [-1, 1] (a peak-to-peak range of 2): (N,)."""
     mse = (recon.float() - target.float()).pow(2).flatten(1).mean(1).clamp(min=1e-10)
-    return float((10 * torch.log10(4.0 / mse)).mean())
+    return 10 * torch.log10(4.0 / mse)
+
+
+def _psnr(recon: torch.Tensor, target: torch.Tensor) -> float:
+    return float(_psnr_per_image(recon, target).mean())
 
 
 def run_evaluation(cfg) -> dict:

@@ -141,7 +141,9 @@ def bootstrap_fid(features_fake: torch.Tensor, features_real: torch.Tensor | Rea
     then draws the real rows). Returns {"fid", "ci": [lo, hi], "n": fake count, "n_real", "bootstrap"}.
     """
     real = _real_resamples(features_real, seed)
-    fid = frechet_distance(features_fake, real.features)
+    if features_fake.shape[0] < 2 or real.n < 2:
+        raise ValueError(f"FID needs at least 2 samples per set, got {features_fake.shape[0]} and {real.n}")
+    fid = _fid_of(_moments(features_fake), real.full)
     out = {"fid": fid, "ci": [fid, fid], "n": int(features_fake.shape[0]), "n_real": real.n,
            "bootstrap": int(bootstrap)}
     if bootstrap < 2:
@@ -169,7 +171,9 @@ def paired_fid_difference(features_a: torch.Tensor, features_b: torch.Tensor,
                          f"the same request), got {tuple(features_a.shape)} and {tuple(features_b.shape)}")
     a, b = features_a.double().cpu(), features_b.double().cpu()
     real = _real_resamples(features_real, seed)
-    fid_a, fid_b = frechet_distance(a, real.features), frechet_distance(b, real.features)
+    if a.shape[0] < 2 or real.n < 2:
+        raise ValueError(f"FID needs at least 2 samples per set, got {a.shape[0]} and {real.n}")
+    fid_a, fid_b = _fid_of(_moments(a), real.full), _fid_of(_moments(b), real.full)
     diff = fid_a - fid_b
     out = {"difference": diff, "ci": [diff, diff], "fid_a": fid_a, "fid_b": fid_b, "n": int(a.shape[0]),
            "bootstrap": int(bootstrap)}
