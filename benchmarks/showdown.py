@@ -173,10 +173,13 @@ def training_flops(cfg, stage: str) -> dict:
         loss, _ = module.compute_loss(batch)
         loss.backward()
 
-    per_step = count_flops(step)
+    # an optimizer step of train.accumulate batches: the loss of each is computed and backpropagated
+    accumulate = int(cfg[stage].train.get("accumulate", 1))
+    per_step = count_flops(step) * accumulate
     steps = int(cfg[stage].train.max_steps)
     out = {"flops_per_step": per_step, "steps": steps, "batch_size": int(cfg[stage].train.batch_size),
-           "flops": per_step * steps, "params": sum(p.numel() for p in module.model.parameters())}
+           "accumulate": accumulate, "flops": per_step * steps,
+           "params": sum(p.numel() for p in module.model.parameters())}
     if stage == "ar" and cfg.ar.token_cache:
         images = torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size)
         with torch.no_grad():
@@ -296,7 +299,7 @@ class Judge:
     def __init__(self, oracle, cfg, out_dir: Path, num_samples: int, seeds: int, bootstrap: int,
                  batch_size: int) -> None:
         from hybrid.eval.evaluate import make_requests, request_seed
-        from hybrid.eval.fid import oracle_features, real_images
+        from hybrid.eval.fid import real_features
 
         self.oracle, self.cfg, self.out_dir = oracle, cfg, out_dir
         self.cache = out_dir / "cache"
@@ -304,7 +307,7 @@ class Judge:
         self.n, self.seeds, self.bootstrap, self.batch_size = num_samples, seeds, bootstrap, batch_size
         self.real_kwargs = {"two_object_prob": cfg.data.two_object_prob, "glyph_prob": cfg.data.glyph_prob}
         total = num_samples * seeds
-        self.real = oracle_features(real_images(oracle, total, **self.real_kwargs), oracle)  # (S*N, D)
+        self.real = real_features(oracle, total, **self.real_kwargs)  # (S*N, D), rendered a chunk at a time
         self.glyph_prob = float(cfg.data.glyph_prob)  # requests drawn as the real images are (FID: like with like)
         self.requests = [make_requests(num_samples, seed=request_seed(s), glyph_prob=self.glyph_prob)
                          for s in range(seeds)]
@@ -315,15 +318,16 @@ class Judge:
         self.oracle_id = f"{Path(getattr(oracle, 'path', 'oracle')).name}@{meta.get('created', '')}"
 
     # -- generated images -> cached features and adherence ----------------------------------------
-    def _generate(self, pipe, mode, classes, seed, settings) -> torch.Tensor:
-        from hybrid.eval.evaluate import generation_seed
+    def _judged(self, pipe, mode, classes, seed, settings):
+        """The images of `classes`, judged batch by batch as they are generated (`evaluate.ImageTally`)."""
+        from hybrid.eval.evaluate import ImageTally, generation_seed
 
-        out = []
+        tally = ImageTally(self.oracle)
         for start in progress_bar(range(0, len(classes), self.batch_size),
                                   desc=f"{mode} {settings_key(settings)} seed {seed}", leave=False, unit="batch"):
-            out.append(pipe(classes=classes[start:start + self.batch_size], mode=mode,
-                            seed=generation_seed(seed, start), batch_size=self.batch_size, **settings).cpu())
-        return torch.cat(out)
+            tally.add(pipe(classes=classes[start:start + self.batch_size], mode=mode,
+                           seed=generation_seed(seed, start), batch_size=self.batch_size, **settings).cpu())
+        return tally
 
     def sample_set(self, pipe, tag: str, mode: str, settings: dict, seed: int, n: int | None = None,
                    kind: str = "class") -> dict:
@@ -334,8 +338,8 @@ class Judge:
         if path.is_file():
             return torch.load(path, weights_only=True)
         req = self._requests(seed, n, kind)
-        images = self._generate(pipe, mode, req["classes"][:n], seed, settings)
-        return self._store(images, req, n, path, grid=seed == 0 and kind == "class")
+        tally = self._judged(pipe, mode, req["classes"][:n], seed, settings)
+        return self._store(tally, req, n, path, grid=seed == 0 and kind == "class")
 
     def sample_pair(self, ar: tuple, hybrid: tuple, seed: int, n: int) -> tuple[dict, dict]:
         """`sample_set`'s (ar, hybrid) class-prompt sets for one seed, from one AR pass per batch when the two
@@ -352,31 +356,37 @@ class Judge:
         if all(p.is_file() for p in paths) or not (shared and pipe.hybrid_shares_ar_tokens):
             return (self.sample_set(ar_pipe, ar_tag, "ar", ar_settings, seed, n),
                     self.sample_set(pipe, tag, "hybrid", settings, seed, n))
+        from hybrid.eval.evaluate import ImageTally
+
         req = self._requests(seed, n, "class")
         classes = req["classes"][:n]
-        parts = [pipe.ar_and_hybrid(classes=classes[start:start + self.batch_size], seed=generation_seed(seed, start),
-                                    batch_size=self.batch_size, **settings)
-                 for start in progress_bar(range(0, n, self.batch_size), desc=f"ar+hybrid seed {seed}",
-                                           leave=False, unit="batch")]
-        return tuple(self._store(torch.cat([p[i].cpu() for p in parts]), req, n, path, grid=seed == 0)
-                     for i, path in enumerate(paths))
+        tallies = (ImageTally(self.oracle), ImageTally(self.oracle))  # judged batch by batch, images not kept
+        for start in progress_bar(range(0, n, self.batch_size), desc=f"ar+hybrid seed {seed}", leave=False,
+                                  unit="batch"):
+            images = pipe.ar_and_hybrid(classes=classes[start:start + self.batch_size],
+                                        seed=generation_seed(seed, start), batch_size=self.batch_size, **settings)
+            for tally, part in zip(tallies, images):
+                tally.add(part.cpu())
+        return tuple(self._store(tally, req, n, path, grid=seed == 0) for tally, path in zip(tallies, paths))
 
     def real_features(self, n: int) -> torch.Tensor:
         """Oracle features of `n` real images: `self.real`'s first n rows, or (more than it holds) n fresh real
         images, cached under <out>/cache."""
         if n <= self.real.shape[0]:
             return self.real[:n]
-        from hybrid.eval.fid import oracle_features, real_images
+        from hybrid.checkpoints import atomic_torch_save
+        from hybrid.eval.fid import real_features
 
         key = f"real|{n}|{sorted(self.real_kwargs.items())}|{self.oracle_id}"
         path = self.cache / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
         if path.is_file():
             return torch.load(path, weights_only=True)
-        feats = oracle_features(real_images(self.oracle, n, **self.real_kwargs), self.oracle)
-        torch.save(feats, path)
+        feats = real_features(self.oracle, n, **self.real_kwargs)
+        atomic_torch_save(feats, path)
         return feats
 
     def _cache_path(self, pipe, tag: str, mode: str, settings: dict, seed: int, n: int, kind: str) -> Path:
+        from hybrid.config import EvalConfig
         from hybrid.eval.evaluate import DEFAULT_GLYPH_PROB
 
         key = f"{tag}|{mode}|{settings_key(settings)}|{seed}|{n}|{kind}|v{SAMPLING_VERSION}|{self.oracle_id}"
@@ -384,6 +394,8 @@ class Judge:
             key += f"|{pipe.device.type}"
         if self.glyph_prob != DEFAULT_GLYPH_PROB:  # other requests (the default's keys stay as they were)
             key += f"|glyph_prob={self.glyph_prob}"
+        if self.batch_size != EvalConfig.batch_size:  # a batch shares its random draws: other images, other rows
+            key += f"|batch={self.batch_size}"
         key = hashlib.sha1(key.encode()).hexdigest()[:16]
         return self.cache / f"{key}.pt"
 
@@ -396,19 +408,25 @@ class Judge:
         return self.requests[seed] if n == self.n and seed < len(self.requests) else make_requests(
             n, seed=request_seed(seed), glyph_prob=self.glyph_prob)
 
-    def _store(self, images: torch.Tensor, req: dict, n: int, path: Path, grid: bool) -> dict:
-        from hybrid.eval.adherence import adherence
+    def _store(self, tally, req: dict, n: int, path: Path, grid: bool) -> dict:
+        """{"features", "adherence"} of a set judged batch by batch (`evaluate.ImageTally`), cached."""
+        from hybrid.eval.adherence import adherence_from_logits
         from hybrid.eval.evaluate import class_request_attrs
-        from hybrid.eval.fid import oracle_features
 
-        entry = {"features": oracle_features(images, self.oracle),
-                 "adherence": adherence(images, class_request_attrs({k: v[:n] for k, v in req["attrs"].items()}),
-                                        self.oracle)}
-        if grid:
-            from hybrid.images import save_grid
+        entry = {"features": tally.features(),
+                 "adherence": adherence_from_logits(tally.predictions(),
+                                                    class_request_attrs({k: v[:n] for k, v in req["attrs"].items()}))}
+        return self._save(entry, tally.first() if grid else None, path)
 
-            save_grid(images[:64], self.out_dir / "grids" / f"{path.stem}.png")
-        torch.save(entry, path)
+    def _save(self, entry: dict, grid: torch.Tensor | None, path: Path) -> dict:
+        """Writes the set's grid (when given) and its cache file (atomically: a run killed while writing leaves no
+        half-written file that every later run would fail to load)."""
+        from hybrid.checkpoints import atomic_torch_save
+        from hybrid.images import save_grid
+
+        if grid is not None:
+            save_grid(grid, self.out_dir / "grids" / f"{path.stem}.png")
+        atomic_torch_save(entry, path)
         return entry
 
     def fid(self, sets: list[dict]) -> dict:
@@ -482,6 +500,14 @@ def load_pipes(run_dir: Path, stages: dict, device: torch.device, which: str = "
 SAMPLERS = {"ddpm": ("ddim", "dpm"), "flow": ("euler", "dpm")}
 
 
+def zero_or_at_least_2(text: str) -> int:
+    """argparse `type` of --confirm-samples: 0 (off) or an FID's at least 2 images."""
+    value = int(text)
+    if value < 0 or value == 1:
+        raise argparse.ArgumentTypeError(f"must be 0 (off) or >= 2 (FID needs 2 images), got {value}")
+    return value
+
+
 def candidates(system: str, cfg, cfg_sweep, samplers) -> list[dict]:
     """The guidance (and sampler) settings the sweep tries for a system: the AR's guidance for AR
     systems and the hybrid (whose refiner runs unguided), the denoiser's for the baseline; samplers
@@ -519,6 +545,15 @@ def run(args, cfg, oracle, device: torch.device) -> dict:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     systems = list(dict.fromkeys(args.systems))
+    for system in systems:  # a sampler no denoiser can use is found now, not after all the training
+        if system in ("hybrid", "diffusion"):
+            try:
+                candidates(system, cfg, args.cfg_sweep, args.samplers)
+            except ValueError as err:
+                raise ShowdownError(f"--samplers: {err}") from None
+    if cfg.eval.num_real:
+        print(f"[showdown] eval.num_real={cfg.eval.num_real} is not used here: each FID is judged against as many "
+              "real images as generated ones (--num-samples x --seeds; --confirm-samples)")
     t0 = time.perf_counter()
     stages = train_system_stages(cfg, run_dir, systems, args.match_flops)
     train_seconds = time.perf_counter() - t0
@@ -612,11 +647,11 @@ def confirm_hybrid_vs_ar(judge: Judge, pipes: dict, systems: dict, n: int) -> di
     (draw CONFIRM_DRAW, which chose nothing) against N real images: each FID with its own interval, and the paired
     difference. Both intervals shrink as 1/sqrt(N) (docs/results.md: +-0.38 at 100,000 on the default stages),
     so a gap the showdown's few thousand images leave inside the two intervals can be shown outside them."""
-    from hybrid.eval.fid import bootstrap_fid, paired_fid_difference
+    from hybrid.eval.fid import RealResamples, bootstrap_fid, paired_fid_difference
 
     ar_settings, settings = op_row(systems["ar"])["settings"], op_row(systems["hybrid"])["settings"]
     ar_set, hybrid_set = judge.sample_pair((*pipes["ar"], ar_settings), (*pipes["hybrid"], settings), CONFIRM_DRAW, n)
-    real = judge.real_features(n)
+    real = RealResamples(judge.real_features(n))  # resampled once for the three intervals
 
     def judged(entry: dict) -> dict:
         fid = bootstrap_fid(entry["features"], real, judge.bootstrap)
@@ -688,7 +723,7 @@ def verdicts(systems: dict, side_by_side: dict | None = None, confirmation: dict
     """The issue's two targets, measured at the operating points; the speed ratios come from
     `side_by_side` ({system: images/s}, interleaved timing) when given, else from the rows' timings. FID(hybrid)
     below FID(AR) outside the two intervals counts on the showdown's own images or, when `confirmation`
-    (`--confirm-samples`) is given, on its fresh ones."""
+    (`--confirm-samples`) is given, on its fresh ones instead (it decides, pass or fail)."""
     def op(name):
         s = systems.get(name)
         return None if s is None else op_row(s)
@@ -712,8 +747,9 @@ def verdicts(systems: dict, side_by_side: dict | None = None, confirmation: dict
         slower = speed_of("ar", a) / speed_of("hybrid", h)
         better = h["fid_ci"][1] < a["fid_ci"][0]
         confirmed = bool(confirmation and confirmation["fid_better_outside_interval"])
+        # the confirmation, when it ran, decides: its fresh prompts are many more, and chose nothing
         out["hybrid_vs_ar"] = {"fid_better_outside_interval": better, "ar_over_hybrid_speed": slower,
-                               "met": bool((better or confirmed) and slower <= 1.5)}
+                               "met": bool((confirmed if confirmation else better) and slower <= 1.5)}
         if confirmation:
             out["hybrid_vs_ar"]["fid_better_outside_interval_confirmed"] = confirmed
             out["hybrid_vs_ar"]["confirmation_n"] = confirmation["n"]
@@ -939,8 +975,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=at_least(1), default=3)
     parser.add_argument("--sweep-samples", type=at_least(2), default=500)
     parser.add_argument("--cfg-sweep", type=non_negative_float, nargs="+", default=[1.0, 2.0, 4.0])
-    parser.add_argument("--samplers", nargs="+", default=None, help="denoiser samplers to sweep (default: the "
-                        "config's refiner.sampler)")
+    parser.add_argument("--samplers", nargs="+", default=None, help="denoiser samplers to sweep (default: each "
+                        "denoiser's own: refiner.sampler for the hybrid, diffusion.sampler for the baseline)")
     parser.add_argument("--refiner-steps", type=at_least(1), nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--diffusion-steps", type=at_least(1), nargs="+", default=[10, 25, 50])
     parser.add_argument("--holdout", action=argparse.BooleanOptionalAction, default=True,
@@ -948,7 +984,7 @@ def main(argv: list[str] | None = None) -> int:
                         "generators' training data (composition is measured on them)")
     parser.add_argument("--match-flops", action=argparse.BooleanOptionalAction, default=True,
                         help="set the diffusion baseline's step budget to AR + refiner training FLOPs")
-    parser.add_argument("--confirm-samples", type=at_least(0), default=0, metavar="N",
+    parser.add_argument("--confirm-samples", type=zero_or_at_least_2, default=0, metavar="N",
                         help="judge the hybrid's and pure AR's operating points again on N fresh class prompts, "
                         "each FID with its own interval (0 = off; 100000 separated a gap of 1.5 on the default "
                         "stages)")

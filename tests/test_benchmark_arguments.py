@@ -37,6 +37,8 @@ TINY_AR = ["--width", "16", "--depth", "1", "--heads", "2", "--scales", "1", "2"
      "argument --refiner-steps: must be >= 1, got 0"),
     ("benchmarks.showdown", ["--run-dir", "{tmp}/run", "--out", "{tmp}/out", "--cfg-sweep", "1", "-2"],
      "argument --cfg-sweep: must be >= 0, got -2"),
+    ("benchmarks.showdown", ["--run-dir", "{tmp}/run", "--out", "{tmp}/out", "--confirm-samples", "1"],
+     "argument --confirm-samples: must be 0 (off) or >= 2"),  # failed in the bootstrap after the whole run
     ("benchmarks.data_throughput", ["--sizes", "abc"], "argument --sizes: expected comma-separated integers"),
     ("benchmarks.data_throughput", ["--sizes", "16,300"], "argument --sizes: each value must be in 16..256, got 300"),
 ])
@@ -115,3 +117,25 @@ def test_the_showdown_operating_point_is_the_least_work_within_the_best_interval
     assert operating_point(rows)["steps"] == 25
     # the same work: the faster one
     assert operating_point([row(1, 40.0, 2.0, 1e9, 50.0), row(1, 40.5, 2.0, 1e9, 55.0)])["images_per_s"] == 55.0
+
+
+def test_the_showdown_confirmation_decides_the_hybrid_vs_ar_verdict_when_it_ran():
+    """The verdict passed when either the showdown's own 3,000 images or the 100,000-prompt confirmation separated
+    the two FIDs: two chances at one target. The confirmation, when it runs, decides, pass or fail."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.showdown import verdicts
+
+    def system(fid, half, speed):
+        return {"operating_point": 1, "rows": [{"steps": 1, "fid": fid, "fid_ci": [fid - half, fid + half],
+                                                "images_per_s": speed, "flops_per_image": 1e9}]}
+
+    apart = {"ar": system(44.0, 0.5, 60.0), "hybrid": system(42.0, 0.5, 55.0)}  # the rows separate them
+    assert verdicts(apart)["hybrid_vs_ar"]["met"]
+    failed = {"n": 100000, "fid_better_outside_interval": False}
+    assert not verdicts(apart, confirmation=failed)["hybrid_vs_ar"]["met"]
+    overlapping = {"ar": system(44.0, 2.0, 60.0), "hybrid": system(42.5, 2.0, 55.0)}
+    assert not verdicts(overlapping)["hybrid_vs_ar"]["met"]
+    passed = {"n": 100000, "fid_better_outside_interval": True}
+    assert verdicts(overlapping, confirmation=passed)["hybrid_vs_ar"]["met"]
+    assert not verdicts(overlapping, {"ar": 100.0, "hybrid": 50.0}, passed)["hybrid_vs_ar"]["met"]  # 2x slower
+

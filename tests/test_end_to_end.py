@@ -720,6 +720,26 @@ def test_showdown_trains_every_system_and_measures_them_side_by_side(toy_run, tm
     assert bad.returncode == 2 and "data.holdout" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_the_showdown_counts_every_accumulated_batch_of_a_training_step(toy_run):
+    """An optimizer step of train.accumulate=k batches does k forward and backward passes: the FLOP match between
+    the diffusion baseline and AR + refiner counted one."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.showdown import training_flops
+    from hybrid.config import load_config
+
+    run_dir, base, _ = toy_run
+
+    def counted(accumulate):
+        cfg = load_config("configs/toy.yaml", [f"run_dir={run_dir}", f"cache_dir={base / 'cache'}",
+                                               "refiner.train.batch_size=2", "refiner.train.max_steps=3",
+                                               f"refiner.train.accumulate={accumulate}"])
+        return training_flops(cfg, "refiner")
+
+    one, three = counted(1), counted(3)
+    assert one["flops_per_step"] > 0 and three["accumulate"] == 3
+    assert three["flops_per_step"] == 3 * one["flops_per_step"] and three["flops"] == 3 * one["flops"]
+
+
 def _check_the_confirmation_pass_gives_the_images_of_two(result, show_run, base, tmp_path):
     """`Judge.sample_pair` (one AR pass for both modes) gives exactly the features that two `sample_set` calls
     (one pass per mode) give for the same requests and seeds."""

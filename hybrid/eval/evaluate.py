@@ -136,7 +136,7 @@ def _generate(pipe, mode: str, batch_size: int, settings: dict | None = None, dr
     return _generate_modes(pipe, [mode], batch_size, settings, draw=draw, **request)[mode]
 
 
-class _Tally:
+class ImageTally:
     """What the evaluation keeps of one set of generated images, added batch by batch: oracle features (FID)
     and predictions (adherence, glyph accuracy) from one oracle pass, the first `keep` images (the grid), and
     Inception statistics when there is an Inception judge. At about a kilobyte per image (128 float64
@@ -181,9 +181,9 @@ class _Tally:
 
 
 def _tally_modes(pipe, modes, oracle, inception, batch_size: int, settings: dict | None = None, suffix: str = "",
-                 draw: int = 0, keep_features: bool = True, **request) -> dict[str, _Tally]:
-    """{mode: _Tally of its images for one request}, generated batch by batch (`_mode_batches`)."""
-    tallies = {mode: _Tally(oracle, inception, keep_features=keep_features) for mode in modes}
+                 draw: int = 0, keep_features: bool = True, **request) -> dict[str, ImageTally]:
+    """{mode: ImageTally of its images for one request}, generated batch by batch (`_mode_batches`)."""
+    tallies = {mode: ImageTally(oracle, inception, keep_features=keep_features) for mode in modes}
     for batch in _mode_batches(pipe, modes, batch_size, settings, suffix, draw, **request):
         for mode, images in batch.items():
             tallies[mode].add(images)
@@ -292,7 +292,7 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
                 yield torch.stack([data[i]["image"] for i in range(start, min(start + batch_size, num_samples))])
 
         # judged batch by batch, as the generated images are
-        cont, disc = _Tally(oracle, inception, keep=16), _Tally(oracle, keep=16)
+        cont, disc = ImageTally(oracle, inception, keep=16), ImageTally(oracle, keep=16)
         psnr_c, psnr_d = [], []
         for images, recon_c, recon_d in _reconstructions(pipe, held_out()):
             cont.add(recon_c)
@@ -313,7 +313,7 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
 
     generating = _generating_modes(pipe, modes)
     text_modes = [m for m in generating if _condition(pipe, m) == "text"]
-    # each set is judged batch by batch as it is generated (`_Tally`): its images are not kept
+    # each set is judged batch by batch as it is generated (`ImageTally`): its images are not kept
     tally = {"class": _tally_modes(pipe, generating, oracle, inception, batch_size, settings, draw=draw,
                                    classes=requests["classes"])}
     # text and glyph prompts are judged for adherence only: no Inception statistics for them
