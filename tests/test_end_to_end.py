@@ -720,6 +720,18 @@ def test_showdown_trains_every_system_and_measures_them_side_by_side(toy_run, tm
     assert bad.returncode == 2 and "data.holdout" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_the_showdown_refuses_samplers_no_denoiser_can_use_before_it_trains(toy_run, tmp_path):
+    """A --samplers list the refiner cannot use was found by the sweep, after every stage had trained."""
+    run_dir, base, _ = toy_run
+    out = subprocess.run([sys.executable, "benchmarks/showdown.py", "--config", "configs/toy.yaml", "--run-dir",
+                          str(tmp_path / "show"), "--out", str(tmp_path / "out"), "--systems", "ar", "hybrid",
+                          "--samplers", "euler", f"cache_dir={base / 'cache'}", "--device", "cpu"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "--samplers" in out.stderr and "euler" in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "show" / "tokenizer").exists()  # nothing trained
+
+
 def test_the_showdown_counts_every_accumulated_batch_of_a_training_step(toy_run):
     """An optimizer step of train.accumulate=k batches does k forward and backward passes: the FLOP match between
     the diffusion baseline and AR + refiner counted one."""
