@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from hybrid.devices import Stopwatch, resolve_device
+from hybrid.names import CFG_SCHEDULES
 from hybrid.pipeline import MODES, HybridPipeline, PipelineError
 
 
@@ -29,13 +30,17 @@ def parse_args(argv):
     p.add_argument("--mode", choices=MODES, default="hybrid", help="hybrid | ar | diffusion (default hybrid)")
     p.add_argument("--steps", type=int, default=None, help="refiner / diffusion steps (default: the config's)")
     p.add_argument("--sampler", default=None, help="ddim | dpm (ddpm-trained) or euler | dpm (flow-trained)")
-    p.add_argument("--cfg", type=float, default=None, help="AR classifier-free guidance scale")
-    p.add_argument("--refiner-cfg", type=float, default=1.0, help="guidance of the refiner / diffusion model")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--cfg", type=float, default=None,
+                   help="AR classifier-free guidance scale (default: the AR's ar.sample.cfg)")
+    p.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default=None,
+                   help="how the AR's guidance runs over the scales (default: the AR's ar.sample.cfg_schedule)")
+    p.add_argument("--refiner-cfg", type=float, default=1.0,
+                   help="guidance of the refiner / diffusion model (default 1.0: unguided)")
+    p.add_argument("--temperature", type=float, default=None, help="AR sampling temperature (default: the config's)")
+    p.add_argument("--top-k", type=int, default=None, help="AR top-k, 0 = off (default: the config's)")
+    p.add_argument("--top-p", type=float, default=None, help="AR nucleus top-p, 1 = off (default: the config's)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed and batch size give the same images (default 0)")
+    p.add_argument("--batch-size", type=int, default=16, help="images generated at once (default 16)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--out", default="samples", help="output folder (default samples/)")
     p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True, help="write grid.png")
@@ -119,8 +124,8 @@ def main(argv=None) -> int:
             pipe = HybridPipeline.from_run(args.run, device=device)
         else:
             pipe = HybridPipeline.from_pretrained(args.export, device=device)
-        settings = dict(cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        steps=args.steps, sampler=args.sampler, refiner_cfg=args.refiner_cfg)
+        settings = dict(cfg=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, steps=args.steps, sampler=args.sampler, refiner_cfg=args.refiner_cfg)
         # the whole request is checked before anything is written (--write-export) or generated
         pipe.check_request(classes=classes, prompts=prompts, mode=args.mode, seed=args.seed,
                            batch_size=args.batch_size, **settings)
@@ -135,8 +140,9 @@ def main(argv=None) -> int:
                   if value is not None]
         if args.mode == "ar" and unused:
             print(f"note: {', '.join(unused)} set the refiner, which --mode ar does not run", file=sys.stderr)
-        ar_only = [flag for flag, value in (("--cfg", args.cfg), ("--temperature", args.temperature),
-                                            ("--top-k", args.top_k), ("--top-p", args.top_p)) if value is not None]
+        ar_only = [flag for flag, value in (("--cfg", args.cfg), ("--cfg-schedule", args.cfg_schedule),
+                                            ("--temperature", args.temperature), ("--top-k", args.top_k),
+                                            ("--top-p", args.top_p)) if value is not None]
         if args.mode == "diffusion" and ar_only:
             print(f"note: {', '.join(ar_only)} set the AR, which --mode diffusion does not run (its guidance is "
                   "--refiner-cfg)", file=sys.stderr)

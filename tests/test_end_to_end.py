@@ -178,6 +178,24 @@ def test_sample_cli_writes_images_and_is_deterministic(toy_run):
     assert np.array_equal(grids[0], grids[1])
 
 
+def test_sample_cli_takes_the_guidance_schedule_the_config_reference_lists(toy_run, tmp_path, capsys):
+    """`cfg_schedule` is a generation setting (eval.settings, the pipeline), but sample.py had no flag for it."""
+    from hybrid.sample_cli import main
+
+    run_dir, _, _ = toy_run
+    grids = {}
+    for schedule in ("constant", "linear"):
+        out_dir = tmp_path / schedule
+        assert main(["--run", str(run_dir), "--class", "3", "-n", "4", "--cfg", "4", "--cfg-schedule", schedule,
+                     "--mode", "ar", "--out", str(out_dir)]) == 0
+        grids[schedule] = np.asarray(Image.open(out_dir / "grid.png"))
+    assert not np.array_equal(grids["constant"], grids["linear"])  # the flag reaches the AR
+    with pytest.raises(SystemExit):
+        main(["--run", str(run_dir), "--class", "3", "--cfg-schedule", "cosine", "--out", str(tmp_path / "bad")])
+    assert "invalid choice: 'cosine'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_export_loads_and_gives_the_same_images(toy_run):
     from hybrid.pipeline import HybridPipeline
 
