@@ -975,7 +975,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=at_least(1), default=3)
     parser.add_argument("--sweep-samples", type=at_least(2), default=500)
     parser.add_argument("--cfg-sweep", type=non_negative_float, nargs="+", default=[1.0, 2.0, 4.0])
-    parser.add_argument("--samplers", nargs="+", default=None, help="denoiser samplers to sweep (default: each "
+    parser.add_argument("--samplers", nargs="+", default=None,
+                        choices=sorted({s for names in SAMPLERS.values() for s in names}),
+                        help="denoiser samplers to sweep (default: each "
                         "denoiser's own: refiner.sampler for the hybrid, diffusion.sampler for the baseline)")
     parser.add_argument("--refiner-steps", type=at_least(1), nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--diffusion-steps", type=at_least(1), nargs="+", default=[10, 25, 50])

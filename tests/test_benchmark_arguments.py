@@ -37,6 +37,8 @@ TINY_AR = ["--width", "16", "--depth", "1", "--heads", "2", "--scales", "1", "2"
      "argument --refiner-steps: must be >= 1, got 0"),
     ("benchmarks.showdown", ["--run-dir", "{tmp}/run", "--out", "{tmp}/out", "--cfg-sweep", "1", "-2"],
      "argument --cfg-sweep: must be >= 0, got -2"),
+    ("benchmarks.showdown", ["--run-dir", "{tmp}/run", "--out", "{tmp}/out", "--samplers", "ddim", "dmp"],
+     "argument --samplers: invalid choice: 'dmp'"),  # a typo was dropped silently beside a usable sampler
     ("benchmarks.showdown", ["--run-dir", "{tmp}/run", "--out", "{tmp}/out", "--confirm-samples", "1"],
      "argument --confirm-samples: must be 0 (off) or >= 2"),  # failed in the bootstrap after the whole run
     ("benchmarks.data_throughput", ["--sizes", "abc"], "argument --sizes: expected comma-separated integers"),

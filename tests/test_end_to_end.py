@@ -742,8 +742,8 @@ def test_the_showdown_refuses_samplers_no_denoiser_can_use_before_it_trains(toy_
     """A --samplers list the refiner cannot use was found by the sweep, after every stage had trained."""
     run_dir, base, _ = toy_run
     out = subprocess.run([sys.executable, "benchmarks/showdown.py", "--config", "configs/toy.yaml", "--run-dir",
-                          str(tmp_path / "show"), "--out", str(tmp_path / "out"), "--systems", "ar", "hybrid",
-                          "--samplers", "euler", f"cache_dir={base / 'cache'}", "--device", "cpu"],
+                          str(tmp_path / "show"), "--out", str(tmp_path / "out"), f"cache_dir={base / 'cache'}",
+                          "--systems", "ar", "hybrid", "--samplers", "euler", "--device", "cpu"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "--samplers" in out.stderr and "euler" in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
