@@ -93,14 +93,18 @@ def _fid_of(moments_a: tuple[torch.Tensor, torch.Tensor], moments_b: tuple[torch
         return float(_compute_fid(moments_a[0], moments_a[1], moments_b[0], moments_b[1]))
 
 
+def _check_sizes(n_a: int, n_b: int) -> None:
+    if n_a < 2 or n_b < 2:
+        raise ValueError(f"FID needs at least 2 samples per set, got {n_a} and {n_b}")
+
+
 def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
     """FID between two feature sets (Na, D) and (Nb, D), as torchmetrics computes it.
 
     Means and unbiased covariances in float64, then torchmetrics' `_compute_fid`
     (||mu_a - mu_b||^2 + tr(S_a + S_b - 2 sqrt(S_a S_b))).
     """
-    if features_a.shape[0] < 2 or features_b.shape[0] < 2:
-        raise ValueError(f"FID needs at least 2 samples per set, got {features_a.shape[0]} and {features_b.shape[0]}")
+    _check_sizes(features_a.shape[0], features_b.shape[0])
     return _fid_of(_moments(features_a), _moments(features_b))
 
 
@@ -141,8 +145,7 @@ def bootstrap_fid(features_fake: torch.Tensor, features_real: torch.Tensor | Rea
     then draws the real rows). Returns {"fid", "ci": [lo, hi], "n": fake count, "n_real", "bootstrap"}.
     """
     real = _real_resamples(features_real, seed)
-    if features_fake.shape[0] < 2 or real.n < 2:
-        raise ValueError(f"FID needs at least 2 samples per set, got {features_fake.shape[0]} and {real.n}")
+    _check_sizes(features_fake.shape[0], real.n)
     fid = _fid_of(_moments(features_fake), real.full)
     out = {"fid": fid, "ci": [fid, fid], "n": int(features_fake.shape[0]), "n_real": real.n,
            "bootstrap": int(bootstrap)}
@@ -171,16 +174,16 @@ def paired_fid_difference(features_a: torch.Tensor, features_b: torch.Tensor,
                          f"the same request), got {tuple(features_a.shape)} and {tuple(features_b.shape)}")
     a, b = features_a.double().cpu(), features_b.double().cpu()
     real = _real_resamples(features_real, seed)
-    if a.shape[0] < 2 or real.n < 2:
-        raise ValueError(f"FID needs at least 2 samples per set, got {a.shape[0]} and {real.n}")
+    _check_sizes(a.shape[0], real.n)
     fid_a, fid_b = _fid_of(_moments(a), real.full), _fid_of(_moments(b), real.full)
     diff = fid_a - fid_b
     out = {"difference": diff, "ci": [diff, diff], "fid_a": fid_a, "fid_b": fid_b, "n": int(a.shape[0]),
            "bootstrap": int(bootstrap)}
     if bootstrap >= 2:
-        out["ci"] = list(_bootstrap_interval(lambda i, k: _fid_of(_moments(a[i]), real[k]) - _fid_of(_moments(b[i]),
-                                                                                                   real[k]),
-                                             diff, a.shape[0], real.n, bootstrap, seed, level))
+        def statistic(i: torch.Tensor, k: int) -> float:  # one set of rows for both sets, one real resample
+            return _fid_of(_moments(a[i]), real[k]) - _fid_of(_moments(b[i]), real[k])
+
+        out["ci"] = list(_bootstrap_interval(statistic, diff, a.shape[0], real.n, bootstrap, seed, level))
     return out
 
 
