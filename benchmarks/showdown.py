@@ -849,7 +849,13 @@ def markdown(result: dict) -> str:
                          f"(batch 16), so the speed-up is {x['flop_ratio']:.1f} x {g['hybrid'] / g['diffusion']:.2f}")
     if "hybrid_vs_ar" in v:
         x = v["hybrid_vs_ar"]
-        lines.append(f"- hybrid vs pure AR: FID better outside the interval: {x['fid_better_outside_interval']}; "
+        if "confirmation_n" in x:  # the confirmation decides; the rows' own answer is shown beside it
+            fid_verdict = (f"on {x['confirmation_n']:,} fresh prompts (the confirmation, which decides): "
+                           f"{x['fid_better_outside_interval_confirmed']} (on the rows' images: "
+                           f"{x['fid_better_outside_interval']})")
+        else:
+            fid_verdict = f"on the rows' images: {x['fid_better_outside_interval']}"
+        lines.append(f"- hybrid vs pure AR: FID better outside the two intervals {fid_verdict}; "
                      f"AR is {x['ar_over_hybrid_speed']:.2f}x the hybrid's images/s (target <= 1.5x) -> "
                      f"{'met' if x['met'] else 'NOT met'}")
         if "confirmation_n" in x:
