@@ -21,7 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as importing hybrid does (hybrid/__init__.py)
+import hybrid as _hybrid  # noqa: F401 -- before torch loads: OpenMP's short spin (hybrid/__init__.py)
+
+# isort: split
 
 import numpy as np
 import torch

@@ -19,10 +19,11 @@ Needs a run directory with a trained tokenizer and next-scale AR, and the cached
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as importing hybrid does (hybrid/__init__.py)
+import hybrid as _hybrid  # noqa: F401 -- before torch loads: OpenMP's short spin (hybrid/__init__.py)
+
+# isort: split
 
 import torch
 

@@ -29,12 +29,13 @@ and by the paired interval); 4 steps within the interval of 8 steps.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as importing hybrid does (hybrid/__init__.py)
+import hybrid as _hybrid  # noqa: F401 -- before torch loads: OpenMP's short spin (hybrid/__init__.py)
+
+# isort: split
 
 import torch
 

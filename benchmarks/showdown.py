@@ -60,16 +60,17 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as importing hybrid does (hybrid/__init__.py)
-
 if __package__ in (None, ""):  # `python benchmarks/showdown.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hybrid as _hybrid  # noqa: E402,F401 -- before torch loads: OpenMP's short spin (hybrid/__init__.py)
+
+# isort: split
 
 import numpy as np
 import torch

@@ -9,7 +9,10 @@ every kernel's end; with two such jobs on two cores a waiting thread spins while
 descheduled. Settings:
 - default: PyTorch's own (one thread per core, OpenMP's default wait policy), as outside this project;
 - passive: the same threads with OMP_WAIT_POLICY=PASSIVE (a waiting thread sleeps instead of spinning): what
-  importing `hybrid` sets unless the variable is set already (hybrid/__init__.py);
+  importing `hybrid` set until 2026-12-07 (it made generation 2.6x slower at batch 1);
+- spin10k: the same threads with GOMP_SPINCOUNT=10000 (a waiting thread spins briefly, then sleeps; GNU OpenMP's
+  default spins about 300,000 rounds): what importing `hybrid` sets unless either variable is set already
+  (hybrid/__init__.py);
 - one: a single thread per process (OMP_NUM_THREADS=1).
 Prints and saves the median step time alone and contended, and the slowdown (contended / alone) per setting.
 """
@@ -28,7 +31,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python benchmarks/threads.py` as well as `python -m benchmarks.threads`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SETTINGS = {"default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "one": {"OMP_NUM_THREADS": "1"}}
+SETTINGS = {"default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "spin10k": {"GOMP_SPINCOUNT": "10000"},
+            "one": {"OMP_NUM_THREADS": "1"}}
 
 
 def worker(steps: int) -> float:
@@ -61,7 +65,7 @@ def worker_main(steps: int) -> None:
 def _spawn(env_extra: dict, steps: int) -> subprocess.Popen:
     # `python -c` importing this module alone: importing `hybrid` would set its own OMP_WAIT_POLICY default
     # before torch loads, and the "default" row would not be OpenMP's default
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     return subprocess.Popen([sys.executable, "-c", f"import benchmarks.threads as t; t.worker_main({int(steps)})"],
                             cwd=Path(__file__).resolve().parents[1], env={**env, **env_extra},
                             stdout=subprocess.PIPE, text=True)

@@ -27,12 +27,13 @@ the discrete one outside the intervals; usage >= 90% pooled and >= 50% at the fi
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as importing hybrid does (hybrid/__init__.py)
+import hybrid as _hybrid  # noqa: F401 -- before torch loads: OpenMP's short spin (hybrid/__init__.py)
+
+# isort: split
 
 import torch
 from pytorch_lightning import Callback

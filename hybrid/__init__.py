@@ -3,14 +3,18 @@
 import logging as _logging
 import os as _os
 
-# PyTorch's CPU kernels run on OpenMP threads that, by OpenMP's default, spin while they wait for each other at
-# each kernel's end. When another job shares the cores, a spinning thread burns the time that the thread it
-# waits for needs: on 2 cores a training step took 2.3-3.9x as long beside a second job, against 1.8-1.9x with
-# passive waiting, which costs nothing alone (`python -m benchmarks.threads`, docs/results.md). OpenMP reads
-# this when torch loads, so it takes effect where hybrid is imported before torch (train.py, sample.py,
-# `python -m hybrid...`; the benchmarks set it themselves before torch, `threads` aside, which measures it; a script
-# of yours that imports torch before hybrid does not get it); a value already set wins.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# PyTorch's CPU kernels run on OpenMP threads that, by GNU OpenMP's default, spin for about 300,000 rounds while
+# they wait for each other at each kernel's end. When another job shares the cores, a spinning thread burns the time
+# that the thread it waits for needs: on 2 cores a training step took 2.3-3.9x as long beside a second job. Letting
+# waiting threads sleep at once (OMP_WAIT_POLICY=PASSIVE, this project's default until 2026-12-07) cut that to
+# 1.8-1.9x but made generation, whose kernels are small, 2.6x slower at batch 1 on an idle machine. A short spin
+# (GOMP_SPINCOUNT=10000) keeps most of both: 2.05x beside a second job, and generation within 5% of OpenMP's default
+# (`python -m benchmarks.threads`, docs/results.md, "OpenMP's wait policy against generation"). OpenMP reads these
+# when torch loads, so they take effect where hybrid is imported before torch (train.py, sample.py, `python -m
+# hybrid...`, the benchmarks; a script of yours that imports torch before hybrid does not get it). Either variable
+# set already wins.
+if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
+    _os.environ["GOMP_SPINCOUNT"] = "10000"
 
 # diffusers imports xformers eagerly whenever it is installed; on a machine without working xformers
 # kernels (any CPU machine) that prints a multi-line warning about its C++/CUDA extensions. Our own

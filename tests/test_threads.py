@@ -1,5 +1,6 @@
-"""OpenMP's wait policy: importing hybrid makes waiting threads sleep (OMP_WAIT_POLICY=PASSIVE) unless the user
-set a policy; benchmarks/threads.py measures what that buys beside a second job on the same cores."""
+"""OpenMP's waiting: importing hybrid makes waiting threads spin only briefly (GOMP_SPINCOUNT=10000) unless the user
+set a wait policy or a spin count; benchmarks/threads.py measures what that buys beside a second job on the same
+cores."""
 
 import json
 import os
@@ -12,19 +13,30 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _policy(env_extra: dict) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", "import os, hybrid; print(os.environ['OMP_WAIT_POLICY'])"],
-                         cwd=ROOT, env={**env, **env_extra}, capture_output=True, text=True, check=True)
-    return out.stdout.strip()
+_OMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
-def test_importing_hybrid_makes_openmp_wait_passively_unless_the_user_chose():
-    assert _policy({}) == "PASSIVE"
-    assert _policy({"OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"
+def _without_omp_vars() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in _OMP_VARS}
 
 
-# Records OMP_WAIT_POLICY at the moment torch is first imported (OpenMP reads it when torch loads) while importing the
+def _waiting(env_extra: dict) -> list[str]:
+    """(OMP_WAIT_POLICY, GOMP_SPINCOUNT) after importing hybrid, 'unset' where absent."""
+    code = "import os, hybrid; print(*(os.environ.get(k, 'unset') for k in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**_without_omp_vars(), **env_extra},
+                         capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+def test_importing_hybrid_makes_openmp_spin_briefly_unless_the_user_chose():
+    assert _waiting({}) == ["unset", "10000"]
+    # a user's wait policy or spin count wins, and the other is left alone (a spin count would override PASSIVE)
+    assert _waiting({"OMP_WAIT_POLICY": "PASSIVE"}) == ["PASSIVE", "unset"]
+    assert _waiting({"OMP_WAIT_POLICY": "ACTIVE"}) == ["ACTIVE", "unset"]
+    assert _waiting({"GOMP_SPINCOUNT": "300000"}) == ["unset", "300000"]
+
+
+# Records GOMP_SPINCOUNT at the moment torch is first imported (OpenMP reads it when torch loads) while importing the
 # module named by argv[1], as `python -m` or train.py would; a module that imports torch only later (train.py's
 # main) reports the policy that later import will see.
 _AT_TORCH_IMPORT = """
@@ -33,22 +45,21 @@ seen = []
 class Probe:
     def find_spec(self, name, path=None, target=None):
         if name == "torch" and not seen:
-            seen.append(os.environ.get("OMP_WAIT_POLICY", "unset"))
+            seen.append(os.environ.get("GOMP_SPINCOUNT", "unset"))
 sys.meta_path.insert(0, Probe())
 importlib.import_module(sys.argv[1])
-print(seen[0] if seen else os.environ.get("OMP_WAIT_POLICY", "unset"))
+print(seen[0] if seen else os.environ.get("GOMP_SPINCOUNT", "unset"))
 """
 
 
 @pytest.mark.parametrize("module", ["train", "sample", *(f"benchmarks.{name}" for name in (
     "ar_efficiency", "curve", "data_throughput", "given_scales", "refiner", "repair", "showdown", "tokenizer"))])
-def test_entry_points_set_the_passive_policy_before_torch_loads(module):
-    """The benchmarks imported torch before hybrid, so the policy never reached their OpenMP (session 24's note)."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", _AT_TORCH_IMPORT, module], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=120)
+def test_entry_points_set_the_short_spin_before_torch_loads(module):
+    """The benchmarks once imported torch before hybrid, so the setting never reached their OpenMP (session 24)."""
+    out = subprocess.run([sys.executable, "-c", _AT_TORCH_IMPORT, module], cwd=ROOT, env=_without_omp_vars(),
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "PASSIVE"
+    assert out.stdout.strip().splitlines()[-1] == "10000"
 
 
 def test_threads_benchmark_times_each_setting_alone_and_beside_a_second_job(tmp_path):
