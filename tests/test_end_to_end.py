@@ -1146,3 +1146,24 @@ def test_a_text_model_asked_for_a_class_gets_its_captions_grammar():
 
     assert class_prompt(class_id(SHAPES.index("circle"), COLORS.index("red"))) == "a red circle"
     assert class_prompt(class_id(SHAPES.index("circle"), COLORS.index("orange"))) == "an orange circle"
+
+
+def test_threads_benchmark_times_generation_per_setting_in_fresh_processes(toy_run, tmp_path):
+    """`benchmarks.threads --run-dir`: each setting generates in its own process (its environment reaches that
+    process's OpenMP), rounds interleaved; a run without an AR is refused in one line before anything runs."""
+    out_json = tmp_path / "threads.json"
+    out = _run(["-m", "benchmarks.threads", "--steps", "1", "--settings", "one", "spin10k", "--run-dir",
+                str(toy_run[0]), "--rounds", "2", "--reps", "1", "--out", str(out_json)])
+    gen = json.loads(out_json.read_text())["generation"]
+    assert set(gen) == {"one", "spin10k"}
+    assert gen["one"]["threads"] == 1  # OMP_NUM_THREADS=1 reached that process
+    for name, row in gen.items():
+        assert row["mode"] == "hybrid" and len(row["rounds"]) == 2  # the toy run has a refiner
+        assert row["ms_per_image_b1"] == pytest.approx(sorted(r["ms_per_image_b1"] for r in row["rounds"])[0] / 2
+                                                       + sorted(r["ms_per_image_b1"] for r in row["rounds"])[1] / 2)
+        assert row["images_per_s_b16"] > 0
+        assert f"{name:8s} generation (hybrid, cfg 4)" in out.stdout
+    no_ar = _copy_stages(toy_run, tmp_path / "no-ar", ("tokenizer",))
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.threads", "--settings", "one", "--run-dir", str(no_ar)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "ar/final.ckpt is missing" in bad.stderr and "Traceback" not in bad.stderr
