@@ -11,7 +11,7 @@ every kernel's end; with two such jobs on two cores a waiting thread spins while
 descheduled. Settings:
 - default: PyTorch's own (one thread per core, OpenMP's default wait policy), as outside this project;
 - passive: the same threads with OMP_WAIT_POLICY=PASSIVE (a waiting thread sleeps instead of spinning): what
-  importing `hybrid` set until 2026-12-07 (it made generation 2.6x slower at batch 1);
+  importing `hybrid` set until 2026-12-07 (it made generation 2.5x slower at batch 1);
 - spin10k: the same threads with GOMP_SPINCOUNT=10000 (a waiting thread spins briefly, then sleeps; GNU OpenMP's
   default spins about 300,000 rounds): what importing `hybrid` sets unless either variable is set already
   (hybrid/__init__.py);
