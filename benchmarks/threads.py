@@ -62,6 +62,9 @@ def worker(steps: int) -> float:
 
 def generation_worker(run_dir: str, reps: int) -> dict:
     """Median ms/image at batch 1 and images/s at batch 16 of one run's generation, in this process."""
+    spin = os.environ.get("GOMP_SPINCOUNT", "unset")  # what OpenMP reads as torch loads, on the next line
+    import torch  # before hybrid, which would set its own spin count: the "default" row would not be OpenMP's
+
     from hybrid.pipeline import HybridPipeline
 
     pipe = HybridPipeline.from_run(run_dir)
@@ -78,10 +81,8 @@ def generation_worker(run_dir: str, reps: int) -> dict:
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
-    import torch
-
     return {"mode": mode, "ms_per_image_b1": 1000 * seconds(1), "images_per_s_b16": 16 / seconds(16),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "gomp_spincount": spin}
 
 
 def generation_main(run_dir: str, reps: int) -> None:
@@ -96,7 +97,7 @@ def worker_main(steps: int) -> None:
 
 
 def _spawn(env_extra: dict, steps: int, call: str | None = None) -> subprocess.Popen:
-    # `python -c` importing this module alone: importing `hybrid` would set its own OMP_WAIT_POLICY default
+    # `python -c` importing this module alone: importing `hybrid` would set its own GOMP_SPINCOUNT default
     # before torch loads, and the "default" row would not be OpenMP's default
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     call = call or f"t.worker_main({int(steps)})"
@@ -155,7 +156,8 @@ def _generation(args) -> dict:
             runs[name].append(_result(_spawn(SETTINGS[name], 0, call)))
     out = {}
     for name, rs in runs.items():
-        out[name] = {"mode": rs[0]["mode"], "threads": rs[0]["threads"], "rounds": rs,
+        out[name] = {"mode": rs[0]["mode"], "threads": rs[0]["threads"], "gomp_spincount": rs[0]["gomp_spincount"],
+                     "rounds": rs,
                      **{key: statistics.median(r[key] for r in rs) for key in ("ms_per_image_b1", "images_per_s_b16")}}
         print(f"{name:8s} generation ({out[name]['mode']}, cfg 4): {out[name]['ms_per_image_b1']:7.1f} ms/image at "
               f"batch 1, {out[name]['images_per_s_b16']:6.1f} images/s at batch 16 (median of {args.rounds} rounds)",

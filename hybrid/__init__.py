@@ -8,7 +8,7 @@ import os as _os
 # that the thread it waits for needs: on 2 cores a training step took 2.3-3.9x as long beside a second job. Letting
 # waiting threads sleep at once (OMP_WAIT_POLICY=PASSIVE, this project's default until 2026-12-07) cut that to
 # 1.8-1.9x but made generation, whose kernels are small, 2.5x slower at batch 1 on an idle machine. A short spin
-# (GOMP_SPINCOUNT=10000) keeps most of both: 2.05x beside a second job, and generation within 5% of OpenMP's default
+# (GOMP_SPINCOUNT=10000) keeps most of both: 2.0x beside a second job, and generation 5-10% slower than OpenMP's default
 # (`python -m benchmarks.threads`, docs/results.md, "OpenMP's wait policy against generation"). OpenMP reads these
 # when torch loads, so they take effect where hybrid is imported before torch (train.py, sample.py, `python -m
 # hybrid...`, the benchmarks; a script of yours that imports torch before hybrid does not get it). Either variable

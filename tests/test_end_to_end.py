@@ -1157,6 +1157,8 @@ def test_threads_benchmark_times_generation_per_setting_in_fresh_processes(toy_r
     gen = json.loads(out_json.read_text())["generation"]
     assert set(gen) == {"one", "spin10k"}
     assert gen["one"]["threads"] == 1  # OMP_NUM_THREADS=1 reached that process
+    # what OpenMP read as torch loaded: no spin count of hybrid's in a row that is not asked for one
+    assert gen["one"]["gomp_spincount"] == "unset" and gen["spin10k"]["gomp_spincount"] == "10000"
     for name, row in gen.items():
         assert row["mode"] == "hybrid" and len(row["rounds"]) == 2  # the toy run has a refiner
         assert row["ms_per_image_b1"] == pytest.approx(sorted(r["ms_per_image_b1"] for r in row["rounds"])[0] / 2
