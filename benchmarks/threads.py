@@ -2,7 +2,7 @@
 what each setting costs generation on an idle machine.
 
     python -m benchmarks.threads --out FILE [--steps 20] [--settings default passive spin10k one]
-        [--run-dir RUN [--rounds 3]]
+        [--run-dir RUN [--rounds 3] [--reps 7]]
 
 A transformer block's training step (forward and backward, batch 64 of 130 tokens, width 192: the default AR's
 shape) is timed in a fresh process, first alone, then while a second process runs the same steps on the same
