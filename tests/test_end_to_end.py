@@ -497,6 +497,26 @@ def test_refiner_benchmark_judges_z_q_z_noise_and_each_sampler_on_a_trained_run(
     assert paired["difference"] == pytest.approx(raw["fid"]["fid"] - result["ablation"][setting]["fid"]["fid"])
     assert paired["ci"][0] <= paired["difference"] <= paired["ci"][1]
     assert "ema_fid_below_raw_by_paired_interval" in result["targets"]
+    # the second reference, the real images through the tokenizer: every row, with its paired difference
+    rows = [result["z_q"], result["z"], result["z_q_plus_noise"], result["z_q_sharpened"], raw,
+            *result["ablation"].values()]
+    for entry in rows:
+        fid, (lo, hi) = entry["fid_decoded_ref"]["fid"], entry["fid_decoded_ref"]["ci"]
+        assert np.isfinite(fid) and lo <= fid <= hi
+        assert fid != entry["fid"]["fid"]  # another reference, another FID
+    for entry in rows[1:]:
+        paired = entry["fid_vs_z_q_decoded_ref"]
+        assert paired["difference"] == pytest.approx(
+            entry["fid_decoded_ref"]["fid"] - result["z_q"]["fid_decoded_ref"]["fid"])
+        assert paired["ci"][0] <= paired["difference"] <= paired["ci"][1]
+    assert raw["fid_vs_decoded_ref"]["difference"] == pytest.approx(
+        raw["fid_decoded_ref"]["fid"] - result["ablation"][setting]["fid_decoded_ref"]["fid"])
+    # the judge check: decode(z_q) through the unsharp mask is other images than decode(z_q)
+    assert result["z_q_sharpened"]["fid"]["fid"] != result["z_q"]["fid"]["fid"]
+    assert "refined(ddim/2)_fid_below_z_q_by_paired_interval_against_decoded_real" in result["targets"]
+    assert "refined(ddim/2)_fid_below_z_q_outside_ci_against_decoded_real" in result["targets"]
+    assert out.stdout.count("against decoded real images: FID") >= 9  # z_q, z, noise, sharpened, 4 refined, raw
+    assert "unsharp mask 0.2 (judge check" in out.stdout
 
 
 def test_a_refiner_of_the_first_scales_trains_benchmarks_samples_and_exports(toy_run, tmp_path):

@@ -460,3 +460,27 @@ def test_final_checkpoint_keeps_the_raw_weights_of_the_final_step(tmp_path):
     module = load_stage(final_a, "refiner", raw=True)  # what the refiner benchmark compares EMA against
     for k, v in module.model.state_dict().items():
         assert torch.equal(v, raw_a[f"model.{k}"]), k
+
+
+def test_the_unsharp_mask_of_the_judge_check_adds_high_frequencies_and_keeps_flat_images():
+    """benchmarks.refiner's `z_q_sharpened` row: a fixed filter, x + a * (x - blur(x)), clamped to [-1, 1]."""
+    from benchmarks.refiner import unsharp
+
+    flat = torch.full((2, 3, 8, 8), 0.3)
+    assert torch.allclose(unsharp(flat), flat)  # the blur kernel sums to 1: nothing to sharpen
+    gen = torch.Generator().manual_seed(0)
+    images = (torch.rand(4, 3, 16, 16, generator=gen) - 0.5) * 0.5  # inside [-1, 1] with room to move
+    assert torch.equal(unsharp(images, amount=0.0), images)
+
+    def top_band_power(x: torch.Tensor) -> float:  # mean power at spatial frequencies above 0.3 cycles/pixel
+        f = torch.fft.fftfreq(x.shape[-1]).abs()
+        band = torch.sqrt(f[:, None] ** 2 + f[None] ** 2) > 0.3
+        return float(torch.fft.fft2(x).abs().pow(2).mean((0, 1))[band].mean())
+
+    sharpened = unsharp(images, amount=0.5)
+    assert top_band_power(sharpened) > 1.5 * top_band_power(images)
+    # the channels are filtered alike and apart: one channel's change does not leak into another's
+    moved = images.clone()
+    moved[:, 0] += 0.1
+    assert torch.equal(unsharp(moved)[:, 1:], unsharp(images)[:, 1:])
+    assert float(unsharp(images * 4).abs().max()) <= 1.0  # clamped to the image range
