@@ -509,13 +509,18 @@ def test_refiner_benchmark_judges_z_q_z_noise_and_each_sampler_on_a_trained_run(
         assert paired["difference"] == pytest.approx(
             entry["fid_decoded_ref"]["fid"] - result["z_q"]["fid_decoded_ref"]["fid"])
         assert paired["ci"][0] <= paired["difference"] <= paired["ci"][1]
-    assert raw["fid_vs_decoded_ref"]["difference"] == pytest.approx(
+    paired = raw["fid_vs_decoded_ref"]
+    assert paired["row"] == setting and paired["ci"][0] <= paired["difference"] <= paired["ci"][1]
+    assert paired["difference"] == pytest.approx(
         raw["fid_decoded_ref"]["fid"] - result["ablation"][setting]["fid_decoded_ref"]["fid"])
-    # the judge check: decode(z_q) through the unsharp mask is other images than decode(z_q)
-    assert result["z_q_sharpened"]["fid"]["fid"] != result["z_q"]["fid"]["fid"]
+    # the judge check: decode(z_q) through the unsharp mask, paired with decode(z_q) against both references
+    sharpened = result["z_q_sharpened"]
+    assert sharpened["fid_vs_z_q"]["difference"] == pytest.approx(
+        sharpened["fid"]["fid"] - result["z_q"]["fid"]["fid"])
+    assert sharpened["fid_vs_z_q"]["difference"] != 0  # other images than decode(z_q)
     assert "refined(ddim/2)_fid_below_z_q_by_paired_interval_against_decoded_real" in result["targets"]
     assert "refined(ddim/2)_fid_below_z_q_outside_ci_against_decoded_real" in result["targets"]
-    assert out.stdout.count("against decoded real images: FID") >= 9  # z_q, z, noise, sharpened, 4 refined, raw
+    assert out.stdout.count("against decoded real images: FID") == 9  # z_q, z, noise, sharpened, 4 refined, raw
     assert "unsharp mask 0.2 (judge check" in out.stdout
 
 
@@ -535,6 +540,7 @@ def test_a_refiner_of_the_first_scales_trains_benchmarks_samples_and_exports(toy
     assert result["refiner"]["coarse_scales"] == 2 and result["train_minutes"]["refiner"] > 0
     # the 2-scale z_q lacks the finest scale's codes, so it decodes to other images than the full z_q
     assert result["z_q_coarse"]["fid"]["fid"] != result["z_q"]["fid"]["fid"]
+    assert result["z_q_coarse"]["fid_vs_z_q_decoded_ref"]["difference"] != 0  # and against the decoded reference
     pipe = HybridPipeline.from_run(run)
     assert bool((pipe.refiner.target_std > 0).all())
     loaded = HybridPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "export"))
