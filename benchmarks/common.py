@@ -157,7 +157,9 @@ def judge_class_prompts(pipe, oracle, cfg, out_dir, modes, num_samples: int, set
     {mode: {"fid", "fid_ci", "adherence" (per attribute)}}; PNG grids go to `out_dir`. `settings`:
     generation settings (cfg, temperature, top_k, ...; None = the stages' config defaults). The requests and
     seeds are `cfg.eval.draw`'s.
-    `keep_features` receives the oracle features per mode and of the real images (see `evaluate_run`)."""
+    With `cfg.eval.decoded_reference`, also "fid_decoded_ref" (and the hybrid's "fid_vs_ar_decoded_ref"): against
+    the real images through the tokenizer. `keep_features` receives the oracle features per mode and of the real
+    images (see `evaluate_run`)."""
     from hybrid.eval.evaluate import evaluate_run
 
     torch.manual_seed(0)
@@ -165,11 +167,13 @@ def judge_class_prompts(pipe, oracle, cfg, out_dir, modes, num_samples: int, set
     metrics = evaluate_run(out_dir, oracle, num_samples=num_samples, batch_size=cfg.eval.batch_size,
                            bootstrap=cfg.eval.bootstrap, modes=tuple(modes), real_kwargs=real_kwargs, timing=False,
                            pipe=pipe, settings=settings, keep_features=keep_features, draw=cfg.eval.draw,
-                           num_real=cfg.eval.num_real)
-    out = {mode: {"fid": metrics[mode]["fid"], "fid_ci": metrics[mode]["fid_ci"],
+                           num_real=cfg.eval.num_real, decoded_reference=cfg.eval.decoded_reference)
+    kept = ("fid", "fid_ci", "fid_decoded_ref", "fid_decoded_ref_ci")  # the second reference: see evaluate_run
+    out = {mode: {**{k: metrics[mode][k] for k in kept if k in metrics[mode]},
                   "adherence": metrics[mode]["adherence"]["class"]} for mode in modes}
-    if "fid_vs_ar" in metrics.get("hybrid", {}):
-        out["hybrid"]["fid_vs_ar"] = metrics["hybrid"]["fid_vs_ar"]  # paired: the same requests (and tokens)
+    for key in ("fid_vs_ar", "fid_vs_ar_decoded_ref"):  # paired: the same requests (and tokens)
+        if key in metrics.get("hybrid", {}):
+            out["hybrid"][key] = metrics["hybrid"][key]
     return out
 
 

@@ -314,6 +314,9 @@ class EvalConfig:
     # (the "fresh prompts" numbers of README.md and docs/results.md are draw 1; the showdown's seed s is
     # draw s). The real images stay the same.
     draw: int = 0
+    # Also judge every mode against the real images through the run's tokenizer, decode(encode(x).z): the
+    # `*_decoded_ref` fields of metrics.json. It costs one tokenizer pass per real image.
+    decoded_reference: bool = True
 
 
 @dataclass

@@ -150,10 +150,18 @@ def print_summary(cfg, seconds: float, evaluated: bool = True) -> None:
                 print(f"  {mode:10s} FID {values['fid']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]")
             else:
                 print(f"  {mode:10s} FID {values['fid']:.2f} ({values.get('fid_judge') or 'oracle'})")
+            if values.get("fid_decoded_ref") is not None:
+                ci = values["fid_decoded_ref_ci"]
+                print(f"  {'':10s} FID {values['fid_decoded_ref']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}] against the real "
+                      "images through the tokenizer")
             if values.get("fid_vs_ar"):
                 d = values["fid_vs_ar"]
                 print(f"  {'':10s} {mode} - ar {d['difference']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] "
                       "(paired: the same requests; below 0 outside the interval, the refiner helps)")
+            if values.get("fid_vs_ar_decoded_ref"):
+                d = values["fid_vs_ar_decoded_ref"]
+                print(f"  {'':10s} {mode} - ar {d['difference']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] "
+                      "against the real images through the tokenizer (paired)")
         print(f"  all metrics: {metrics}")
     if (run_dir / "ar" / "final.ckpt").is_file():
         request = "--prompt 'a red circle'" if cfg.ar.condition == "text" else "--class 0"

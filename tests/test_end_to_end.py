@@ -86,6 +86,12 @@ def test_train_writes_every_stage_and_metrics(toy_run):
     paired = metrics["hybrid"]["fid_vs_ar"]  # the refiner's effect, judged on the same requests
     assert paired["difference"] == pytest.approx(metrics["hybrid"]["fid"] - metrics["ar"]["fid"])
     assert paired["ci"][0] <= paired["difference"] <= paired["ci"][1] and paired["same_tokens"] is True
+    # and against the real images through the tokenizer (eval.decoded_reference, on by default)
+    paired = metrics["hybrid"]["fid_vs_ar_decoded_ref"]
+    decoded_fids = metrics["hybrid"]["fid_decoded_ref"], metrics["ar"]["fid_decoded_ref"]
+    assert paired["difference"] == pytest.approx(decoded_fids[0] - decoded_fids[1])
+    assert paired["ci"][0] <= paired["difference"] <= paired["ci"][1]
+    assert "against the real images through the tokenizer (paired)" in stdout  # the summary shows it
     assert "sample.py" in stdout  # the summary says how to sample
     where = metrics["machine"]  # where images_per_s and ms_per_image_b1 were timed
     assert where["device"].startswith("cuda" if torch.cuda.is_available() else "cpu") and where["torch_threads"] >= 1
@@ -1104,6 +1110,32 @@ def test_the_streamed_evaluation_judges_the_images_it_would_have_kept(toy_run, t
         assert tok[f"psnr_{kind}"] == pytest.approx(float((10 * torch.log10(4.0 / mse)).mean()), rel=1e-4), kind
     assert tok["fid_n"] == 30 and tok["fid_n_real"] == 70
     assert (tmp_path / "run" / "eval" / "tokenizer.png").is_file()
+    # the second reference: the same 70 real images through the tokenizer, all at once
+    with torch.no_grad():
+        decoded = pipe.tokenizer.decode(pipe.tokenizer.encode(real_images(oracle, 70)).z).clamp(-1, 1)
+    decoded = oracle_features(decoded, oracle)
+    torch.testing.assert_close(kept["real_decoded"], decoded, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(decoded, real, atol=1e-3)  # the tokenizer changed the images
+    for mode in ("ar", "hybrid"):
+        reference = bootstrap_fid(kept[mode], decoded, 4)
+        assert metrics[mode]["fid_decoded_ref"] == pytest.approx(reference["fid"], rel=1e-4), mode
+        assert metrics[mode]["fid_decoded_ref_ci"] == pytest.approx(reference["ci"], rel=1e-4), mode
+        assert metrics[mode]["fid_decoded_ref"] != pytest.approx(metrics[mode]["fid"], rel=1e-3), mode
+    paired = paired_fid_difference(kept["hybrid"], kept["ar"], decoded, 4)
+    assert metrics["hybrid"]["fid_vs_ar_decoded_ref"]["difference"] == pytest.approx(paired["difference"], rel=1e-4,
+                                                                                      abs=1e-4)
+    assert metrics["hybrid"]["fid_vs_ar_decoded_ref"]["ci"] == pytest.approx(paired["ci"], rel=1e-4, abs=1e-4)
+    for kind, key in (("continuous", "fid_decoded_ref"), ("discrete", "fid_discrete_decoded_ref")):
+        assert tok[key] == pytest.approx(bootstrap_fid(oracle_features(recon[kind], oracle), decoded, 4)["fid"],
+                                         rel=1e-4), kind
+    # eval.decoded_reference=false: none of it, and the real-image FIDs bit for bit the same
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = evaluate_run(tmp_path / "plain", oracle, num_samples=30, num_real=70, batch_size=8, bootstrap=4,
+                             modes=("ar", "hybrid"), timing=False, pipe=pipe, decoded_reference=False)
+    for mode in ("ar", "hybrid"):
+        assert "fid_decoded_ref" not in plain[mode] and plain[mode]["fid"] == metrics[mode]["fid"], mode
+    assert "fid_vs_ar_decoded_ref" not in plain["hybrid"]
 
 
 def test_a_singular_covariance_warning_says_which_set_is_too_small():

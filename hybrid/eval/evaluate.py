@@ -9,7 +9,15 @@ text-conditioned models), `glyph_accuracy` (glyph prompts), `images_per_s` (batc
 and `params` (per stage of that mode). `hybrid` also has `fid_vs_ar`:
 FID(hybrid) - FID(ar) on the same class requests row for row (the same AR tokens when the refiner reads
 every scale, `same_tokens`), with a paired bootstrap interval (`fid.paired_fid_difference`): below 0
-outside the interval, the refiner measurably helps. `generation_settings`: `eval.settings` as parsed
+outside the interval, the refiner measurably helps.
+
+A second reference (`eval.decoded_reference`, on by default): the same real images passed through the run's
+tokenizer, decode(encode(x).z). Every mode gets `fid_decoded_ref` and `fid_decoded_ref_ci` against it (the
+tokenizer also `fid_discrete_decoded_ref`), and `hybrid` gets `fid_vs_ar_decoded_ref`. The decoder is
+blurrier than the data, and FID against the real images is dominated by detail it cannot make: a fixed
+sharpening filter on decode(z_q) lowers it more than a perfect refiner would. The decoded reference shares
+the decoder, so it judges what the generating stages control, the latents (docs/results.md, "What the
+oracle's FID rewards"). `generation_settings`: `eval.settings` as parsed
 ({} = each stage's own sampling config), used for every generating mode. `eval_draw`: `eval.draw`, which
 set of requests and generation seeds was judged.
 
@@ -230,7 +238,8 @@ def _fid_fields(result: dict) -> dict:
 def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100, bootstrap: int = 200,
                  modes=("tokenizer", "ar", "hybrid", "diffusion"), device="cpu", real_kwargs: dict | None = None,
                  timing: bool = True, pipe=None, inception_weights: str = "", settings: dict | None = None,
-                 keep_features: dict | None = None, draw: int = 0, num_real: int = 0) -> dict:
+                 keep_features: dict | None = None, draw: int = 0, num_real: int = 0,
+                 decoded_reference: bool = True) -> dict:
     """Evaluates the run's trained modes (see the module docstring); returns the metrics dict.
 
     `num_real` (`eval.num_real`): how many real images FID compares against (0 = `num_samples`). The real
@@ -245,7 +254,9 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
     images ("real"), for paired comparisons across calls (the same requests and seeds give the same rows).
     `draw` (`eval.draw`): which set of requests and generation seeds (0 = the one every earlier number used;
     another draw checks a setting chosen on draw 0 on requests it was not chosen on). The real images and
-    the tokenizer's held-out images are the same in every draw."""
+    the tokenizer's held-out images are the same in every draw. `decoded_reference`
+    (`eval.decoded_reference`): also judge every mode against the real images through the tokenizer (module
+    docstring); `keep_features` then also receives them as "real_decoded"."""
     if draw < 0:
         raise ValueError(f"eval.draw must be >= 0, got {draw}")
     num_real = num_real or num_samples
@@ -257,6 +268,7 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
         InceptionJudge,
         RealResamples,
         bootstrap_fid,
+        oracle_features,
         paired_fid_difference,
         real_features,
     )
@@ -269,9 +281,20 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
     # on the CPU, as before and as for the user's own shards: the same weights give the same numbers
     inception = InceptionJudge(None, inception_weights) if inception_weights else None
     # rendered and judged a chunk at a time: a million real images never sit in memory at once
-    real_feats = real_features(oracle, num_real, on_chunk=inception.add_real if inception else None,
-                               **(real_kwargs or {}))  # (num_real, D)
+    decoded_chunks = []  # oracle features of the real images through the tokenizer, chunk by chunk
+
+    def on_real_chunk(images: torch.Tensor) -> None:
+        if inception is not None:
+            inception.add_real(images)
+        if decoded_reference:
+            for start in range(0, images.shape[0], batch_size):
+                decoded = _through_tokenizer(pipe, images[start:start + batch_size])
+                decoded_chunks.append(oracle_features(decoded, oracle))
+
+    real_feats = real_features(oracle, num_real, on_chunk=on_real_chunk, **(real_kwargs or {}))  # (num_real, D)
     resampled = RealResamples(real_feats)  # every FID below reuses the real set's resampled moments
+    decoded_feats = torch.cat(decoded_chunks) if decoded_reference else None  # (num_real, D)
+    decoded = RealResamples(decoded_feats) if decoded_reference else None
     # the class requests are drawn as the real images are: another data.glyph_prob gave a set of other
     # shapes than the real one, and FID counted the difference against the model
     requests = make_requests(num_samples, seed=request_seed(draw),
@@ -308,6 +331,10 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
             "psnr_continuous": float(torch.cat(psnr_c).mean()), "psnr_discrete": float(torch.cat(psnr_d).mean()),
             "params": {"tokenizer": counts["tokenizer"]},
         }
+        if decoded is not None:
+            fid_c, fid_d = (bootstrap_fid(t.features(), decoded, bootstrap) for t in (cont, disc))
+            metrics["tokenizer"].update(fid_decoded_ref=fid_c["fid"], fid_decoded_ref_ci=fid_c["ci"],
+                                        fid_discrete_decoded_ref=fid_d["fid"], fid_discrete_decoded_ref_ci=fid_d["ci"])
         if inception is not None:
             metrics["tokenizer"]["inception_fid"] = cont.inception_fid()
 
@@ -326,6 +353,9 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
         judged = tally["class"][mode]
         features[mode] = judged.features()
         entry = _fid_fields(bootstrap_fid(features[mode], resampled, bootstrap))
+        if decoded is not None:
+            fid = bootstrap_fid(features[mode], decoded, bootstrap)
+            entry.update(fid_decoded_ref=fid["fid"], fid_decoded_ref_ci=fid["ci"])
         if inception is not None:
             entry["inception_fid"] = judged.inception_fid()
         entry["adherence"] = {"class": adherence_from_logits(judged.predictions(),
@@ -350,8 +380,13 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
         paired = paired_fid_difference(features["hybrid"], features["ar"], resampled, bootstrap)
         metrics["hybrid"]["fid_vs_ar"] = {"difference": paired["difference"], "ci": paired["ci"],
                                           "same_tokens": pipe.hybrid_shares_ar_tokens}
+        if decoded is not None:
+            paired = paired_fid_difference(features["hybrid"], features["ar"], decoded, bootstrap)
+            metrics["hybrid"]["fid_vs_ar_decoded_ref"] = {"difference": paired["difference"], "ci": paired["ci"]}
     if keep_features is not None:
         keep_features.update(features, real=real_feats)
+        if decoded_feats is not None:
+            keep_features["real_decoded"] = decoded_feats
     return metrics
 
 
@@ -369,6 +404,12 @@ def _mode_params(mode: str, counts: dict[str, int]) -> dict[str, int]:
     used = {"ar": ("tokenizer", "ar"), "hybrid": ("tokenizer", "ar", "refiner"),
             "diffusion": ("tokenizer", "diffusion")}[mode]
     return {k: counts[k] for k in used if k in counts}
+
+
+def _through_tokenizer(pipe, images: torch.Tensor) -> torch.Tensor:
+    """decode(encode(x).z) of a batch (B, 3, S, S) in [-1, 1], on the CPU: what a perfect generator of latents
+    would give."""
+    return pipe.tokenizer.decode(pipe.tokenizer.encode(images.to(pipe.device)).z).clamp(-1, 1).cpu()
 
 
 def _reconstructions(pipe, batches) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -522,7 +563,7 @@ def run_evaluation(cfg) -> dict:
         metrics = evaluate_run(cfg.run_dir, oracle, num_samples=cfg.eval.num_samples, batch_size=cfg.eval.batch_size,
                                bootstrap=cfg.eval.bootstrap, modes=modes, device=device, real_kwargs=real_kwargs,
                                inception_weights=cfg.eval.inception_weights, settings=settings, draw=cfg.eval.draw,
-                               num_real=cfg.eval.num_real)
+                               num_real=cfg.eval.num_real, decoded_reference=cfg.eval.decoded_reference)
     metrics["generation_settings"] = settings or {}  # eval.settings; {} = each stage's own config
     metrics["eval_draw"] = cfg.eval.draw  # which requests and seeds (0: every earlier metrics.json's)
     metrics["machine"] = describe_machine(device)  # where images_per_s and ms_per_image_b1 were timed
