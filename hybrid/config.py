@@ -315,7 +315,7 @@ class EvalConfig:
     # draw s). The real images stay the same.
     draw: int = 0
     # Also judge every mode against the real images through the run's tokenizer, decode(encode(x).z): the
-    # `*_decoded_ref` fields of metrics.json. It costs one tokenizer pass per real image, about 2.4x what the
+    # `*_decoded_ref` fields of metrics.json. It costs one tokenizer pass per real image, 2.1-2.4x what the
     # real set costs (measured on the 2-core CPU): seconds by default, most of an hour at 1,500,000 real images.
     decoded_reference: bool = True
 

@@ -15,7 +15,7 @@ A second reference (`eval.decoded_reference`, on by default): the same real imag
 tokenizer, decode(encode(x).z). Every mode gets `fid_decoded_ref` and `fid_decoded_ref_ci` against it (the
 tokenizer also `fid_discrete_decoded_ref`), and `hybrid` gets `fid_vs_ar_decoded_ref`. The decoder is
 blurrier than the data, and FID against the real images is dominated by detail it cannot make: a fixed
-sharpening filter on decode(z_q) lowers it more than a perfect refiner would. The decoded reference shares
+sharpening filter on decode(z_q) lowers it about as much as a perfect refiner would. The decoded reference shares
 the decoder, so it judges what the generating stages control, the latents (docs/results.md, "What the
 oracle's FID rewards"). `generation_settings`: `eval.settings` as parsed
 ({} = each stage's own sampling config), used for every generating mode. `eval_draw`: `eval.draw`, which
