@@ -316,7 +316,8 @@ class EvalConfig:
     draw: int = 0
     # Also judge every mode against the real images through the run's tokenizer, decode(encode(x).z): the
     # `*_decoded_ref` fields of metrics.json. It costs one tokenizer pass per real image, 2.1-2.4x what the
-    # real set costs (measured on the 2-core CPU): seconds by default, most of an hour at 1,500,000 real images.
+    # real set costs (measured on the 2-core CPU): seconds by default, most of an hour at 1,500,000 real images;
+    # and a second copy of the real features in memory (about 1 kB per real image).
     decoded_reference: bool = True
 
 
