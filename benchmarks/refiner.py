@@ -231,6 +231,7 @@ def main(argv=None) -> int:
 
     from hybrid.checkpoints import final_path
     from hybrid.eval.adherence import adherence_from_logits, oracle_logits, paired_adherence_difference
+    from hybrid.eval.evaluate import through_tokenizer
     from hybrid.eval.fid import RealResamples, bootstrap_fid, oracle_features, paired_fid_difference
     from hybrid.lit.runner import fit_stage
 
@@ -289,9 +290,8 @@ def main(argv=None) -> int:
         z = torch.cat([e.z for e in enc])
         z_q = torch.cat([e.z_q for e in enc])
         decode = lambda lat: torch.cat([tok.decode(lat[i:i + 250]).clamp(-1, 1) for i in range(0, lat.shape[0], 250)])  # noqa: E731
-        real_z = torch.cat([tok.encode(real_images[i:i + 250].to(device)).z
-                            for i in range(0, real_images.shape[0], 250)])
-        real_decoded = RealResamples(oracle_features(decode(real_z), oracle))
+        real_through = [through_tokenizer(tok, real_images[i:i + 250], device) for i in range(0, len(real_images), 250)]
+        real_decoded = RealResamples(oracle_features(torch.cat(real_through), oracle))
         z_q_images = decode(z_q)
         z_q_features, z_q_logits = oracle_features(z_q_images, oracle), oracle_logits(z_q_images, oracle)
         result["z_q"] = judge(z_q_images, paired=False)
@@ -338,17 +338,16 @@ def main(argv=None) -> int:
     return 0
 
 
-def vs_z_q(entry: dict) -> str:
-    """' (vs z_q -1.23 [-1.50, -0.90], paired)' from a judged row, or '' when it has no paired difference."""
-    d = entry.get("fid_vs_z_q")
+def vs_z_q(entry: dict, key: str = "fid_vs_z_q") -> str:
+    """' (vs z_q -1.23 [-1.50, -0.90], paired)' from a judged row's paired difference `key`, or '' when it has none."""
+    d = entry.get(key)
     return f" (vs z_q {d['difference']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}], paired)" if d else ""
 
 
 def vs_decoded(entry: dict) -> str:
     """'  | against decoded real images: FID 3.28 [2.63, 4.13] (vs z_q -0.74 [...], paired)' from a judged row."""
-    text = f"  | against decoded real images: FID {fmt_ci(entry['fid_decoded_ref'])}"
-    d = entry.get("fid_vs_z_q_decoded_ref")
-    return text + (f" (vs z_q {d['difference']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}], paired)" if d else "")
+    return (f"  | against decoded real images: FID {fmt_ci(entry['fid_decoded_ref'])}"
+            f"{vs_z_q(entry, 'fid_vs_z_q_decoded_ref')}")
 
 
 def targets(r: dict, default_key: str, steps_list: list[int]) -> dict:

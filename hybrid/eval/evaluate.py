@@ -288,7 +288,7 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
             inception.add_real(images)
         if decoded_reference:
             for start in range(0, images.shape[0], batch_size):
-                decoded = _through_tokenizer(pipe, images[start:start + batch_size])
+                decoded = through_tokenizer(pipe.tokenizer, images[start:start + batch_size], pipe.device)
                 decoded_chunks.append(oracle_features(decoded, oracle))
 
     real_feats = real_features(oracle, num_real, on_chunk=on_real_chunk, **(real_kwargs or {}))  # (num_real, D)
@@ -406,10 +406,10 @@ def _mode_params(mode: str, counts: dict[str, int]) -> dict[str, int]:
     return {k: counts[k] for k in used if k in counts}
 
 
-def _through_tokenizer(pipe, images: torch.Tensor) -> torch.Tensor:
-    """decode(encode(x).z) of a batch (B, 3, S, S) in [-1, 1], on the CPU: what a perfect generator of latents
-    would give."""
-    return pipe.tokenizer.decode(pipe.tokenizer.encode(images.to(pipe.device)).z).clamp(-1, 1).cpu()
+def through_tokenizer(tokenizer, images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """decode(encode(x).z) of a batch (B, 3, S, S) in [-1, 1], computed on `device`, returned on the CPU: what a
+    perfect generator of latents would give (the second FID reference)."""
+    return tokenizer.decode(tokenizer.encode(images.to(device)).z).clamp(-1, 1).cpu()
 
 
 def _reconstructions(pipe, batches) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
