@@ -268,7 +268,6 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
         InceptionJudge,
         RealResamples,
         bootstrap_fid,
-        oracle_features,
         paired_fid_difference,
         real_features,
     )
@@ -287,9 +286,7 @@ def evaluate_run(run_dir, oracle, num_samples: int = 2000, batch_size: int = 100
         if inception is not None:
             inception.add_real(images)
         if decoded_reference:
-            for start in range(0, images.shape[0], batch_size):
-                decoded = through_tokenizer(pipe.tokenizer, images[start:start + batch_size], pipe.device)
-                decoded_chunks.append(oracle_features(decoded, oracle))
+            decoded_chunks.append(decoded_features(pipe.tokenizer, oracle, images, pipe.device, batch_size))
 
     real_feats = real_features(oracle, num_real, on_chunk=on_real_chunk, **(real_kwargs or {}))  # (num_real, D)
     resampled = RealResamples(real_feats)  # every FID below reuses the real set's resampled moments
@@ -410,6 +407,17 @@ def through_tokenizer(tokenizer, images: torch.Tensor, device: torch.device | st
     """decode(encode(x).z) of a batch (B, 3, S, S) in [-1, 1], computed on `device`, returned on the CPU: what a
     perfect generator of latents would give (the second FID reference)."""
     return tokenizer.decode(tokenizer.encode(images.to(device)).z).clamp(-1, 1).cpu()
+
+
+@torch.no_grad()
+def decoded_features(tokenizer, oracle, images: torch.Tensor, device: torch.device | str = "cpu",
+                     batch_size: int = 100) -> torch.Tensor:
+    """Oracle features (N, D) of `images` through the tokenizer (`through_tokenizer`), `batch_size` at a time: the
+    second FID reference's rows for a chunk of real images."""
+    from hybrid.eval.fid import oracle_features
+
+    return torch.cat([oracle_features(through_tokenizer(tokenizer, images[start:start + batch_size], device), oracle)
+                      for start in range(0, images.shape[0], batch_size)])
 
 
 def _reconstructions(pipe, batches) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
