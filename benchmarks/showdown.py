@@ -32,7 +32,10 @@ Evaluation (oracle features, class prompts drawn like the validation data):
    baseline) with `--seeds` seeds of `--num-samples` images each: FID with a 95% bootstrap interval
    over the pooled seeds (and the FID of each seed), per-attribute adherence, images/s at batch 16,
    ms per image at batch 1, sequential network evaluations per image (counted by hooks), FLOPs
-   per image (counted);
+   per image (counted). With `eval.decoded_reference` (on by default) every FID, and the hybrid's paired
+   difference from pure AR, is also judged against the same real images through the run's tokenizer,
+   decode(encode(x).z); the sweep, the operating points and the verdicts use the real images
+   (docs/results.md says why the second reference is reported);
 3. at each system's operating point (the cheapest step count, by counted FLOPs per image, whose FID lies
    within the interval of its best): adherence on the attribute combinations held out of training (`data.holdout`:
    composition), glyph accuracy for text-conditioned systems (text rendering), and the FID of the
@@ -40,9 +43,9 @@ Evaluation (oracle features, class prompts drawn like the validation data):
    (convergence);
 4. with `--confirm-samples N`, the hybrid's and pure AR's operating points again on N fresh class prompts
    (one AR pass serves both when they sample the AR alike): each FID with its own interval and the paired
-   difference. The verdict "hybrid beats pure AR outside the interval" counts there too: at a few thousand
-   images the two FIDs' intervals (+-2 to 3) are wider than the refiner's gain (about 1.5 on the default
-   stages), which 100,000 prompts separated (+-0.38; docs/results.md).
+   difference, against both references. The verdict "hybrid beats pure AR outside the interval" counts there
+   too: at a few thousand images the two FIDs' intervals (+-2 to 3) are wider than the refiner's gain
+   (about 1.5 on the default stages), which 100,000 prompts separated (+-0.38; docs/results.md).
 
 Generation, judging and timing run on `--device` (default: CUDA when available; recorded as the JSON's
 `machine.device`, and a GPU's name in the report's title only when it ran there); the stages train on
@@ -295,20 +298,24 @@ class Counters:
 
 
 class Judge:
-    """Generates, caches oracle features, and measures one (system, setting) at a time."""
+    """Generates, caches oracle features, and measures one (system, setting) at a time.
+
+    Every FID is judged against real images and, when `tokenizer` is given ((module, device, weights tag): the
+    run's tokenizer, which every system shares), also against the same real images through it, decode(encode(x).z):
+    the second reference (`eval.decoded_reference`; docs/results.md says why both)."""
 
     def __init__(self, oracle, cfg, out_dir: Path, num_samples: int, seeds: int, bootstrap: int,
-                 batch_size: int) -> None:
+                 batch_size: int, tokenizer: tuple | None = None) -> None:
         from hybrid.eval.evaluate import make_requests, request_seed
-        from hybrid.eval.fid import real_features
 
         self.oracle, self.cfg, self.out_dir = oracle, cfg, out_dir
         self.cache = out_dir / "cache"
         self.cache.mkdir(parents=True, exist_ok=True)
         self.n, self.seeds, self.bootstrap, self.batch_size = num_samples, seeds, bootstrap, batch_size
         self.real_kwargs = {"two_object_prob": cfg.data.two_object_prob, "glyph_prob": cfg.data.glyph_prob}
-        total = num_samples * seeds
-        self.real = real_features(oracle, total, **self.real_kwargs)  # (S*N, D), rendered a chunk at a time
+        self.tokenizer = tokenizer
+        # (S*N, D) each, rendered a chunk at a time; `decoded` is None without a tokenizer
+        self.real, self.decoded = self._render_references(num_samples * seeds)
         self.glyph_prob = float(cfg.data.glyph_prob)  # requests drawn as the real images are (FID: like with like)
         self.requests = [make_requests(num_samples, seed=request_seed(s), glyph_prob=self.glyph_prob)
                          for s in range(seeds)]
@@ -370,21 +377,43 @@ class Judge:
                 tally.add(part.cpu())
         return tuple(self._store(tally, req, n, path, grid=seed == 0) for tally, path in zip(tallies, paths))
 
-    def real_features(self, n: int) -> torch.Tensor:
-        """Oracle features of `n` real images: `self.real`'s first n rows, or (more than it holds) n fresh real
-        images, cached under <out>/cache."""
-        if n <= self.real.shape[0]:
-            return self.real[:n]
-        from hybrid.checkpoints import atomic_torch_save
+    def _render_references(self, n: int, decoded: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Oracle features of `n` real images and (with a tokenizer and `decoded`) of the same images through it."""
+        from hybrid.eval.evaluate import decoded_features
         from hybrid.eval.fid import real_features
 
+        chunks = []
+        on_chunk = None
+        if self.tokenizer is not None and decoded:
+            module, device, _ = self.tokenizer
+
+            def on_chunk(images: torch.Tensor) -> None:
+                chunks.append(decoded_features(module, self.oracle, images, device, self.batch_size))
+
+        real = real_features(self.oracle, n, on_chunk=on_chunk, **self.real_kwargs)
+        return real, torch.cat(chunks) if on_chunk is not None else None
+
+    def references(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Oracle features of `n` real images and of the same images through the tokenizer (None without one):
+        the first n rows of the references the rows are judged against, or (more than they hold) n fresh real
+        images, each reference cached under <out>/cache (the real one under the key it had before the second
+        reference existed)."""
+        if n <= self.real.shape[0]:
+            return self.real[:n], None if self.decoded is None else self.decoded[:n]
+        from hybrid.checkpoints import atomic_torch_save
+
         key = f"real|{n}|{sorted(self.real_kwargs.items())}|{self.oracle_id}"
-        path = self.cache / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
-        if path.is_file():
-            return torch.load(path, weights_only=True)
-        feats = real_features(self.oracle, n, **self.real_kwargs)
-        atomic_torch_save(feats, path)
-        return feats
+        paths = [self.cache / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"]
+        if self.tokenizer is not None:
+            key += f"|through tokenizer {self.tokenizer[2]}"
+            paths.append(self.cache / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt")
+        if not all(p.is_file() for p in paths):
+            rendered = self._render_references(n, decoded=not paths[-1].is_file())
+            for feats, path in zip(rendered, paths):
+                if feats is not None and not path.is_file():
+                    atomic_torch_save(feats, path)
+        feats = [torch.load(p, weights_only=True) for p in paths]
+        return feats[0], feats[1] if len(feats) > 1 else None
 
     def _cache_path(self, pipe, tag: str, mode: str, settings: dict, seed: int, n: int, kind: str) -> Path:
         from hybrid.config import EvalConfig
@@ -430,31 +459,45 @@ class Judge:
         atomic_torch_save(entry, path)
         return entry
 
-    def fid(self, sets: list[dict]) -> dict:
+    def fid(self, sets: list[dict], decoded: bool = False) -> dict | None:
+        """bootstrap_fid of the pooled sets against the real images, or (`decoded`) against them through the
+        tokenizer (None without one)."""
         from hybrid.eval.fid import bootstrap_fid
 
+        reference = self.decoded if decoded else self.real
+        if reference is None:
+            return None
         feats = torch.cat([s["features"] for s in sets])
-        return bootstrap_fid(feats, self.real[: feats.shape[0]], self.bootstrap)
+        return bootstrap_fid(feats, reference[: feats.shape[0]], self.bootstrap)
 
     def measure(self, pipe, tag: str, mode: str, settings: dict, seeds: int | None = None) -> dict:
-        """FID over `seeds` seeds (pooled, with interval; and per seed) and mean class adherence."""
+        """FID over `seeds` seeds (pooled, with interval; and per seed), against the decoded reference too when
+        there is one, and mean class adherence."""
         sets = [self.sample_set(pipe, tag, mode, settings, s) for s in range(seeds or self.seeds)]
         pooled = self.fid(sets)
         per_seed = [self.fid([s])["fid"] for s in sets] if len(sets) > 1 else [pooled["fid"]]
         attrs = sets[0]["adherence"].keys()
         adh = {a: float(np.mean([s["adherence"][a] for s in sets])) for a in attrs}
-        return {"fid": pooled["fid"], "fid_ci": pooled["ci"], "fid_n": pooled["n"], "fid_per_seed": per_seed,
-                "adherence": adh}
+        out = {"fid": pooled["fid"], "fid_ci": pooled["ci"], "fid_n": pooled["n"], "fid_per_seed": per_seed,
+               "adherence": adh}
+        decoded = self.fid(sets, decoded=True)
+        if decoded is not None:
+            out.update(fid_decoded_ref=decoded["fid"], fid_decoded_ref_ci=decoded["ci"])
+        return out
 
-    def paired(self, first: tuple, second: tuple) -> dict:
+    def paired(self, first: tuple, second: tuple, decoded: bool = False) -> dict | None:
         """FID(first) - FID(second) with a paired bootstrap interval (`fid.paired_fid_difference`): both
         answer the same requests with the same seeds, row for row. Each is (pipe, tag, mode, settings);
-        their image sets come from the cache `measure` filled."""
+        their image sets come from the cache `measure` filled. `decoded`: against the decoded reference (None
+        without one)."""
         from hybrid.eval.fid import paired_fid_difference
 
+        reference = self.decoded if decoded else self.real
+        if reference is None:
+            return None
         feats = [torch.cat([self.sample_set(pipe, tag, mode, settings, s)["features"] for s in range(self.seeds)])
                  for pipe, tag, mode, settings in (first, second)]
-        out = paired_fid_difference(feats[0], feats[1], self.real[: feats[0].shape[0]], self.bootstrap)
+        out = paired_fid_difference(feats[0], feats[1], reference[: feats[0].shape[0]], self.bootstrap)
         return {"difference": out["difference"], "ci": out["ci"], "n": out["n"]}
 
     # -- cost ---------------------------------------------------------------------------------
@@ -560,7 +603,12 @@ def run(args, cfg, oracle, device: torch.device) -> dict:
     train_seconds = time.perf_counter() - t0
     fair = fairness(stages)
     pipes = load_pipes(run_dir, stages, device)
-    judge = Judge(oracle, cfg, out_dir, args.num_samples, args.seeds, cfg.eval.bootstrap, cfg.eval.batch_size)
+    tokenizer = None
+    if cfg.eval.decoded_reference and pipes:  # every system shares the run's tokenizer
+        pipe = next(iter(pipes.values()))[0]
+        tokenizer = (pipe.tokenizer, pipe.device, file_tag(run_dir / "tokenizer" / "final.ckpt"))
+    judge = Judge(oracle, cfg, out_dir, args.num_samples, args.seeds, cfg.eval.bootstrap, cfg.eval.batch_size,
+                  tokenizer)
     result: dict = {"systems": {}, "stages": stages, "fairness": fair}
 
     eval_seconds: dict[str, float] = {}
@@ -608,7 +656,11 @@ def run(args, cfg, oracle, device: torch.device) -> dict:
         # tokens): the paired interval judges the refiner's own effect, which the two FIDs' intervals blur.
         ar_set = (*pipes["ar"], MODE["ar"], op_row(result["systems"]["ar"])["settings"])
         for row in result["systems"]["hybrid"]["rows"]:
-            row["fid_vs_ar"] = judge.paired((*pipes["hybrid"], MODE["hybrid"], row["settings"]), ar_set)
+            hybrid_set = (*pipes["hybrid"], MODE["hybrid"], row["settings"])
+            row["fid_vs_ar"] = judge.paired(hybrid_set, ar_set)
+            decoded = judge.paired(hybrid_set, ar_set, decoded=True)
+            if decoded is not None:
+                row["fid_vs_ar_decoded_ref"] = decoded
     start = time.perf_counter()
     halves = load_pipes(run_dir, stages, device, which="half")
     for system, entry in result["systems"].items():
@@ -652,18 +704,31 @@ def confirm_hybrid_vs_ar(judge: Judge, pipes: dict, systems: dict, n: int) -> di
 
     ar_settings, settings = op_row(systems["ar"])["settings"], op_row(systems["hybrid"])["settings"]
     ar_set, hybrid_set = judge.sample_pair((*pipes["ar"], ar_settings), (*pipes["hybrid"], settings), CONFIRM_DRAW, n)
-    real = RealResamples(judge.real_features(n))  # resampled once for the three intervals
+    # each reference resampled once for its three intervals; the decoded one is None without a tokenizer
+    real, decoded = (None if f is None else RealResamples(f) for f in judge.references(n))
 
     def judged(entry: dict) -> dict:
         fid = bootstrap_fid(entry["features"], real, judge.bootstrap)
-        return {"fid": fid["fid"], "fid_ci": fid["ci"], "adherence": entry["adherence"]}
+        out = {"fid": fid["fid"], "fid_ci": fid["ci"], "adherence": entry["adherence"]}
+        if decoded is not None:
+            fid = bootstrap_fid(entry["features"], decoded, judge.bootstrap)
+            out.update(fid_decoded_ref=fid["fid"], fid_decoded_ref_ci=fid["ci"])
+        return out
 
-    paired = paired_fid_difference(hybrid_set["features"], ar_set["features"], real, judge.bootstrap)
+    def difference(reference) -> dict:
+        paired = paired_fid_difference(hybrid_set["features"], ar_set["features"], reference, judge.bootstrap)
+        return {"difference": paired["difference"], "ci": paired["ci"]}
+
     out = {"n": n, "draw": CONFIRM_DRAW, "ar": judged(ar_set), "hybrid": judged(hybrid_set),
-           "paired_difference": {"difference": paired["difference"], "ci": paired["ci"]}}
+           "paired_difference": difference(real)}
     out["fid_better_outside_interval"] = bool(out["hybrid"]["fid_ci"][1] < out["ar"]["fid_ci"][0])
-    print(f"[showdown] confirmation on {n} fresh prompts: ar {fmt_fid(out['ar'])}, hybrid {fmt_fid(out['hybrid'])}, "
-          f"paired {paired['difference']:+.2f} [{paired['ci'][0]:+.2f}, {paired['ci'][1]:+.2f}]", flush=True)
+    line = (f"[showdown] confirmation on {n} fresh prompts: ar {fmt_fid(out['ar'])}, hybrid {fmt_fid(out['hybrid'])}, "
+            f"paired {fmt_difference(out['paired_difference'])}")
+    if decoded is not None:
+        out["paired_difference_decoded_ref"] = difference(decoded)
+        line += (f"; against decoded real images: ar {fmt_fid(out['ar'], DECODED)}, hybrid "
+                 f"{fmt_fid(out['hybrid'], DECODED)}, paired {fmt_difference(out['paired_difference_decoded_ref'])}")
+    print(line, flush=True)
     return out
 
 
@@ -758,6 +823,8 @@ def verdicts(systems: dict, side_by_side: dict | None = None, confirmation: dict
             paired = h["fid_vs_ar"]
             out["hybrid_vs_ar"]["paired_difference"] = paired
             out["hybrid_vs_ar"]["fid_better_by_paired_interval"] = bool(paired["ci"][1] < 0)
+        if h.get("fid_vs_ar_decoded_ref"):  # reported beside the verdict, which stays the real images' (#8)
+            out["hybrid_vs_ar"]["paired_difference_decoded_ref"] = h["fid_vs_ar_decoded_ref"]
     return out
 
 
@@ -766,9 +833,25 @@ def verdicts(systems: dict, side_by_side: dict | None = None, confirmation: dict
 # ------------------------------------------------------------------------------------------------
 
 
-def fmt_fid(r: dict) -> str:
-    lo, hi = r["fid_ci"]
-    return f"{r['fid']:.2f} [{lo:.2f}, {hi:.2f}]"
+DECODED = "_decoded_ref"  # the suffix of every FID against the decoded reference (`Judge`)
+
+
+def fmt_fid(r: dict, suffix: str = "") -> str:
+    """'FID [lo, hi]' of `r["fid" + suffix]`, or n/a (a showdown.json from before the decoded reference)."""
+    if f"fid{suffix}" not in r:
+        return "n/a"
+    lo, hi = r[f"fid{suffix}_ci"]
+    return f"{r[f'fid{suffix}']:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def fmt_difference(d: dict) -> str:
+    """'+0.12 [-0.30, +0.50]' of a paired difference."""
+    return f"{d['difference']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]"
+
+
+def paired_word(d: dict) -> str:
+    """What a paired difference's interval says of the first against the second."""
+    return "better" if d["ci"][1] < 0 else "worse" if d["ci"][0] > 0 else "not distinguishable"
 
 
 def pct(x) -> str:
@@ -786,21 +869,27 @@ def markdown(result: dict) -> str:
     lines = [f"# Showdown ({result['machine'].get('gpu') or result['machine']['cpu']}, "
              f"{result['machine']['cores']} cores, {result['machine']['date']})", "",
              f"`{result['command']}`", "",
-             "| system | steps | setting | FID [95% CI] | shape | color | images/s (b16) | ms/image (b1) "
-             "| sequential evals | GFLOP/image |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "FID is against real images; the second FID column is against the same real images through the "
+             "run's tokenizer, decode(encode(x).z): the best a generator of latents can do, and the reference under "
+             "which detail the decoder cannot make costs nothing (docs/results.md).", "",
+             "| system | steps | setting | FID [95% CI] | FID vs decoded real | shape | color | images/s (b16) "
+             "| ms/image (b1) | sequential evals | GFLOP/image |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in result["systems"].values():
         for r in s["rows"]:
             mark = " **(op)**" if r["steps"] == s["operating_point"] else ""
             lines.append(f"| {s['label']}{mark} | {r['steps'] or '-'} | {settings_key(s['chosen'])} | {fmt_fid(r)} "
-                         f"| {pct(r['adherence'].get('shape'))} | {pct(r['adherence'].get('color'))} "
+                         f"| {fmt_fid(r, DECODED)} | {pct(r['adherence'].get('shape'))} "
+                         f"| {pct(r['adherence'].get('color'))} "
                          f"| {r['images_per_s']:.1f} | {r['ms_per_image_b1']:.1f} | {r['sequential_evals']} "
                          f"| {r['flops_per_image'] / 1e9:.3f} |")
     hybrid_rows = [r for r in result["systems"].get("hybrid", {}).get("rows", []) if r.get("fid_vs_ar")]
     if hybrid_rows:
         lines += ["", "FID(hybrid) - FID(pure AR) on the same requests and seeds, paired 95% interval: "
-                  + "; ".join(f"{r['steps']} steps {r['fid_vs_ar']['difference']:+.2f} "
-                              f"[{r['fid_vs_ar']['ci'][0]:+.2f}, {r['fid_vs_ar']['ci'][1]:+.2f}]"
-                              for r in hybrid_rows) + "."]
+                  + "; ".join(f"{r['steps']} steps {fmt_difference(r['fid_vs_ar'])}" for r in hybrid_rows) + "."]
+        if all(r.get("fid_vs_ar_decoded_ref") for r in hybrid_rows):
+            lines[-1] += (" Against the decoded real images: "
+                          + "; ".join(f"{r['steps']} steps {fmt_difference(r['fid_vs_ar_decoded_ref'])}"
+                                      for r in hybrid_rows) + ".")
     lines += ["", "## Fairness (diffusion baseline vs AR + refiner)", ""]
     for what, f in result["fairness"].items():
         lines.append(f"- {what}: {f['diffusion']:.4g} vs {f['hybrid']:.4g} (ratio {f['ratio']:.2f}, "
@@ -863,15 +952,20 @@ def markdown(result: dict) -> str:
             c = result["confirmation"]
             d = c["paired_difference"]
             lines.append(f"  - on {c['n']:,} fresh prompts (--confirm-samples): pure AR {fmt_fid(c['ar'])}, hybrid "
-                         f"{fmt_fid(c['hybrid'])}, paired {d['difference']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]"
+                         f"{fmt_fid(c['hybrid'])}, paired {fmt_difference(d)}"
                          f" -> better outside the two intervals: {x['fid_better_outside_interval_confirmed']}")
+            if "paired_difference_decoded_ref" in c:
+                lines.append(f"  - the same images against the decoded real images: pure AR "
+                             f"{fmt_fid(c['ar'], DECODED)}, hybrid {fmt_fid(c['hybrid'], DECODED)}, paired "
+                             f"{fmt_difference(c['paired_difference_decoded_ref'])}")
         if "paired_difference" in x:
             d = x["paired_difference"]
-            lines.append(f"  - paired (the same requests and seeds): FID(hybrid) - FID(AR) = {d['difference']:+.2f} "
-                         f"[{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] -> the hybrid is "
-                         + ("better" if x["fid_better_by_paired_interval"] else
-                            "worse" if d["ci"][0] > 0 else "not distinguishable")
-                         + " by the paired interval")
+            lines.append(f"  - paired (the same requests and seeds): FID(hybrid) - FID(AR) = {fmt_difference(d)} "
+                         f"-> the hybrid is {paired_word(d)} by the paired interval")
+        if "paired_difference_decoded_ref" in x:
+            d = x["paired_difference_decoded_ref"]
+            lines.append(f"  - the same pairs against the decoded real images (not part of the verdict): "
+                         f"{fmt_difference(d)} -> the hybrid is {paired_word(d)}")
     lines += ["", "## The debate, measured (each system at its operating point)", "",
               "| | " + " | ".join(s["label"] for s in result["systems"].values()) + " |",
               "|---|" + "---|" * len(result["systems"])]
@@ -886,6 +980,7 @@ def markdown(result: dict) -> str:
         ("composition (held-out pairs: shape / color)",
          lambda k, r: pair(result["systems"][k]["composition"])),
         ("image quality (FID)", lambda k, r: fmt_fid(r)),
+        ("FID against the decoded real images", lambda k, r: fmt_fid(r, DECODED)),
         ("speed (images/s at b16; ms at b1)", lambda k, r: f"{r['images_per_s']:.1f}; {r['ms_per_image_b1']:.1f}"),
         ("GFLOP per image", lambda k, r: f"{r['flops_per_image'] / 1e9:.3f}"),
         ("generator parameters", lambda k, r: f"{result['systems'][k]['params']['generator']:,}"),

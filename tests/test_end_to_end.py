@@ -675,6 +675,9 @@ def test_showdown_trains_every_system_and_measures_them_side_by_side(toy_run, tm
         for row in entry["rows"]:
             assert row["network_evals"] == expected_evals[(name, row["steps"])], (name, row["steps"])
             assert np.isfinite(row["fid"]) and row["fid_ci"][0] <= row["fid"] <= row["fid_ci"][1]
+            # against the real images through the run's tokenizer too (eval.decoded_reference, on by default)
+            lo, hi = row["fid_decoded_ref_ci"]
+            assert lo <= row["fid_decoded_ref"] <= hi and row["fid_decoded_ref"] != pytest.approx(row["fid"])
             assert row["fid_n"] == 64 and len(row["fid_per_seed"]) == 2
             assert row["images_per_s"] > 0 and row["ms_per_image_b1"] > 0 and row["flops_per_image"] > 0
             assert 0 <= row["adherence"]["shape"] <= 1
@@ -715,7 +718,17 @@ def test_showdown_trains_every_system_and_measures_them_side_by_side(toy_run, tm
         if row["steps"] == systems["hybrid"]["operating_point"]:
             op_fid = paired
     assert result["verdicts"]["hybrid_vs_ar"]["paired_difference"] == op_fid
-    assert "paired 95% interval" in (out_dir / "showdown.md").read_text()
+    op_decoded, ar_decoded = None, systems["ar"]["rows"][0]["fid_decoded_ref"]
+    for row in systems["hybrid"]["rows"]:  # the same pairs against the decoded reference
+        paired = row["fid_vs_ar_decoded_ref"]
+        assert paired["difference"] == pytest.approx(row["fid_decoded_ref"] - ar_decoded) and paired["n"] == 64
+        assert paired["ci"][0] <= paired["difference"] <= paired["ci"][1]
+        if row["steps"] == systems["hybrid"]["operating_point"]:
+            op_decoded = paired
+    assert result["verdicts"]["hybrid_vs_ar"]["paired_difference_decoded_ref"] == op_decoded
+    report = (out_dir / "showdown.md").read_text()
+    assert "paired 95% interval" in report and "| FID vs decoded real |" in report
+    assert "the same pairs against the decoded real images (not part of the verdict)" in report
     for name in ("showdown.md", "fid_vs_speed.png", "fid_vs_refiner_steps.png"):
         assert (out_dir / name).is_file(), name
     assert "The debate, measured" in (out_dir / "showdown.md").read_text()
@@ -746,6 +759,9 @@ def test_showdown_trains_every_system_and_measures_them_side_by_side(toy_run, tm
         assert c[name]["fid"] != confirmed["systems"][name]["rows"][0]["fid"]  # other prompts, other images
     d = c["paired_difference"]
     assert d["difference"] == pytest.approx(c["hybrid"]["fid"] - c["ar"]["fid"])
+    d = c["paired_difference_decoded_ref"]  # the confirmation's images against the decoded reference too
+    assert d["difference"] == pytest.approx(c["hybrid"]["fid_decoded_ref"] - c["ar"]["fid_decoded_ref"])
+    assert d["ci"][0] <= d["difference"] <= d["ci"][1]
     assert c["fid_better_outside_interval"] == (c["hybrid"]["fid_ci"][1] < c["ar"]["fid_ci"][0])
     verdict = confirmed["verdicts"]["hybrid_vs_ar"]
     assert verdict["confirmation_n"] == 40
@@ -754,20 +770,26 @@ def test_showdown_trains_every_system_and_measures_them_side_by_side(toy_run, tm
     assert verdict["met"] == (c["fid_better_outside_interval"] and verdict["ar_over_hybrid_speed"] <= 1.5)
     report = (out_dir / "showdown.md").read_text()
     assert "on 40 fresh prompts (--confirm-samples)" in report
+    assert "the same images against the decoded real images: pure AR" in report
     assert (f"FID better outside the two intervals on 40 fresh prompts (the confirmation, which decides): "
             f"{c['fid_better_outside_interval']} (on the rows' images: {verdict['fid_better_outside_interval']})"
             in report)
     assert "confirmation on 40 fresh prompts" in confirm_out.stdout
     _check_the_confirmation_pass_gives_the_images_of_two(confirmed, show_run, base, tmp_path)
+    _check_the_judge_s_decoded_reference(confirmed, show_run, base, tmp_path)
 
-    # a re-run reuses the stages and the judged images: same numbers, no training
-    again = _run(["benchmarks/showdown.py", *common, "--systems", "ar", "--num-samples", "32", "--seeds", "2",
-                  "--sweep-samples", "16", "--cfg-sweep", "1", "2"])
+    # a re-run reuses the stages and the judged images: same numbers, no training; without the decoded reference
+    # the real-image FIDs are bit for bit the same
+    again = _run(["benchmarks/showdown.py", *common, "eval.decoded_reference=false", "--systems", "ar",
+                  "--num-samples", "32", "--seeds", "2", "--sweep-samples", "16", "--cfg-sweep", "1", "2"])
     assert "exists: skipped" in again.stdout
     rerun = json.loads((out_dir / "showdown.json").read_text())
     assert rerun["stages"]["ar"]["reused"] is True
     rerun = rerun["systems"]["ar"]
     assert rerun["rows"][0]["fid"] == systems["ar"]["rows"][0]["fid"]
+    assert rerun["rows"][0]["fid_ci"] == systems["ar"]["rows"][0]["fid_ci"]
+    assert "fid_decoded_ref" not in rerun["rows"][0]
+    assert "| FID vs decoded real |" in (out_dir / "showdown.md").read_text()  # the column says n/a
     # stages trained with other held-out pairs are refused, in one line
     bad = subprocess.run([sys.executable, "benchmarks/showdown.py", *common, "--systems", "ar", "--no-holdout"],
                          cwd=ROOT, capture_output=True, text=True)
@@ -827,6 +849,38 @@ def _check_the_confirmation_pass_gives_the_images_of_two(result, show_run, base,
     assert len(list((tmp_path / "one-pass" / "cache").glob("*.pt"))) == 2  # under sample_set's own keys:
     assert sorted(p.name for p in (tmp_path / "one-pass" / "cache").glob("*.pt")) == sorted(
         p.name for p in (tmp_path / "two-passes" / "cache").glob("*.pt"))  # a later sample_set call finds them
+
+
+def _check_the_judge_s_decoded_reference(result, show_run, base, tmp_path):
+    """`Judge`'s second reference is the oracle features of its real images through the tokenizer; more real images
+    than it holds come cached, each reference in its own file, the real one under the key it had before."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.showdown import Judge, file_tag, load_pipes
+    from hybrid.config import load_config
+    from hybrid.eval.fid import oracle_features, real_images
+    from hybrid.eval.oracle import load_oracle
+
+    cfg = load_config("configs/toy.yaml", [f"run_dir={show_run}", f"cache_dir={base / 'cache'}"])
+    oracle = load_oracle(cfg=cfg, device=torch.device("cpu"))
+    tok = load_pipes(show_run, result["stages"], torch.device("cpu"))["ar"][0].tokenizer
+    tokenizer = (tok, torch.device("cpu"), file_tag(show_run / "tokenizer" / "final.ckpt"))
+    judge = Judge(oracle, cfg, tmp_path / "refs", 8, 2, 10, 4, tokenizer)
+    images = real_images(oracle, 16, **judge.real_kwargs)
+    with torch.no_grad():
+        through = tok.decode(tok.encode(images).z).clamp(-1, 1)
+    torch.testing.assert_close(judge.real, oracle_features(images, oracle))
+    torch.testing.assert_close(judge.decoded, oracle_features(through, oracle), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(judge.decoded, judge.real, atol=1e-3)  # the tokenizer changed the images
+    real, decoded = judge.references(24)  # more than it holds: 24 fresh real images, image i the same as before
+    torch.testing.assert_close(real[:16], judge.real)
+    torch.testing.assert_close(decoded[:16], judge.decoded, rtol=1e-4, atol=1e-5)
+    cached = sorted((tmp_path / "refs" / "cache").glob("*.pt"))
+    assert len(cached) == 2
+    plain = Judge(oracle, cfg, tmp_path / "refs", 8, 2, 10, 4)  # no tokenizer: the real images only, and the
+    again, none = plain.references(24)                          # cached file under the real images' own key
+    assert none is None and torch.equal(again, real)
+    assert sorted((tmp_path / "refs" / "cache").glob("*.pt")) == cached
+    assert plain.decoded is None and plain.fid([{"features": real[:4]}], decoded=True) is None
 
 
 @pytest.mark.slow  # the toy stages on a folder of images, then InceptionV3 at 299 px: ~2 min on 2 cores
