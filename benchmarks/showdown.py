@@ -849,6 +849,10 @@ def fmt_difference(d: dict) -> str:
     return f"{d['difference']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]"
 
 
+def steps_text(n: int) -> str:
+    return f"{n} step" + ("" if n == 1 else "s")
+
+
 def paired_word(d: dict) -> str:
     """What a paired difference's interval says of the first against the second."""
     return "better" if d["ci"][1] < 0 else "worse" if d["ci"][0] > 0 else "not distinguishable"
@@ -885,10 +889,10 @@ def markdown(result: dict) -> str:
     hybrid_rows = [r for r in result["systems"].get("hybrid", {}).get("rows", []) if r.get("fid_vs_ar")]
     if hybrid_rows:
         lines += ["", "FID(hybrid) - FID(pure AR) on the same requests and seeds, paired 95% interval: "
-                  + "; ".join(f"{r['steps']} steps {fmt_difference(r['fid_vs_ar'])}" for r in hybrid_rows) + "."]
+                  + "; ".join(f"{steps_text(r['steps'])} {fmt_difference(r['fid_vs_ar'])}" for r in hybrid_rows) + "."]
         if all(r.get("fid_vs_ar_decoded_ref") for r in hybrid_rows):
             lines[-1] += (" Against the decoded real images: "
-                          + "; ".join(f"{r['steps']} steps {fmt_difference(r['fid_vs_ar_decoded_ref'])}"
+                          + "; ".join(f"{steps_text(r['steps'])} {fmt_difference(r['fid_vs_ar_decoded_ref'])}"
                                       for r in hybrid_rows) + ".")
     lines += ["", "## Fairness (diffusion baseline vs AR + refiner)", ""]
     for what, f in result["fairness"].items():
