@@ -32,8 +32,8 @@ Evaluation (oracle features, class prompts drawn like the validation data):
    baseline) with `--seeds` seeds of `--num-samples` images each: FID with a 95% bootstrap interval
    over the pooled seeds (and the FID of each seed), per-attribute adherence, images/s at batch 16,
    ms per image at batch 1, sequential network evaluations per image (counted by hooks), FLOPs
-   per image (counted). With `eval.decoded_reference` (on by default) every FID, and the hybrid's paired
-   difference from pure AR, is also judged against the same real images through the run's tokenizer,
+   per image (counted). With `eval.decoded_reference` (on by default) each row's pooled FID, and the hybrid's
+   paired difference from pure AR, is also judged against the same real images through the run's tokenizer,
    decode(encode(x).z); the sweep, the operating points and the verdicts use the real images
    (docs/results.md says why the second reference is reported);
 3. at each system's operating point (the cheapest step count, by counted FLOPs per image, whose FID lies
@@ -300,9 +300,10 @@ class Counters:
 class Judge:
     """Generates, caches oracle features, and measures one (system, setting) at a time.
 
-    Every FID is judged against real images and, when `tokenizer` is given ((module, device, weights tag): the
-    run's tokenizer, which every system shares), also against the same real images through it, decode(encode(x).z):
-    the second reference (`eval.decoded_reference`; docs/results.md says why both)."""
+    Each row's pooled FID and each paired difference is judged against real images and, when `tokenizer` is given
+    ((module, device, weights tag): the run's tokenizer, which every system shares), also against the same real
+    images through it, decode(encode(x).z): the second reference (`eval.decoded_reference`; docs/results.md says
+    why both). The sweep, the per-seed and the half-budget FIDs use the real images only."""
 
     def __init__(self, oracle, cfg, out_dir: Path, num_samples: int, seeds: int, bootstrap: int,
                  batch_size: int, tokenizer: tuple | None = None) -> None:
@@ -698,8 +699,9 @@ def run(args, cfg, oracle, device: torch.device) -> dict:
 def confirm_hybrid_vs_ar(judge: Judge, pipes: dict, systems: dict, n: int) -> dict:
     """`--confirm-samples N`: the hybrid's and pure AR's operating points judged again on N fresh class prompts
     (draw CONFIRM_DRAW, which chose nothing) against N real images: each FID with its own interval, and the paired
-    difference. Both intervals shrink as 1/sqrt(N) (docs/results.md: +-0.38 at 100,000 on the default stages),
-    so a gap the showdown's few thousand images leave inside the two intervals can be shown outside them."""
+    difference; with the judge's tokenizer, the same against those N real images through it. Both intervals shrink
+    as 1/sqrt(N) (docs/results.md: +-0.38 at 100,000 on the default stages), so a gap the showdown's few thousand
+    images leave inside the two intervals can be shown outside them."""
     from hybrid.eval.fid import RealResamples, bootstrap_fid, paired_fid_difference
 
     ar_settings, settings = op_row(systems["ar"])["settings"], op_row(systems["hybrid"])["settings"]
@@ -837,8 +839,9 @@ DECODED = "_decoded_ref"  # the suffix of every FID against the decoded referenc
 
 
 def fmt_fid(r: dict, suffix: str = "") -> str:
-    """'FID [lo, hi]' of `r["fid" + suffix]`, or n/a (a showdown.json from before the decoded reference)."""
-    if f"fid{suffix}" not in r:
+    """'FID [lo, hi]' of `r["fid" + suffix]`; with a suffix, n/a where it is missing (a showdown.json from before
+    the decoded reference, or `eval.decoded_reference=false`)."""
+    if suffix and f"fid{suffix}" not in r:
         return "n/a"
     lo, hi = r[f"fid{suffix}_ci"]
     return f"{r[f'fid{suffix}']:.2f} [{lo:.2f}, {hi:.2f}]"
@@ -870,19 +873,23 @@ def pair(adherence: dict | None) -> str:
 
 
 def markdown(result: dict) -> str:
+    decoded = any(f"fid{DECODED}" in r for s in result["systems"].values() for r in s["rows"])
     lines = [f"# Showdown ({result['machine'].get('gpu') or result['machine']['cpu']}, "
              f"{result['machine']['cores']} cores, {result['machine']['date']})", "",
-             f"`{result['command']}`", "",
-             "FID is against real images; the second FID column is against the same real images through the "
-             "run's tokenizer, decode(encode(x).z): the best a generator of latents can do, and the reference under "
-             "which detail the decoder cannot make costs nothing (docs/results.md).", "",
-             "| system | steps | setting | FID [95% CI] | FID vs decoded real | shape | color | images/s (b16) "
-             "| ms/image (b1) | sequential evals | GFLOP/image |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"`{result['command']}`", ""]
+    if decoded:
+        lines += ["FID is against real images; the second FID column is against the same real images through the "
+                  "run's tokenizer, decode(encode(x).z): the best a generator of latents can do, and the reference "
+                  "under which detail the decoder cannot make costs nothing (docs/results.md).", ""]
+    lines += ["| system | steps | setting | FID [95% CI] | " + ("FID vs decoded real | " if decoded else "")
+              + "shape | color | images/s (b16) | ms/image (b1) | sequential evals | GFLOP/image |",
+              "|---|---|---|---|" + ("---|" if decoded else "") + "---|---|---|---|---|---|"]
     for s in result["systems"].values():
         for r in s["rows"]:
             mark = " **(op)**" if r["steps"] == s["operating_point"] else ""
             lines.append(f"| {s['label']}{mark} | {r['steps'] or '-'} | {settings_key(s['chosen'])} | {fmt_fid(r)} "
-                         f"| {fmt_fid(r, DECODED)} | {pct(r['adherence'].get('shape'))} "
+                         + (f"| {fmt_fid(r, DECODED)} " if decoded else "")
+                         + f"| {pct(r['adherence'].get('shape'))} "
                          f"| {pct(r['adherence'].get('color'))} "
                          f"| {r['images_per_s']:.1f} | {r['ms_per_image_b1']:.1f} | {r['sequential_evals']} "
                          f"| {r['flops_per_image'] / 1e9:.3f} |")
@@ -984,11 +991,13 @@ def markdown(result: dict) -> str:
         ("composition (held-out pairs: shape / color)",
          lambda k, r: pair(result["systems"][k]["composition"])),
         ("image quality (FID)", lambda k, r: fmt_fid(r)),
-        ("FID against the decoded real images", lambda k, r: fmt_fid(r, DECODED)),
         ("speed (images/s at b16; ms at b1)", lambda k, r: f"{r['images_per_s']:.1f}; {r['ms_per_image_b1']:.1f}"),
         ("GFLOP per image", lambda k, r: f"{r['flops_per_image'] / 1e9:.3f}"),
         ("generator parameters", lambda k, r: f"{result['systems'][k]['params']['generator']:,}"),
     ]
+    if decoded:
+        at = [name for name, _ in rows].index("image quality (FID)") + 1
+        rows.insert(at, ("FID against the decoded real images", lambda k, r: fmt_fid(r, DECODED)))
     for name, fn in rows:
         lines.append(f"| {name} | " + " | ".join(fn(k, r) for k, r in ops.items()) + " |")
     return "\n".join(lines) + "\n"
