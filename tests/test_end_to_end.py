@@ -710,23 +710,17 @@ def test_showdown_trains_every_system_and_measures_them_side_by_side(toy_run, tm
     assert set(sbs) == set(systems) and all(v > 0 for v in sbs.values())
     assert why["speedup"] == pytest.approx(sbs["hybrid"] / sbs["diffusion"])
     assert result["verdicts"]["hybrid_vs_ar"]["ar_over_hybrid_speed"] == pytest.approx(sbs["ar"] / sbs["hybrid"])
-    # each hybrid row against pure AR's operating point, paired (the same requests and seeds)
-    op_fid, ar_fid = None, systems["ar"]["rows"][0]["fid"]
-    for row in systems["hybrid"]["rows"]:
-        paired = row["fid_vs_ar"]
-        assert paired["difference"] == pytest.approx(row["fid"] - ar_fid) and paired["n"] == 64
-        assert paired["ci"][0] <= paired["difference"] <= paired["ci"][1]
-        if row["steps"] == systems["hybrid"]["operating_point"]:
-            op_fid = paired
-    assert result["verdicts"]["hybrid_vs_ar"]["paired_difference"] == op_fid
-    op_decoded, ar_decoded = None, systems["ar"]["rows"][0]["fid_decoded_ref"]
-    for row in systems["hybrid"]["rows"]:  # the same pairs against the decoded reference
-        paired = row["fid_vs_ar_decoded_ref"]
-        assert paired["difference"] == pytest.approx(row["fid_decoded_ref"] - ar_decoded) and paired["n"] == 64
-        assert paired["ci"][0] <= paired["difference"] <= paired["ci"][1]
-        if row["steps"] == systems["hybrid"]["operating_point"]:
-            op_decoded = paired
-    assert result["verdicts"]["hybrid_vs_ar"]["paired_difference_decoded_ref"] == op_decoded
+    # each hybrid row against pure AR's operating point, paired (the same requests and seeds), against real images
+    # and against the decoded reference
+    for suffix, verdict_key in (("", "paired_difference"), ("_decoded_ref", "paired_difference_decoded_ref")):
+        op_pair, ar_fid = None, systems["ar"]["rows"][0][f"fid{suffix}"]
+        for row in systems["hybrid"]["rows"]:
+            paired = row[f"fid_vs_ar{suffix}"]
+            assert paired["difference"] == pytest.approx(row[f"fid{suffix}"] - ar_fid) and paired["n"] == 64
+            assert paired["ci"][0] <= paired["difference"] <= paired["ci"][1]
+            if row["steps"] == systems["hybrid"]["operating_point"]:
+                op_pair = paired
+        assert result["verdicts"]["hybrid_vs_ar"][verdict_key] == op_pair, suffix
     report = (out_dir / "showdown.md").read_text()
     assert "paired 95% interval" in report and "| FID vs decoded real |" in report
     assert "the same pairs against the decoded real images (not part of the verdict)" in report
