@@ -231,7 +231,7 @@ def main(argv=None) -> int:
 
     from hybrid.checkpoints import final_path
     from hybrid.eval.adherence import adherence_from_logits, oracle_logits, paired_adherence_difference
-    from hybrid.eval.evaluate import through_tokenizer
+    from hybrid.eval.evaluate import decoded_features
     from hybrid.eval.fid import RealResamples, bootstrap_fid, oracle_features, paired_fid_difference
     from hybrid.lit.runner import fit_stage
 
@@ -290,8 +290,7 @@ def main(argv=None) -> int:
         z = torch.cat([e.z for e in enc])
         z_q = torch.cat([e.z_q for e in enc])
         decode = lambda lat: torch.cat([tok.decode(lat[i:i + 250]).clamp(-1, 1) for i in range(0, lat.shape[0], 250)])  # noqa: E731
-        real_through = [through_tokenizer(tok, real_images[i:i + 250], device) for i in range(0, len(real_images), 250)]
-        real_decoded = RealResamples(oracle_features(torch.cat(real_through), oracle))
+        real_decoded = RealResamples(decoded_features(tok, oracle, real_images, device, 250))
         z_q_images = decode(z_q)
         z_q_features, z_q_logits = oracle_features(z_q_images, oracle), oracle_logits(z_q_images, oracle)
         result["z_q"] = judge(z_q_images, paired=False)
