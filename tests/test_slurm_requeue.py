@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from hybrid.lit.slurm import SlurmRequeue, SlurmRequeued, hpc_checkpoint_path
+from hybrid.lit.slurm import SlurmRequeue, SlurmRequeued, drop_older_hpc_checkpoints, hpc_checkpoint_path
 
 
 class _Tiny(pl.LightningModule):
@@ -99,3 +99,23 @@ def test_requeued_job_exits_without_finishing(tmp_path, monkeypatch):
         signal.signal(signal.SIGUSR1, before)  # a fit that raised leaves the flag-only handler installed
     assert calls.read_text().split() == ["requeue", "4242"]
     assert torch.load(tmp_path / "run" / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_a_new_hpc_checkpoint_replaces_the_older_ones(tmp_path, no_slurm_job):
+    """Each requeue saves a full training state: once the new one is written, the older ones are deleted, so a job
+    requeued many times keeps one file, not one per requeue. Files that are not hpc checkpoints stay."""
+    for name in ("hpc_ckpt_1.ckpt", "hpc_ckpt_2.ckpt", "hpc_ckpt_x.ckpt", "last.ckpt"):
+        (tmp_path / name).write_bytes(b"stale")
+    _fit(tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["hpc_ckpt_3.ckpt", "hpc_ckpt_x.ckpt", "last.ckpt"]
+    assert torch.load(tmp_path / "hpc_ckpt_3.ckpt", weights_only=True)["global_step"] == 3
+    assert (tmp_path / "last.ckpt").read_bytes() == b"stale"
+
+
+def test_older_hpc_checkpoints_stay_until_the_new_one_exists(tmp_path):
+    (tmp_path / "hpc_ckpt_1.ckpt").write_bytes(b"older")
+    assert drop_older_hpc_checkpoints(tmp_path / "hpc_ckpt_2.ckpt") == []  # not written (e.g. the save failed)
+    assert (tmp_path / "hpc_ckpt_1.ckpt").is_file()
+    (tmp_path / "hpc_ckpt_2.ckpt").write_bytes(b"newer")
+    assert drop_older_hpc_checkpoints(tmp_path / "hpc_ckpt_2.ckpt") == [tmp_path / "hpc_ckpt_1.ckpt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["hpc_ckpt_2.ckpt"]

@@ -7,7 +7,8 @@ checkpoint's barrier while another is still blocked in a gradient all-reduce, an
 until SLURM kills it, with no checkpoint and no requeue (measured on the toy tokenizer; see
 Lightning-AI/pytorch-lightning#21406). Here the handler only sets a flag; at the end of the next
 optimizer step all ranks agree on it (one tiny all-reduce per step), save
-`<default_root_dir>/hpc_ckpt_<n>.ckpt` together, rank 0 runs `scontrol requeue $SLURM_JOB_ID`, and
+`<default_root_dir>/hpc_ckpt_<n>.ckpt` together, rank 0 deletes the older ones (one full training state per
+requeue would pile up otherwise) and runs `scontrol requeue $SLURM_JOB_ID`, and
 every rank leaves with `SlurmRequeued` so the stage does not write a final checkpoint it has not
 earned. The requeued job (same job id, same run dir) resumes from the newest hpc checkpoint: the
 runner passes no `ckpt_path` then, and Lightning picks it up itself.
@@ -46,11 +47,33 @@ def slurm_trainer_kwargs() -> dict:
     return {"plugins": [SLURMEnvironment(auto_requeue=False)], "callbacks": [SlurmRequeue()]}
 
 
+def _hpc_number(path: Path) -> int | None:
+    m = re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", path.name)
+    return int(m.group(1)) if m else None
+
+
 def hpc_checkpoint_path(root: str | os.PathLike) -> Path:
     """The next `hpc_ckpt_<n>.ckpt` in `root` (Lightning resumes from the highest n)."""
-    numbers = [int(m.group(1)) for p in Path(root).glob("hpc_ckpt_*.ckpt")
-               if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))]
+    numbers = [n for p in Path(root).glob("hpc_ckpt_*.ckpt") if (n := _hpc_number(p)) is not None]
     return Path(root) / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
+
+
+def drop_older_hpc_checkpoints(newest: str | os.PathLike) -> list[Path]:
+    """Deletes the hpc checkpoints beside `newest` with a lower number, once `newest` is written: each is a full
+    training state, and a job requeued many times would otherwise keep one per requeue. Returns what it deleted."""
+    newest = Path(newest)
+    number = _hpc_number(newest)
+    if number is None or not newest.is_file():
+        return []
+    dropped = []
+    for p in newest.parent.glob("hpc_ckpt_*.ckpt"):
+        if (n := _hpc_number(p)) is not None and n < number:
+            try:
+                p.unlink()
+                dropped.append(p)
+            except OSError as err:  # e.g. removed by hand meanwhile: never stop training over a stale file
+                print(f"[slurm] could not delete the older hpc checkpoint {p}: {err}", flush=True)
+    return sorted(dropped)
 
 
 def _job_id() -> str | None:
@@ -103,7 +126,9 @@ class SlurmRequeue(Callback):
             print(f"[slurm] requeue signal: saving {path} at step {trainer.global_step}", flush=True)
         for logger in trainer.loggers:
             logger.save()
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path)  # returns on every rank once the file is written (a barrier)
+        if trainer.is_global_zero:
+            drop_older_hpc_checkpoints(path)
         requeued = self._requeue() if trainer.is_global_zero else False
         requeued = trainer.strategy.broadcast(requeued, src=0)
         self.requested = False
