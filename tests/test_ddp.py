@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -72,10 +73,21 @@ def _run(out: Path, devices: int, batch: int, nan_rank: int = -1, compile_: bool
         def __getitem__(self, i):
             return {"x": self.x[i], "y": self.y[i]}
 
+    class Data(pl.LightningDataModule):
+        source = "shards"  # as if read from shards, each rank's skipped-data counters differ: rank r skipped r + 1
+
+        def train_dataloader(self):
+            return DataLoader(Pairs(), batch_size=batch, shuffle=False)
+
+        def skip_counts(self):
+            r = self.trainer.global_rank
+            return {"train_bad_samples": r + 1, "train_bad_shards": 10 * (r + 1), "val_bad_samples": 0,
+                    "val_bad_shards": 0}
+
     module = Probe(to_dict(cfg))
     trainer = build_trainer(cfg, "ar")
     try:  # Lightning gives each rank a DistributedSampler (no shuffle): rank r gets samples r, r + 2, ...
-        trainer.fit(module, train_dataloaders=DataLoader(Pairs(), batch_size=batch, shuffle=False))
+        trainer.fit(module, datamodule=Data())
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
@@ -102,6 +114,9 @@ def test_two_processes_with_batch_b_step_like_one_with_batch_2b(tmp_path, compil
     assert f"[ar] global batch size {2 * B} ({2 * B} per device x 1 device(s) x 1)" in single.stdout
     assert f"[ar] global batch size {2 * B} ({B} per device x 2 device(s) x 1)" in ddp.stdout
     assert ("[ar] trainer.compile: compiling" in ddp.stdout) == compile_
+    # the skipped-data report sums every rank's counters
+    assert "[ar] data: skipped 1 corrupt sample(s) and 10 read(s) of unreadable shards in training" in single.stdout
+    assert "[ar] data: skipped 3 corrupt sample(s) and 30 read(s) of unreadable shards in training" in ddp.stdout
     w1 = torch.load(one / "weights.pt", weights_only=True)
     w2 = torch.load(two / "weights.pt", weights_only=True)
 

@@ -659,3 +659,44 @@ def test_lightnings_own_refusals_are_one_line(tmp_path, capsys):
                  "trainer.progress_bar=false"]) == 1
     err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "trainer.*" in err[0], err
+
+
+def test_a_stage_on_damaged_shards_reports_what_its_data_skipped(tmp_path, monkeypatch, capsys):
+    """The README says a corrupt sample or an unreadable shard is skipped with a warning *and counted*: the count,
+    summed over the workers, ends the stage's log and is kept in its checkpoint (`data_skipped`)."""
+    import tarfile
+    import warnings
+
+    import webdataset as wds
+
+    from hybrid.checkpoints import load_checkpoint
+    from hybrid.data.shards import ShardWarning, write_procedural
+    from hybrid.experiment import main
+
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    write_procedural(tmp_path / "data", count=24, image_size=16, per_shard=12, split="train", progress=False)
+    samples = list(wds.WebDataset(str(tmp_path / "data" / "train-000000.tar"), shardshuffle=False,
+                                  nodesplitter=None, workersplitter=None))
+    with wds.TarWriter(str(tmp_path / "data" / "train-000002.tar")) as sink:  # every PNG of this shard is corrupt
+        for s in samples:
+            sink.write({"__key__": s["__key__"] + "bad", "png": s["png"][:40] + b"garbage", "json": s["json"]})
+    whole = tmp_path / "data" / "train-000001.tar"
+    with tarfile.open(whole) as tf:
+        member = tf.getmembers()[5]
+    (tmp_path / "data" / "train-000003.tar").write_bytes(whole.read_bytes()[: member.offset_data + member.size // 2])
+
+    def train(run, workers):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ShardWarning)
+            assert main(["--config", str(TOY), f"run_dir={run}", "trainer.progress_bar=false",
+                         "trainer.accelerator=cpu", "stage=tokenizer", "tokenizer.train.max_steps=4",
+                         "data.source=shards", f"data.shards={tmp_path / 'data' / 'train-*.tar'}", "data.num_classes=0",
+                         f"data.num_workers={workers}"]) == 0
+        return load_checkpoint(run / "tokenizer" / "final.ckpt")["hyper_parameters"]["data_skipped"]
+
+    for workers in (1, 0):  # 1: counted in the worker process, seen by the main one
+        skipped = train(tmp_path / f"run{workers}", workers)
+        assert skipped["train_bad_samples"] > 0 and skipped["train_bad_shards"] > 0, skipped
+        assert skipped["val_bad_samples"] == skipped["val_bad_shards"] == 0  # no validation data
+        assert (f"[tokenizer] data: skipped {skipped['train_bad_samples']} corrupt sample(s) and "
+                f"{skipped['train_bad_shards']} read(s) of unreadable shards in training") in capsys.readouterr().out

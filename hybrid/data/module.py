@@ -293,6 +293,7 @@ class HybridDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------------------------------
 
     def skip_counts(self) -> dict[str, int]:
-        """Samples and shards skipped so far (corrupt PNG/JSON, unreadable shards), for logging."""
+        """Samples and shards skipped so far (corrupt PNG/JSON, unreadable shards; a training shard counts once per
+        read), reported at the end of each stage (`_SkipReport`, hybrid/lit/runner.py)."""
         return {"train_bad_samples": self.train_skips.bad_samples, "train_bad_shards": self.train_skips.bad_shards,
                 "val_bad_samples": self.val_skips.bad_samples, "val_bad_shards": self.val_skips.bad_shards}

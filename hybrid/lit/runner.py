@@ -201,6 +201,32 @@ class _StageTimer(Callback):
         pl_module.hparams["train_minutes"] = (time.time() - self.start) / 60
 
 
+class _SkipReport(Callback):
+    """At the end of the fit, on your own shards: how much the stage's data skipped (corrupt samples, unreadable
+    shards), summed over the ranks, in the log and in the checkpoint's `data_skipped`. Each skip is also a
+    ShardWarning naming the sample or shard when it happens; this is the total, which those lines (one per worker
+    process, among the progress bar's) do not give."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        data = trainer.datamodule
+        if getattr(data, "source", None) != "shards" or not hasattr(data, "skip_counts"):
+            return
+        counts = data.skip_counts()
+        keys = sorted(counts)
+        total = torch.tensor([counts[k] for k in keys], dtype=torch.long, device=pl_module.device)
+        if trainer.world_size > 1:  # every rank reaches on_train_end: each has its own counters
+            total = trainer.strategy.reduce(total, reduce_op="sum")
+        counts = dict(zip(keys, (int(v) for v in total.tolist())))
+        pl_module.hparams["data_skipped"] = counts
+        if trainer.global_rank == 0 and any(counts.values()):
+            said = [f"{counts[f'{split}_bad_samples']} corrupt sample(s) and {counts[f'{split}_bad_shards']} "
+                    f"{'read(s) of unreadable shards' if split == 'train' else 'unreadable shard(s)'} in {name}"
+                    for split, name in (("train", "training"), ("val", "validation"))
+                    if counts[f"{split}_bad_samples"] or counts[f"{split}_bad_shards"]]
+            print(f"[{pl_module.stage}] data: skipped {'; '.join(said)} (the ShardWarning lines name them; "
+                  f"training shards are drawn again and again, so one bad shard can be read many times)", flush=True)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes a checkpoint to a temporary file next to it, fsyncs it and renames it over the target.
 
@@ -250,6 +276,7 @@ def build_trainer(cfg, stage: str, extra_callbacks=()) -> pl.Trainer:
             save_on_train_epoch_end=False,
         ),
         _StageTimer(),
+        _SkipReport(),
         *extra_callbacks,
     ]
     if cfg.trainer.progress_bar:
