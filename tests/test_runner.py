@@ -700,3 +700,30 @@ def test_a_stage_on_damaged_shards_reports_what_its_data_skipped(tmp_path, monke
         assert skipped["val_bad_samples"] == skipped["val_bad_shards"] == 0  # no validation data
         assert (f"[tokenizer] data: skipped {skipped['train_bad_samples']} corrupt sample(s) and "
                 f"{skipped['train_bad_shards']} read(s) of unreadable shards in training") in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("in_a_job", [False, True], ids=["workstation", "job-without-srun"])
+def test_lightnings_srun_hint_only_inside_a_slurm_job(tmp_path, monkeypatch, in_a_job):
+    """Lightning says "prepend your python command with `srun`" whenever srun is installed: outside a SLURM job (a
+    workstation, a login node) that is noise at every run and is silenced; inside a job that forgot srun it stays."""
+    import warnings
+
+    import lightning_fabric.plugins.environments.slurm as fabric_slurm
+    import pytorch_lightning as pl
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    from hybrid.lit.runner import _quiet_fit, build_trainer
+
+    monkeypatch.setattr(fabric_slurm.shutil, "which", lambda name: f"/usr/bin/{name}")  # srun installed
+    for key in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(key, raising=False)
+    if in_a_job:
+        monkeypatch.setenv("SLURM_JOB_ID", "42")
+    cfg = load_config(str(TOY), [f"run_dir={tmp_path}", "trainer.accelerator=cpu", "trainer.progress_bar=false"])
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        build_trainer(cfg, "tokenizer")
+        with _quiet_fit(pl.LightningModule()):
+            SLURMEnvironment.detect()  # what Trainer.fit calls when it looks for an hpc checkpoint
+    hints = [w for w in said if "The `srun` command is available on your system but is not used" in str(w.message)]
+    assert bool(hints) == in_a_job, [str(w.message) for w in said]

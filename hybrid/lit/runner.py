@@ -263,7 +263,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             pass
 
 
+@contextlib.contextmanager
+def _no_srun_hint_outside_a_job():
+    """Lightning warns "The `srun` command is available on your system but is not used" whenever `srun` is on the
+    PATH and the process is not an srun task: on a login node or a workstation with SLURM installed, every run. The
+    hint is meant for a job script that forgot `srun`, so it stays inside a SLURM job (SLURM_JOB_ID set) and is
+    silenced outside one."""
+    with warnings.catch_warnings():
+        if not os.environ.get("SLURM_JOB_ID"):
+            warnings.filterwarnings("ignore", r"The `srun` command is available on your system but is not used",
+                                    PossibleUserWarning)
+        yield
+
+
 def build_trainer(cfg, stage: str, extra_callbacks=()) -> pl.Trainer:
+    with _no_srun_hint_outside_a_job():  # Lightning looks for srun when the Trainer is built (and at fit: _quiet_fit)
+        return _build_trainer(cfg, stage, extra_callbacks)
+
+
+def _build_trainer(cfg, stage: str, extra_callbacks=()) -> pl.Trainer:
     tcfg = cfg[stage].train
     sdir = stage_dir(cfg.run_dir, stage)
     callbacks = [
@@ -482,11 +500,12 @@ def _quiet_fit(module: pl.LightningModule):
       it is the only one; any other submodule in eval mode keeps it;
     - "You passed in a `val_dataloader` but have no `validation_step`": the stages without a validation step
       share the data module that gives the AR its validation batches;
-    - torch's deprecation of `LeafSpec`, which Lightning's own pytree code trips.
+    - torch's deprecation of `LeafSpec`, which Lightning's own pytree code trips;
+    - Lightning's srun hint outside a SLURM job (`_no_srun_hint_outside_a_job`).
     (Lightning's "💡 Tip" for a cloud logger, said when a Trainer is built, is dropped by `_DropLightningTip`.)"""
     from pytorch_lightning.utilities.model_helpers import is_overridden
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _no_srun_hint_outside_a_job():
         if not unexpected_eval_modules(module):
             warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode", PossibleUserWarning)
         if not is_overridden("validation_step", module):
