@@ -41,6 +41,7 @@ class TrainConfig:
     lr: float = 3e-4
     weight_decay: float = 0.0
     warmup_steps: int = 50
+    lr_final: float = 0.1  # the cosine decay ends at lr * lr_final at max_steps (1 = constant after the warm-up)
     batch_size: int = 64  # per device; the log states the global batch size
     grad_clip: float = 1.0  # 0 = off
     accumulate: int = 1
@@ -407,7 +408,7 @@ PROBABILITY_KEYS = ("data.caption_keep", "data.two_object_prob", "data.glyph_pro
                     "refiner.corrupt_prob", "diffusion.cond_drop")
 # decays and mixing ratios; train.ema_decay 0 = no EMA
 FRACTION_KEYS = ("tokenizer.ema_decay", "tokenizer.phi_ratio",
-                 *(f"{stage}.train.ema_decay" for stage in TRAINED_STAGES))
+                 *(f"{stage}.train.{key}" for stage in TRAINED_STAGES for key in ("ema_decay", "lr_final")))
 NON_NEGATIVE_FLOAT_KEYS = ("tokenizer.commitment", *(f"{stage}.train.{key}" for stage in TRAINED_STAGES
                                                       for key in ("weight_decay", "grad_clip", "ema_warmup",
                                                                   "max_minutes")))

@@ -727,3 +727,41 @@ def test_lightnings_srun_hint_only_inside_a_slurm_job(tmp_path, monkeypatch, in_
             SLURMEnvironment.detect()  # what Trainer.fit calls when it looks for an hpc checkpoint
     hints = [w for w in said if "The `srun` command is available on your system but is not used" in str(w.message)]
     assert bool(hints) == in_a_job, [str(w.message) for w in said]
+
+
+@pytest.mark.parametrize("final", [None, 1.0, 0.0])
+def test_the_learning_rate_warms_up_then_decays_to_lr_final(final):
+    """AdamW's schedule: linear warm-up to train.lr, then a cosine decay to lr * train.lr_final at max_steps (0.1 by
+    default, 1 = constant); an lr_final outside [0, 1] is a config error naming the key."""
+    import math
+
+    import torch
+
+    from hybrid.config import to_dict
+    from hybrid.lit.base import StageModule
+
+    extra = [] if final is None else [f"ar.train.lr_final={final}"]
+    cfg = load_config(str(TOY), ["ar.train.lr=0.01", "ar.train.warmup_steps=4", "ar.train.max_steps=20", *extra])
+
+    class Probe(StageModule):
+        stage = "ar"
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.w = torch.nn.Parameter(torch.zeros(3))
+
+    optim = Probe(to_dict(cfg)).configure_optimizers()
+    opt, sched = optim["optimizer"], optim["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    lrs.append(opt.param_groups[0]["lr"])  # after max_steps updates
+    end = 0.1 if final is None else final
+    assert lrs[:4] == pytest.approx([0.0025, 0.005, 0.0075, 0.01])
+    assert lrs[-1] == pytest.approx(0.01 * end) and lrs[12] == pytest.approx(0.01 * (end + (1 - end) / 2))
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))  # never rises after the warm-up
+    assert math.isclose(min(lrs[3:]), 0.01 * end)
+    with pytest.raises(ConfigError, match="ar.train.lr_final"):
+        load_config(str(TOY), ["ar.train.lr_final=1.5"])

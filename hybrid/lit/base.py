@@ -193,12 +193,13 @@ class StageModule(pl.LightningModule):
             fused=not _scales_gradients(self._trainer),
         )
         warmup, total = max(1, self.tcfg.warmup_steps), max(1, self.tcfg.max_steps)
+        final = self.tcfg.lr_final  # a checkpoint from before the key gets the schema default, 0.1, as before
 
         def schedule(step: int) -> float:
             if step < warmup:
                 return (step + 1) / warmup
             progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+            return final + (1.0 - final) * 0.5 * (1 + math.cos(math.pi * progress))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
