@@ -48,8 +48,15 @@ def last_path(run_dir: str | os.PathLike, stage: str) -> Path:
 
 
 def hpc_paths(run_dir: str | os.PathLike, stage: str) -> list[Path]:
-    """The stage's SLURM requeue checkpoints (`hpc_ckpt_<n>.ckpt`, hybrid/lit/slurm.py), oldest first."""
-    return sorted(stage_dir(run_dir, stage).glob("hpc_ckpt_*.ckpt"), key=lambda p: p.stat().st_mtime)
+    """The stage's SLURM requeue checkpoints (`hpc_ckpt_<n>.ckpt`, hybrid/lit/slurm.py), oldest first. One deleted
+    between the listing and its `stat` (rank 0 drops the older ones after each new save) is left out."""
+    found = []
+    for p in stage_dir(run_dir, stage).glob("hpc_ckpt_*.ckpt"):
+        try:
+            found.append((p.stat().st_mtime, p))
+        except FileNotFoundError:
+            continue
+    return [p for _, p in sorted(found)]
 
 
 def set_aside_copy(path: str | os.PathLike) -> Path | None:

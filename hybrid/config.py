@@ -81,7 +81,7 @@ class TrainerConfig:
     accelerator: str = "auto"  # auto | cpu | gpu (Lightning's cuda, mps, tpu too)
     devices: Any = "auto"  # int, list or "auto"
     num_nodes: int = 1
-    strategy: str = "auto"  # auto | ddp | ddp_spawn | fsdp
+    strategy: str = "auto"  # auto | ddp | fsdp (ddp_spawn is refused: `validate`)
     precision: str = "auto"  # auto = bf16-mixed on GPU and on CPUs with hardware bf16, else 32-true (hybrid.precision)
     # torch.compile the AR / denoiser training step; auto = on for CPU runs with a C++ compiler (hybrid.precision)
     compile: Any = "auto"
@@ -349,7 +349,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("procedural", "shards"),
     "attention.backend": ("auto", "xformers", "sdpa", "math"),
     "trainer.accelerator": ("auto", "cpu", "gpu", "cuda", "mps", "tpu"),  # Lightning's
-    "trainer.strategy": ("auto", "ddp", "fsdp", "ddp_spawn"),
+    "trainer.strategy": ("auto", "ddp", "fsdp"),
     # Lightning's Trainer precisions and their aliases (32 = 32-true, 16 = 16-mixed, bf16 = bf16-mixed,
     # 64 = 64-true), plus auto (hybrid.precision); not transformer-engine, which needs a package we do not ship
     "trainer.precision": ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true",
@@ -628,6 +628,11 @@ def _check_num_classes_against_classes_json(cfg: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Checks that the schema's types cannot express: choices, ranges, files that must exist."""
+    if cfg.trainer.strategy == "ddp_spawn":  # offered until 2026-12-07, when it was found never to have started
+        raise ConfigError("config key 'trainer.strategy' is 'ddp_spawn', which the stage runner does not support: it "
+                          "starts each rank by pickling the Trainer, whose callbacks (the SLURM requeue, the resume "
+                          "messages, the EMA's kept raw weights) cannot be, and whose results would stay in the "
+                          "spawned processes; use trainer.strategy=ddp, which starts the ranks itself (on CPUs too)")
     for key, choices in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:

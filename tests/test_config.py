@@ -34,6 +34,8 @@ def test_defaults_and_overrides(tmp_path):
         ("novalue", "key=value"),
         ("tokenizer.scales=[1,2,16]", "tokenizer.scales' must not exceed the latent size 8"),
         ("tokenizer.scales=[1,3,2]", "tokenizer.scales"),
+        ("trainer.strategy=ddp_spawn", "'trainer.strategy' is 'ddp_spawn', which the stage runner does not support"),
+        ("refiner.train.lr_final=-0.1", "refiner.train.lr_final"),
     ],
 )
 def test_bad_values_name_the_key(override, needle):

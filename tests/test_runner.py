@@ -699,7 +699,8 @@ def test_a_stage_on_damaged_shards_reports_what_its_data_skipped(tmp_path, monke
         assert skipped["train_bad_samples"] > 0 and skipped["train_bad_shards"] > 0, skipped
         assert skipped["val_bad_samples"] == skipped["val_bad_shards"] == 0  # no validation data
         assert (f"[tokenizer] data: skipped {skipped['train_bad_samples']} corrupt sample(s) and "
-                f"{skipped['train_bad_shards']} read(s) of unreadable shards in training") in capsys.readouterr().out
+                f"{skipped['train_bad_shards']} unreadable shard(s) in training, counted at each read since this fit "
+                f"started") in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("in_a_job", [False, True], ids=["workstation", "job-without-srun"])

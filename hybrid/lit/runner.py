@@ -1,8 +1,8 @@
 """Runs one training stage: builds the Trainer from config, resumes, writes the final checkpoint.
 
-Resume rules, in order: a SLURM auto-requeue checkpoint (`hpc_ckpt_*.ckpt` in the stage's root
-directory) is picked up by Lightning itself when `fit` gets no `ckpt_path`; else the stage's
-`checkpoints/last.ckpt` (written atomically every `train.ckpt_every` steps); else a fresh start.
+Resume rules (`resume_path`): the newer of the stage's newest SLURM requeue checkpoint (`hpc_ckpt_*.ckpt`
+in the stage's root directory) and its `checkpoints/last.ckpt` (written atomically every
+`train.ckpt_every` steps), named to `fit` as `ckpt_path`; else a fresh start.
 A stage whose `final.ckpt` exists is skipped unless `retrain=true`, which first moves the stage's
 folder aside (`<stage>.before-retrain-<time>`) and trains from scratch; `train.py` sets every stage of
 its plan aside at once, at its start, so after an interruption the same command without `retrain=true`
@@ -203,7 +203,8 @@ class _StageTimer(Callback):
 
 class _SkipReport(Callback):
     """At the end of the fit, on your own shards: how much the stage's data skipped (corrupt samples, unreadable
-    shards), summed over the ranks, in the log and in the checkpoint's `data_skipped`. Each skip is also a
+    shards; counted at each read, since this fit started: a resumed stage counts from its resume), summed over the
+    ranks, in the log and in the checkpoint's `data_skipped`. Each skip is also a
     ShardWarning naming the sample or shard when it happens; this is the total, which those lines (one per worker
     process, among the progress bar's) do not give."""
 
@@ -220,11 +221,11 @@ class _SkipReport(Callback):
         pl_module.hparams["data_skipped"] = counts
         if trainer.global_rank == 0 and any(counts.values()):
             said = [f"{counts[f'{split}_bad_samples']} corrupt sample(s) and {counts[f'{split}_bad_shards']} "
-                    f"{'read(s) of unreadable shards' if split == 'train' else 'unreadable shard(s)'} in {name}"
-                    for split, name in (("train", "training"), ("val", "validation"))
+                    f"unreadable shard(s) in {name}" for split, name in (("train", "training"), ("val", "validation"))
                     if counts[f"{split}_bad_samples"] or counts[f"{split}_bad_shards"]]
-            print(f"[{pl_module.stage}] data: skipped {'; '.join(said)} (the ShardWarning lines name them; "
-                  f"training shards are drawn again and again, so one bad shard can be read many times)", flush=True)
+            print(f"[{pl_module.stage}] data: skipped {'; '.join(said)}, counted at each read since this fit "
+                  f"started (training draws its shards again and again, and each validation reads them again, so one "
+                  f"bad shard or sample can count many times; the ShardWarning lines name them)", flush=True)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -10,8 +10,8 @@ optimizer step all ranks agree on it (one tiny all-reduce per step), save
 `<default_root_dir>/hpc_ckpt_<n>.ckpt` together, rank 0 deletes the older ones (one full training state per
 requeue would pile up otherwise) and runs `scontrol requeue $SLURM_JOB_ID`, and
 every rank leaves with `SlurmRequeued` so the stage does not write a final checkpoint it has not
-earned. The requeued job (same job id, same run dir) resumes from the newest hpc checkpoint: the
-runner passes no `ckpt_path` then, and Lightning picks it up itself.
+earned. The requeued job (same job id, same run dir) resumes from the newest hpc checkpoint, which the
+runner names as `ckpt_path` (`runner.resume_path`: it is newer than last.ckpt).
 
 Use `slurm_trainer_kwargs()` in the Trainer: under `srun` it gives Lightning's SLURM environment
 with its in-handler requeue switched off, plus this callback; elsewhere nothing.
