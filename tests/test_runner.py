@@ -766,3 +766,45 @@ def test_the_learning_rate_warms_up_then_decays_to_lr_final(final):
     assert math.isclose(min(lrs[3:]), 0.01 * end)
     with pytest.raises(ConfigError, match="ar.train.lr_final"):
         load_config(str(TOY), ["ar.train.lr_final=1.5"])
+
+
+def test_a_slurm_job_requeued_before_it_set_its_plan_aside_still_retrains(tmp_path, monkeypatch, capsys):
+    """A retrain=true job that SLURM requeues before its first start got as far as setting the plan aside (a node
+    lost at launch) used to take SLURM_RESTART_COUNT > 0 for "set aside already" and silently skip the finished
+    stages it was asked to replace. The start that sets the plan aside now records it in the run dir; the job's
+    later starts go on from there, and every rank of that start (reading the record before or after rank 0 writes
+    it) retrains."""
+    from hybrid.checkpoints import final_path
+    from hybrid.experiment import main
+    from hybrid.lit.runner import retraining
+
+    for key in ("SLURM_RESTART_COUNT", "SLURM_JOB_ID", "SLURM_PROCID", "RANK", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    run = tmp_path / "run"
+    base = ["--config", str(TOY), f"run_dir={run}", "trainer.progress_bar=false", "trainer.accelerator=cpu",
+            "stage=tokenizer", "tokenizer.train.max_steps=2"]
+    assert main(base) == 0  # the stage the job will be asked to replace
+    first = final_path(run, "tokenizer").read_bytes()
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # its first start never ran far enough
+    cfg = load_config(str(TOY), [f"run_dir={run}", "retrain=true"])
+    assert retraining(cfg)
+    assert main([*base, "retrain=true", "seed=1"]) == 0
+    assert "retrain=true: the previous" in capsys.readouterr().out
+    assert len(list(run.glob("tokenizer.before-retrain-*"))) == 1 and final_path(run, "tokenizer").read_bytes() != first
+    assert (run / ".retrain-set-aside-slurm-4242").read_text() == "1\n"
+    assert retraining(cfg)  # the other ranks of this start, reading the record after rank 0 wrote it
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")  # requeued again: goes on
+    assert not retraining(cfg)
+    assert main([*base, "retrain=true", "seed=1"]) == 0
+    assert "exists: skipped" in capsys.readouterr().out
+    assert len(list(run.glob("tokenizer.before-retrain-*"))) == 1
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")  # a new submission with retrain=true retrains
+    assert retraining(cfg)
+    monkeypatch.delenv("SLURM_JOB_ID")
+    assert not retraining(cfg)  # outside a job: only the first start (SLURM_RESTART_COUNT unset or 0) retrains
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert retraining(cfg)

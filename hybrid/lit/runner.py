@@ -6,8 +6,8 @@ in the stage's root directory) and its `checkpoints/last.ckpt` (written atomical
 A stage whose `final.ckpt` exists is skipped unless `retrain=true`, which first moves the stage's
 folder aside (`<stage>.before-retrain-<time>`) and trains from scratch; `train.py` sets every stage of
 its plan aside at once, at its start, so after an interruption the same command without `retrain=true`
-goes on (finished stages skipped, the interrupted one resumed). A SLURM requeue of a `retrain=true` job
-(`SLURM_RESTART_COUNT` > 0) goes on in the same way.
+goes on (finished stages skipped, the interrupted one resumed). A SLURM requeue of a `retrain=true` job goes on
+in the same way once its plan was set aside (`retraining`).
 
 Resume and faults: every checkpoint goes through `AtomicCheckpointIO` (a temporary file in the
 target's folder, fsync, `os.replace`), so a SIGKILL at any moment leaves the previous complete
@@ -429,11 +429,39 @@ def resume_path(cfg, stage: str) -> str | None:
     return str(last) if last.is_file() else None  # a newer last.ckpt wins over a stale hpc checkpoint
 
 
+def _set_aside_marker(cfg) -> Path | None:
+    job = os.environ.get("SLURM_JOB_ID")
+    return Path(cfg.run_dir) / f".retrain-set-aside-slurm-{job}" if job else None
+
+
 def retraining(cfg) -> bool:
-    """`retrain=true` on the command's first start. A SLURM requeue of it (`SLURM_RESTART_COUNT` > 0) goes on
-    instead: its first start set every stage of its plan aside already, so a finished stage is skipped and an
-    interrupted one resumes, as in any requeued job."""
-    return bool(cfg.retrain) and int(os.environ.get("SLURM_RESTART_COUNT") or 0) == 0
+    """`retrain=true`, until the command's plan has been set aside (`mark_plan_set_aside`). Then a SLURM requeue of
+    the job goes on instead: a finished stage is skipped and an interrupted one resumes, as in any requeued job.
+
+    Inside a SLURM job the record is a file in the run dir naming the job and the start (`SLURM_RESTART_COUNT`) that
+    set the plan aside: every rank of that start still retrains (whether it reads the file before or after rank 0
+    writes it), a later start of the same job goes on, and a job requeued before its first start got as far as the
+    set-aside (a node lost at launch) still retrains instead of silently reusing the stages it was asked to replace.
+    Outside a job: the first start (`SLURM_RESTART_COUNT` unset or 0) retrains."""
+    if not cfg.retrain:
+        return False
+    start = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    marker = _set_aside_marker(cfg)
+    if marker is None:
+        return start == 0
+    try:
+        return int(marker.read_text().strip()) == start
+    except (OSError, ValueError):  # none yet (or unreadable): this job has not set its plan aside
+        return True
+
+
+def mark_plan_set_aside(cfg) -> None:
+    """Rank 0, after `retrain=true` set the command's plan aside: records it for `retraining`."""
+    from hybrid.checkpoints import is_rank_zero, write_text_atomic
+
+    marker = _set_aside_marker(cfg)
+    if marker is not None and is_rank_zero():
+        write_text_atomic(marker, f"{int(os.environ.get('SLURM_RESTART_COUNT') or 0)}\n")
 
 
 def followed(path: str, key: str) -> str:
