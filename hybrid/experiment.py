@@ -100,13 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = stage_plan(cfg)
         if cfg.retrain:  # the whole plan at once: an interrupted retrain goes on without retrain=true
-            from hybrid.lit.runner import TRAINABLE_STAGES, mark_plan_set_aside, retraining, set_aside_for_retrain
+            from hybrid.lit.runner import TRAINABLE_STAGES, retraining, set_aside_for_retrain
 
-            if retraining(cfg):
-                for stage in plan:
-                    if stage in TRAINABLE_STAGES:
-                        set_aside_for_retrain(cfg, stage)
-                mark_plan_set_aside(cfg)
+            for stage in plan:
+                if stage in TRAINABLE_STAGES and retraining(cfg, stage):
+                    set_aside_for_retrain(cfg, stage)
         for stage in plan:
             run_stage(cfg, stage)
     except (ConfigError, CheckpointError, FileNotFoundError, NonFiniteLossError, ValueError,

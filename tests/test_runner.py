@@ -216,6 +216,7 @@ def test_retrain_sets_the_old_stage_aside_and_a_slurm_requeue_resumes(tmp_path, 
     from hybrid.lit.runner import fit_stage
 
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     first = _toy(tmp_path, "tokenizer.train.ckpt_every=1")
     fit_stage(first, "tokenizer")
     old = torch.load(final_path(tmp_path, "tokenizer"), weights_only=True)["state_dict"]
@@ -247,6 +248,7 @@ def test_resume_refuses_a_changed_model_or_tokenizer_with_one_line(tmp_path, mon
     from hybrid.lit.runner import fit_stage
 
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     cfg = _toy(tmp_path, "ar.train.ckpt_every=1")
     fit_stage(cfg, "tokenizer")
     fit_stage(cfg, "ar")
@@ -337,6 +339,7 @@ def test_stage_checkpoint_keys_take_the_stage_from_a_file_into_the_run(tmp_path,
     from hybrid.pipeline import HybridPipeline
 
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     source = _toy(tmp_path / "source")
     tok, ar = fit_stage(source, "tokenizer"), fit_stage(source, "ar")
     borrow = [f"tokenizer.checkpoint={tok}", f"ar.checkpoint={ar}"]
@@ -470,6 +473,7 @@ def test_a_skipped_stage_names_changed_settings_and_refuses_a_retrained_tokenize
     from hybrid.lit.runner import fit_stage
 
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     cfg = _toy(tmp_path)
     fit_stage(cfg, "tokenizer")
     fit_stage(cfg, "ar")
@@ -523,6 +527,7 @@ def test_an_error_in_a_dataloader_worker_is_reported_in_one_line(tmp_path, monke
     from hybrid.experiment import main
 
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     with wds.TarWriter(str(tmp_path / "train-000000.tar")):  # an empty shard: no readable sample
         pass
     pattern = str(tmp_path / "train-*.tar")
@@ -555,6 +560,7 @@ def test_an_interrupted_retrain_of_every_stage_goes_on_without_retrain_or_under_
     from hybrid.lit.ar import ARModule
 
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     assert _main_toy(tmp_path) == 0
     run = tmp_path / "run"
     real = ARModule.compute_loss
@@ -591,6 +597,7 @@ def test_an_interrupted_retrain_of_every_stage_goes_on_without_retrain_or_under_
 def test_retrain_warm_starting_from_the_stage_being_replaced_reads_it_where_it_was_set_aside(tmp_path, monkeypatch,
                                                                                              capsys):
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     from hybrid.lit.runner import fit_stage
 
     cfg = _toy(tmp_path)
@@ -622,6 +629,7 @@ def test_adopting_a_stage_sets_an_interrupted_trainings_leftovers_aside(tmp_path
     from hybrid.lit.runner import fit_stage
 
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     source = _toy(tmp_path / "source")
     tok, ar = fit_stage(source, "tokenizer"), fit_stage(source, "ar")
     leftover = tmp_path / "run" / "ar" / "checkpoints" / "last.ckpt"  # an AR training interrupted here
@@ -639,6 +647,7 @@ def test_stage_eval_judges_stages_given_by_checkpoint_keys(tmp_path, monkeypatch
     import json
 
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     assert _main_toy(tmp_path / "a") == 0
     src = tmp_path / "a" / "run"
     keys = [f"{s}.checkpoint={src / s / 'final.ckpt'}" for s in ("tokenizer", "ar", "refiner")]
@@ -674,6 +683,7 @@ def test_a_stage_on_damaged_shards_reports_what_its_data_skipped(tmp_path, monke
     from hybrid.experiment import main
 
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     write_procedural(tmp_path / "data", count=24, image_size=16, per_shard=12, split="train", progress=False)
     samples = list(wds.WebDataset(str(tmp_path / "data" / "train-000000.tar"), shardshuffle=False,
                                   nodesplitter=None, workersplitter=None))
@@ -771,40 +781,50 @@ def test_the_learning_rate_warms_up_then_decays_to_lr_final(final):
 def test_a_slurm_job_requeued_before_it_set_its_plan_aside_still_retrains(tmp_path, monkeypatch, capsys):
     """A retrain=true job that SLURM requeues before its first start got as far as setting the plan aside (a node
     lost at launch) used to take SLURM_RESTART_COUNT > 0 for "set aside already" and silently skip the finished
-    stages it was asked to replace. The start that sets the plan aside now records it in the run dir; the job's
-    later starts go on from there, and every rank of that start (reading the record before or after rank 0 writes
-    it) retrains."""
-    from hybrid.checkpoints import final_path
+    stages it was asked to replace. The start that sets a stage aside now records it in the run dir (per job and
+    stage); the job's later starts go on from there, and every rank of that start (reading the record before or
+    after rank 0 writes it) retrains."""
+    from hybrid.checkpoints import CheckpointError, final_path
     from hybrid.experiment import main
-    from hybrid.lit.runner import retraining
+    from hybrid.lit.runner import retraining, set_aside_for_retrain
 
-    for key in ("SLURM_RESTART_COUNT", "SLURM_JOB_ID", "SLURM_PROCID", "RANK", "LOCAL_RANK", "NODE_RANK"):
+    for key in ("SLURM_RESTART_COUNT", "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_JOB_NAME", "RANK",
+                "LOCAL_RANK", "NODE_RANK"):
         monkeypatch.delenv(key, raising=False)
     run = tmp_path / "run"
     base = ["--config", str(TOY), f"run_dir={run}", "trainer.progress_bar=false", "trainer.accelerator=cpu",
             "stage=tokenizer", "tokenizer.train.max_steps=2"]
     assert main(base) == 0  # the stage the job will be asked to replace
     first = final_path(run, "tokenizer").read_bytes()
+    record = run / ".retrain-set-aside-slurm-4242-tokenizer"
 
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # its first start never ran far enough
     cfg = load_config(str(TOY), [f"run_dir={run}", "retrain=true"])
-    assert retraining(cfg)
+    assert retraining(cfg, "tokenizer")
+    monkeypatch.setenv("SLURM_PROCID", "1")  # another rank neither sets aside nor records (it waits for rank 0)
+    set_aside_for_retrain(cfg, "ar")
+    assert not list(run.glob(".retrain-set-aside-*"))
+    monkeypatch.delenv("SLURM_PROCID")
     assert main([*base, "retrain=true", "seed=1"]) == 0
     assert "retrain=true: the previous" in capsys.readouterr().out
     assert len(list(run.glob("tokenizer.before-retrain-*"))) == 1 and final_path(run, "tokenizer").read_bytes() != first
-    assert (run / ".retrain-set-aside-slurm-4242").read_text() == "1\n"
-    assert retraining(cfg)  # the other ranks of this start, reading the record after rank 0 wrote it
+    assert record.read_text() == "1\n"
+    assert retraining(cfg, "tokenizer")  # the other ranks of this start, reading the record after rank 0 wrote it
 
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")  # requeued again: goes on
-    assert not retraining(cfg)
+    assert not retraining(cfg, "tokenizer")
+    assert retraining(cfg, "ar")  # a stage this job has not set aside yet (a later command of its script)
     assert main([*base, "retrain=true", "seed=1"]) == 0
     assert "exists: skipped" in capsys.readouterr().out
     assert len(list(run.glob("tokenizer.before-retrain-*"))) == 1
 
+    record.write_text("garbage")  # never guessed (ranks guessing differently would train different stages)
+    with pytest.raises(CheckpointError, match=f"cannot read the retrain record {record}"):
+        retraining(cfg, "tokenizer")
     monkeypatch.setenv("SLURM_JOB_ID", "4243")  # a new submission with retrain=true retrains
-    assert retraining(cfg)
+    assert retraining(cfg, "tokenizer")
     monkeypatch.delenv("SLURM_JOB_ID")
-    assert not retraining(cfg)  # outside a job: only the first start (SLURM_RESTART_COUNT unset or 0) retrains
+    assert not retraining(cfg, "tokenizer")  # outside a job: only the first start (restart count unset or 0)
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
-    assert retraining(cfg)
+    assert retraining(cfg, "tokenizer")

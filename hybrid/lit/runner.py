@@ -7,7 +7,7 @@ A stage whose `final.ckpt` exists is skipped unless `retrain=true`, which first 
 folder aside (`<stage>.before-retrain-<time>`) and trains from scratch; `train.py` sets every stage of
 its plan aside at once, at its start, so after an interruption the same command without `retrain=true`
 goes on (finished stages skipped, the interrupted one resumed). A SLURM requeue of a `retrain=true` job goes on
-in the same way once its plan was set aside (`retraining`).
+in the same way once the stage was set aside (`retraining`).
 
 Resume and faults: every checkpoint goes through `AtomicCheckpointIO` (a temporary file in the
 target's folder, fsync, `os.replace`), so a SIGKILL at any moment leaves the previous complete
@@ -160,7 +160,7 @@ def adopt_checkpoint(cfg, stage: str) -> Path:
     del ckpt
     if not is_rank_zero():
         return source
-    if final.is_file() and not retraining(cfg):
+    if final.is_file() and not retraining(cfg, stage):
         raise CheckpointError(
             f"{stage}.checkpoint={source}, but this run already has another {stage} checkpoint ({final}); "
             f"use another run_dir, or add stage={stage} retrain=true to set {final.parent} aside and take {source}"
@@ -429,39 +429,36 @@ def resume_path(cfg, stage: str) -> str | None:
     return str(last) if last.is_file() else None  # a newer last.ckpt wins over a stale hpc checkpoint
 
 
-def _set_aside_marker(cfg) -> Path | None:
+def _set_aside_record(cfg, stage: str) -> Path | None:
     job = os.environ.get("SLURM_JOB_ID")
-    return Path(cfg.run_dir) / f".retrain-set-aside-slurm-{job}" if job else None
+    return Path(cfg.run_dir) / f".retrain-set-aside-slurm-{job}-{stage}" if job else None
 
 
-def retraining(cfg) -> bool:
-    """`retrain=true`, until the command's plan has been set aside (`mark_plan_set_aside`). Then a SLURM requeue of
-    the job goes on instead: a finished stage is skipped and an interrupted one resumes, as in any requeued job.
+def retraining(cfg, stage: str) -> bool:
+    """Whether `stage` starts fresh: `retrain=true`, until this command has set the stage aside. A SLURM requeue
+    goes on after that instead: a finished stage is skipped and an interrupted one resumes, as in any requeued job.
 
-    Inside a SLURM job the record is a file in the run dir naming the job and the start (`SLURM_RESTART_COUNT`) that
-    set the plan aside: every rank of that start still retrains (whether it reads the file before or after rank 0
-    writes it), a later start of the same job goes on, and a job requeued before its first start got as far as the
-    set-aside (a node lost at launch) still retrains instead of silently reusing the stages it was asked to replace.
-    Outside a job: the first start (`SLURM_RESTART_COUNT` unset or 0) retrains."""
+    Inside a SLURM job, `set_aside_for_retrain` records the start (`SLURM_RESTART_COUNT`) that set the stage aside
+    in a file in the run dir named by the job and the stage. Every rank of that start retrains, whether it reads the
+    file before or after rank 0 writes it; a later start of the job goes on; and a job requeued before its first
+    start got as far as the set-aside (a node lost at launch) still retrains instead of silently reusing the stage
+    it was asked to replace. Outside a job: the first start (`SLURM_RESTART_COUNT` unset or 0) retrains."""
+    from hybrid.checkpoints import CheckpointError
+
     if not cfg.retrain:
         return False
     start = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
-    marker = _set_aside_marker(cfg)
-    if marker is None:
+    record = _set_aside_record(cfg, stage)
+    if record is None:
         return start == 0
     try:
-        return int(marker.read_text().strip()) == start
-    except (OSError, ValueError):  # none yet (or unreadable): this job has not set its plan aside
+        return int(record.read_text().strip()) == start
+    except FileNotFoundError:  # this job has not set the stage aside yet
         return True
-
-
-def mark_plan_set_aside(cfg) -> None:
-    """Rank 0, after `retrain=true` set the command's plan aside: records it for `retraining`."""
-    from hybrid.checkpoints import is_rank_zero, write_text_atomic
-
-    marker = _set_aside_marker(cfg)
-    if marker is not None and is_rank_zero():
-        write_text_atomic(marker, f"{int(os.environ.get('SLURM_RESTART_COUNT') or 0)}\n")
+    except (OSError, ValueError) as err:  # never guessed: ranks guessing differently would train different stages
+        raise CheckpointError(f"stage {stage}: cannot read the retrain record {record} ({err}); it should hold "
+                              f"the SLURM restart count that set the stage aside (delete it to retrain the stage)"
+                              ) from None
 
 
 def followed(path: str, key: str) -> str:
@@ -488,7 +485,7 @@ def set_aside_for_retrain(cfg, stage: str, wait_minutes: float = 10.0) -> Path |
     appended to); returns the new name, None when there was nothing to set aside. Rank 0 renames; the
     other ranks wait until its checkpoints are gone from the stage folder, so that none of them resumes
     from one (Lightning looks for a SLURM checkpoint before the ranks meet)."""
-    from hybrid.checkpoints import CheckpointError, is_rank_zero
+    from hybrid.checkpoints import CheckpointError, is_rank_zero, write_text_atomic
 
     sdir = stage_dir(cfg.run_dir, stage)
     if not is_rank_zero():
@@ -498,15 +495,18 @@ def set_aside_for_retrain(cfg, stage: str, wait_minutes: float = 10.0) -> Path |
                 raise CheckpointError(f"stage {stage}: rank 0 did not set {sdir} aside within {wait_minutes} min")
             time.sleep(0.5)
         return None
-    if not sdir.is_dir() or not any(sdir.iterdir()):
-        return None
-    aside = sdir.with_name(f"{sdir.name}.before-retrain-{time.strftime('%Y%m%d-%H%M%S')}")
-    n = 1
-    while aside.exists():
-        aside = sdir.with_name(f"{sdir.name}.before-retrain-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
-        n += 1
-    sdir.rename(aside)
-    print(f"[{stage}] retrain=true: the previous {sdir} was moved to {aside}")
+    aside = None
+    if sdir.is_dir() and any(sdir.iterdir()):
+        aside = sdir.with_name(f"{sdir.name}.before-retrain-{time.strftime('%Y%m%d-%H%M%S')}")
+        n = 1
+        while aside.exists():
+            aside = sdir.with_name(f"{sdir.name}.before-retrain-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+            n += 1
+        sdir.rename(aside)
+        print(f"[{stage}] retrain=true: the previous {sdir} was moved to {aside}")
+    record = _set_aside_record(cfg, stage)
+    if record is not None and cfg.retrain:  # for `retraining`: this start of the job has set the stage aside
+        write_text_atomic(record, f"{int(os.environ.get('SLURM_RESTART_COUNT') or 0)}\n")
     return aside
 
 
@@ -572,7 +572,7 @@ def fit_stage(cfg, stage: str, callbacks=()) -> Path:
     if cfg[stage].checkpoint:
         adopt_checkpoint(cfg, stage)
         return final
-    fresh = retraining(cfg)
+    fresh = retraining(cfg, stage)
     if final.is_file() and not fresh:
         changed = check_skipped_stage(cfg, stage, final)
         print(f"[{stage}] {final} exists: skipped (stage={stage} retrain=true trains it again)")
