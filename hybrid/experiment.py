@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     try:
         plan = stage_plan(cfg)
+        if "oracle" in plan:
+            from hybrid.eval.oracle import check_given_oracle_path
+
+            check_given_oracle_path(cfg)  # before the tokenizer trains, not after
         if cfg.retrain:  # the whole plan at once: an interrupted retrain goes on without retrain=true
             from hybrid.lit.runner import TRAINABLE_STAGES, retraining, set_aside_for_retrain
 

@@ -268,8 +268,9 @@ def test_resume_refuses_a_changed_model_or_tokenizer_with_one_line(tmp_path, mon
     assert len(err) == 1 and "trained on tokenizer weights" in err[0] and "retrain=true" in err[0], err
 
 
-def test_init_from_keeps_this_runs_tokenizer(tmp_path):
-    """Warm-starting from a run with another tokenizer takes its AR weights, not its tokenizer."""
+def test_init_from_keeps_this_runs_tokenizer(tmp_path, capsys):
+    """Warm-starting from a run with another tokenizer takes its AR weights, not its tokenizer. A finished stage is
+    skipped, and the log says that its init_from was not used."""
     import torch
 
     from hybrid.checkpoints import final_path, init_weights, load_checkpoint, sub_state_dict, weights_hash
@@ -286,6 +287,11 @@ def test_init_from_keeps_this_runs_tokenizer(tmp_path):
     state = module.state_dict()
     assert weights_hash(sub_state_dict(state, "tokenizer")) == own_hash == module.hparams["tokenizer_hash"]
     assert all(torch.equal(state[k], v) for k, v in source.items() if k.startswith("model."))
+    fit_stage(mine, "ar")
+    capsys.readouterr()
+    fit_stage(_toy(tmp_path / "mine", "stage=ar", f"init_from={final_path(other.run_dir, 'ar')}"), "ar")
+    assert (f"[ar] note: init_from={final_path(other.run_dir, 'ar')} was not used, since the stage is finished"
+            in capsys.readouterr().out)
 
 
 def test_micro_batches_of_an_accumulated_step_draw_different_noise():
@@ -828,3 +834,16 @@ def test_a_slurm_job_requeued_before_it_set_its_plan_aside_still_retrains(tmp_pa
     assert not retraining(cfg, "tokenizer")  # outside a job: only the first start (restart count unset or 0)
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
     assert retraining(cfg, "tokenizer")
+
+
+def test_a_mistyped_oracle_path_fails_before_the_tokenizer_trains(tmp_path, monkeypatch, capsys):
+    from hybrid.experiment import main
+
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    typo = tmp_path / "orcale.safetensors"
+    assert main(["--config", str(TOY), f"run_dir={tmp_path / 'run'}", "trainer.progress_bar=false",
+                 "trainer.accelerator=cpu", f"oracle.path={typo}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"oracle.path '{typo}' does not exist" in err[0], err
+    assert not (tmp_path / "run" / "tokenizer").exists() and not typo.exists()

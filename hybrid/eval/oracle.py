@@ -440,6 +440,16 @@ def _command_line() -> str:
     return " ".join(["python", Path(sys.argv[0]).name] + sys.argv[1:])
 
 
+def check_given_oracle_path(cfg) -> None:
+    """A given `oracle.path` must exist, except for `stage=oracle`, which trains one there: a typo must not become
+    a new judge. `train.py` checks it before its first stage, so a typo does not cost a tokenizer training first."""
+    path = oracle_path(cfg)
+    if cfg.oracle.path and not path.is_file() and cfg.stage != "oracle":
+        raise FileNotFoundError(
+            f"oracle.path '{path}' does not exist: fix the path, leave oracle.path empty for the shared cached "
+            f"oracle, or train one there first (python train.py stage=oracle oracle.path={path})")
+
+
 def ensure_oracle(cfg, retrain: bool | None = None, device: str | torch.device | None = "auto",
                   wait_minutes: float = 120.0) -> Path:
     """Train and cache the oracle unless it exists; returns its path.
@@ -454,10 +464,8 @@ def ensure_oracle(cfg, retrain: bool | None = None, device: str | torch.device |
     if path.is_file() and not retrain:
         _report_cached(cfg, path)
         return path
-    if not retrain and cfg.oracle.path and not path.is_file() and cfg.stage != "oracle":  # a typo: no new judge
-        raise FileNotFoundError(
-            f"oracle.path '{path}' does not exist: fix the path, leave oracle.path empty for the shared cached "
-            f"oracle, or train one there first (python train.py stage=oracle oracle.path={path})")
+    if not retrain:
+        check_given_oracle_path(cfg)
     if not is_rank_zero():
         deadline = time.time() + wait_minutes * 60
         while not path.is_file():

@@ -576,6 +576,9 @@ def fit_stage(cfg, stage: str, callbacks=()) -> Path:
     if final.is_file() and not fresh:
         changed = check_skipped_stage(cfg, stage, final)
         print(f"[{stage}] {final} exists: skipped (stage={stage} retrain=true trains it again)")
+        if cfg.init_from:
+            print(f"[{stage}] note: init_from={cfg.init_from} was not used, since the stage is finished; add "
+                  f"retrain=true to train it again from there, or give another name=/run_dir=")
         if changed:
             print(f"[{stage}] note: it was trained with other settings than this command's: {changed}; "
                   f"stage={stage} retrain=true trains it with this command's")
