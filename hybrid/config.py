@@ -9,6 +9,7 @@ message naming the key (and the closest valid keys for a misspelt one).
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -271,6 +272,8 @@ class GenerationSettings:
                  "cfg_schedule": (self.cfg_schedule, lambda v: v in CFG_SCHEDULES,
                                   f"one of {', '.join(CFG_SCHEDULES)}")}
         for name, (value, ok, rule) in rules.items():
+            if isinstance(value, float) and not math.isfinite(value):  # cfg=inf picked codes past the codebook
+                raise ValueError(f"generation setting {name}={value}: it must be a finite number, {rule}")
             if value is not None and not ok(value):
                 raise ValueError(f"generation setting {name}={value}: it must be {rule}")
 

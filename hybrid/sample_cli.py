@@ -47,8 +47,9 @@ def parse_args(argv):
     p.add_argument("--individual", action=argparse.BooleanOptionalAction, default=True,
                    help="write every image as its own PNG")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace the images (NNNN.png, grid.png) an earlier run left in --out; without it such "
-                        "a folder is refused, so two runs' images never mix")
+                   help="replace the images (NNNN.png, grid.png) an earlier run left in --out, and an export "
+                        "already in --write-export's folder; without it such a folder is refused, so two runs' "
+                        "images never mix and no export is replaced by accident")
     p.add_argument("--write-export", default=None, help="also export the loaded pipeline to this folder")
     return p.parse_args(argv)
 
@@ -133,6 +134,9 @@ def main(argv=None) -> int:
             print(f"note: the {args.mode} model takes no condition ({args.mode}.condition=none): --class and "
                   "--prompt only set how many images are drawn", file=sys.stderr)
         if args.write_export:
+            if (Path(args.write_export) / "pipeline.json").exists() and not args.overwrite:
+                raise PipelineError(f"--write-export {args.write_export} already holds an export (pipeline.json): "
+                                    f"pass --overwrite to replace it, or give another folder")
             pipe.save_pretrained(args.write_export)
             print(f"exported to {args.write_export}")
         unused = [flag for flag, value in (("--steps", args.steps), ("--sampler", args.sampler),

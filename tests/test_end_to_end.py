@@ -305,16 +305,20 @@ def test_damaged_exports_and_export_targets_are_one_line_errors(toy_run, tmp_pat
     nulled = shutil.copytree(export, tmp_path / "nulled")
     manifest["stages"]["ar"]["config"] = None
     (nulled / "pipeline.json").write_text(json.dumps(manifest))
+    written = (export / "pipeline.json").stat().st_mtime_ns
     for args, needle in ((["--export", str(cut)], str(cut / "ar.safetensors")),
                          (["--export", str(broken)], str(broken / "pipeline.json")),
                          (["--export", str(keyless)], "damaged"),
                          (["--export", str(edited)], f"'{edited / 'ar.safetensors'}' does not fit the model its "
                                                      "config describes"),
                          (["--export", str(nulled)], "the ar stage's config is not a mapping"),
-                         (["--run", str(run_dir), "--write-export", str(tmp_path / "a-file")], "is a file")):
+                         (["--run", str(run_dir), "--write-export", str(tmp_path / "a-file")], "is a file"),
+                         (["--run", str(run_dir), "--write-export", str(export)], "already holds an export"),
+                         (["--export", str(export), "--cfg", "inf"], "cfg=inf: it must be a finite number")):
         out = sample(*args)
         assert out.returncode == 2 and needle in out.stderr, out.stderr[-2000:]
         assert out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert (export / "pipeline.json").stat().st_mtime_ns == written  # the export refused above was not rewritten
 
 
 def test_sample_cli_missing_stage_is_a_clear_error(tmp_path):
