@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import add_device_argument, at_least, benchmark_device, positive_float
+from benchmarks.common import add_device_argument, at_least, benchmark_device, output_file, positive_float
 from hybrid.ar import ARModel
 from hybrid.ar.model import PreallocatedKVCache
 from hybrid.ar.sampling import draw_categorical
@@ -286,7 +286,7 @@ def bench_training(args, device) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ar, tok = ARConfig(), TokenizerConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--out", required=True, type=output_file, help="JSON file to write")
     p.add_argument("--width", type=at_least(4, multiple_of=4), default=ar.width,
                    help="model width (a multiple of 4: the 2D sin/cos positions)")
     p.add_argument("--depth", type=at_least(1), default=ar.depth)

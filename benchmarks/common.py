@@ -10,6 +10,33 @@ import torch
 from hybrid.devices import describe_machine as machine  # noqa: F401 - the benchmarks' name for it
 
 
+def _writable_target(text: str, kind: str) -> str:
+    """`text` unless a `kind` ("file" or "folder") cannot be written there: an existing path of the other kind,
+    or a nearest existing parent that is not a writable folder."""
+    path = os.path.abspath(os.path.expanduser(text))
+    if kind == "file" and os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"'{text}' is a folder; give a JSON file path")
+    if kind == "folder" and os.path.exists(path) and not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"'{text}' is a file; give a folder")
+    parent = path if kind == "folder" and os.path.isdir(path) else os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"'{text}' cannot be written: '{parent}' is not a writable folder")
+    return text
+
+
+def output_file(text: str) -> str:
+    """argparse `type` of `--out FILE`: checked when the arguments are parsed, so a path that cannot be written
+    fails before the work, not after it (the results would be lost)."""
+    return _writable_target(text, "file")
+
+
+def output_folder(text: str) -> str:
+    """argparse `type` of `--out FOLDER` (the showdown's): as `output_file`, for a folder."""
+    return _writable_target(text, "folder")
+
+
 def at_least(minimum: int, multiple_of: int = 1):
     """argparse `type` of an integer flag that must be >= `minimum` and a multiple of `multiple_of` (a count,
     a step, a width): a bad value is argparse's error naming the flag and the value (exit 2) when the arguments
@@ -112,7 +139,7 @@ def add_judging_arguments(parser, run_dir_help: str, sample_keys: str) -> None:
     benchmarks."""
     parser.add_argument("--run-dir", required=True, help=run_dir_help)
     parser.add_argument("--config", default=None, help="experiment YAML (default: configs/default.yaml)")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--out", default=None, type=output_file, help="write the results as JSON here")
     parser.add_argument("--sample", default="", help=f"generation settings, comma-separated KEY=VALUE ({sample_keys}); "
                         "default: the stages' configs")
     parser.set_defaults(sample_keys=tuple(key.strip() for key in sample_keys.split(",")))
@@ -216,7 +243,13 @@ def write_result(path: str | os.PathLike | None, result: dict) -> None:
         return
     from hybrid.checkpoints import write_json
 
-    write_json(path, result)  # atomic: `--retime` rewrites the JSON of a long run in place
+    try:
+        write_json(path, result)  # atomic: `--retime` rewrites the JSON of a long run in place
+    except OSError as err:  # e.g. the disk filled up during the run: the results are not lost, they go to stdout
+        import json
+
+        print(json.dumps(result, indent=2, default=str))
+        raise SystemExit(f"error: cannot write {path} ({err}); the results are printed above as JSON") from None
     print(f"wrote {path}")
 
 

@@ -28,7 +28,7 @@ import hybrid as _hybrid  # noqa: F401 -- before torch loads: OpenMP's short spi
 import numpy as np
 import torch
 
-from benchmarks.common import int_list
+from benchmarks.common import int_list, output_file
 from hybrid.data.procedural import ProceduralDataset, render, sample_attributes
 
 
@@ -51,7 +51,7 @@ def _count_for(rate_guess: float, seconds: float) -> int:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--out", default=None, type=output_file, help="write the results as JSON here")
     parser.add_argument("--sizes", type=int_list(16, 256), default="16,32,64,128,256",
                         help="comma-separated image sizes (16..256)")
     parser.add_argument("--seconds", type=float, default=3.0, help="rough time budget per measurement")

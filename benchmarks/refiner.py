@@ -61,6 +61,7 @@ from benchmarks.common import (
     int_list,
     machine,
     median_seconds,
+    output_file,
     write_result,
 )
 from hybrid.names import SAMPLERS
@@ -220,7 +221,7 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline-steps", type=int_list(1), default="10,25,50",
                         help="baseline step counts, comma-separated (default 10,25,50)")
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the FID intervals")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--out", default=None, type=output_file, help="write the results as JSON here")
     add_device_argument(parser, "held-out images are encoded, refined, sampled, judged and timed (the stages "
                         "train on trainer.accelerator's)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")

@@ -36,6 +36,7 @@ from benchmarks.common import (
     config_and_oracle,
     judge_class_prompts,
     machine,
+    output_file,
     write_result,
 )
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", action="append", default=None, help="NAME:key=value,... (repeatable)")
     parser.add_argument("--num-samples", type=at_least(2), default=2000, help="class prompts per row (>= 2: FID)")
     parser.add_argument("--config", default=None)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, type=output_file)
     add_device_argument(parser)
     args, overrides = parser.parse_known_args(argv)
     device = benchmark_device(args.device)

@@ -85,6 +85,7 @@ from benchmarks.common import (
     config_and_oracle,
     machine,
     non_negative_float,
+    output_folder,
     write_result,
 )
 from benchmarks.curve import Snapshots
@@ -1083,7 +1084,8 @@ def retime(run_dir: Path, out_dir: Path, device: torch.device) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", required=True, help="trains into / reuses stages from this run directory")
-    parser.add_argument("--out", required=True, help="folder for showdown.json, showdown.md, plots and the cache")
+    parser.add_argument("--out", required=True, type=output_folder,
+                        help="folder for showdown.json, showdown.md, plots and the cache")
     parser.add_argument("--config", default=None)
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     parser.add_argument("--num-samples", type=at_least(2), default=1000, help="images per seed per setting (>= 2: FID)")

@@ -114,10 +114,10 @@ def _result(proc: subprocess.Popen) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.common import at_least, machine, write_result
+    from benchmarks.common import at_least, machine, output_file, write_result
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.threads", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--out", default=None, type=output_file, help="write the results as JSON here")
     parser.add_argument("--steps", type=at_least(1), default=20, help="timed steps per process (default 20)")
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--run-dir", default=None, help="a trained run: also time its generation per setting")

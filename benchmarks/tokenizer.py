@@ -49,6 +49,7 @@ from benchmarks.common import (
     heldout_samples,
     machine,
     median_seconds,
+    output_file,
     write_result,
 )
 
@@ -188,7 +189,7 @@ def main(argv=None) -> int:
     parser.add_argument("--curve-every", type=at_least(1), default=100, help="steps between PSNR-vs-time points")
     parser.add_argument("--curve-images", type=at_least(1), default=256, help="held-out images per curve point")
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the FID intervals")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--out", default=None, type=output_file, help="write the results as JSON here")
     add_device_argument(parser, "the held-out images are reconstructed, judged and timed (the stage trains on "
                         "trainer.accelerator's)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")

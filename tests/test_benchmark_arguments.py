@@ -43,10 +43,17 @@ TINY_AR = ["--width", "16", "--depth", "1", "--heads", "2", "--scales", "1", "2"
      "argument --confirm-samples: must be 0 (off) or >= 2"),  # failed in the bootstrap after the whole run
     ("benchmarks.data_throughput", ["--sizes", "abc"], "argument --sizes: expected comma-separated integers"),
     ("benchmarks.data_throughput", ["--sizes", "16,300"], "argument --sizes: each value must be in 16..256, got 300"),
+    # --out checked when parsed: it failed after the whole run, and the results were lost with it
+    ("benchmarks.refiner", ["--run-dir", "{tmp}/run", "--out", "{tmp}"], "argument --out: '{tmp}' is a folder"),
+    ("benchmarks.ar_efficiency", ["--out", "/proc/self/status/r.json"],
+     "argument --out: '/proc/self/status/r.json' cannot be written: '/proc/self/status' is not a writable folder"),
+    ("benchmarks.showdown", ["--run-dir", "{tmp}/run", "--out", "/proc/self/status"],
+     "argument --out: '/proc/self/status' is a file; give a folder"),
 ])
 def test_bad_counts_sizes_and_widths_are_refused_when_parsed(tmp_path, capsys, command, argv, needle):
     main = importlib.import_module(command).main
     argv = [a.format(tmp=tmp_path) for a in argv]
+    needle = needle.format(tmp=tmp_path)
     if command == "benchmarks.ar_efficiency":
         argv = ["--out", str(tmp_path / "eff.json"), *TINY_AR, *argv]
     with pytest.raises(SystemExit) as exit_info:
@@ -141,3 +148,12 @@ def test_the_showdown_confirmation_decides_the_hybrid_vs_ar_verdict_when_it_ran(
     assert verdicts(overlapping, confirmation=passed)["hybrid_vs_ar"]["met"]
     assert not verdicts(overlapping, {"ar": 100.0, "hybrid": 50.0}, passed)["hybrid_vs_ar"]["met"]  # 2x slower
 
+
+
+def test_results_that_cannot_be_written_at_the_end_are_printed_not_lost(tmp_path, capsys):
+    from benchmarks.common import write_result
+
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(SystemExit, match=r"error: cannot write .*a-file/r.json .*printed above as JSON"):
+        write_result(tmp_path / "a-file" / "r.json", {"fid": 12.5})
+    assert json.loads(capsys.readouterr().out) == {"fid": 12.5}
