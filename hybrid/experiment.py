@@ -89,13 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     from hybrid.checkpoints import is_rank_zero, write_text_atomic
 
     run_dir = Path(cfg.run_dir)
-    saved = run_dir / "config.yaml"
-    previous = None  # the last command's config.yaml, put back when this command fails before any stage ran
+    saved = run_dir / "config.yaml"  # this command's, even when it is refused: the hints it prints name it
     if is_rank_zero():
         from omegaconf import OmegaConf
 
         try:
-            previous = saved.read_text() if saved.is_file() else None
             write_text_atomic(saved, OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))))
         except OSError as err:
             print(f"error: cannot write the run's config to {saved} (run_dir={cfg.run_dir}): {err}", file=sys.stderr)
@@ -103,13 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     from hybrid.checkpoints import CheckpointError
     from hybrid.lit.base import NonFiniteLossError
 
-    def restore_config() -> None:
-        # A command refused before it trained anything must not leave its config as the run's (hints and
-        # `--config RUN/config.yaml` would repeat the mistake): the run's last config comes back.
-        if is_rank_zero() and previous is not None and not any_stage_ran:
-            write_text_atomic(saved, previous)
-
-    any_stage_ran = False
     start = time.time()
     try:
         plan = stage_plan(cfg)
@@ -125,11 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                     set_aside_for_retrain(cfg, stage)
         for stage in plan:
             run_stage(cfg, stage)
-            any_stage_ran = True
     except (ConfigError, CheckpointError, FileNotFoundError, NonFiniteLossError, ValueError,
             FloatingPointError) as err:  # FloatingPointError: the oracle's non-finite loss
-        if isinstance(err, (ConfigError, CheckpointError, FileNotFoundError)):  # refusals, not a failed training
-            restore_config()
         print(f"error: {error_line(err)}", file=sys.stderr)
         return 1
     except Exception as err:  # Lightning's own refusals (an accelerator this machine lacks, ...) are one line too
