@@ -18,9 +18,9 @@ def _writable_target(text: str, kind: str) -> str:
         raise argparse.ArgumentTypeError(f"'{text}' is a folder; give a JSON file path")
     if kind == "folder" and os.path.exists(path) and not os.path.isdir(path):
         raise argparse.ArgumentTypeError(f"'{text}' is a file; give a folder")
-    parent = path if kind == "folder" and os.path.isdir(path) else os.path.dirname(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
+    from hybrid.checkpoints import nearest_existing
+
+    parent = str(nearest_existing(path if kind == "folder" and os.path.isdir(path) else os.path.dirname(path)))
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"'{text}' cannot be written: '{parent}' is not a writable folder")
     return text

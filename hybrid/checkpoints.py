@@ -193,6 +193,15 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """`path` itself when it exists, else its nearest existing ancestor: where a file or folder to be made at
+    `path` would be created (so whether it can be is known before any work)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Writes a text file atomically (temporary file beside it, then rename): never half a file."""
     path = Path(path)

@@ -90,9 +90,9 @@ def _earlier_samples(folder: Path) -> list[Path]:
 def _check_creatable(folder: Path) -> None:
     """Raises PipelineError unless `folder` is a folder or can be made (its nearest existing ancestor is a
     writable folder), without making it."""
-    parent = folder
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+    from hybrid.checkpoints import nearest_existing
+
+    parent = nearest_existing(folder)
     if parent == folder:
         if not os.access(folder, os.W_OK):
             raise PipelineError(f"--out {folder} is not writable")
