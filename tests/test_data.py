@@ -704,6 +704,25 @@ def test_cli_folder_source_follows_from_folder(tmp_path, capsys):
     assert not (tmp_path / "other").exists()
 
 
+def test_cli_unwritable_out_and_a_folder_named_classes_json_are_one_line_errors(tmp_path, capsys):
+    _class_folders(tmp_path / "images", ["cat", "dog"])
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "classes.json").mkdir()  # where the folder source keeps its class ids
+    (tmp_path / "a_file").write_text("x")
+    blocked = tmp_path / "a_file" / "below"  # its parent is a file: the folder cannot be made (NotADirectoryError)
+    cases = ((["--count", "3", "--out", str(blocked)], f"'{blocked}'"),
+             (["--folder", str(tmp_path / "images"), "--out", str(blocked)], f"'{blocked}'"),
+             (["--count", "3", "--out", str(tmp_path / "a_file")], "is a file, not a folder"),
+             (["--folder", str(tmp_path / "images"), "--out", str(tmp_path / "taken")],
+              "classes.json' is not a file"))
+    for argv, needle in cases:
+        with pytest.raises(SystemExit) as exit_info:  # was a traceback (FileNotFoundError, IsADirectoryError)
+            main(["write", "--image-size", "16", "--no-progress", *argv])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and needle in err and "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "taken").iterdir()) == ["classes.json"]  # no shard left behind
+
+
 # ----------------------------------------------------------------------------------------------
 # Data module
 # ----------------------------------------------------------------------------------------------

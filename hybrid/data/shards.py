@@ -672,6 +672,9 @@ def folder_class_ids(out: str | os.PathLike, classes: Sequence[str], folder: str
     Raises ValueError naming the file when it is not a mapping or (not a train split) lacks a class of `folder`.
     """
     path = Path(out) / "classes.json"
+    if path.exists() and not path.is_file():
+        raise ValueError(f"'{path}' is not a file: this --out keeps its class ids there; move it away or use another "
+                         f"--out")
     if not path.is_file():
         return {name: i for i, name in enumerate(classes)}, []
     try:
@@ -770,6 +773,16 @@ def write_folder(out: str | os.PathLike, folder: str | os.PathLike, image_size: 
     return shards
 
 
+def _error_line(err: OSError | ValueError) -> str:
+    """One line for a write that failed: our own errors say what to do; an operating-system error (an --out
+    that cannot be made, a permission) gives its reason and the path(s) it names, not a traceback. Nothing is
+    left half-written (see `_write_shards`)."""
+    if not isinstance(err, OSError) or err.errno is None:
+        return str(err)
+    paths = " -> ".join(f"'{p}'" for p in (err.filename, err.filename2) if p is not None)
+    return f"{err.strerror or err}" + (f": {paths}" if paths else "")
+
+
 def _warning_line(message, category, filename, lineno, line=None) -> str:
     """The CLI's warnings, one line each: Python's default format adds the file, line number and source line of
     the call that warned (`shards = write_folder(...)`), which tell a user of the CLI nothing."""
@@ -812,6 +825,8 @@ def _write_cli(argv: Sequence[str] | None) -> int:
         parser.error(f"--image-size {args.image_size} is outside 16..256")
     if args.per_shard < 1:
         parser.error("--per-shard must be >= 1")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out '{args.out}' is a file, not a folder: shards are written into a folder")
     if args.source == "procedural":
         if args.count is None:
             parser.error("--source procedural needs --count")
@@ -819,16 +834,16 @@ def _write_cli(argv: Sequence[str] | None) -> int:
         try:
             shards = write_procedural(args.out, args.count, args.image_size, args.per_shard, args.seed, args.split,
                                       holdout, overwrite=args.overwrite, progress=not args.no_progress)
-        except (FileExistsError, ValueError) as err:
-            parser.error(str(err))
+        except (OSError, ValueError) as err:
+            parser.error(_error_line(err))
     else:
         if not args.folder:
             parser.error("--source folder needs --folder PATH")
         try:
             shards = write_folder(args.out, args.folder, args.image_size, args.per_shard, args.seed, args.split,
                                   args.count, overwrite=args.overwrite, progress=not args.no_progress)
-        except (FileNotFoundError, FileExistsError, ValueError) as err:
-            parser.error(str(err))
+        except (OSError, ValueError) as err:
+            parser.error(_error_line(err))
     names = [os.path.basename(s) for s in shards]
     print(f"wrote {len(names)} shard(s) to {args.out}: {names[0]}" + (f" .. {names[-1]}" if len(names) > 1 else ""))
     return 0
