@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from pathlib import Path
@@ -36,7 +37,7 @@ from hybrid.eval.fid import (
     real_features,
     real_images,
 )
-from hybrid.eval.oracle import Oracle, ensure_oracle, load_oracle, main, oracle_path, save_oracle, sidecar_path
+from hybrid.eval.oracle import FORMAT, Oracle, ensure_oracle, load_oracle, main, oracle_path, save_oracle, sidecar_path
 
 TINY = {"channels": [8, 16, 16, 16], "layers": [1, 1, 1, 1]}  # a toy timm ResNet
 
@@ -88,6 +89,21 @@ def test_load_refuses_a_pickle(tmp_path):
     path = save_oracle(tiny_oracle(), tmp_path / "o.safetensors")
     torch.save({"x": torch.zeros(1)}, path)  # a pickle where safetensors should be
     with pytest.raises(ValueError, match="o.safetensors"):
+        load_oracle(path)
+
+
+@pytest.mark.parametrize("sidecar", ["[1, 2]", '{"format": "%s", "model": [1]}', "\udcff", "data_version"])
+def test_a_damaged_sidecar_is_a_value_error_naming_it(tmp_path, sidecar):
+    path = save_oracle(tiny_oracle(), tmp_path / "o.safetensors")
+    side = sidecar_path(path)
+    if sidecar == "data_version":  # a valid sidecar but for this one field
+        meta = json.loads(side.read_text())
+        side.write_text(json.dumps({**meta, "data_version": "two"}))
+    elif sidecar == "\udcff":
+        side.write_bytes(b"\xff\xfe not utf-8")
+    else:
+        side.write_text(sidecar.replace("%s", FORMAT))
+    with pytest.raises(ValueError, match=r"o\.json"):  # was AttributeError / UnicodeDecodeError
         load_oracle(path)
 
 

@@ -214,10 +214,14 @@ def load_oracle(path: str | os.PathLike | None = None, cfg=None, device: str | t
                 f"(or python train.py stage=oracle), using the same data.image_size / oracle.path / cache_dir")
     try:
         meta = json.loads(side.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"oracle sidecar '{side}' is not valid JSON: {err}") from None
-    if meta.get("format") != FORMAT or "model" not in meta:
-        raise ValueError(f"'{side}' is not an oracle sidecar (format {meta.get('format')!r}, expected {FORMAT!r})")
+    if not isinstance(meta, dict):
+        raise ValueError(f"'{side}' is not an oracle sidecar (a JSON {type(meta).__name__}, expected an object with "
+                         f"format {FORMAT!r})")
+    if meta.get("format") != FORMAT or not isinstance(meta.get("model"), dict):
+        raise ValueError(f"'{side}' is not an oracle sidecar (format {meta.get('format')!r}, expected {FORMAT!r}, "
+                         f"and a \"model\" object)")
     try:
         oracle = Oracle(**meta["model"])
     except TypeError as err:
@@ -231,7 +235,9 @@ def load_oracle(path: str | os.PathLike | None = None, cfg=None, device: str | t
     except RuntimeError as err:
         raise ValueError(f"oracle weights '{path}' do not match the model in '{side}': "
                          f"{str(err).splitlines()[0]}") from None
-    trained_on = int(meta.get("data_version", 1))
+    trained_on = meta.get("data_version", 1)
+    if not isinstance(trained_on, int):
+        raise ValueError(f"oracle sidecar '{side}' has data_version {trained_on!r}, expected an integer")
     if trained_on != DATA_VERSION:
         warnings.warn(f"oracle '{path}' was trained on procedural data version {trained_on}; this code renders "
                       f"version {DATA_VERSION}, so its FID and adherence are not comparable with a current oracle's",
