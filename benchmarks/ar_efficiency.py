@@ -313,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.width % args.heads:
         p.error(f"argument --heads: {args.heads} must divide --width {args.width}")
+    if args.scales != sorted(set(args.scales)):
+        p.error(f"argument --scales: must be strictly increasing (a token map per scale, coarse to fine), got "
+                f"{' '.join(map(str, args.scales))}")
     device = benchmark_device(args.device)
     if device is None:
         return 2

@@ -220,7 +220,9 @@ def main(argv=None) -> int:
                         help="refiner step counts, comma-separated (default 1,2,4,8)")
     parser.add_argument("--baseline-steps", type=int_list(1), default="10,25,50",
                         help="baseline step counts, comma-separated (default 10,25,50)")
-    parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the FID intervals")
+    parser.add_argument("--bootstrap", type=at_least(2), default=200,
+                        help="bootstrap resamples for the FID intervals (at least 2: fewer give zero-width intervals, "
+                             "which every 'outside the interval' verdict would pass)")
     parser.add_argument("--out", default=None, type=output_file, help="write the results as JSON here")
     add_device_argument(parser, "held-out images are encoded, refined, sampled, judged and timed (the stages "
                         "train on trainer.accelerator's)")

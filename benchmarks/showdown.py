@@ -1066,8 +1066,20 @@ def retime(run_dir: Path, out_dir: Path, device: torch.device) -> int:
     if not path.is_file():
         print(f"error: --retime needs an earlier run's '{path}'", file=sys.stderr)
         return 2
-    result = json.loads(path.read_text())
+    try:  # everything the re-timing reads from the file, checked before minutes of timing
+        result = json.loads(path.read_text())
+        {stage: paths["final"] for stage, paths in result["stages"].items()}  # what load_pipes picks
+        {name: (MODE[name], op_row(entry)["settings"]) for name, entry in result["systems"].items()}
+        markdown(result)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, StopIteration) as err:
+        print(f"error: '{path}' cannot be re-timed: it is damaged or from another version of the showdown "
+              f"({type(err).__name__}: {err}); run the showdown again without --retime", file=sys.stderr)
+        return 2
     pipes = load_pipes(run_dir, result["stages"], device)
+    if set(result["systems"]) - set(pipes):
+        print(f"error: '{path}' names no checkpoint for {', '.join(sorted(set(result['systems']) - set(pipes)))} "
+              f"in its \"stages\"; run the showdown again without --retime", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     classes = make_requests(TIMING_CLASSES, seed=EVAL_REQUEST_SEED)["classes"]
     result["side_by_side"] = side_by_side_speed(timed_operating_points(result["systems"], pipes), classes,

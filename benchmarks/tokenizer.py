@@ -188,7 +188,9 @@ def main(argv=None) -> int:
     parser.add_argument("--num-images", type=at_least(2), default=5000, help="held-out images for PSNR/FID/usage")
     parser.add_argument("--curve-every", type=at_least(1), default=100, help="steps between PSNR-vs-time points")
     parser.add_argument("--curve-images", type=at_least(1), default=256, help="held-out images per curve point")
-    parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the FID intervals")
+    parser.add_argument("--bootstrap", type=at_least(2), default=200,
+                        help="bootstrap resamples for the FID intervals (at least 2: fewer give zero-width intervals, "
+                             "which every 'outside the interval' verdict would pass)")
     parser.add_argument("--out", default=None, type=output_file, help="write the results as JSON here")
     add_device_argument(parser, "the held-out images are reconstructed, judged and timed (the stage trains on "
                         "trainer.accelerator's)")

@@ -41,6 +41,11 @@ TINY_AR = ["--width", "16", "--depth", "1", "--heads", "2", "--scales", "1", "2"
      "argument --samplers: invalid choice: 'dmp'"),  # a typo was dropped silently beside a usable sampler
     ("benchmarks.showdown", ["--run-dir", "{tmp}/run", "--out", "{tmp}/out", "--confirm-samples", "1"],
      "argument --confirm-samples: must be 0 (off) or >= 2"),  # failed in the bootstrap after the whole run
+    # zero-width intervals, which every "outside the interval" verdict passed
+    ("benchmarks.refiner", ["--run-dir", "{tmp}/run", "--bootstrap", "1"], "argument --bootstrap: must be >= 2, got 1"),
+    ("benchmarks.tokenizer", ["--run-dir", "{tmp}/run", "--bootstrap", "0"], "argument --bootstrap: must be >= 2"),
+    ("benchmarks.ar_efficiency", ["--scales", "2", "1"], "argument --scales: must be strictly increasing"),
+    ("benchmarks.ar_efficiency", ["--scales", "1", "1", "2"], "got 1 1 2"),
     ("benchmarks.data_throughput", ["--sizes", "abc"], "argument --sizes: expected comma-separated integers"),
     ("benchmarks.data_throughput", ["--sizes", "16,300"], "argument --sizes: each value must be in 16..256, got 300"),
     # --out checked when parsed: it failed after the whole run, and the results were lost with it
@@ -157,3 +162,20 @@ def test_results_that_cannot_be_written_at_the_end_are_printed_not_lost(tmp_path
     with pytest.raises(SystemExit, match=r"error: cannot write .*a-file/r.json .*printed above as JSON"):
         write_result(tmp_path / "a-file" / "r.json", {"fid": 12.5})
     assert json.loads(capsys.readouterr().out) == {"fid": 12.5}
+
+
+@pytest.mark.parametrize("text", ["{not json", "[]",
+                                  '{"systems": {"ar": {"rows": [], "operating_point": 1}}, "stages": {}}',
+                                  '{"systems": {"ar": {}}, "stages": {"ar": {"final": "x.ckpt"}}}'])
+def test_retime_of_a_damaged_showdown_json_is_one_line_and_keeps_the_file(tmp_path, capsys, text):
+    """--retime read showdown.json's keys as it went: a damaged or older file was a traceback (JSONDecodeError,
+    AttributeError, StopIteration), some of them after the pipelines loaded."""
+    from benchmarks.showdown import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "showdown.json").write_text(text)
+    code = main(["--retime", "--run-dir", str(tmp_path / "run"), "--out", str(out), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot be re-timed" in err and "showdown.json" in err and "Traceback" not in err, err
+    assert (out / "showdown.json").read_text() == text  # nothing already written is lost
