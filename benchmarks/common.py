@@ -3,11 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import sys
 
 import torch
 
 from hybrid.devices import describe_machine as machine  # noqa: F401 - the benchmarks' name for it
+
+
+def one_line_errors(main):
+    """Decorator of a benchmark's `main(argv)`: a checkpoint, pipeline or config error (each names its file or
+    key) ends the benchmark with that one line and exit 1, not a traceback (a truncated `final.ckpt` under
+    `--reuse`, a stage folder without its checkpoint). Any other error keeps its traceback."""
+    @functools.wraps(main)
+    def guarded(argv=None):
+        try:
+            return main(argv)
+        except ValueError as err:
+            from hybrid.checkpoints import CheckpointError
+            from hybrid.config import ConfigError
+            from hybrid.pipeline import PipelineError
+
+            if not isinstance(err, (CheckpointError, ConfigError, PipelineError)):
+                raise
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+    return guarded
 
 
 def _writable_target(text: str, kind: str) -> str:

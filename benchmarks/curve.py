@@ -43,6 +43,7 @@ from benchmarks.common import (
     at_least,
     judge_class_prompts,
     machine,
+    one_line_errors,
     start_judging,
     write_result,
 )
@@ -92,6 +93,7 @@ def settings_tag(settings: dict) -> str:
     return "".join(f"-{k}{v}" for k, v in settings.items())
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_judging_arguments(parser, "run directory (its AR stage is trained here with snapshots unless it exists)",

@@ -34,6 +34,7 @@ from benchmarks.common import (
     heldout_images,
     heldout_samples,
     machine,
+    one_line_errors,
     start_judging,
     write_result,
 )
@@ -65,6 +66,7 @@ def decode_given_only(tok, indices: list[torch.Tensor], m: int, batch: int = 250
                       for i in range(0, indices[0].shape[0], batch)])
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.given_scales", description=__doc__.split("\n\n")[0])
     add_judging_arguments(parser, "run directory with a trained tokenizer and AR",

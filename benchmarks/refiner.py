@@ -61,6 +61,7 @@ from benchmarks.common import (
     int_list,
     machine,
     median_seconds,
+    one_line_errors,
     output_file,
     write_result,
 )
@@ -206,6 +207,7 @@ def measure_refiner(refiner, z_q, classes, steps_list, judge, result) -> str:
     return default_key
 
 
+@one_line_errors
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.refiner", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=None, help="experiment YAML (default: configs/default.yaml)")

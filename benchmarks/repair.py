@@ -36,6 +36,7 @@ from benchmarks.common import (
     config_and_oracle,
     judge_class_prompts,
     machine,
+    one_line_errors,
     output_file,
     write_result,
 )
@@ -54,6 +55,7 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name, overrides
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", required=True)

@@ -85,6 +85,7 @@ from benchmarks.common import (
     config_and_oracle,
     machine,
     non_negative_float,
+    one_line_errors,
     output_folder,
     write_result,
 )
@@ -1093,6 +1094,7 @@ def retime(run_dir: Path, out_dir: Path, device: torch.device) -> int:
     return 0
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", required=True, help="trains into / reuses stages from this run directory")

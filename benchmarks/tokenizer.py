@@ -49,6 +49,7 @@ from benchmarks.common import (
     heldout_samples,
     machine,
     median_seconds,
+    one_line_errors,
     output_file,
     write_result,
 )
@@ -176,6 +177,7 @@ def refuse_checkpoint(cfg) -> str | None:
             f"the stage takes that file instead; to measure it, drop tokenizer.checkpoint and pass {how}")
 
 
+@one_line_errors
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tokenizer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=None, help="experiment YAML (default: configs/default.yaml)")

@@ -466,6 +466,25 @@ def test_tokenizer_benchmark_refuses_a_tokenizer_checkpoint_and_points_at_reuse(
     assert wide.returncode == 0 and "RUN_DIR/tokenizer.before-retrain-<time>" in wide.stdout
 
 
+@pytest.mark.parametrize("command", ["benchmarks.tokenizer", "benchmarks.given_scales"])
+def test_a_truncated_checkpoint_ends_a_benchmark_in_one_line_naming_it(toy_run, tmp_path, capsys, command):
+    """A truncated final.ckpt (a copy cut short, a full disk) ended `--reuse` and given_scales in a CheckpointError
+    traceback; every benchmark that loads checkpoints now prints its one line (exit 1)."""
+    import importlib
+
+    run = _copy_stages(toy_run, tmp_path / "cut", ("tokenizer", "ar"))
+    ckpt = run / "tokenizer" / "final.ckpt"
+    ckpt.write_bytes(ckpt.read_bytes()[:4096])
+    argv = ["--config", "configs/toy.yaml", "--run-dir", str(run), "--num-images", "8", "--device", "cpu",
+            f"cache_dir={toy_run[1] / 'cache'}"]
+    if command == "benchmarks.tokenizer":
+        argv = ["--reuse", *argv]
+    code = importlib.import_module(command).main(argv)
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: ") and f"'{ckpt}'" in err and "truncated" in err, err
+    assert err.strip().count("\n") == 0
+
+
 def test_refiner_benchmark_judges_z_q_z_noise_and_each_sampler_on_a_trained_run(toy_run, tmp_path):
     base = toy_run[1]
     bench_run = _copy_stages(toy_run, tmp_path / "refbench", ("tokenizer", "refiner"))
