@@ -448,6 +448,21 @@ def _unknown_key_error(key: str, schema: DictConfig, source: str) -> ConfigError
     return ConfigError(f"unknown config key '{key}' ({source}){hint}")
 
 
+def _section_given_a_value(base: DictConfig, other: DictConfig, prefix: str = "") -> str | None:
+    """The dotted key, at any depth, that is a section of keys in `base` but a plain value in `other`."""
+    for k in other:
+        if not isinstance(base, DictConfig) or k not in base:
+            continue
+        node, given = base._get_node(k), other._get_node(k)
+        if isinstance(node, DictConfig) and not isinstance(given, DictConfig):
+            return f"{prefix}{k}"
+        if isinstance(node, DictConfig):
+            found = _section_given_a_value(node, given, f"{prefix}{k}.")
+            if found:
+                return found
+    return None
+
+
 def _merge_checked(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
@@ -456,12 +471,13 @@ def _merge_checked(base: DictConfig, other: DictConfig, source: str) -> DictConf
         raise _unknown_key_error(str(key), base, source) from None
     except ValidationError as err:
         key = getattr(err, "full_key", None)
-        if not key:  # a whole section given a plain value (`ar: 5`): omegaconf names no key
-            key = next((k for k in other if isinstance(base._get_node(k), DictConfig)
-                        and not isinstance(other._get_node(k), DictConfig)), "?")
+        if not key:  # a whole section given a plain value (`ar: 5`, `ar.train=3`): omegaconf names no key
+            key = _section_given_a_value(base, other) or "?"
             if key != "?":
+                section = OmegaConf.select(base, key)
                 raise ConfigError(f"config key '{key}' ({source}) is a section of keys (e.g. {key}."
-                                  f"{next(iter(base[key]))}), not the value {other[key]!r}") from None
+                                  f"{next(iter(section))}), not the value "
+                                  f"{OmegaConf.select(other, key)!r}") from None
         if "is not a ListConfig" in str(err):
             raise ConfigError(f"config key '{key}' ({source}) takes a list: write it in brackets and quote it "
                               f'for the shell, e.g. "{key}=[a,b]"') from None

@@ -254,12 +254,21 @@ def test_common_override_slips_name_the_key_and_the_fix(overrides, needle):
         load_config(None, overrides)
 
 
+@pytest.mark.parametrize("override, key, example", [("ar=5", "ar", "ar."), ("ar.train=3", "ar.train", "ar.train."),
+                                                    ("refiner.train=[1]", "refiner.train", "refiner.train.")])
+def test_a_section_given_a_value_names_the_section_at_any_depth(override, key, example):
+    with pytest.raises(ConfigError) as err:  # ar.train=3 said "config key '?'"
+        load_config(None, [override])
+    assert f"config key '{key}' (on the command line) is a section of keys (e.g. {example}" in str(err.value)
+
+
 def test_an_empty_override_clears_a_text_key():
     assert load_config(None, ["tokenizer.checkpoint="]).tokenizer.checkpoint == ""
 
 
 @pytest.mark.parametrize("text, needle", [
     ("ar: 5\n", "config key 'ar' (in"),  # a section given a plain value
+    ("ar:\n  train: 3\n", "config key 'ar.train' (in"),  # the same one level down: was "config key '?'"
     ("- a\n- b\n", "must hold a mapping of config keys"),  # ignored without a word before
 ])
 def test_malformed_yaml_files_are_named_errors(tmp_path, text, needle):
