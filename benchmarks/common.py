@@ -168,6 +168,17 @@ def add_judging_arguments(parser, run_dir_help: str, sample_keys: str) -> None:
     add_device_argument(parser)
 
 
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None):
+    """(args, key=value overrides): the arguments the parser does not know are config overrides, which may come
+    between the flags; one that starts with '-' is a mistyped or unknown flag, refused by argparse (exit 2), not
+    reported as a malformed override."""
+    args, overrides = parser.parse_known_args(argv)
+    flags = [item for item in overrides if item.startswith("-")]
+    if flags:
+        parser.error(f"unrecognized arguments: {' '.join(flags)}")
+    return args, overrides
+
+
 def start_judging(parser, argv: list[str] | None):
     """A judging benchmark's start (its parser has `add_judging_arguments`; unknown arguments are key=value
     overrides): (args with --device resolved to a torch.device, generation settings parsed from --sample,
@@ -179,7 +190,7 @@ def start_judging(parser, argv: list[str] | None):
     from hybrid.names import SAMPLERS
     from hybrid.pipeline import GenerationSettings
 
-    args, overrides = parser.parse_known_args(argv)
+    args, overrides = parse_with_overrides(parser, argv)
     args.device = benchmark_device(args.device)
     if args.device is None:
         return 2

@@ -38,6 +38,7 @@ from benchmarks.common import (
     machine,
     one_line_errors,
     output_file,
+    parse_with_overrides,
     write_result,
 )
 
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None)
     parser.add_argument("--out", default=None, type=output_file)
     add_device_argument(parser)
-    args, overrides = parser.parse_known_args(argv)
+    args, overrides = parse_with_overrides(parser, argv)
     device = benchmark_device(args.device)
     if device is None:
         return 2

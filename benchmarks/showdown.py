@@ -87,6 +87,7 @@ from benchmarks.common import (
     non_negative_float,
     one_line_errors,
     output_folder,
+    parse_with_overrides,
     write_result,
 )
 from benchmarks.curve import Snapshots
@@ -1125,7 +1126,7 @@ def main(argv: list[str] | None = None) -> int:
                         "points recorded in OUT/showdown.json (on a quiet machine) and rewrite its verdicts and "
                         "markdown; nothing is trained or judged")
     add_device_argument(parser, "images are generated, judged and timed (the stages train on trainer.accelerator's)")
-    args, overrides = parser.parse_known_args(argv)
+    args, overrides = parse_with_overrides(parser, argv)
     device = benchmark_device(args.device)
     if device is None:
         return 2

@@ -41,6 +41,11 @@ TINY_AR = ["--width", "16", "--depth", "1", "--heads", "2", "--scales", "1", "2"
      "argument --samplers: invalid choice: 'dmp'"),  # a typo was dropped silently beside a usable sampler
     ("benchmarks.showdown", ["--run-dir", "{tmp}/run", "--out", "{tmp}/out", "--confirm-samples", "1"],
      "argument --confirm-samples: must be 0 (off) or >= 2"),  # failed in the bootstrap after the whole run
+    # an unknown flag among the key=value overrides: was "override '--bogus' is not of the form key=value"
+    ("benchmarks.curve", ["--run-dir", "{tmp}/run", "--at", "10", "--bogus"], "unrecognized arguments: --bogus"),
+    ("benchmarks.repair", ["--run-dir", "{tmp}/run", "--varaint", "a:x=1"], "unrecognized arguments: --varaint"),
+    ("benchmarks.showdown", ["--run-dir", "{tmp}/run", "--out", "{tmp}/out", "--colour=3", "seed=1"],
+     "unrecognized arguments: --colour=3"),
     # zero-width intervals, which every "outside the interval" verdict passed
     ("benchmarks.refiner", ["--run-dir", "{tmp}/run", "--bootstrap", "1"], "argument --bootstrap: must be >= 2, got 1"),
     ("benchmarks.tokenizer", ["--run-dir", "{tmp}/run", "--bootstrap", "0"], "argument --bootstrap: must be >= 2"),
