@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from hybrid.config import load_config
+from hybrid.config import ConfigError, load_config
 from hybrid.data.attributes import ATTRIBUTES, SHAPES
 from hybrid.data.procedural import DATA_VERSION
 from hybrid.eval.adherence import (
@@ -92,13 +92,18 @@ def test_load_refuses_a_pickle(tmp_path):
         load_oracle(path)
 
 
-@pytest.mark.parametrize("sidecar", ["[1, 2]", '{"format": "%s", "model": [1]}', "\udcff", "data_version"])
+@pytest.mark.parametrize("sidecar", ["[1, 2]", '{"format": "%s", "model": [1]}', "\udcff", "data_version",
+                                     "attributes", "feature_dim"])
 def test_a_damaged_sidecar_is_a_value_error_naming_it(tmp_path, sidecar):
     path = save_oracle(tiny_oracle(), tmp_path / "o.safetensors")
     side = sidecar_path(path)
     if sidecar == "data_version":  # a valid sidecar but for this one field
         meta = json.loads(side.read_text())
         side.write_text(json.dumps({**meta, "data_version": "two"}))
+    elif sidecar in ("attributes", "feature_dim"):  # a hand-edited model argument
+        meta = json.loads(side.read_text())
+        meta["model"][sidecar] = [1, 2] if sidecar == "attributes" else "abc"
+        side.write_text(json.dumps(meta))
     elif sidecar == "\udcff":
         side.write_bytes(b"\xff\xfe not utf-8")
     else:
@@ -390,6 +395,17 @@ def test_ensure_oracle_trains_once_and_caches(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="oracle.path .*orcale.safetensors' does not exist"):
         ensure_oracle(typo, device="cpu")
     assert not (tmp_path / "orcale.safetensors").exists()
+    # a path that cannot hold the weights and their sidecar is refused before training, not at the save after it
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_folder").mkdir()
+    for bad, needle in (("a_folder", "is the folder"), ("o.json", "ends in .json"),
+                        ("a_file/o.safetensors", "is a file, not a folder")):
+        wrong = cfg.copy()
+        wrong.stage, wrong.oracle.path = "oracle", str(tmp_path / bad)
+        with pytest.raises(ConfigError, match=f"config key 'oracle.path' .*{needle}"):
+            ensure_oracle(wrong, retrain=True, device="cpu")  # as `python -m hybrid.eval.oracle train` calls it
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("a_", "o."))) == ["a_file", "a_folder"]
+    assert list((tmp_path / "a_folder").iterdir()) == []
     # stage=oracle retrain=true replaces the shared oracle and keeps the old one beside it
     again = cfg.copy()
     again.stage, again.retrain = "oracle", True

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from hybrid.checkpoints import is_rank_zero
+from hybrid.checkpoints import is_rank_zero, nearest_existing
 from hybrid.data.attributes import ATTRIBUTES, SHAPES
 from hybrid.data.procedural import DATA_VERSION
 from hybrid.devices import resolve_device
@@ -224,7 +224,7 @@ def load_oracle(path: str | os.PathLike | None = None, cfg=None, device: str | t
                          f"and a \"model\" object)")
     try:
         oracle = Oracle(**meta["model"])
-    except TypeError as err:
+    except (TypeError, ValueError, AttributeError) as err:  # a hand-edited value: "abc" for an int, a list for a map
         raise ValueError(f"oracle sidecar '{side}' has bad model arguments: {err}") from None
     try:
         state = load_file(str(path), device=str(device))
@@ -446,11 +446,29 @@ def _command_line() -> str:
     return " ".join(["python", Path(sys.argv[0]).name] + sys.argv[1:])
 
 
-def check_given_oracle_path(cfg) -> None:
-    """A given `oracle.path` must exist, except for `stage=oracle`, which trains one there: a typo must not become
-    a new judge. `train.py` checks it before its first stage, so a typo does not cost a tokenizer training first."""
+def check_given_oracle_path(cfg, training: bool = False) -> None:
+    """A given `oracle.path` must be a file that can hold the weights beside their sidecar (not a folder, not a
+    `.json` name, which the sidecar would share, not below a file), and must exist unless `training` or
+    `stage=oracle` trains one there: a typo must not become a new judge. `train.py` checks it before its first
+    stage, and the oracle's training before it starts, so a bad path costs no training (it used to fail at the
+    save, after it)."""
+    from hybrid.config import ConfigError
+
     path = oracle_path(cfg)
-    if cfg.oracle.path and not path.is_file() and cfg.stage != "oracle":
+    if not cfg.oracle.path:
+        return
+    example = f"{path}/oracle-{cfg.data.image_size}.safetensors" if path.is_dir() else path.with_suffix(".safetensors")
+    if path.is_dir():
+        raise ConfigError(f"config key 'oracle.path' is the folder '{path}'; give the weights file in it, e.g. "
+                          f"oracle.path={example}")
+    if sidecar_path(path) == path:
+        raise ConfigError(f"config key 'oracle.path' '{path}' ends in .json, the name its JSON sidecar is given "
+                          f"(NAME.json beside NAME.safetensors): the weights would overwrite it; give e.g. "
+                          f"oracle.path={example}")
+    parent = nearest_existing(path.parent)
+    if not parent.is_dir():
+        raise ConfigError(f"config key 'oracle.path' '{path}' cannot be written: '{parent}' is a file, not a folder")
+    if not path.is_file() and not training and cfg.stage != "oracle":
         raise FileNotFoundError(
             f"oracle.path '{path}' does not exist: fix the path, leave oracle.path empty for the shared cached "
             f"oracle, or train one there first (python train.py stage=oracle oracle.path={path})")
@@ -470,8 +488,7 @@ def ensure_oracle(cfg, retrain: bool | None = None, device: str | torch.device |
     if path.is_file() and not retrain:
         _report_cached(cfg, path)
         return path
-    if not retrain:
-        check_given_oracle_path(cfg)
+    check_given_oracle_path(cfg, training=retrain)
     if not is_rank_zero():
         deadline = time.time() + wait_minutes * 60
         while not path.is_file():
