@@ -11,12 +11,13 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from hybrid.names import CFG_SCHEDULES, SAMPLERS, TIMESTEP_DENSITIES  # what the model code dispatches on
@@ -448,6 +449,35 @@ def _unknown_key_error(key: str, schema: DictConfig, source: str) -> ConfigError
     return ConfigError(f"unknown config key '{key}' ({source}){hint}")
 
 
+def _check_devices(devices) -> None:
+    """`trainer.devices` as Lightning takes it: a count >= 1, -1 (all), auto, a list of distinct device ids, or
+    those as text ("2", "0,1"). Anything else failed only when the stage's Trainer was built, in Lightning's words
+    (`devices` selected with `CPUAccelerator` should be an int > 0), naming no key."""
+    fix = "give a count >= 1, -1 (all), auto, or a list of distinct device ids such as [0,1]"
+    ids = None
+    if isinstance(devices, bool):
+        raise ConfigError(f"config key 'trainer.devices' is {devices}; {fix}")
+    if isinstance(devices, int):
+        if devices == 0 or devices < -1:
+            raise ConfigError(f"config key 'trainer.devices' is {devices}; {fix}")
+        return
+    if isinstance(devices, str):
+        text = devices.strip()
+        if text == "auto" or re.fullmatch(r"-1|[1-9]\d*", text):
+            return
+        if not re.fullmatch(r"\d+(\s*,\s*\d+)*,?", text):
+            raise ConfigError(f"config key 'trainer.devices' is {devices!r}; {fix}")
+        ids = [int(part) for part in text.split(",") if part.strip()]
+    elif isinstance(devices, (list, tuple, ListConfig)):
+        ids = list(devices)
+        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise ConfigError(f"config key 'trainer.devices' is {list(devices)}; {fix}")
+    else:
+        raise ConfigError(f"config key 'trainer.devices' is {devices!r}; {fix}")
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"config key 'trainer.devices' lists device ids {ids} with repeats; {fix}")
+
+
 def _section_given_a_value(base: DictConfig, other: DictConfig, prefix: str = "") -> str | None:
     """The dotted key, at any depth, that is a section of keys in `base` but a plain value in `other`."""
     for k in other:
@@ -682,10 +712,7 @@ def validate(cfg: DictConfig) -> None:
         if train.max_steps < 1 and not (train.max_steps == -1 and train.max_minutes > 0):
             raise ConfigError(f"config key '{stage}.train.max_steps' is {train.max_steps}; it must be >= 1 (or -1, no "
                               f"step limit, with {stage}.train.max_minutes > 0)")
-    devices = cfg.trainer.devices
-    if isinstance(devices, int) and (devices == 0 or devices < -1):
-        raise ConfigError(f"config key 'trainer.devices' is {devices}; give a count >= 1, -1 (all), a list of ids or "
-                          "auto")
+    _check_devices(cfg.trainer.devices)
     sample = cfg.ar.sample
     try:  # the AR's default sampling settings obey the same ranges as sample.py's flags and eval.settings
         GenerationSettings(cfg=sample.cfg, cfg_schedule=sample.cfg_schedule, temperature=sample.temperature,

@@ -100,16 +100,19 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     from hybrid.checkpoints import CheckpointError
     from hybrid.lit.base import NonFiniteLossError
+    from hybrid.lit.runner import TRAINABLE_STAGES, check_trainer_devices
 
     start = time.time()
     try:
         plan = stage_plan(cfg)
+        if set(plan) & set(TRAINABLE_STAGES):
+            check_trainer_devices(cfg)  # before the oracle trains outside Lightning, not at the first Trainer
         if "oracle" in plan:
             from hybrid.eval.oracle import check_given_oracle_path
 
             check_given_oracle_path(cfg)  # before the tokenizer trains, not after
         if cfg.retrain:  # the whole plan at once: an interrupted retrain goes on without retrain=true
-            from hybrid.lit.runner import TRAINABLE_STAGES, retraining, set_aside_for_retrain
+            from hybrid.lit.runner import retraining, set_aside_for_retrain
 
             for stage in plan:
                 if stage in TRAINABLE_STAGES and retraining(cfg, stage):

@@ -376,11 +376,20 @@ def test_the_class_count_check_reads_shards_under_the_home_folder(tmp_path, monk
     ("ar.train.max_steps=-1", "max_minutes"),  # no step limit needs a time limit
     ("refiner.train.lr=-1", "refiner.train.lr"),  # "Invalid learning rate: -1.0", naming no key, after a stage
     ("trainer.devices=0", "trainer.devices"),
+    ("trainer.devices=abc", "trainer.devices' is 'abc'"),  # Lightning's TypeError when the first Trainer was built
+    ("trainer.devices=[0,0]", "with repeats"),
+    ("trainer.devices=[]", "trainer.devices' is []"),
+    ("trainer.devices=true", "trainer.devices' is True"),
     ("tokenizer.codebook_size=1", "tokenizer.codebook_size"),  # a RuntimeError from random_
 ])
 def test_values_no_stage_can_use_are_refused_at_load(override, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("devices", ["auto", "2", "-1", "[0,1]", "'0,1'", "1"])
+def test_every_form_of_trainer_devices_lightning_takes_still_loads(devices):
+    load_config(None, [f"trainer.devices={devices}"])  # whether this machine has them is the runner's question
 
 
 @pytest.mark.parametrize("override, rule", [

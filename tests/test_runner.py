@@ -849,6 +849,25 @@ def test_a_mistyped_oracle_path_fails_before_the_tokenizer_trains(tmp_path, monk
     assert not (tmp_path / "run" / "tokenizer").exists() and not typo.exists()
 
 
+@pytest.mark.parametrize("devices", ["[0]", "-1", "'0,1'"])
+def test_gpu_device_ids_on_the_cpu_fail_before_the_oracle_trains(tmp_path, monkeypatch, capsys, devices):
+    """A Lightning TypeError naming no key, raised when the tokenizer's Trainer was built: after the oracle (which
+    trains outside Lightning) had trained."""
+    from hybrid.experiment import main
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert main(["--config", str(TOY), f"run_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}",
+                 "trainer.accelerator=cpu", f"trainer.devices={devices}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: config key 'trainer.devices' is ") and "the CPU" in err[0], err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run" / "tokenizer").exists()
+    from hybrid.config import load_config
+    from hybrid.lit.runner import check_trainer_devices
+
+    for fine in ("auto", "2", "'3'"):  # process counts
+        check_trainer_devices(load_config(TOY, ["trainer.accelerator=cpu", f"trainer.devices={fine}"]))
+
+
 def test_an_unwritable_run_dir_is_one_line(tmp_path, capsys):
     from hybrid.experiment import main
 

@@ -49,7 +49,7 @@ from hybrid.checkpoints import (
     train_command,
     write_text_atomic,
 )
-from hybrid.config import to_dict
+from hybrid.config import ConfigError, to_dict
 from hybrid.lit.slurm import slurm_trainer_kwargs
 from hybrid.precision import resolve_precision, uses_gpu
 
@@ -201,6 +201,23 @@ class _StageTimer(Callback):
         pl_module.hparams["train_minutes"] = (time.time() - self.start) / 60
 
 
+def check_trainer_devices(cfg) -> None:
+    """On the CPU, `trainer.devices` is a process count (>= 1, or auto): device ids and -1 are for GPUs. Lightning
+    said so only as a TypeError naming no key when the stage's Trainer was built; `train.py` checks it before its
+    first stage (the oracle trains outside Lightning), this again for any caller of `build_trainer`. Checked here,
+    on the machine that trains, not with the config: a login node without a GPU may submit a GPU job."""
+    devices = cfg.trainer.devices
+    if uses_gpu(cfg) or devices == "auto" or (isinstance(devices, int) and devices >= 1):
+        return
+    if isinstance(devices, str) and devices.strip().isdigit() and int(devices) >= 1:
+        return
+    shown = devices if isinstance(devices, (int, str)) else list(devices)
+    why = ", and this machine has no GPU" if cfg.trainer.accelerator == "auto" else ""
+    raise ConfigError(f"config key 'trainer.devices' is {shown!r}, but the stages train on the CPU "
+                      f"(trainer.accelerator={cfg.trainer.accelerator}{why}): there it is a process count >= 1 or "
+                      f"auto; device ids and -1 are for GPUs")
+
+
 class _SkipReport(Callback):
     """At the end of the fit, on your own shards: how much the stage's data skipped (corrupt samples, unreadable
     shards; counted at each read, since this fit started: a resumed stage counts from its resume), summed over the
@@ -334,6 +351,7 @@ def _build_trainer(cfg, stage: str, extra_callbacks=()) -> pl.Trainer:
         loggers.append(TensorBoardLogger(save_dir=str(cfg.run_dir), name=stage, version="tb"))
     except ImportError:
         pass
+    check_trainer_devices(cfg)
     strategy = cfg.trainer.strategy
     if strategy == "ddp" and not uses_gpu(cfg):
         from pytorch_lightning.strategies import DDPStrategy
