@@ -677,6 +677,10 @@ def _check_num_classes_against_classes_json(cfg: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Checks that the schema's types cannot express: choices, ranges, files that must exist."""
+    if not cfg.run_dir and cfg.name.strip() in ("", ".", ".."):
+        raise ConfigError(f"config key 'name' is {cfg.name!r} and run_dir is empty: the run would write its stage "
+                          f"folders into {os.path.normpath(Path('runs') / cfg.name.strip())}/ itself; give a name "
+                          f"(its run goes to runs/<name>) or a run_dir")
     if cfg.trainer.strategy == "ddp_spawn":  # offered until 2026-12-07, when it was found never to have started
         raise ConfigError("config key 'trainer.strategy' is 'ddp_spawn', which the stage runner does not support: it "
                           "starts each rank by pickling the Trainer, whose callbacks (the SLURM requeue, the resume "

@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--config", default=None, help="YAML experiment file (default: configs/default.yaml)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # key=value overrides may come before and after --config
 
 
 def run_stage(cfg, stage: str) -> None:

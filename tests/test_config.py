@@ -376,6 +376,8 @@ def test_the_class_count_check_reads_shards_under_the_home_folder(tmp_path, monk
     ("ar.train.max_steps=-1", "max_minutes"),  # no step limit needs a time limit
     ("refiner.train.lr=-1", "refiner.train.lr"),  # "Invalid learning rate: -1.0", naming no key, after a stage
     ("trainer.devices=0", "trainer.devices"),
+    ("name=", "config key 'name' is ''"),  # the run wrote its stage folders straight into runs/
+    ("name=..", "config key 'name' is '..'"),
     ("trainer.devices=abc", "trainer.devices' is 'abc'"),  # Lightning's TypeError when the first Trainer was built
     ("trainer.devices=[0,0]", "with repeats"),
     ("trainer.devices=[]", "trainer.devices' is []"),
@@ -447,3 +449,10 @@ def test_init_from_names_the_one_stage_it_warm_starts():
     with pytest.raises(ConfigError, match="init_from.*stage=ar"):
         load_config(None, ["init_from=README.md"])  # stage=all: every stage would read the AR checkpoint
     assert load_config(None, ["init_from=README.md", "stage=ar"]).init_from == "README.md"
+
+
+def test_train_py_takes_overrides_on_both_sides_of_a_flag():
+    from hybrid.experiment import parse_args
+
+    args = parse_args(["run_dir=/tmp/x", "--config", "configs/toy.yaml", "stage=eval"])  # was "unrecognized arguments"
+    assert args.config == "configs/toy.yaml" and args.overrides == ["run_dir=/tmp/x", "stage=eval"]
