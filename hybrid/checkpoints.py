@@ -84,7 +84,7 @@ def load_checkpoint(path: str | os.PathLike, expect_stage: str | None = None, ma
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}' does not exist")
+        raise CheckpointError(f"checkpoint '{path}' {path_problem(path) or 'is not a regular file'}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -193,6 +193,20 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def path_problem(path: str | os.PathLike, want: str = "file") -> str | None:
+    """Why `path` is not the `want` ("file" or "folder") a command expected, for its message: "does not exist",
+    "is a folder, not a file" or "is a file, not a folder"; None when it is one. A folder given where a file
+    was expected used to be reported as missing, which sends the user looking for a path that is there."""
+    path = Path(path)
+    if want == "file" and path.is_dir():
+        return "is a folder, not a file"
+    if want == "folder" and path.exists() and not path.is_dir():
+        return "is a file, not a folder"
+    if not path.exists():
+        return "does not exist"
+    return None
+
+
 def nearest_existing(path: str | os.PathLike) -> Path:
     """`path` itself when it exists, else its nearest existing ancestor: where a file or folder to be made at
     `path` would be created (so whether it can be is known before any work)."""
@@ -227,7 +241,8 @@ def train_command(run_dir: str | os.PathLike, *overrides: str) -> str:
     """A train.py command line for a hint about a run: with the run's `config.yaml` (the last command's whole
     config, so the data, sizes and paths it set come along) where there is one. The last command's one-off keys
     are undone: `init_from` (a warm start of that command's stage) and `retrain` (which would set finished
-    stages aside)."""
+    stages aside). A run copied or moved elsewhere keeps its old `run_dir` in config.yaml: the hint names this
+    one, so it does not train into the original."""
     import shlex
 
     config = Path(run_dir) / "config.yaml"
@@ -239,6 +254,9 @@ def train_command(run_dir: str | os.PathLike, *overrides: str) -> str:
         saved = OmegaConf.load(config)
         one_off = [key for key, on in (("init_from=", saved.get("init_from")), ("retrain=false", saved.get("retrain")))
                    if on]
+        kept = saved.get("run_dir")
+        if kept and os.path.abspath(str(kept)) != os.path.abspath(run_dir):  # a copied or moved run: train here
+            one_off.insert(0, shlex.quote(f"run_dir={run_dir}"))
     except Exception:  # noqa: BLE001 - a hint never fails the command it is part of
         one_off = []
     return " ".join(["python train.py --config", shlex.quote(str(config)), *one_off, *overrides])

@@ -539,7 +539,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file '{p}' does not exist")
+            from hybrid.checkpoints import path_problem
+
+            raise ConfigError(f"config file '{p}' {path_problem(p) or 'is not a regular file'}")
         try:
             loaded = OmegaConf.load(p)
         except Exception as err:  # yaml errors come in many types
@@ -732,6 +734,10 @@ def validate(cfg: DictConfig) -> None:
             continue  # the run's trained tokenizer carries the autoencoder; its folder may have moved
         if value and not Path(value).exists() and not (key == "init_from" and _set_aside(value)):
             raise ConfigError(f"config key '{key}': '{value}' does not exist")
+        if value and key != "tokenizer.pretrained" and Path(value).is_dir():  # a checkpoint or weights file
+            raise ConfigError(f"config key '{key}': '{value}' is a folder, not a file"
+                              + (f" (the stage's checkpoint is {Path(value) / 'final.ckpt'})"
+                                 if (Path(value) / "final.ckpt").is_file() else ""))
     if cfg.tokenizer.pretrained_config:
         raise ConfigError("config key 'tokenizer.pretrained_config' is filled by the tokenizer stage from "
                           "tokenizer.pretrained (its checkpoints store it); leave it empty")

@@ -31,6 +31,7 @@ from hybrid.checkpoints import (
     check_tokenizer_match,
     final_path,
     load_checkpoint,
+    path_problem,
     sub_state_dict,
     train_command,
     weights_hash,
@@ -103,10 +104,13 @@ class HybridPipeline:
         loads a run with a tokenizer alone too (the evaluation judges its reconstructions)."""
         run_dir, device = Path(run_dir), _device(device)
         if not run_dir.is_dir():
-            raise PipelineError(f"run directory '{run_dir}' does not exist")
+            raise PipelineError(f"run directory '{run_dir}' {path_problem(run_dir, 'folder')}")
         tok_path = final_path(run_dir, "tokenizer")
         if not tok_path.is_file():
-            raise PipelineError(f"run directory '{run_dir}' has no trained tokenizer ({tok_path} is missing)")
+            export = (" (it is an exported pipeline: load it with sample.py --export or "
+                      "HybridPipeline.from_pretrained)" if (run_dir / "pipeline.json").is_file() else "")
+            raise PipelineError(f"run directory '{run_dir}' has no trained tokenizer ({tok_path} "
+                                f"{path_problem(tok_path) or 'is not a regular file'}){export}")
         stages = {stage: final_path(run_dir, stage) for stage in ("ar", "refiner", "diffusion")}
         stages = {stage: path for stage, path in stages.items() if path.is_file()}
         if need_generator and "ar" not in stages and "diffusion" not in stages:
@@ -134,7 +138,7 @@ class HybridPipeline:
             if path is None:
                 continue
             if not Path(path).is_file():
-                raise PipelineError(f"{stage} checkpoint '{path}' does not exist")
+                raise PipelineError(f"{stage} checkpoint '{path}' {path_problem(path) or 'is not a regular file'}")
             ckpt = load_checkpoint(path, expect_stage=stage)
             check_tokenizer_match(ckpt, tok_hash, path)
             configs[stage] = ckpt["hyper_parameters"]["config"]
@@ -169,8 +173,13 @@ class HybridPipeline:
         """Loads a `save_pretrained` folder: safetensors and JSON only, nothing is unpickled."""
         folder, device = Path(folder), _device(device)
         manifest_path = folder / "pipeline.json"
+        if not folder.is_dir():
+            raise PipelineError(f"export folder '{folder}' {path_problem(folder, 'folder')}")
         if not manifest_path.is_file():
-            raise PipelineError(f"'{folder}' is not an exported pipeline: {manifest_path} is missing")
+            run = (" (it is a run directory: load it with sample.py --run or HybridPipeline.from_run)"
+                   if final_path(folder, "tokenizer").is_file() else "")
+            raise PipelineError(f"'{folder}' is not an exported pipeline: {manifest_path} "
+                                f"{path_problem(manifest_path) or 'is not a regular file'}{run}")
         try:
             manifest = json.loads(manifest_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -189,7 +198,8 @@ class HybridPipeline:
         def weights(stage: str) -> dict[str, torch.Tensor]:
             path = folder / f"{stage}.safetensors"
             if not path.is_file():
-                raise PipelineError(f"'{path}' is missing (listed in {manifest_path})")
+                raise PipelineError(f"'{path}' {path_problem(path) or 'is not a regular file'} (listed in "
+                                    f"{manifest_path})")
             try:
                 state = load_file(str(path))
             except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
@@ -295,9 +305,26 @@ class HybridPipeline:
         the sampler against the mode's denoiser), as a PipelineError / ValueError; the number of images."""
         s = GenerationSettings(**settings)
         n = self._check_request(_as_ids(classes), _as_prompts(prompts), mode, batch_size)
-        self._check_sampler(mode, s.sampler)
+        self._check_denoiser(mode, s)
         _seed(seed)
         return n
+
+    def _check_denoiser(self, mode: str, s: GenerationSettings) -> None:
+        """The settings of the mode's denoiser: its sampler, then its step count."""
+        self._check_sampler(mode, s.sampler)
+        self._check_steps(mode, s.steps, s.sampler)
+
+    def _check_steps(self, mode: str, steps: int | None, sampler: str | None) -> None:
+        """More sampling steps than the mode's denoiser has training timesteps: refused before anything is
+        written or generated (DDIM raised diffusers' own error, naming no flag, after --write-export had
+        written; DPM-Solver silently repeated timesteps)."""
+        diffusion = {"hybrid": self.refiner_diffusion, "diffusion": self.diffusion_diffusion}.get(mode)
+        most = diffusion.most_steps(sampler) if diffusion is not None and steps is not None else None
+        if most is not None and steps > most:
+            stage = "refiner" if mode == "hybrid" else "diffusion"
+            raise PipelineError(f"steps={steps}: this {stage} was trained with {most} timesteps "
+                                f"({stage}.num_train_timesteps), so its {sampler or diffusion.sampler} sampler takes "
+                                f"at most {most} steps")
 
     def _check_sampler(self, mode: str, sampler: str | None) -> None:
         """A sampler the mode's denoiser cannot use, refused before the AR runs (it was found after the first
@@ -365,7 +392,7 @@ class HybridPipeline:
         s = GenerationSettings(**settings)
         classes, prompts = _as_ids(classes), _as_prompts(prompts)
         n = self._check_request(classes, prompts, mode, batch_size)
-        self._check_sampler(mode, s.sampler)
+        self._check_denoiser(mode, s)
         if generator is None:
             generator = torch.Generator(device=self.device).manual_seed(_seed(seed))
         images, tokens = [], []
@@ -401,7 +428,7 @@ class HybridPipeline:
         classes, prompts = _as_ids(classes), _as_prompts(prompts)
         self._check_request(classes, prompts, "ar", batch_size)
         n = self._check_request(classes, prompts, "hybrid", batch_size)
-        self._check_sampler("hybrid", s.sampler)
+        self._check_denoiser("hybrid", s)
         if generator is None:
             generator = torch.Generator(device=self.device).manual_seed(_seed(seed))
         ar_images, hybrid_images = [], []

@@ -50,6 +50,9 @@ def test_wrong_stage_and_non_checkpoints_are_clear_errors(tmp_path):
         load_checkpoint(tmp_path / "plain.pt")
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.ckpt")
+    (tmp_path / "a_folder").mkdir()
+    with pytest.raises(CheckpointError, match="a_folder' is a folder, not a file"):  # was "does not exist"
+        load_checkpoint(tmp_path / "a_folder")
     good = load_checkpoint(tmp_path / "ar.ckpt", expect_stage="ar")
     assert torch.equal(good["state_dict"]["model.w"], torch.ones(2))
 
@@ -91,3 +94,56 @@ def test_init_weights_strict_and_lenient(tmp_path):
 def test_atomic_save_leaves_no_temporary(tmp_path):
     atomic_torch_save({"a": torch.ones(1)}, tmp_path / "x.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.pt"]
+
+
+def test_a_folder_given_for_a_file_or_a_file_for_a_folder_is_named_as_such(tmp_path):
+    """These were all reported as missing ("does not exist", "is missing"), which sends the user looking for a
+    path that is there."""
+    from hybrid.config import ConfigError, load_config
+    from hybrid.pipeline import HybridPipeline, PipelineError
+
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_folder").mkdir()
+    with pytest.raises(ConfigError, match="config file '.*a_folder' is a folder, not a file"):
+        load_config(tmp_path / "a_folder")
+    for key in ("tokenizer.checkpoint", "ar.checkpoint", "init_from", "eval.inception_weights"):
+        with pytest.raises(ConfigError, match=f"config key '{key}': '.*a_folder' is a folder, not a file$"):
+            load_config(None, [f"{key}={tmp_path / 'a_folder'}"])
+    run = tmp_path / "run"
+    (run / "ar").mkdir(parents=True)
+    (run / "ar" / "final.ckpt").write_text("x")
+    with pytest.raises(ConfigError, match=r"is a folder, not a file \(the stage's checkpoint is .*ar/final.ckpt\)"):
+        load_config(None, [f"init_from={run / 'ar'}", "stage=ar"])
+    with pytest.raises(PipelineError, match="run directory '.*a_file' is a file, not a folder"):
+        HybridPipeline.from_run(tmp_path / "a_file")
+    with pytest.raises(PipelineError, match="export folder '.*a_file' is a file, not a folder"):
+        HybridPipeline.from_pretrained(tmp_path / "a_file")
+    (run / "tokenizer" / "final.ckpt").mkdir(parents=True)  # a folder where the checkpoint should be
+    with pytest.raises(PipelineError, match="tokenizer/final.ckpt is a folder, not a file"):
+        HybridPipeline.from_run(run)
+    (run / "tokenizer" / "final.ckpt").rmdir()
+    (run / "tokenizer" / "final.ckpt").write_text("x")
+    with pytest.raises(PipelineError, match="pipeline.json does not exist \\(it is a run directory: load it with "
+                                            "sample.py --run"):
+        HybridPipeline.from_pretrained(run)
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "pipeline.json").write_text("{}")
+    with pytest.raises(PipelineError, match="final.ckpt does not exist\\) \\(it is an exported pipeline: load it with "
+                                            "sample.py --export"):
+        HybridPipeline.from_run(export)
+
+
+def test_a_hint_about_a_copied_run_trains_into_the_copy(tmp_path):
+    """A run copied elsewhere keeps the original's run_dir in its config.yaml: the hint `--config COPY/config.yaml`
+    alone would have trained into the original run."""
+    from hybrid.checkpoints import train_command
+
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    for run in (original, copy):
+        run.mkdir()
+        (run / "config.yaml").write_text(f"run_dir: {original}\nretrain: true\n")
+    assert train_command(original, "stage=ar") == (f"python train.py --config {original / 'config.yaml'} "
+                                                   f"retrain=false stage=ar")
+    assert train_command(copy, "stage=ar") == (f"python train.py --config {copy / 'config.yaml'} run_dir={copy} "
+                                               f"retrain=false stage=ar")

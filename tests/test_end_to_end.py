@@ -1089,6 +1089,19 @@ def test_the_request_is_checked_before_the_export_is_written_or_the_ar_runs(toy_
                                                 f"\\(refiner.objective={objective}\\)"):
             call()
     assert pipe.check_request(classes=[1, 2], mode="ar", sampler="bogus") == 2  # ar mode runs no sampler
+    # more steps than the refiner's training timesteps: diffusers' own error (naming no flag) after the export was
+    # written (ddim), or repeated timesteps (dpm)
+    most = pipe.refiner_diffusion.num_train_timesteps
+    out = subprocess.run([sys.executable, "sample.py", "--run", str(run_dir), "--class", "1", "--steps", str(most + 1),
+                          "--write-export", str(tmp_path / "export"), "--out", str(tmp_path / "out")], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and f"steps={most + 1}: this refiner was trained with {most} timesteps" in out.stderr
+    assert not (tmp_path / "export").exists() and not (tmp_path / "out").exists()
+    for call in (lambda: pipe(classes=[1], steps=most + 1), lambda: pipe.ar_and_hybrid(classes=[1], steps=most + 1)):
+        with pytest.raises(PipelineError, match=f"at most {most} steps"):
+            call()
+    if objective == "flow":  # the flow Euler sampler's sigmas are continuous: no limit
+        pipe.check_request(classes=[1], steps=most + 1, sampler="euler")
 
 
 def test_class_ids_are_checked_against_the_stages_that_take_them(toy_run):

@@ -313,7 +313,10 @@ class InceptionJudge:
                  device: str | torch.device | None = None):
         path = Path(weights_path)
         if not path.is_file():
-            raise FileNotFoundError(f"Inception weights '{path}' do not exist; download {INCEPTION_WEIGHTS_URL} "
+            from hybrid.checkpoints import path_problem
+
+            raise FileNotFoundError(f"Inception weights '{path}' {path_problem(path) or 'is not a regular file'}; "
+                                    f"download {INCEPTION_WEIGHTS_URL} "
                                     "and pass its local path (the 'fid' extra: pip install 'hybrid[fid]')")
         try:
             import torch_fidelity  # noqa: F401

@@ -246,6 +246,13 @@ class Diffusion:
             flow_shift=config.shift, final_sigmas_type="zero", lower_order_final=True, algorithm_type="dpmsolver++",
             solver_order=2)
 
+    def most_steps(self, sampler: str | None = None) -> int | None:
+        """The most sampling steps `sampler` can take distinct timesteps for: the training timesteps N for the
+        discrete schedules (DDIM refuses more; DPM-Solver repeats timesteps past N), None (no limit) for the
+        flow Euler sampler, whose sigmas are continuous."""
+        name = sampler or self.sampler
+        return None if (self.objective, name) == ("flow", "euler") else self.num_train_timesteps
+
     def ready_sampler(self, steps: int, sampler: str | None = None, device=None):
         """`make_sampler` with `steps` timesteps set.
 
