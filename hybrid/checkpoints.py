@@ -85,6 +85,12 @@ def load_checkpoint(path: str | os.PathLike, expect_stage: str | None = None, ma
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' {path_problem(path) or 'is not a regular file'}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith(b"PK") and not head.startswith(b"\x80"):  # neither torch's zip format nor a pickle
+        kind = "empty" if not head else ("text" if _looks_like_text(path) else "another kind of file")
+        raise CheckpointError(f"'{path}' is not a checkpoint: it is {kind}, not a torch checkpoint file (a .ckpt "
+                              f"that train.py saved, e.g. RUN/STAGE/final.ckpt)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -104,6 +110,15 @@ def load_checkpoint(path: str | os.PathLike, expect_stage: str | None = None, ma
     if expect_stage is not None and stage != expect_stage:
         raise CheckpointError(f"'{path}' is a '{stage}' checkpoint, but a '{expect_stage}' checkpoint is needed here")
     return ckpt
+
+
+def _looks_like_text(path: Path) -> bool:
+    """Whether the file's first KiB decodes as UTF-8 without control bytes (a YAML, JSON or log file)."""
+    with open(path, "rb") as f:
+        start = f.read(1024)
+    text = start.decode("utf-8", errors="ignore")
+    return (len(text.encode("utf-8")) >= len(start) - 3  # all of it UTF-8 but a character cut at the end
+            and all(c.isprintable() or c in "\n\r\t" for c in text))
 
 
 def checkpoint_config(ckpt: dict[str, Any]):

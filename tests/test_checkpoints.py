@@ -43,8 +43,11 @@ def test_wrong_stage_and_non_checkpoints_are_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="'ar' checkpoint.*'tokenizer'"):
         load_checkpoint(tmp_path / "ar.ckpt", expect_stage="tokenizer")
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(CheckpointError, match="notes.txt"):
-        load_checkpoint(tmp_path / "notes.txt")
+    with pytest.raises(CheckpointError, match="notes.txt' is not a checkpoint: it is text"):  # was "pop from empty
+        load_checkpoint(tmp_path / "notes.txt")  # list", or torch's advice to load it with weights_only=False
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty.ckpt' is not a checkpoint: it is empty"):
+        load_checkpoint(tmp_path / "empty.ckpt")
     torch.save({"weights": torch.ones(1)}, tmp_path / "plain.pt")
     with pytest.raises(CheckpointError, match="no 'state_dict'"):
         load_checkpoint(tmp_path / "plain.pt")
