@@ -152,6 +152,11 @@ class HybridPipeline:
         folder = Path(folder)
         if folder.exists() and not folder.is_dir():
             raise PipelineError(f"cannot export to '{folder}': it is a file, not a folder")
+        blocked = [folder / name for name in [*(f"{stage}.safetensors" for stage in self._stages()), "pipeline.json"]
+                   if (folder / name).is_dir()]
+        if blocked:  # found before any stage is written, not at the rename after some were
+            raise PipelineError(f"cannot export to '{folder}': '{blocked[0]}' is a folder, where the export writes a "
+                                f"file; move it away or export elsewhere")
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:

@@ -128,8 +128,14 @@ def main(argv=None) -> int:
         settings = dict(cfg=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, steps=args.steps, sampler=args.sampler, refiner_cfg=args.refiner_cfg)
         # the whole request is checked before anything is written (--write-export) or generated
-        pipe.check_request(classes=classes, prompts=prompts, mode=args.mode, seed=args.seed,
-                           batch_size=args.batch_size, **settings)
+        n = pipe.check_request(classes=classes, prompts=prompts, mode=args.mode, seed=args.seed,
+                               batch_size=args.batch_size, **settings)
+        targets = (([out / "grid.png"] if args.grid else [])
+                   + ([out / f"{i:04d}.png" for i in range(n)] if args.individual else []))
+        blocked = [path for path in targets if path.is_dir()]
+        if blocked:  # found before generating, not when the images are saved
+            raise PipelineError(f"--out {out}: '{blocked[0]}' is a folder, where this command writes an image; move "
+                                f"it away or give another --out")
         if not pipe.conditioned(args.mode):
             print(f"note: the {args.mode} model takes no condition ({args.mode}.condition=none): --class and "
                   "--prompt only set how many images are drawn", file=sys.stderr)

@@ -286,8 +286,9 @@ def test_damaged_exports_and_export_targets_are_one_line_errors(toy_run, tmp_pat
     export = HybridPipeline.from_run(run_dir).save_pretrained(tmp_path / "export")
 
     def sample(*args):
-        return subprocess.run([sys.executable, "sample.py", *args, "--class", "1", "-n", "1", "--out",
-                               str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
+        out = [] if "--out" in args else ["--out", str(tmp_path / "out")]
+        return subprocess.run([sys.executable, "sample.py", *args, "--class", "1", "-n", "1", *out], cwd=ROOT,
+                              capture_output=True, text=True)
 
     cut = shutil.copytree(export, tmp_path / "cut")
     data = (cut / "ar.safetensors").read_bytes()
@@ -297,6 +298,9 @@ def test_damaged_exports_and_export_targets_are_one_line_errors(toy_run, tmp_pat
     keyless = shutil.copytree(export, tmp_path / "keyless")
     (keyless / "pipeline.json").write_text(json.dumps({"format": 1, "stages": {"tokenizer": {}}}))
     (tmp_path / "a-file").write_text("x")
+    blocked = tmp_path / "blocked"
+    (blocked / "pipeline.json").mkdir(parents=True)
+    (tmp_path / "taken" / "grid.png").mkdir(parents=True)
     # valid JSON whose config does not fit the weights (the hash covers only the weights): a size-mismatch traceback
     manifest = json.loads((export / "pipeline.json").read_text())
     edited = shutil.copytree(export, tmp_path / "edited")
@@ -314,11 +318,17 @@ def test_damaged_exports_and_export_targets_are_one_line_errors(toy_run, tmp_pat
                          (["--export", str(nulled)], "the ar stage's config is not a mapping"),
                          (["--run", str(run_dir), "--write-export", str(tmp_path / "a-file")], "is a file"),
                          (["--run", str(run_dir), "--write-export", str(export)], "already holds an export"),
-                         (["--export", str(export), "--cfg", "inf"], "cfg=inf: it must be a finite number")):
+                         (["--export", str(export), "--cfg", "inf"], "cfg=inf: it must be a finite number"),
+                         # a folder where a file is written: a traceback at the rename, after generating or writing
+                         (["--run", str(run_dir), "--write-export", str(blocked), "--overwrite"],
+                          f"'{blocked / 'pipeline.json'}' is a folder, where the export writes a file"),
+                         (["--export", str(export), "--out", str(tmp_path / "taken")],
+                          f"'{tmp_path / 'taken' / 'grid.png'}' is a folder, where this command writes an image")):
         out = sample(*args)
         assert out.returncode == 2 and needle in out.stderr, out.stderr[-2000:]
         assert out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert (export / "pipeline.json").stat().st_mtime_ns == written  # the export refused above was not rewritten
+    assert [p.name for p in blocked.iterdir()] == ["pipeline.json"]  # no stage written before the refusal
 
 
 def test_sample_cli_missing_stage_is_a_clear_error(tmp_path):
