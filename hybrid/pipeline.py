@@ -112,6 +112,9 @@ class HybridPipeline:
             raise PipelineError(f"run directory '{run_dir}' has no trained tokenizer ({tok_path} "
                                 f"{path_problem(tok_path) or 'is not a regular file'}){export}")
         stages = {stage: final_path(run_dir, stage) for stage in ("ar", "refiner", "diffusion")}
+        for path in stages.values():
+            if path.is_dir():  # was skipped as "no such stage"
+                raise PipelineError(f"'{path}' is a folder, not a file: the stage's checkpoint")
         stages = {stage: path for stage, path in stages.items() if path.is_file()}
         if need_generator and "ar" not in stages and "diffusion" not in stages:
             raise PipelineError(f"run directory '{run_dir}' has no trained AR or diffusion stage yet")

@@ -126,6 +126,9 @@ def test_a_folder_given_for_a_file_or_a_file_for_a_folder_is_named_as_such(tmp_p
         HybridPipeline.from_run(run)
     (run / "tokenizer" / "final.ckpt").rmdir()
     (run / "tokenizer" / "final.ckpt").write_text("x")
+    (run / "refiner" / "final.ckpt").mkdir(parents=True)
+    with pytest.raises(PipelineError, match="refiner/final.ckpt' is a folder, not a file"):  # was skipped unsaid
+        HybridPipeline.from_run(run)
     with pytest.raises(PipelineError, match="pipeline.json does not exist \\(it is a run directory: load it with "
                                             "sample.py --run"):
         HybridPipeline.from_pretrained(run)
