@@ -116,6 +116,7 @@ def _looks_like_text(path: Path) -> bool:
     """Whether the file's first KiB decodes as UTF-8 without control bytes (a YAML, JSON or log file)."""
     with open(path, "rb") as f:
         start = f.read(1024)
+    start = start.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark is text too
     text = start.decode("utf-8", errors="ignore")
     return (len(text.encode("utf-8")) >= len(start) - 3  # all of it UTF-8 but a character cut at the end
             and all(c.isprintable() or c in "\n\r\t" for c in text))

@@ -398,7 +398,7 @@ NON_NEGATIVE_KEYS = (
     "seed", "data.seed", "data.num_workers", "data.num_classes", "tokenizer.dead_code_steps", "oracle.num_workers",
     "tokenizer.layers_per_block",
     "oracle.holdout_samples", "ar.token_cache_size", "ar.sample.top_k", "refiner.coarse_scales",
-    "refiner.corrupt_neighbors", "eval.bootstrap", "eval.draw",
+    "refiner.corrupt_neighbors", "eval.draw",
     *(f"{stage}.train.{key}" for stage in TRAINED_STAGES
       for key in ("warmup_steps", "log_every", "image_every", "ckpt_every", "val_every")),
 )
@@ -465,7 +465,7 @@ def _check_devices(devices) -> None:
         text = devices.strip()
         if text == "auto" or re.fullmatch(r"-1|[1-9]\d*", text):
             return
-        if not re.fullmatch(r"\d+(\s*,\s*\d+)*,?", text):
+        if not re.fullmatch(r"\d+(\s*,\s*\d+)*,?", text) or text == "0":  # "0": no device, as the int 0
             raise ConfigError(f"config key 'trainer.devices' is {devices!r}; {fix}")
         ids = [int(part) for part in text.split(",") if part.strip()]
     elif isinstance(devices, (list, tuple, ListConfig)):
@@ -719,6 +719,15 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"config key '{stage}.train.max_steps' is {train.max_steps}; it must be >= 1 (or -1, no "
                               f"step limit, with {stage}.train.max_minutes > 0)")
     _check_devices(cfg.trainer.devices)
+    for name in ("refiner", "diffusion"):  # sampling's default step count, within the training timesteps
+        section = cfg[name]
+        if section.steps > section.num_train_timesteps and (section.objective, section.sampler) != ("flow", "euler"):
+            raise ConfigError(f"config key '{name}.steps' is {section.steps}, more than {name}.num_train_timesteps "
+                              f"({section.num_train_timesteps}): its {section.sampler} sampler has no more timesteps "
+                              f"(only the flow objective's euler sampler takes any count)")
+    if cfg.eval.bootstrap < 2:
+        raise ConfigError(f"config key 'eval.bootstrap' is {cfg.eval.bootstrap}; it must be >= 2: fewer resamples "
+                          f"give zero-width intervals, which every 'outside the interval' verdict would pass")
     sample = cfg.ar.sample
     try:  # the AR's default sampling settings obey the same ranges as sample.py's flags and eval.settings
         GenerationSettings(cfg=sample.cfg, cfg_schedule=sample.cfg_schedule, temperature=sample.temperature,

@@ -100,12 +100,12 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     from hybrid.checkpoints import CheckpointError
     from hybrid.lit.base import NonFiniteLossError
-    from hybrid.lit.runner import TRAINABLE_STAGES, check_trainer_devices
+    from hybrid.lit.runner import TRAINABLE_STAGES, check_trainer_devices, will_train
 
     start = time.time()
     try:
         plan = stage_plan(cfg)
-        if set(plan) & set(TRAINABLE_STAGES):
+        if any(will_train(cfg, stage) for stage in plan):
             check_trainer_devices(cfg)  # before the oracle trains outside Lightning, not at the first Trainer
         if "oracle" in plan:
             from hybrid.eval.oracle import check_given_oracle_path

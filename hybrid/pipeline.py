@@ -327,9 +327,12 @@ class HybridPipeline:
         written or generated (DDIM raised diffusers' own error, naming no flag, after --write-export had
         written; DPM-Solver silently repeated timesteps)."""
         diffusion = {"hybrid": self.refiner_diffusion, "diffusion": self.diffusion_diffusion}.get(mode)
-        most = diffusion.most_steps(sampler) if diffusion is not None and steps is not None else None
+        if diffusion is None:
+            return
+        stage = "refiner" if mode == "hybrid" else "diffusion"
+        steps = steps or self.parsed[stage][stage].steps  # the stage's own default, as sampling takes it
+        most = diffusion.most_steps(sampler)
         if most is not None and steps > most:
-            stage = "refiner" if mode == "hybrid" else "diffusion"
             raise PipelineError(f"steps={steps}: this {stage} was trained with {most} timesteps "
                                 f"({stage}.num_train_timesteps), so its {sampler or diffusion.sampler} sampler takes "
                                 f"at most {most} steps")

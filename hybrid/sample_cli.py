@@ -140,7 +140,7 @@ def main(argv=None) -> int:
             print(f"note: the {args.mode} model takes no condition ({args.mode}.condition=none): --class and "
                   "--prompt only set how many images are drawn", file=sys.stderr)
         if args.write_export:
-            if (Path(args.write_export) / "pipeline.json").exists() and not args.overwrite:
+            if (Path(args.write_export) / "pipeline.json").is_file() and not args.overwrite:
                 raise PipelineError(f"--write-export {args.write_export} already holds an export (pipeline.json): "
                                     f"pass --overwrite to replace it, or give another folder")
             pipe.save_pretrained(args.write_export)

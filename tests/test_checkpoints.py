@@ -45,6 +45,9 @@ def test_wrong_stage_and_non_checkpoints_are_clear_errors(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(CheckpointError, match="notes.txt' is not a checkpoint: it is text"):  # was "pop from empty
         load_checkpoint(tmp_path / "notes.txt")  # list", or torch's advice to load it with weights_only=False
+    (tmp_path / "bom.yaml").write_bytes("\ufeffrun_dir: x\n".encode())  # a byte-order mark is still text
+    with pytest.raises(CheckpointError, match="bom.yaml' is not a checkpoint: it is text"):
+        load_checkpoint(tmp_path / "bom.yaml")
     (tmp_path / "empty.ckpt").write_bytes(b"")
     with pytest.raises(CheckpointError, match="empty.ckpt' is not a checkpoint: it is empty"):
         load_checkpoint(tmp_path / "empty.ckpt")

@@ -382,11 +382,21 @@ def test_the_class_count_check_reads_shards_under_the_home_folder(tmp_path, monk
     ("trainer.devices=[0,0]", "with repeats"),
     ("trainer.devices=[]", "trainer.devices' is []"),
     ("trainer.devices=true", "trainer.devices' is True"),
+    ("trainer.devices='0'", "trainer.devices' is '0'"),  # no device, as the int 0
+    ("eval.bootstrap=1", "config key 'eval.bootstrap' is 1; it must be >= 2"),  # zero-width intervals
+    ("refiner.steps=1001", "config key 'refiner.steps' is 1001, more than refiner.num_train_timesteps (1000)"),
+    ("diffusion.steps=1001", "diffusion.steps' is 1001"),
     ("tokenizer.codebook_size=1", "tokenizer.codebook_size"),  # a RuntimeError from random_
 ])
 def test_values_no_stage_can_use_are_refused_at_load(override, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):
         load_config(None, [override])
+
+
+def test_the_flow_euler_sampler_takes_more_steps_than_training_timesteps():
+    cfg = load_config(None, ["refiner.objective=flow", "refiner.sampler=euler", "refiner.num_train_timesteps=10",
+                             "refiner.steps=20", "eval.bootstrap=2"])  # its sigmas are continuous
+    assert cfg.refiner.steps == 20 and cfg.eval.bootstrap == 2
 
 
 @pytest.mark.parametrize("devices", ["auto", "2", "-1", "[0,1]", "'0,1'", "1"])

@@ -320,7 +320,7 @@ def test_damaged_exports_and_export_targets_are_one_line_errors(toy_run, tmp_pat
                          (["--run", str(run_dir), "--write-export", str(export)], "already holds an export"),
                          (["--export", str(export), "--cfg", "inf"], "cfg=inf: it must be a finite number"),
                          # a folder where a file is written: a traceback at the rename, after generating or writing
-                         (["--run", str(run_dir), "--write-export", str(blocked), "--overwrite"],
+                         (["--run", str(run_dir), "--write-export", str(blocked)],  # not "holds an export"
                           f"'{blocked / 'pipeline.json'}' is a folder, where the export writes a file"),
                          (["--export", str(export), "--out", str(tmp_path / "taken")],
                           f"'{tmp_path / 'taken' / 'grid.png'}' is a folder, where this command writes an image")):
@@ -1110,6 +1110,9 @@ def test_the_request_is_checked_before_the_export_is_written_or_the_ar_runs(toy_
     for call in (lambda: pipe(classes=[1], steps=most + 1), lambda: pipe.ar_and_hybrid(classes=[1], steps=most + 1)):
         with pytest.raises(PipelineError, match=f"at most {most} steps"):
             call()
+    pipe.parsed["refiner"].refiner.steps = most + 1  # the default step count (an old or edited config) too
+    with pytest.raises(PipelineError, match=f"steps={most + 1}: this refiner"):
+        pipe.check_request(classes=[1])
     if objective == "flow":  # the flow Euler sampler's sigmas are continuous: no limit
         pipe.check_request(classes=[1], steps=most + 1, sampler="euler")
 

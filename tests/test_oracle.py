@@ -406,6 +406,8 @@ def test_ensure_oracle_trains_once_and_caches(tmp_path, capsys):
             ensure_oracle(wrong, retrain=True, device="cpu")  # as `python -m hybrid.eval.oracle train` calls it
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("a_", "o."))) == ["a_file", "a_folder"]
     assert list((tmp_path / "a_folder").iterdir()) == []
+    with pytest.raises(FileNotFoundError, match="a_folder' is a folder, not a file"):  # was "does not exist"
+        load_oracle(tmp_path / "a_folder")
     # stage=oracle retrain=true replaces the shared oracle and keeps the old one beside it
     again = cfg.copy()
     again.stage, again.retrain = "oracle", True

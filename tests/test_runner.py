@@ -866,6 +866,23 @@ def test_gpu_device_ids_on_the_cpu_fail_before_the_oracle_trains(tmp_path, monke
 
     for fine in ("auto", "2", "'3'"):  # process counts
         check_trainer_devices(load_config(TOY, ["trainer.accelerator=cpu", f"trainer.devices={fine}"]))
+    for other in ("mps", "tpu", "gpu"):  # Lightning reads ids there: not this check's business (review finding)
+        check_trainer_devices(load_config(TOY, [f"trainer.accelerator={other}", "trainer.devices=[0]"]))
+
+
+def test_gpu_device_ids_do_not_stop_a_finished_run_from_being_evaluated_on_the_cpu(tmp_path):
+    """A finished GPU run's config (devices=[0,1]) re-run for its evaluation on a CPU machine builds no Trainer."""
+    from hybrid.config import load_config
+    from hybrid.lit.runner import will_train
+
+    cfg = load_config(TOY, [f"run_dir={tmp_path}", "trainer.accelerator=cpu", "trainer.devices=[0,1]"])
+    assert [s for s in ("tokenizer", "ar", "refiner") if will_train(cfg, s)] == ["tokenizer", "ar", "refiner"]
+    for stage in ("tokenizer", "ar", "refiner"):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "final.ckpt").write_text("x")
+    assert not any(will_train(cfg, s) for s in ("tokenizer", "ar", "refiner", "oracle", "eval"))
+    cfg.retrain = True
+    assert will_train(cfg, "ar")
 
 
 def test_an_unwritable_run_dir_is_one_line(tmp_path, capsys):

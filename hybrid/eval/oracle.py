@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from hybrid.checkpoints import is_rank_zero, nearest_existing
+from hybrid.checkpoints import is_rank_zero, nearest_existing, path_problem
 from hybrid.data.attributes import ATTRIBUTES, SHAPES
 from hybrid.data.procedural import DATA_VERSION
 from hybrid.devices import resolve_device
@@ -210,7 +210,8 @@ def load_oracle(path: str | os.PathLike | None = None, cfg=None, device: str | t
     for p in (path, side):
         if not p.is_file():
             raise FileNotFoundError(
-                f"oracle file '{p}' does not exist; train the oracle with: {TRAIN_COMMAND} "
+                f"oracle file '{p}' {path_problem(p) or 'is not a regular file'}; train the oracle with: "
+                f"{TRAIN_COMMAND} "
                 f"(or python train.py stage=oracle), using the same data.image_size / oracle.path / cache_dir")
     try:
         meta = json.loads(side.read_text())

@@ -202,20 +202,32 @@ class _StageTimer(Callback):
 
 
 def check_trainer_devices(cfg) -> None:
-    """On the CPU, `trainer.devices` is a process count (>= 1, or auto): device ids and -1 are for GPUs. Lightning
-    said so only as a TypeError naming no key when the stage's Trainer was built; `train.py` checks it before its
-    first stage (the oracle trains outside Lightning), this again for any caller of `build_trainer`. Checked here,
-    on the machine that trains, not with the config: a login node without a GPU may submit a GPU job."""
+    """On the CPU, `trainer.devices` is a process count (>= 1, or auto): device ids and -1 are for GPUs (and MPS,
+    TPU). Lightning said so only as a TypeError naming no key when the stage's Trainer was built; `train.py` checks
+    it before its first stage when one will train (the oracle trains outside Lightning), `build_trainer` again for
+    any caller. Checked here, on the machine that trains, not with the config: a login node without a GPU may
+    submit a GPU job, and a finished GPU run's config may be evaluated on a CPU."""
     devices = cfg.trainer.devices
-    if uses_gpu(cfg) or devices == "auto" or (isinstance(devices, int) and devices >= 1):
+    acc = cfg.trainer.accelerator
+    mps = getattr(torch.backends, "mps", None)
+    on_cpu = acc == "cpu" or (acc == "auto" and not torch.cuda.is_available() and not (mps and mps.is_available()))
+    if not on_cpu or devices == "auto" or (isinstance(devices, int) and devices >= 1):
         return
     if isinstance(devices, str) and devices.strip().isdigit() and int(devices) >= 1:
         return
     shown = devices if isinstance(devices, (int, str)) else list(devices)
-    why = ", and this machine has no GPU" if cfg.trainer.accelerator == "auto" else ""
+    why = ", and this machine has no GPU" if acc == "auto" else ""
     raise ConfigError(f"config key 'trainer.devices' is {shown!r}, but the stages train on the CPU "
                       f"(trainer.accelerator={cfg.trainer.accelerator}{why}): there it is a process count >= 1 or "
                       f"auto; device ids and -1 are for GPUs")
+
+
+def will_train(cfg, stage: str) -> bool:
+    """Whether `fit_stage` would build a Trainer for `stage`: not when it adopts `<stage>.checkpoint`, nor when
+    its final checkpoint exists and it is not being retrained."""
+    if stage not in TRAINABLE_STAGES or cfg[stage].checkpoint:
+        return False
+    return retraining(cfg, stage) or not final_path(cfg.run_dir, stage).is_file()
 
 
 class _SkipReport(Callback):
