@@ -318,35 +318,25 @@ class HybridPipeline:
         return n
 
     def _check_denoiser(self, mode: str, s: GenerationSettings) -> None:
-        """The settings of the mode's denoiser: its sampler, then its step count."""
-        self._check_sampler(mode, s.sampler)
-        self._check_steps(mode, s.steps, s.sampler)
+        """The settings of the mode's denoiser, refused before anything is written or generated: a sampler it
+        cannot use (found after the first batch's AR tokens had been drawn), and more steps than its training
+        timesteps (DDIM raised diffusers' own error, naming no flag, after --write-export had written;
+        DPM-Solver silently repeated timesteps)."""
+        from hybrid.names import SAMPLERS
 
-    def _check_steps(self, mode: str, steps: int | None, sampler: str | None) -> None:
-        """More sampling steps than the mode's denoiser has training timesteps: refused before anything is
-        written or generated (DDIM raised diffusers' own error, naming no flag, after --write-export had
-        written; DPM-Solver silently repeated timesteps)."""
         diffusion = {"hybrid": self.refiner_diffusion, "diffusion": self.diffusion_diffusion}.get(mode)
         if diffusion is None:
             return
         stage = "refiner" if mode == "hybrid" else "diffusion"
-        steps = steps or self.parsed[stage][stage].steps  # the stage's own default, as sampling takes it
-        most = diffusion.most_steps(sampler)
+        if s.sampler is not None and s.sampler not in SAMPLERS[diffusion.objective]:
+            raise PipelineError(f"sampler '{s.sampler}' does not sample this {stage} ({stage}.objective="
+                                f"{diffusion.objective}); choose one of {', '.join(SAMPLERS[diffusion.objective])}")
+        steps = s.steps or self.parsed[stage][stage].steps  # the stage's own default, as sampling takes it
+        most = diffusion.most_steps(s.sampler)
         if most is not None and steps > most:
             raise PipelineError(f"steps={steps}: this {stage} was trained with {most} timesteps "
-                                f"({stage}.num_train_timesteps), so its {sampler or diffusion.sampler} sampler takes "
-                                f"at most {most} steps")
-
-    def _check_sampler(self, mode: str, sampler: str | None) -> None:
-        """A sampler the mode's denoiser cannot use, refused before the AR runs (it was found after the first
-        batch's tokens had been drawn)."""
-        from hybrid.names import SAMPLERS
-
-        diffusion = {"hybrid": self.refiner_diffusion, "diffusion": self.diffusion_diffusion}.get(mode)
-        if sampler is not None and diffusion is not None and sampler not in SAMPLERS[diffusion.objective]:
-            stage = "refiner" if mode == "hybrid" else "diffusion"
-            raise PipelineError(f"sampler '{sampler}' does not sample this {stage} ({stage}.objective="
-                                f"{diffusion.objective}); choose one of {', '.join(SAMPLERS[diffusion.objective])}")
+                                f"({stage}.num_train_timesteps), so its {s.sampler or diffusion.sampler} sampler "
+                                f"takes at most {most} steps")
 
     def _class_counts(self, mode: str) -> dict[str, int]:
         """{stage: its number of classes} for the networks `mode` runs that take a condition, each from its own
