@@ -26,6 +26,8 @@ def resolve_device(name: str | torch.device | None = "auto", flag: str = "--devi
         raise ValueError(f"{flag} {name}: expected auto, cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):  # meta, mps, xpu...: nothing here runs or was tested on them
         raise ValueError(f"{flag} {name}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cpu" and device.index is not None:  # torch takes cpu:1 for the one CPU device
+        raise ValueError(f"{flag} {name}: the CPU takes no index; use cpu (torch's threads use every core)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{flag} {name}: CUDA is not available on this machine")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():

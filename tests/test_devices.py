@@ -43,6 +43,9 @@ def test_resolve_device_picks_cuda_only_where_it_exists(no_cuda):
             resolve_device(name)
     with pytest.raises(ValueError, match="--device gpu: expected auto, cpu, cuda or cuda:N"):
         resolve_device("gpu")
+    # torch parses cpu:1 as the one CPU device; reporting "on cpu:1" suggested a second one had been picked
+    with pytest.raises(ValueError, match="--device cpu:1: the CPU takes no index; use cpu"):
+        resolve_device("cpu:1")
 
 
 def test_resolve_device_refuses_devices_nothing_here_runs_on(monkeypatch):
