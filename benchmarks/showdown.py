@@ -1073,6 +1073,7 @@ def retime(run_dir: Path, out_dir: Path, device: torch.device) -> int:
         {stage: paths["final"] for stage, paths in result["stages"].items()}  # what load_pipes picks
         {name: (MODE[name], op_row(entry)["settings"]) for name, entry in result["systems"].items()}
         markdown(result)
+        verdicts(result["systems"], None, result.get("confirmation"))  # what is recomputed after the timing
     except (ValueError, KeyError, TypeError, AttributeError, IndexError, StopIteration) as err:
         print(f"error: '{path}' cannot be re-timed: it is damaged or from another version of the showdown "
               f"({type(err).__name__}: {err}); run the showdown again without --retime", file=sys.stderr)

@@ -803,6 +803,16 @@ def test_showdown_trains_every_system_and_measures_them_side_by_side(toy_run, tm
             f"{c['fid_better_outside_interval']} (on the rows' images: {verdict['fid_better_outside_interval']})"
             in report)
     assert "confirmation on 40 fresh prompts" in confirm_out.stdout
+    # --retime recomputes the verdicts after minutes of timing: what they read is checked before any timing, and
+    # a damaged file is left as it was
+    damaged = json.loads(json.dumps(confirmed))
+    del damaged["confirmation"]["fid_better_outside_interval"]  # the markdown reads the stored verdict instead
+    (out_dir / "showdown.json").write_text(json.dumps(damaged))
+    bad = subprocess.run([sys.executable, "benchmarks/showdown.py", "--retime", "--run-dir", str(show_run), "--out",
+                          str(out_dir), "--device", "cpu"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "cannot be re-timed" in bad.stderr and "fid_better_outside_interval" in bad.stderr
+    assert "Traceback" not in bad.stderr and json.loads((out_dir / "showdown.json").read_text()) == damaged
+    (out_dir / "showdown.json").write_text(json.dumps(confirmed))
     _check_the_confirmation_pass_gives_the_images_of_two(confirmed, show_run, base, tmp_path)
     _check_the_judge_s_decoded_reference(confirmed, show_run, base, tmp_path)
 
