@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from hybrid.config import ConfigError, from_dict, load_config, suggested_scales, to_dict
 
@@ -218,14 +219,25 @@ def test_bad_values_fail_when_the_config_loads_naming_key_and_value(overrides, k
     ],
 )
 def test_values_at_the_edges_still_load(overrides):
-    load_config(None, overrides)
+    _assert_kept(load_config(None, overrides), overrides)
 
 
-def test_coarse_scales_of_a_tokenizer_checkpoint_are_checked_when_the_refiner_is_built(tmp_path):
-    """tokenizer.checkpoint brings its own scales, which the config cannot see (hybrid.models checks them)."""
+def _assert_kept(cfg, overrides):
+    """Each `key=value` override loaded as given (as OmegaConf parses it; a str field holds 32 as '32')."""
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        got, want = OmegaConf.select(cfg, key), OmegaConf.select(OmegaConf.from_dotlist([override]), key)
+        got, want = (OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for v in (got, want))
+        assert str(got) == str(want), (override, got)
+
+
+def test_coarse_scales_of_a_tokenizer_checkpoint_are_left_to_the_refiner_s_build(tmp_path):
+    """tokenizer.checkpoint brings its own scales, which the config cannot see: the load keeps the value, and
+    hybrid.models refuses it when the refiner is built (tests/test_refiner.py, 'the tokenizer has 3 scales')."""
     checkpoint = tmp_path / "tokenizer.ckpt"
     checkpoint.touch()
-    load_config(None, [f"tokenizer.checkpoint={checkpoint}", "refiner.coarse_scales=9"])
+    cfg = load_config(None, [f"tokenizer.checkpoint={checkpoint}", "refiner.coarse_scales=9"])
+    assert cfg.refiner.coarse_scales == 9 and cfg.tokenizer.checkpoint == str(checkpoint)
 
 
 def test_accepted_precisions_and_accelerators_are_lightnings():
@@ -401,7 +413,8 @@ def test_the_flow_euler_sampler_takes_more_steps_than_training_timesteps():
 
 @pytest.mark.parametrize("devices", ["auto", "2", "-1", "[0,1]", "'0,1'", "1"])
 def test_every_form_of_trainer_devices_lightning_takes_still_loads(devices):
-    load_config(None, [f"trainer.devices={devices}"])  # whether this machine has them is the runner's question
+    # loaded as given, not rewritten; whether this machine has them is the runner's question
+    _assert_kept(load_config(None, [f"trainer.devices={devices}"]), [f"trainer.devices={devices}"])
 
 
 @pytest.mark.parametrize("override, rule", [

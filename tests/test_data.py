@@ -166,7 +166,7 @@ def test_image_range_and_shape(size):
         x = ds[i]["image"]
         assert x.dtype == torch.float32 and x.shape == (3, size, size)
         assert x.min() >= -1.0 and x.max() <= 1.0 and x.std() > 0.01
-    with pytest.raises(ValueError, match="8"):
+    with pytest.raises(ValueError, match="image_size 8 is outside 16..256"):
         ProceduralDataset(image_size=8)
 
 
@@ -207,8 +207,9 @@ def test_cli_writes_shards(tmp_path, capsys):
                  "--image-size", "16", "--no-progress"]) == 0
     assert "wrote 2 shard(s)" in capsys.readouterr().out
     assert len(list(EvalShards(str(tmp_path / "val-*.tar")))) == 6
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         main(["write", "--out", str(tmp_path), "--source", "folder"])  # --folder missing
+    assert exit_info.value.code == 2 and "--folder" in capsys.readouterr().err
 
 
 def _keys(stream):
@@ -384,7 +385,7 @@ def _class_folders(root, names):
         Image.fromarray(np.full((16, 16, 3), 40 * len(name), np.uint8)).save(root / name / f"{name}.png")
 
 
-def test_folder_val_split_keeps_the_training_class_ids(tmp_path):
+def test_folder_val_split_keeps_the_training_class_ids(tmp_path, capsys):
     """README's two writes (train folder, then a val folder with fewer classes) into one --out: the val split
     reuses classes.json's ids; a class that is not in it is an error naming the class and the file."""
     _class_folders(tmp_path / "images", ["cat", "dog", "emu"])
@@ -404,9 +405,14 @@ def test_folder_val_split_keeps_the_training_class_ids(tmp_path):
     with pytest.raises(ValueError, match=f"'fox'.*{re.escape(str(out / 'classes.json'))}"):
         write_folder(out, tmp_path / "other", image_size=16, split="val", progress=False)
     assert json.loads((out / "classes.json").read_text()) == mapping  # never overwritten with another mapping
-    with pytest.raises(SystemExit):  # the CLI: one line, no traceback
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # the CLI: one line, no traceback
         main(["write", "--source", "folder", "--folder", str(tmp_path / "other"), "--out", str(out), "--split",
               "val", "--image-size", "16", "--no-progress"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    error_lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and "'fox'" in error_lines[0] and "classes.json" in error_lines[0], err
     (out / "classes.json").write_text("[1, 2")
     with pytest.raises(ValueError, match=re.escape(str(out / "classes.json"))):
         write_folder(out, tmp_path / "images_val", image_size=16, split="val", progress=False)

@@ -165,9 +165,12 @@ def test_eval_adds_inception_fid_when_given_local_weights(toy_run, tmp_path, ran
 
 def test_rerun_skips_finished_stages(toy_run):
     run_dir, base, _ = toy_run
+    before = (run_dir / "ar" / "final.ckpt").stat().st_mtime_ns
     out = _run(["train.py", "--config", "configs/toy.yaml", f"run_dir={run_dir}", f"cache_dir={base / 'cache'}",
                 "stage=ar", "trainer.progress_bar=false"])
-    assert "skipped" in out.stdout
+    final = run_dir / "ar" / "final.ckpt"
+    assert f"[ar] {final} exists: skipped" in out.stdout, out.stdout
+    assert final.stat().st_mtime_ns == before  # not trained or written again
 
 
 def test_sample_cli_writes_images_and_is_deterministic(toy_run):

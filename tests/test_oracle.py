@@ -88,7 +88,7 @@ def test_save_load_round_trip_identical(tmp_path):
 def test_load_refuses_a_pickle(tmp_path):
     path = save_oracle(tiny_oracle(), tmp_path / "o.safetensors")
     torch.save({"x": torch.zeros(1)}, path)  # a pickle where safetensors should be
-    with pytest.raises(ValueError, match="o.safetensors"):
+    with pytest.raises(ValueError, match="o.safetensors' could not be read as safetensors"):
         load_oracle(path)
 
 

@@ -280,7 +280,8 @@ def test_refiner_target_round_trip():
     std = torch.tensor([0.5, 1.0, 2.0, 0.1])
     z = z_q + torch.randn(B, C, S, S, generator=g) * std[None, :, None, None]
     x0 = refiner_target(z, z_q, std)
-    torch.testing.assert_close(x0.std(dim=(0, 2, 3)), torch.ones(C), atol=0.5, rtol=0)
+    torch.testing.assert_close(x0, (z - z_q) / std[None, :, None, None])  # the residual in units of its std
+    torch.testing.assert_close(x0.std(dim=(0, 2, 3)), torch.ones(C), atol=0.5, rtol=0)  # so about unit variance
     torch.testing.assert_close(refiner_compose(x0, z_q, std), z)
     torch.testing.assert_close(refiner_compose(refiner_target(z, z_q, std, "latent"), z_q, std, "latent"), z)
     with pytest.raises(ValueError, match="target"):
@@ -374,8 +375,9 @@ class _Batches(torch.utils.data.Dataset):
 @pytest.mark.parametrize("stage,condition,extra", [("refiner", "class", []), ("diffusion", "text", []),
                                                    ("refiner", "class", ["refiner.coarse_scales=2"])])
 def test_lightning_smoke_run_and_checkpoint_round_trip(tmp_path, stage, condition, extra):
-    pl = pytest.importorskip("pytorch_lightning")
     from pathlib import Path
+
+    import pytorch_lightning as pl
 
     from hybrid.config import load_config, to_dict
     from hybrid.lit.refiner import DiffusionModule, RefinerModule
@@ -416,9 +418,9 @@ def test_final_checkpoint_keeps_the_raw_weights_of_the_final_step(tmp_path):
     Run A writes last.ckpt at step 2 of 3, so its raw step-3 weights can only come from the copy kept at
     the end; run B writes last.ckpt at step 3 itself, before the end. Both train the same way.
     """
-    pl = pytest.importorskip("pytorch_lightning")
     from pathlib import Path
 
+    import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from benchmarks.refiner import load_stage

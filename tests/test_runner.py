@@ -110,7 +110,7 @@ def test_auto_compile_is_on_for_cpu_runs_with_a_cxx_compiler(monkeypatch):
 
     cfg = load_config(None, [])
     assert cfg.trainer.compile == "auto" and load_config(TOY, []).trainer.compile is False
-    assert precision.has_cxx_compiler() in (True, False)  # the real probe answers without raising
+    assert isinstance(precision.has_cxx_compiler(), bool)  # the real probe answers without raising
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(precision, "has_cxx_compiler", lambda: True)
     assert precision.resolve_compile(cfg) is True
@@ -130,7 +130,7 @@ def test_auto_precision_is_bf16_on_gpus_and_on_cpus_with_native_bf16(monkeypatch
     import hybrid.precision as precision
 
     cfg = load_config(None, [])
-    assert precision.cpu_has_native_bf16() in (True, False)  # the real probe answers without raising
+    assert isinstance(precision.cpu_has_native_bf16(), bool)  # the real probe answers without raising
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     assert precision.resolve_precision(cfg) == "32-true"

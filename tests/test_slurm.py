@@ -183,3 +183,4 @@ def test_daemons_have_pids(cluster):
     for name in ("slurmctld", "slurmd"):
         pid = int((cluster.root / f"{name}.daemon-pid").read_text())
         os.kill(pid, 0)  # alive; the fixture stops it by this pid
+        assert Path(f"/proc/{pid}/comm").read_text().strip() == name  # and it is the daemon, not a reused pid

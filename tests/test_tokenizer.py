@@ -452,6 +452,7 @@ def test_standardize_round_trip_uses_mean_and_std():
     tok.latent_std.copy_(torch.tensor([2.0, 0.5, 1.0, 4.0]))
     z = torch.randn(2, 4, 4, 4)
     x = tok.standardize(z)
+    torch.testing.assert_close(x, (z - tok.latent_mean[None, :, None, None]) / tok.latent_std[None, :, None, None])
     torch.testing.assert_close(x[:, 3], (z[:, 3] - 2.0) / 4.0)
     torch.testing.assert_close(tok.unstandardize(x), z)
 
