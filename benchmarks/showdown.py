@@ -199,14 +199,29 @@ def training_flops(cfg, stage: str) -> dict:
     return out
 
 
+def stages_needed(systems: list[str]) -> dict[str, bool]:
+    """{stage key: whether `systems` need it} (the raster AR is its own key)."""
+    return {"ar": "ar" in systems or "hybrid" in systems, "refiner": "hybrid" in systems,
+            "raster": "raster" in systems, "diffusion": "diffusion" in systems}
+
+
+def step_budget_problem(cfg, systems: list[str]) -> str | None:
+    """Why the showdown cannot train these systems' stages, or None: their budgets, FLOPs and half-budget snapshots
+    are counted in steps, so a stage with `max_steps` -1 (a time limit only) is refused before anything loads."""
+    for stage in sorted({"ar" if key == "raster" else key for key, need in stages_needed(systems).items() if need}):
+        if cfg[stage].train.max_steps == -1:
+            return (f"config key '{stage}.train.max_steps' is -1 (a time limit only): the showdown compares "
+                    f"training budgets in steps; give it a step count")
+    return None
+
+
 def train_system_stages(cfg, run_dir: Path, systems: list[str], match_flops: bool) -> dict:
     """Trains (or reuses) every stage the systems need; returns {stage key: {"final", "half", "flops"...}}."""
     from hybrid.checkpoints import final_path, load_checkpoint
     from hybrid.lit.runner import fit_stage
 
     fit_stage(cfg, "tokenizer")
-    needs = {"ar": "ar" in systems or "hybrid" in systems, "refiner": "hybrid" in systems,
-             "raster": "raster" in systems, "diffusion": "diffusion" in systems}
+    needs = stages_needed(systems)
     stages: dict[str, dict] = {}
     for key in ("ar", "refiner", "raster", "diffusion"):
         if not needs[key]:
@@ -1133,7 +1148,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.retime:
         return retime(Path(args.run_dir), Path(args.out), device)
-    cfg, oracle = config_and_oracle(args.config, [f"run_dir={args.run_dir}", *overrides], device)
+    cfg, oracle = config_and_oracle(args.config, [f"run_dir={args.run_dir}", *overrides], device,
+                                    refuse=lambda c: step_budget_problem(c, args.systems))
     if cfg is None:
         return oracle
     if args.holdout and not cfg.data.holdout:

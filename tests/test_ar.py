@@ -451,6 +451,8 @@ def test_token_pool_grows_so_that_no_image_is_drawn_more_than_token_cache_passes
     assert token_pool_size(ar, 10, 64) == 640  # never more than the run draws
     fixed = load_config(None, ["ar.token_cache_passes=0"]).ar
     assert token_pool_size(fixed, 6000, 64) == 20000  # 0: the pool stays at token_cache_size
+    # max_steps -1 (a time limit only): the draws are unknown; was max(1, -64) = a pool of one image
+    assert token_pool_size(ar, -1, 64) == 20000
     with pytest.raises(ConfigError, match="ar.token_cache_passes"):
         load_config(None, ["ar.token_cache_passes=-1"])
 

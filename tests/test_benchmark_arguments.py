@@ -96,6 +96,24 @@ def test_bad_sample_settings_are_refused_before_the_oracle_loads(tmp_path, capsy
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("systems, stage", [(["ar"], "ar"), (["hybrid"], "refiner"), (["raster"], "ar"),
+                                            (["diffusion"], "diffusion")])
+def test_the_showdown_refuses_a_time_limit_alone_before_the_oracle_loads(tmp_path, capsys, systems, stage):
+    """Its budgets and FLOP match are counted in steps: max_steps -1 gave a negative FLOP budget once trained."""
+    from benchmarks.showdown import main, step_budget_problem
+    from hybrid.config import load_config
+
+    overrides = [f"{stage}.train.max_steps=-1", f"{stage}.train.max_minutes=1", f"cache_dir={tmp_path / 'cache'}"]
+    code = main(["--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--systems", *systems,
+                 "--device", "cpu", *overrides])
+    err = capsys.readouterr().err
+    assert code == 2 and f"'{stage}.train.max_steps' is -1" in err and "oracle" not in err, err
+    assert list(tmp_path.iterdir()) == []
+    other = "diffusion" if stage != "diffusion" else "refiner"  # a stage these systems do not train may have one
+    cfg = load_config(None, [f"{other}.train.max_steps=-1", f"{other}.train.max_minutes=1"])
+    assert step_budget_problem(cfg, systems) is None
+
+
 def test_sample_keys_a_benchmark_does_not_use_are_refused(tmp_path, capsys):
     """given_scales judges the AR's images alone: a refiner setting in --sample changed nothing, without a word."""
     from benchmarks.given_scales import main

@@ -491,3 +491,18 @@ def test_oracle_trains_under_bf16_autocast_when_the_precision_says_so(tmp_path):
     assert all(v.dtype != torch.bfloat16 for v in bf16.values())  # the weights stay fp32
     assert all(torch.equal(fp32[k], again[k]) for k in fp32)  # same precision, same seed: same weights
     assert any(not torch.equal(fp32[k], bf16[k]) for k in fp32 if fp32[k].is_floating_point())  # bf16 really ran
+
+
+def test_the_oracle_trains_on_a_time_limit_alone(tmp_path):
+    """oracle.train.max_steps -1 with max_minutes (what the config allows for every stage) trains until the time is
+    up, with the decay over the time; it was 'dataset size must be >= 1, got -8' before the first step."""
+    from hybrid.eval.oracle import train_oracle
+
+    cfg = load_config(None, [
+        f"cache_dir={tmp_path}", "data.image_size=16", "tokenizer.scales=[1, 2, 4]", "oracle.backbone=resnet18",
+        "oracle.backbone_kwargs={channels: [8, 16, 16, 16], layers: [1, 1, 1, 1]}", "oracle.feature_dim=16",
+        "oracle.train.max_steps=-1", "oracle.train.max_minutes=0.02", "oracle.train.batch_size=8",
+        "oracle.train.warmup_steps=1", "oracle.eval_samples=16", "oracle.holdout_samples=8"])
+    _, meta = train_oracle(cfg, device="cpu", progress=True)
+    assert meta["steps"] > 1 and meta["images_seen"] == 8 * meta["steps"]
+    assert 1.2 <= meta["train_seconds"] < 30  # stopped by the time limit

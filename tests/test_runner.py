@@ -3,6 +3,7 @@
 import os
 import signal
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -782,6 +783,45 @@ def test_the_learning_rate_warms_up_then_decays_to_lr_final(final):
     assert math.isclose(min(lrs[3:]), 0.01 * end)
     with pytest.raises(ConfigError, match="ar.train.lr_final"):
         load_config(str(TOY), ["ar.train.lr_final=1.5"])
+
+
+def test_with_no_step_limit_the_learning_rate_decays_over_max_minutes(monkeypatch):
+    """max_steps -1 with max_minutes: the cosine runs over the time limit, read from Lightning's Timer (restored at
+    a resume). It used to take max(1, -1) = 1 step as the horizon, so every step after the warm-up ran at
+    lr x lr_final."""
+    import torch
+    from pytorch_lightning.callbacks import Timer
+
+    from hybrid.config import to_dict
+    from hybrid.lit.base import StageModule
+
+    cfg = load_config(str(TOY), ["ar.train.lr=0.01", "ar.train.warmup_steps=2", "ar.train.max_steps=-1",
+                                 "ar.train.max_minutes=10"])
+
+    class Probe(StageModule):
+        stage = "ar"
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.w = torch.nn.Parameter(torch.zeros(3))
+
+    elapsed = {"s": 0.0}
+    timer = Timer(duration={"minutes": 10})
+    monkeypatch.setattr(timer, "time_elapsed", lambda stage="train": elapsed["s"])
+    probe = Probe(to_dict(cfg))
+    probe._trainer = types.SimpleNamespace(callbacks=[timer])
+    optim = probe.configure_optimizers()
+    opt, sched = optim["optimizer"], optim["lr_scheduler"]["scheduler"]
+    lrs = {}
+    for step, seconds in enumerate([0, 0, 300, 600, 900]):  # the warm-up's end, then none, half, all and past
+        elapsed["s"] = seconds
+        opt.step()
+        sched.step()
+        lrs[step + 1] = opt.param_groups[0]["lr"]
+    assert lrs[1] == pytest.approx(0.01)  # the warm-up's end, by steps as before
+    assert lrs[2] == pytest.approx(0.01)  # no time spent: the peak (was 0.001 here)
+    assert lrs[3] == pytest.approx(0.01 * (0.1 + 0.9 / 2))  # half of max_minutes: half way down the cosine
+    assert lrs[4] == pytest.approx(0.001) and lrs[5] == pytest.approx(0.001)  # lr x lr_final at the limit, and after
 
 
 def test_a_slurm_job_requeued_before_it_set_its_plan_aside_still_retrains(tmp_path, monkeypatch, capsys):

@@ -335,6 +335,9 @@ def _cpu_threads(device: torch.device, workers: int) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+UNLIMITED_IMAGES = 10**15  # the oracle's stream with no step limit: rendered lazily, never reached
+
+
 def _lr_factor(progress: float, step: int, warmup: int) -> float:
     """Linear warm-up over `warmup` steps, then cosine decay to 0 as progress goes 0 -> 1."""
     if step < warmup:
@@ -366,7 +369,9 @@ def _train(cfg, device: torch.device, progress: bool) -> tuple[Oracle, dict]:
     # channels_last: ~20% faster convolutions on CPU (oneDNN) and GPU alike
     oracle = build_oracle(cfg).to(device, memory_format=torch.channels_last).train()
     excluded = cfg.oracle.holdout if cfg.oracle.exclude_holdout else ()
-    data = _dataset(cfg, tc.max_steps * tc.batch_size, cfg.seed, "train", holdout=excluded,
+    by_time = tc.max_steps == -1  # no step limit: max_minutes alone ends the training and drives the decay
+    images = UNLIMITED_IMAGES if by_time else tc.max_steps * tc.batch_size
+    data = _dataset(cfg, images, cfg.seed, "train", holdout=excluded,
                     glyph_prob=cfg.oracle.glyph_prob)
     workers = cfg.oracle.num_workers
     loader = DataLoader(data, batch_size=tc.batch_size, shuffle=False, drop_last=True, num_workers=workers,
@@ -386,13 +391,14 @@ def _train(cfg, device: torch.device, progress: bool) -> tuple[Oracle, dict]:
     if progress:
         from hybrid.progress import progress_bar
 
-        bar = progress_bar(total=tc.max_steps, desc="oracle", dynamic_ncols=True, file=sys.stdout)
+        bar = progress_bar(total=None if by_time else tc.max_steps, desc="oracle", dynamic_ncols=True,
+                           file=sys.stdout)
     start = time.time()
     step, images_seen = 0, 0
     running = {}
     for batch in loader:
         elapsed = time.time() - start
-        frac = step / tc.max_steps
+        frac = 0.0 if by_time else step / tc.max_steps
         if max_seconds > 0:
             frac = max(frac, elapsed / max_seconds)
         if frac >= 1.0:

@@ -63,7 +63,10 @@ def token_pool_size(ar_cfg, max_steps: int, batch_size: int) -> int:
     `batch_size` draw no image more than `token_cache_passes` times (0: no growth), and never more
     images than those batches draw. A pool drawn too often is memorised: see `ARConfig.token_cache_passes`.
     Counted for one rank: under DDP every rank draws from the same pool, so W ranks draw each image about
-    W times as often (raise `token_cache_size` or lower `token_cache_passes` to match)."""
+    W times as often (raise `token_cache_size` or lower `token_cache_passes` to match). With `max_steps` -1 (a
+    time limit only) the draws are unknown: the pool is `token_cache_size`."""
+    if int(max_steps) == -1:
+        return max(1, int(ar_cfg.token_cache_size))
     draws = max(1, int(max_steps) * int(batch_size))
     size = int(ar_cfg.token_cache_size)
     if ar_cfg.token_cache_passes > 0:

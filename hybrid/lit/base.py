@@ -194,15 +194,31 @@ class StageModule(pl.LightningModule):
         )
         warmup, total = max(1, self.tcfg.warmup_steps), max(1, self.tcfg.max_steps)
         final = self.tcfg.lr_final  # a checkpoint from before the key gets the schema default, 0.1, as before
+        by_time = self.tcfg.max_steps == -1  # no step limit: the decay runs over max_minutes instead
 
         def schedule(step: int) -> float:
             if step < warmup:
                 return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            if by_time:
+                progress = self._time_progress()
+            else:
+                progress = min(1.0, (step - warmup) / max(1, total - warmup))
             return final + (1.0 - final) * 0.5 * (1 + math.cos(math.pi * progress))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _time_progress(self) -> float:
+        """With `max_steps` -1: the fraction of `max_minutes` spent training, from the Trainer's Timer (which
+        Lightning adds for `max_time` and restores at a resume), so the decay reaches lr x lr_final as time runs
+        out. 0 outside a fit."""
+        from pytorch_lightning.callbacks import Timer
+
+        trainer = self._trainer
+        timers = [c for c in (trainer.callbacks if trainer is not None else []) if isinstance(c, Timer)]
+        if not timers:
+            return 0.0
+        return min(1.0, timers[0].time_elapsed("train") / (60.0 * self.tcfg.max_minutes))
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip as Lightning does, except under a mixed precision without a gradient scaler (bf16-mixed).
