@@ -718,6 +718,17 @@ def test_a_stage_on_damaged_shards_reports_what_its_data_skipped(tmp_path, monke
         assert (f"[tokenizer] data: skipped {skipped['train_bad_samples']} corrupt sample(s) and "
                 f"{skipped['train_bad_shards']} unreadable shard(s) in training, counted at each read since this fit "
                 f"started") in capsys.readouterr().out
+    # the AR stage reads its training images through its token pool (ar.token_cache, on by default): its data
+    # module reported nothing, and its checkpoint had no data_skipped
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ShardWarning)
+        assert main(["--config", str(TOY), f"run_dir={tmp_path / 'run0'}", "trainer.progress_bar=false",
+                     "trainer.accelerator=cpu", "stage=ar", "ar.train.max_steps=2", "ar.token_cache=true",
+                     "ar.token_cache_size=40", "data.source=shards", f"data.shards={tmp_path / 'data' / 'train-*.tar'}",
+                     "data.num_classes=0", "data.num_workers=0"]) == 0
+    skipped = load_checkpoint(tmp_path / "run0" / "ar" / "final.ckpt")["hyper_parameters"]["data_skipped"]
+    assert skipped["train_bad_samples"] > 0 and skipped["train_bad_shards"] > 0, skipped
+    assert f"[ar] data: skipped {skipped['train_bad_samples']} corrupt sample(s)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("in_a_job", [False, True], ids=["workstation", "job-without-srun"])

@@ -105,6 +105,19 @@ class TokenCacheDataModule(pl.LightningDataModule):
         self.images.trainer = self.trainer  # validation is split across ranks
         return self.images.val_dataloader()
 
+    @property
+    def source(self) -> str:
+        """The data source (`data.source`), as the end-of-fit skip report asks of a data module."""
+        return self.images.source
+
+    def skip_counts(self) -> dict[str, int]:
+        """Samples and shards skipped so far (`HybridDataModule.skip_counts`): the pool's reads of the training
+        shards and the validation reads. Every rank reads the same pool stream, so rank 0 alone counts it (the
+        report sums the ranks)."""
+        rank = 0 if self.trainer is None else int(self.trainer.global_rank)
+        pool = self.pool_images.skip_counts()
+        return {key: value + (pool[key] if rank == 0 else 0) for key, value in self.images.skip_counts().items()}
+
 
 class ARModule(TokenizerConsumer):
     """The coarse AR stage: p(tokens | class or prompt)."""
