@@ -236,7 +236,7 @@ def main(argv=None) -> int:
 
     from hybrid.checkpoints import final_path
     from hybrid.eval.adherence import adherence_from_logits, oracle_logits, paired_adherence_difference
-    from hybrid.eval.evaluate import decoded_features
+    from hybrid.eval.evaluate import class_request_attrs, decoded_features
     from hybrid.eval.fid import RealResamples, bootstrap_fid, oracle_features, paired_fid_difference
     from hybrid.lit.runner import fit_stage
 
@@ -271,9 +271,13 @@ def main(argv=None) -> int:
     z_q_features = z_q_logits = None  # decode(z_q)'s oracle features and logits, set below: rows of the same
     kept = {}  # images are paired with them; `kept`: features of rows judged with a `name` (for `against`)
 
-    def judge(fake: torch.Tensor, paired: bool = True, name: str | None = None, against: str | None = None) -> dict:
+    def judge(fake: torch.Tensor, paired: bool = True, name: str | None = None, against: str | None = None,
+              requested: dict | None = None) -> dict:
+        """`requested`: the attributes the images were asked for (default: every attribute of the held-out image
+        whose z_q they refine)."""
         feats, logits = oracle_features(fake, oracle), oracle_logits(fake, oracle)
-        out = {"fid": bootstrap_fid(feats, real, args.bootstrap), "adherence": adherence_from_logits(logits, attrs),
+        out = {"fid": bootstrap_fid(feats, real, args.bootstrap),
+               "adherence": adherence_from_logits(logits, attrs if requested is None else requested),
                "fid_decoded_ref": bootstrap_fid(feats, real_decoded, args.bootstrap)}
         if paired:  # the same held-out images, row for row: FID(row) - FID(z_q) and adherence(row) - adherence(z_q)
             diff = paired_fid_difference(feats, z_q_features, real, args.bootstrap)
@@ -330,7 +334,9 @@ def main(argv=None) -> int:
                               "params": sum(p.numel() for p in base.model.parameters()),
                               "forward_ms_per_image": forward_ms_per_image(base, coarse=False), "steps": {}}
         for steps in args.baseline_steps:
-            entry = judge(sample_baseline(base, classes, steps), paired=False)
+            # class-conditional samples were asked for the class alone: shape and color, not the held-out
+            # image's position, size, fill or background
+            entry = judge(sample_baseline(base, classes, steps), paired=False, requested=class_request_attrs(attrs))
             entry["images_per_s"] = 16 / median_seconds(lambda s=steps: sample_baseline(base, classes[:16], s),
                                                          base.device)
             result["baseline"]["steps"][str(steps)] = entry

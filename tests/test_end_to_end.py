@@ -504,9 +504,13 @@ def test_refiner_benchmark_judges_z_q_z_noise_and_each_sampler_on_a_trained_run(
     out_json = tmp_path / "refiner.json"
     out = _run(["-m", "benchmarks.refiner", "--config", "configs/toy.yaml", "--run-dir", str(bench_run),
                 "--tokenizer", str(bench_run / "tokenizer" / "final.ckpt"), "--num-images", "48", "--steps", "1,2",
-                "--bootstrap", "20", "--out", str(out_json), f"cache_dir={base / 'cache'}", "--device", "cpu"])
+                "--bootstrap", "20", "--out", str(out_json), f"cache_dir={base / 'cache'}", "--device", "cpu",
+                "--baseline", "--baseline-steps", "2"])
     result = json.loads(out_json.read_text())
-    assert result["train_minutes"] == {}  # both stages were reused
+    assert set(result["train_minutes"]) == {"diffusion"}  # tokenizer and refiner were reused
+    # the class-conditional baseline is judged on what a class asks for, not on the held-out images' other attributes
+    baseline = result["baseline"]["steps"]["2"]
+    assert set(baseline["adherence"]) == {"shape", "color", "all"} and baseline["images_per_s"] > 0
     assert result["machine"]["device"] == "cpu" and result["refiner_forward_ms_per_image"] > 0
     assert set(result["ablation"]) == {"ddim/1", "ddim/2", "dpm/1", "dpm/2"}
     for entry in [result["z_q"], result["z"], result["z_q_plus_noise"], *result["ablation"].values()]:
@@ -562,7 +566,7 @@ def test_refiner_benchmark_judges_z_q_z_noise_and_each_sampler_on_a_trained_run(
     assert sharpened["fid_vs_z_q"]["difference"] != 0  # other images than decode(z_q)
     assert "refined(ddim/2)_fid_below_z_q_by_paired_interval_against_decoded_real" in result["targets"]
     assert "refined(ddim/2)_fid_below_z_q_outside_ci_against_decoded_real" in result["targets"]
-    assert out.stdout.count("against decoded real images: FID") == 9  # z_q, z, noise, sharpened, 4 refined, raw
+    assert out.stdout.count("against decoded real images: FID") == 10  # z_q, z, noise, sharpened, 4 refined, raw, baseline
     assert "unsharp mask 0.2 (judge check" in out.stdout
 
 
