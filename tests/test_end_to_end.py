@@ -533,6 +533,13 @@ def test_refiner_benchmark_judges_z_q_z_noise_and_each_sampler_on_a_trained_run(
             assert d["ci"][0] <= d["difference"] <= d["ci"][1]
     assert {"shape", "color"} <= set(result["ablation"]["ddim/1"]["adherence_vs_z_q"])
     assert "refined_adherence_not_lower_than_z_q_by_paired_interval" in result["targets"]
+    # and as one family: a sign test per attribute on the discordant rows, Holm-corrected
+    from hybrid.eval.adherence import holm_rejected
+
+    pairs = result["ablation"]["ddim/2"]["adherence_vs_z_q"]
+    assert result["targets"]["refined_adherence_not_lower_than_z_q_by_holm_sign_test"] == (
+        not holm_rejected({a: d["p_lower"] for a, d in pairs.items() if a != "all"}))
+    assert all(0 < d["p_lower"] <= 1 and d["worse"] + d["better"] <= d["n"] for d in pairs.values())
     assert "adherence ddim/2 - z_q (paired, points): shape" in out.stdout
     assert "noise of the residual's scale" in out.stdout
     # EMA against the raw weights of the same (final) step, on the same images and noise, paired
@@ -566,7 +573,8 @@ def test_refiner_benchmark_judges_z_q_z_noise_and_each_sampler_on_a_trained_run(
     assert sharpened["fid_vs_z_q"]["difference"] != 0  # other images than decode(z_q)
     assert "refined(ddim/2)_fid_below_z_q_by_paired_interval_against_decoded_real" in result["targets"]
     assert "refined(ddim/2)_fid_below_z_q_outside_ci_against_decoded_real" in result["targets"]
-    assert out.stdout.count("against decoded real images: FID") == 10  # z_q, z, noise, sharpened, 4 refined, raw, baseline
+    # z_q, z, noise, sharpened, 4 refined, raw, baseline
+    assert out.stdout.count("against decoded real images: FID") == 10
     assert "unsharp mask 0.2 (judge check" in out.stdout
 
 

@@ -259,11 +259,45 @@ def test_paired_adherence_difference_counts_only_the_rows_where_the_two_sets_dis
         adherence_from_logits(a, req)["shape"] - adherence_from_logits(b, req)["shape"])
     lo, hi = out["shape"]["ci"]
     assert 0 < lo < 30 / n < hi < 2 * 30 / n  # 50 disagreeing rows of 400: clearly above 0, not exact
-    assert out["color"] == {"difference": 0.0, "ci": [0.0, 0.0], "n": n - 100}  # identical: no spread at all
+    # identical: no spread at all, no discordant row
+    assert out["color"] == {"difference": 0.0, "ci": [0.0, 0.0], "n": n - 100, "worse": 0, "better": 0,
+                            "p_lower": 1.0}
+    assert (out["shape"]["worse"], out["shape"]["better"]) == (10, 40)
     swapped = paired_adherence_difference(b, a, req, bootstrap=500)
     assert swapped["shape"]["difference"] == pytest.approx(-30 / n) and swapped["shape"]["ci"][1] < 0
+    assert (swapped["shape"]["worse"], swapped["shape"]["better"]) == (40, 10)
+    assert swapped["shape"]["p_lower"] == pytest.approx(sum(math.comb(50, i) for i in range(40, 51)) / 2 ** 50)
+    assert out["shape"]["p_lower"] > 0.99  # a is better: no evidence that it is lower
     with pytest.raises(ValueError, match="shape"):
         paired_adherence_difference({"shape": a["shape"][:10]}, b, req)
+
+
+def test_the_sign_test_and_holm_s_procedure():
+    """The refiner benchmark's family-wise check that no attribute of the refined images is lower than z_q's."""
+    from hybrid.eval.adherence import holm_rejected, sign_test_p
+
+    assert sign_test_p(4, 4) == pytest.approx(1 / 16)  # 4 of 4 discordant rows one way: not enough at 5%
+    assert sign_test_p(0, 0) == 1.0 and sign_test_p(0, 10) == 1.0
+    assert sign_test_p(5, 10) == pytest.approx(638 / 1024)
+    with pytest.raises(ValueError, match="k=11, n=10"):
+        sign_test_p(11, 10)
+    # Holm: 0.01 <= 0.05 / 3 and 0.02 <= 0.05 / 2 are rejected, then 0.2 > 0.05 stops
+    assert holm_rejected({"a": 0.2, "b": 0.01, "c": 0.02}) == ["b", "c"]
+    assert holm_rejected({"a": 0.02, "b": 0.03, "c": 0.9}) == []  # 0.02 > 0.05 / 3: nothing, though 0.02 < 0.05
+    assert holm_rejected({"a": 0.04}) == ["a"] and holm_rejected({}) == []
+    # with no real difference, "some attribute lower" stays near 5% over seven attributes, where seven separate
+    # 95% intervals say it far more often
+    g = torch.Generator().manual_seed(0)
+    runs, holm_says, interval_says = 200, 0, 0
+    for _ in range(runs):
+        req = {f"x{j}": torch.zeros(400, dtype=torch.long) for j in range(7)}
+        a = {k: (torch.rand(400, generator=g) < 0.1).long() for k in req}  # each wrong on 10% of rows at random
+        b = {k: (torch.rand(400, generator=g) < 0.1).long() for k in req}
+        out = paired_adherence_difference(a, b, req, bootstrap=200, seed=int(torch.randint(10**6, (1,), generator=g)))
+        holm_says += bool(holm_rejected({k: v["p_lower"] for k, v in out.items()}))
+        interval_says += any(v["ci"][1] < 0 for v in out.values())
+    # measured: 12 of 200 (Holm) against 43 of 200 (any interval below 0)
+    assert holm_says / runs <= 0.05 + 0.03 and interval_says > 2 * holm_says, (holm_says, interval_says)
 
 
 def test_adherence_is_an_exact_fraction_like_the_paired_difference():
