@@ -17,7 +17,8 @@ against as many fresh real ones, all in oracle features with 95% bootstrap inter
 - EMA against raw weights: the same refinement (same noise) with the raw weights of the final step
   (final.ckpt's `current_model_state`), and FID(raw) - FID(EMA) with a paired interval;
 - the baseline (`--baseline`): FID and images/s (batch 16) of class-conditional samples at 10, 25 and
-  50 steps; for both denoisers the parameters and the forward time per image (batch 64).
+  50 steps, and their adherence to what a class asks for (shape and color; its "all" is both at once); for
+  both denoisers the parameters and the forward time per image (batch 64).
 Every refined row is also paired with decode(z_q) on the same images: FID(row) - FID(z_q) and, per
 attribute, adherence(row) - adherence(z_q), each with a paired bootstrap interval.
 
@@ -33,9 +34,9 @@ Measured on `--device` (default: CUDA when available), recorded as `machine.devi
 on `trainer.accelerator`'s device.
 Targets (issue #5): refined FID below z_q's outside the intervals, adherence no lower (as measured,
 by the paired interval per attribute, and by a one-sided exact sign test per attribute on the rows where the two
-disagree, Holm-corrected over the attributes: seven separate 95% intervals find "some attribute lower" in about one
-run of five where nothing differs); 4 steps within the interval of 8 steps; the FID ones also against the decoded
-reference (`..._against_decoded_real`).
+disagree, Holm-corrected over the attributes at 2.5%, the lower side of a 95% interval: seven separate 95% intervals
+find "some attribute lower" in about one run of five where nothing differs); 4 steps within the interval of 8
+steps; the FID ones also against the decoded reference (`..._against_decoded_real`).
 """
 
 from __future__ import annotations

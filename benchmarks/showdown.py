@@ -205,10 +205,14 @@ def stages_needed(systems: list[str]) -> dict[str, bool]:
             "raster": "raster" in systems, "diffusion": "diffusion" in systems}
 
 
-def step_budget_problem(cfg, systems: list[str]) -> str | None:
+def step_budget_problem(cfg, systems: list[str], match_flops: bool = True) -> str | None:
     """Why the showdown cannot train these systems' stages, or None: their budgets, FLOPs and half-budget snapshots
-    are counted in steps, so a stage with `max_steps` -1 (a time limit only) is refused before anything loads."""
-    for stage in sorted({"ar" if key == "raster" else key for key, need in stages_needed(systems).items() if need}):
+    are counted in steps, so a stage with `max_steps` -1 (a time limit only) is refused before anything loads
+    (the baseline's own value is not used when the FLOP match sets its steps)."""
+    needed = {"ar" if key == "raster" else key for key, need in stages_needed(systems).items() if need}
+    if match_flops and needed & {"ar", "refiner"}:
+        needed.discard("diffusion")
+    for stage in sorted(needed):
         if cfg[stage].train.max_steps == -1:
             return (f"config key '{stage}.train.max_steps' is -1 (a time limit only): the showdown compares "
                     f"training budgets in steps; give it a step count")
@@ -241,6 +245,9 @@ def train_system_stages(cfg, run_dir: Path, systems: list[str], match_flops: boo
         if final.is_file():
             trained = load_checkpoint(final, expect_stage=stage)["hyper_parameters"]["config"]
             scfg[stage].train.max_steps = int(trained[stage]["train"]["max_steps"])
+            if scfg[stage].train.max_steps == -1:
+                raise ShowdownError(f"{final} was trained on a time limit alone (max_steps -1): the showdown "
+                                    f"compares training budgets in steps; use another --run-dir")
             held = sorted(trained["data"].get("holdout") or [])
             if held != sorted(cfg.data.holdout):
                 raise ShowdownError(
@@ -1157,7 +1164,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.retime:
         return retime(Path(args.run_dir), Path(args.out), device)
     cfg, oracle = config_and_oracle(args.config, [f"run_dir={args.run_dir}", *overrides], device,
-                                    refuse=lambda c: step_budget_problem(c, args.systems))
+                                    refuse=lambda c: step_budget_problem(c, args.systems, args.match_flops))
     if cfg is None:
         return oracle
     if args.holdout and not cfg.data.holdout:

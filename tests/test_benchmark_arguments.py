@@ -112,6 +112,10 @@ def test_the_showdown_refuses_a_time_limit_alone_before_the_oracle_loads(tmp_pat
     other = "diffusion" if stage != "diffusion" else "refiner"  # a stage these systems do not train may have one
     cfg = load_config(None, [f"{other}.train.max_steps=-1", f"{other}.train.max_minutes=1"])
     assert step_budget_problem(cfg, systems) is None
+    # the baseline's own steps are not used when the FLOP match with AR + refiner sets them
+    cfg = load_config(None, ["diffusion.train.max_steps=-1", "diffusion.train.max_minutes=1"])
+    assert step_budget_problem(cfg, ["hybrid", "diffusion"]) is None
+    assert "diffusion.train.max_steps" in step_budget_problem(cfg, ["hybrid", "diffusion"], match_flops=False)
 
 
 def test_sample_keys_a_benchmark_does_not_use_are_refused(tmp_path, capsys):

@@ -9,6 +9,7 @@ The runs are subprocesses of this file (`python tests/test_ddp.py OUT DEVICES BA
 Lightning's DDP launcher starts rank 1 by re-running the script.
 """
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -34,8 +35,9 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
 
 
-def _run(out: Path, devices: int, batch: int, nan_rank: int = -1, compile_: bool = False) -> int:
-    """One training step of a probe StageModule (MSE on fixed data, SGD) with the runner's Trainer."""
+def _run(out: Path, devices: int, batch: int, nan_rank: int = -1, compile_: bool = False, timed: bool = False) -> int:
+    """One training step of a probe StageModule (MSE on fixed data, SGD) with the runner's Trainer; `timed`: instead,
+    steps for 3 seconds (max_steps -1) with the stages' own AdamW and schedule, each rank writing its learning rates."""
     from torch.utils.data import DataLoader, Dataset
 
     from hybrid.config import load_config, to_dict
@@ -47,7 +49,8 @@ def _run(out: Path, devices: int, batch: int, nan_rank: int = -1, compile_: bool
         f"trainer.strategy={'ddp' if devices > 1 else 'auto'}", "trainer.progress_bar=false",
         "ar.train.max_steps=1", f"ar.train.batch_size={batch}", "ar.train.grad_clip=0", "ar.train.ckpt_every=1",
         f"ar.train.lr={LR}", "trainer.precision=32-true",  # fp32: compared with an fp32 step by hand
-        f"trainer.compile={str(compile_).lower()}"])
+        f"trainer.compile={str(compile_).lower()}",
+        *(["ar.train.max_steps=-1", "ar.train.max_minutes=0.05", "ar.train.warmup_steps=1"] if timed else [])])
 
     class Probe(StageModule):
         stage = "ar"
@@ -61,7 +64,14 @@ def _run(out: Path, devices: int, batch: int, nan_rank: int = -1, compile_: bool
             return (loss * float("nan") if self.global_rank == nan_rank else loss), {}
 
         def configure_optimizers(self):  # SGD: its step is proportional to the gradient (Adam's is not)
+            if timed:  # the stages' own optimizer and schedule
+                return super().configure_optimizers()
             return torch.optim.SGD(self.trainable_parameters(), lr=self.tcfg.lr)
+
+        def on_train_batch_end(self, *args):
+            super().on_train_batch_end(*args)
+            if timed:
+                lrs.append(self.trainer.optimizers[0].param_groups[0]["lr"])
 
     class Pairs(Dataset):
         def __init__(self):
@@ -84,6 +94,7 @@ def _run(out: Path, devices: int, batch: int, nan_rank: int = -1, compile_: bool
             return {"train_bad_samples": r + 1, "train_bad_shards": 10 * (r + 1), "val_bad_samples": 0,
                     "val_bad_shards": 0}
 
+    lrs: list[float] = []
     module = Probe(to_dict(cfg))
     trainer = build_trainer(cfg, "ar")
     try:  # Lightning gives each rank a DistributedSampler (no shuffle): rank r gets samples r, r + 2, ...
@@ -93,15 +104,18 @@ def _run(out: Path, devices: int, batch: int, nan_rank: int = -1, compile_: bool
         return 1
     if trainer.global_rank == 0:
         torch.save(module.model.state_dict(), out / "weights.pt")
+    if timed:
+        (out / f"lrs-{trainer.global_rank}.json").write_text(json.dumps(lrs))
     return 0
 
 
-def _train(tmp_path: Path, name: str, devices: int, batch: int, nan_rank: int = -1, compile_: bool = False):
+def _train(tmp_path: Path, name: str, devices: int, batch: int, nan_rank: int = -1, compile_: bool = False,
+           timed: bool = False):
     out = tmp_path / name
     out.mkdir()
     return out, subprocess.run([sys.executable, str(Path(__file__).resolve()), str(out), str(devices), str(batch),
-                                str(nan_rank), str(int(compile_))], cwd=ROOT, capture_output=True, text=True,
-                               timeout=300)
+                                str(nan_rank), str(int(compile_)), str(int(timed))], cwd=ROOT, capture_output=True,
+                               text=True, timeout=300)
 
 
 @pytest.mark.slow
@@ -143,11 +157,22 @@ def test_nan_on_one_rank_stops_both_ranks(tmp_path):
     assert all("last good checkpoint: none" in line for line in errors), errors
 
 
+@pytest.mark.slow
+def test_on_a_time_limit_every_rank_follows_rank_0_s_clock(tmp_path):
+    """max_steps -1: the decay runs over max_minutes by the clock; each rank's own clock would give the replicas
+    slightly different learning rates, so rank 0's is broadcast."""
+    out, proc = _train(tmp_path, "timed", devices=2, batch=B, timed=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    first, second = (json.loads((out / f"lrs-{r}.json").read_text()) for r in (0, 1))
+    assert len(first) > 3 and first == second  # the same learning rate at every step, bit for bit
+    assert LR > first[0] > first[-1] >= LR * 0.1  # down from the peak, by the clock, towards lr x lr_final
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     torch.set_num_threads(1)
-    out_dir, n_devices, batch_size, nan_at, compiled = sys.argv[1:6]
-    code = _run(Path(out_dir), int(n_devices), int(batch_size), int(nan_at), bool(int(compiled)))
+    out_dir, n_devices, batch_size, nan_at, compiled, timed_ = sys.argv[1:7]
+    code = _run(Path(out_dir), int(n_devices), int(batch_size), int(nan_at), bool(int(compiled)), bool(int(timed_)))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     sys.exit(code)

@@ -281,11 +281,15 @@ def test_the_sign_test_and_holm_s_procedure():
     assert sign_test_p(5, 10) == pytest.approx(638 / 1024)
     with pytest.raises(ValueError, match="k=11, n=10"):
         sign_test_p(11, 10)
-    # Holm: 0.01 <= 0.05 / 3 and 0.02 <= 0.05 / 2 are rejected, then 0.2 > 0.05 stops
-    assert holm_rejected({"a": 0.2, "b": 0.01, "c": 0.02}) == ["b", "c"]
-    assert holm_rejected({"a": 0.02, "b": 0.03, "c": 0.9}) == []  # 0.02 > 0.05 / 3: nothing, though 0.02 < 0.05
-    assert holm_rejected({"a": 0.04}) == ["a"] and holm_rejected({}) == []
-    # with no real difference, "some attribute lower" stays near 5% over seven attributes, where seven separate
+    assert sign_test_p(10000, 20000) == pytest.approx(0.5 + math.comb(20000, 10000) / 2 ** 20001)  # and fast
+    assert sign_test_p(60, 100) == pytest.approx(sum(math.comb(100, i) for i in range(60, 101)) / 2 ** 100)
+    # Holm at 5%: 0.01 <= 0.05 / 3 and 0.02 <= 0.05 / 2 are rejected, then 0.2 > 0.05 stops
+    assert holm_rejected({"a": 0.2, "b": 0.01, "c": 0.02}, alpha=0.05) == ["b", "c"]
+    assert holm_rejected({"a": 0.02, "b": 0.03, "c": 0.9}, alpha=0.05) == []  # 0.02 > 0.05 / 3, though < 0.05
+    assert holm_rejected({"a": 0.04}, alpha=0.05) == ["a"] and holm_rejected({}) == []
+    # the default, 2.5%: the lower side of a 95% interval
+    assert holm_rejected({"a": 0.2, "b": 0.008, "c": 0.02}) == ["b"] and holm_rejected({"a": 0.03}) == []
+    # with no real difference, "some attribute lower" stays near 2.5% over seven attributes, where seven separate
     # 95% intervals say it far more often
     g = torch.Generator().manual_seed(0)
     runs, holm_says, interval_says = 200, 0, 0
@@ -296,8 +300,8 @@ def test_the_sign_test_and_holm_s_procedure():
         out = paired_adherence_difference(a, b, req, bootstrap=200, seed=int(torch.randint(10**6, (1,), generator=g)))
         holm_says += bool(holm_rejected({k: v["p_lower"] for k, v in out.items()}))
         interval_says += any(v["ci"][1] < 0 for v in out.values())
-    # measured: 12 of 200 (Holm) against 43 of 200 (any interval below 0)
-    assert holm_says / runs <= 0.05 + 0.03 and interval_says > 2 * holm_says, (holm_says, interval_says)
+    # measured: 7 of 200 (Holm at 2.5%) against 43 of 200 (any 95% interval below 0)
+    assert holm_says / runs <= 0.025 + 0.02 and interval_says > 3 * holm_says, (holm_says, interval_says)
 
 
 def test_adherence_is_an_exact_fraction_like_the_paired_difference():

@@ -68,9 +68,11 @@ def paired_adherence_difference(logits_a: dict[str, torch.Tensor], logits_b: dic
     answers the same request (e.g. refined images and the z_q they were refined from), with a paired
     bootstrap interval: each resample draws one set of rows for both, so only their disagreements count.
 
-    Returns {attribute: {"difference", "ci": [lo, hi], "n"}} for every attribute requested at least
-    once (n = rows that requested it). An interval below 0 says a follows that attribute less often
-    than b; one that holds 0 says the two sets cannot be told apart on it with these rows.
+    Returns {attribute: {"difference", "ci": [lo, hi], "n", "worse", "better", "p_lower"}} for every attribute
+    requested at least once (n = rows that requested it; worse / better = rows where a alone is wrong / right;
+    p_lower = `sign_test_p(worse, worse + better)`, the exact one-sided test that a follows it less often). An
+    interval below 0 says a follows that attribute less often than b; one that holds 0 says the two sets cannot be
+    told apart on it with these rows.
     """
     out: dict[str, dict] = {}
     gen = torch.Generator().manual_seed(seed)
@@ -107,13 +109,19 @@ def sign_test_p(k: int, n: int) -> float:
     of n discordant rows going one way when neither set is better. 1.0 with no discordant rows."""
     if not 0 <= k <= n:
         raise ValueError(f"a sign test needs 0 <= k <= n, got k={k}, n={n}")
-    return sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n if n else 1.0
+    if k == 0:
+        return 1.0
+    # log-space terms (exact big-integer sums took seconds at 10,000 discordant rows)
+    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2) for i in range(k, n + 1)]
+    top = max(logs)
+    return min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs))
 
 
-def holm_rejected(p_values: dict[str, float], alpha: float = 0.05) -> list[str]:
-    """The hypotheses Holm's step-down procedure rejects at family-wise error `alpha`: sorted by p, the i-th
-    smallest (from 0) is rejected while p <= alpha / (m - i). With one interval per attribute instead, each at 95%,
-    seven attributes that do not differ show "some attribute lower" about one run in six."""
+def holm_rejected(p_values: dict[str, float], alpha: float = 0.025) -> list[str]:
+    """The hypotheses Holm's step-down procedure rejects at family-wise error `alpha` (default 2.5%, the one side
+    of a 95% interval that a "lower" verdict reads): sorted by p, the i-th smallest (from 0) is rejected while
+    p <= alpha / (m - i). With one 95% interval per attribute instead, seven attributes that do not differ show
+    "some attribute lower" in about one run of five."""
     rejected = []
     for i, (name, p) in enumerate(sorted(p_values.items(), key=lambda item: item[1])):
         if p > alpha / (len(p_values) - i):

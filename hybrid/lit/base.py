@@ -211,14 +211,18 @@ class StageModule(pl.LightningModule):
     def _time_progress(self) -> float:
         """With `max_steps` -1: the fraction of `max_minutes` spent training, from the Trainer's Timer (which
         Lightning adds for `max_time` and restores at a resume), so the decay reaches lr x lr_final as time runs
-        out. 0 outside a fit."""
+        out (the clock starts with the fit, so the warm-up's seconds count too). Rank 0's clock decides on every rank:
+        each rank's own would give the replicas slightly different learning rates. 0 outside a fit."""
         from pytorch_lightning.callbacks import Timer
 
         trainer = self._trainer
         timers = [c for c in (trainer.callbacks if trainer is not None else []) if isinstance(c, Timer)]
         if not timers:
             return 0.0
-        return min(1.0, timers[0].time_elapsed("train") / (60.0 * self.tcfg.max_minutes))
+        progress = min(1.0, timers[0].time_elapsed("train") / (60.0 * self.tcfg.max_minutes))
+        if getattr(trainer, "world_size", 1) > 1:  # the scheduler steps on every rank together
+            progress = float(trainer.strategy.broadcast(progress, src=0))
+        return progress
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip as Lightning does, except under a mixed precision without a gradient scaler (bf16-mixed).
