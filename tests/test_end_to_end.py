@@ -862,6 +862,20 @@ def test_the_showdown_refuses_samplers_no_denoiser_can_use_before_it_trains(toy_
     assert not (tmp_path / "show" / "tokenizer").exists()  # nothing trained
 
 
+def test_the_showdown_refuses_a_reused_stage_trained_on_a_time_limit(toy_run, tmp_path):
+    """A reused stage's steps come from its checkpoint: one trained with max_steps -1 gave a negative FLOP budget."""
+    show = _copy_stages(toy_run, tmp_path / "show", ("tokenizer", "ar"))
+    final = show / "ar" / "final.ckpt"
+    ckpt = torch.load(final, map_location="cpu", weights_only=True)
+    ckpt["hyper_parameters"]["config"]["ar"]["train"].update(max_steps=-1, max_minutes=1.0)
+    torch.save(ckpt, final)
+    out = subprocess.run([sys.executable, "benchmarks/showdown.py", "--config", "configs/toy.yaml", "--run-dir",
+                          str(show), "--out", str(tmp_path / "out"), f"cache_dir={toy_run[1] / 'cache'}", "--systems",
+                          "ar", "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and f"{final} was trained on a time limit alone" in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+
+
 def test_the_showdown_counts_every_accumulated_batch_of_a_training_step(toy_run):
     """An optimizer step of train.accumulate=k batches does k forward and backward passes: the FLOP match between
     the diffusion baseline and AR + refiner counted one."""
