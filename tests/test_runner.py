@@ -758,19 +758,11 @@ def test_lightnings_srun_hint_only_inside_a_slurm_job(tmp_path, monkeypatch, in_
     assert bool(hints) == in_a_job, [str(w.message) for w in said]
 
 
-@pytest.mark.parametrize("final", [None, 1.0, 0.0])
-def test_the_learning_rate_warms_up_then_decays_to_lr_final(final):
-    """AdamW's schedule: linear warm-up to train.lr, then a cosine decay to lr * train.lr_final at max_steps (0.1 by
-    default, 1 = constant); an lr_final outside [0, 1] is a config error naming the key."""
-    import math
-
+def _schedule_probe(config):
+    """An AR-stage StageModule with one parameter: what its configure_optimizers schedules."""
     import torch
 
-    from hybrid.config import to_dict
     from hybrid.lit.base import StageModule
-
-    extra = [] if final is None else [f"ar.train.lr_final={final}"]
-    cfg = load_config(str(TOY), ["ar.train.lr=0.01", "ar.train.warmup_steps=4", "ar.train.max_steps=20", *extra])
 
     class Probe(StageModule):
         stage = "ar"
@@ -779,7 +771,21 @@ def test_the_learning_rate_warms_up_then_decays_to_lr_final(final):
             super().__init__(config)
             self.w = torch.nn.Parameter(torch.zeros(3))
 
-    optim = Probe(to_dict(cfg)).configure_optimizers()
+    return Probe(config)
+
+
+@pytest.mark.parametrize("final", [None, 1.0, 0.0])
+def test_the_learning_rate_warms_up_then_decays_to_lr_final(final):
+    """AdamW's schedule: linear warm-up to train.lr, then a cosine decay to lr * train.lr_final at max_steps (0.1 by
+    default, 1 = constant); an lr_final outside [0, 1] is a config error naming the key."""
+    import math
+
+    from hybrid.config import to_dict
+
+    extra = [] if final is None else [f"ar.train.lr_final={final}"]
+    cfg = load_config(str(TOY), ["ar.train.lr=0.01", "ar.train.warmup_steps=4", "ar.train.max_steps=20", *extra])
+
+    optim = _schedule_probe(to_dict(cfg)).configure_optimizers()
     opt, sched = optim["optimizer"], optim["lr_scheduler"]["scheduler"]
     lrs = []
     for _ in range(20):
@@ -800,26 +806,17 @@ def test_with_no_step_limit_the_learning_rate_decays_over_max_minutes(monkeypatc
     """max_steps -1 with max_minutes: the cosine runs over the time limit, read from Lightning's Timer (restored at
     a resume). It used to take max(1, -1) = 1 step as the horizon, so every step after the warm-up ran at
     lr x lr_final."""
-    import torch
     from pytorch_lightning.callbacks import Timer
 
     from hybrid.config import to_dict
-    from hybrid.lit.base import StageModule
 
     cfg = load_config(str(TOY), ["ar.train.lr=0.01", "ar.train.warmup_steps=2", "ar.train.max_steps=-1",
                                  "ar.train.max_minutes=10"])
 
-    class Probe(StageModule):
-        stage = "ar"
-
-        def __init__(self, config):
-            super().__init__(config)
-            self.w = torch.nn.Parameter(torch.zeros(3))
-
     elapsed = {"s": 0.0}
     timer = Timer(duration={"minutes": 10})
     monkeypatch.setattr(timer, "time_elapsed", lambda stage="train": elapsed["s"])
-    probe = Probe(to_dict(cfg))
+    probe = _schedule_probe(to_dict(cfg))
     probe._trainer = types.SimpleNamespace(callbacks=[timer])
     optim = probe.configure_optimizers()
     opt, sched = optim["optimizer"], optim["lr_scheduler"]["scheduler"]
