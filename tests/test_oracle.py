@@ -242,6 +242,21 @@ def test_adherence_on_matching_logits_is_one():
     assert result["color"] == 0.0 and result["shape"] == 1.0 and result["all"] == 0.0
 
 
+def test_a_requested_attribute_the_oracle_has_no_head_for_is_refused_not_dropped():
+    req = _requests()
+    logits = _one_hot_logits(req)
+    del logits["glyph"]  # e.g. an oracle trained without the glyph head
+    with pytest.raises(ValueError, match=r"no head for requested attribute\(s\) \['glyph'\]"):
+        adherence_from_logits(logits, req)
+    with pytest.raises(ValueError, match=r"\['glyph'\]"):
+        paired_adherence_difference(logits, _one_hot_logits(req), req, bootstrap=0)
+    with pytest.raises(ValueError, match=r"\['glyph'\]"):
+        paired_adherence_difference(_one_hot_logits(req), logits, req, bootstrap=0)
+    req["glyph"][:] = -1  # never requested: no head needed
+    assert "glyph" not in adherence_from_logits(logits, req)
+    assert "glyph" not in paired_adherence_difference(logits, _one_hot_logits(req), req, bootstrap=0)
+
+
 def test_paired_adherence_difference_counts_only_the_rows_where_the_two_sets_disagree():
     n = 400
     g = torch.Generator().manual_seed(1)

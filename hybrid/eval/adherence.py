@@ -29,6 +29,17 @@ def oracle_logits(images: torch.Tensor, oracle: nn.Module, batch_size: int = 250
     return {name: torch.cat(parts) for name, parts in chunks.items()}
 
 
+def _check_heads(requested: dict[str, torch.Tensor], logits: dict[str, torch.Tensor]) -> None:
+    """Refuse a request the oracle cannot judge: an attribute requested by some row but with no oracle head would
+    otherwise drop out of its own score and of "all" without a word."""
+    missing = [name for name, req in requested.items()
+               if name not in logits and bool((torch.as_tensor(req) >= 0).any())]
+    if missing:
+        raise ValueError(f"the oracle has no head for requested attribute(s) {missing} (its heads: "
+                         f"{sorted(logits)}); train an oracle with these attributes (python -m hybrid.eval.oracle "
+                         f"train) or leave them unrequested (-1)")
+
+
 def adherence_from_logits(logits: dict[str, torch.Tensor], requested: dict[str, torch.Tensor]) -> dict[str, float]:
     """Accuracy per requested attribute from oracle logits {attr: (N, K)} (or predictions {attr: (N,)}).
 
@@ -38,9 +49,10 @@ def adherence_from_logits(logits: dict[str, torch.Tensor], requested: dict[str, 
     """
     result: dict[str, float] = {}
     all_ok = any_req = None
+    _check_heads(requested, logits)
     for name, req in requested.items():
         if name not in logits:
-            continue
+            continue  # never requested (checked above)
         req = torch.as_tensor(req).long().cpu()  # (N,)
         pred = logits[name].cpu()
         pred = pred.argmax(-1) if pred.ndim == 2 else pred.long()  # (N,)
@@ -77,9 +89,11 @@ def paired_adherence_difference(logits_a: dict[str, torch.Tensor], logits_b: dic
     out: dict[str, dict] = {}
     gen = torch.Generator().manual_seed(seed)
     alpha = (1.0 - level) / 2.0
+    _check_heads(requested, logits_a)
+    _check_heads(requested, logits_b)
     for name, req in requested.items():
-        if name not in logits_a or name not in logits_b:
-            continue
+        if name not in logits_a:
+            continue  # never requested (checked above)
         req = torch.as_tensor(req).long().cpu()  # (N,)
         preds = []
         for logits in (logits_a, logits_b):
