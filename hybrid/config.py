@@ -526,11 +526,29 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override '{item}' is not of the form key=value")
+        key = item.split("=", 1)[0]
+        if "" in key.split("."):
+            raise ConfigError(f"override '{item}': the key '{key}' has an empty part; write dotted keys as "
+                              f"section.key=value, e.g. ar.train.lr=3e-4")
         dotlist.append(item + "''" if item.endswith("=") else item)  # `key=` clears a text key (not None)
+    for item in dotlist:  # one at a time, so that the error names the override (values are YAML)
+        try:
+            OmegaConf.from_dotlist([item])
+        except Exception as err:  # omegaconf's errors, and yaml's parser and scanner errors (an unclosed bracket)
+            raise ConfigError(f"override '{item}': the value is not valid YAML: {_first_line(err)} (quote lists "
+                              f'for the shell, e.g. "tokenizer.scales=[1,2,4]")') from None
+    return OmegaConf.from_dotlist(dotlist)
+
+
+def _resolve_interpolations(cfg: DictConfig) -> None:
+    """Resolve every `${...}` interpolation in place (a value may name another key, e.g.
+    `refiner.train.lr=${ar.train.lr}`), so that validation, `--print-config` and the saved config.yaml see
+    values; one that cannot be resolved is a ConfigError naming its key."""
     try:
-        return OmegaConf.from_dotlist(dotlist)
+        OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
-        raise ConfigError(f"overrides: {_first_line(err)}") from None
+        key = getattr(err, "full_key", None)
+        raise ConfigError(f"config key '{key or '?'}': {_first_line(err)}") from None
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> DictConfig:
@@ -554,6 +572,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         cfg = _merge_checked(cfg, loaded, f"in {p}")
     if overrides:
         cfg = _merge_checked(cfg, parse_overrides(overrides), "on the command line")
+    _resolve_interpolations(cfg)
     validate(cfg)
     if not cfg.run_dir:
         cfg.run_dir = str(run_dir_of(cfg))
@@ -677,6 +696,20 @@ def _check_num_classes_against_classes_json(cfg: DictConfig) -> None:
             f"--folder VAL --split val --out {path.parent}), which keeps their ids")
 
 
+def _nan_key(node: Any, prefix: str = "") -> str | None:
+    """The first dotted key, at any depth, of a plain config (`OmegaConf.to_container`) whose value is a float
+    nan: every comparison with nan is False, so a range check would let it through."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for k, value in items:
+        key = f"{prefix}[{k}]" if isinstance(node, list) else f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(value, float) and math.isnan(value):
+            return key
+        found = _nan_key(value, key)
+        if found:
+            return found
+    return None
+
+
 def validate(cfg: DictConfig) -> None:
     """Checks that the schema's types cannot express: choices, ranges, files that must exist."""
     if not cfg.run_dir and cfg.name.strip() in ("", ".", ".."):
@@ -688,6 +721,9 @@ def validate(cfg: DictConfig) -> None:
                           "starts each rank by pickling the Trainer, whose callbacks (the SLURM requeue, the resume "
                           "messages, the EMA's kept raw weights) cannot be, and whose results would stay in the "
                           "spawned processes; use trainer.strategy=ddp, which starts the ranks itself (on CPUs too)")
+    not_a_number = _nan_key(OmegaConf.to_container(cfg))
+    if not_a_number:
+        raise ConfigError(f"config key '{not_a_number}' is nan; give it a number")
     for key, choices in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:
@@ -713,8 +749,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"config key 'tokenizer.codebook_size' is {cfg.tokenizer.codebook_size}; it must be >= 2")
     for stage in TRAINED_STAGES:
         train = cfg[stage].train
-        if train.lr <= 0:
-            raise ConfigError(f"config key '{stage}.train.lr' is {train.lr}; it must be > 0")
+        if not 0 < train.lr < math.inf:
+            raise ConfigError(f"config key '{stage}.train.lr' is {train.lr}; it must be a finite number > 0")
         if train.max_steps < 1 and not (train.max_steps == -1 and train.max_minutes > 0):
             raise ConfigError(f"config key '{stage}.train.max_steps' is {train.max_steps}; it must be >= 1 (or -1, no "
                               f"step limit, with {stage}.train.max_minutes > 0)")
@@ -817,6 +853,13 @@ def validate(cfg: DictConfig) -> None:
     except ValueError as err:
         raise ConfigError(f"config key 'eval.settings': {err}") from None
     _check_generation_settings(cfg, settings)
+    from hybrid.data.procedural import parse_holdout
+
+    for key in ("data.holdout", "oracle.holdout"):  # here, not after the oracle has trained
+        try:
+            parse_holdout(OmegaConf.select(cfg, key))
+        except ValueError as err:
+            raise ConfigError(f"config key '{key}': {err}") from None
     if cfg.ar.token_cache_passes < 0:
         raise ConfigError(f"config key 'ar.token_cache_passes' is {cfg.ar.token_cache_passes}; it must be >= 0 "
                           f"(0 keeps the pool at ar.token_cache_size)")

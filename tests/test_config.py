@@ -274,6 +274,32 @@ def test_a_section_given_a_value_names_the_section_at_any_depth(override, key, e
     assert f"config key '{key}' (on the command line) is a section of keys (e.g. {example}" in str(err.value)
 
 
+@pytest.mark.parametrize("override, message", [
+    # were yaml's ParserError, omegaconf's InterpolationKeyError and "unknown config key 'ar'; did you mean ar?"
+    ("tokenizer.scales=[1,2", "override 'tokenizer.scales=[1,2': the value is not valid YAML: while parsing a flow"),
+    ("ar.train.lr=${nope.x}", "config key 'ar.train.lr': Interpolation key 'nope.x' not found"),
+    ("name=${foo}", "config key 'name': Interpolation key 'foo' not found"),
+    ("ar..lr=3", "override 'ar..lr=3': the key 'ar..lr' has an empty part"),
+    (".ar=3", "override '.ar=3': the key '.ar' has an empty part"),
+    # nan passes every range check (each comparison is False): train.py ended in torch's "Invalid learning rate"
+    ("ar.train.lr=nan", "config key 'ar.train.lr' is nan; give it a number"),
+    ("ar.token_cache_passes=nan", "config key 'ar.token_cache_passes' is nan"),  # acted as 0, silently
+    ("ar.train.lr=inf", "config key 'ar.train.lr' is inf; it must be a finite number > 0"),  # non-finite loss
+    # the oracle's holdout was parsed after the oracle had trained, and neither error named its key
+    ("oracle.holdout=[foo]", "config key 'oracle.holdout': holdout entry 'foo' is not of the form 'color:shape'"),
+    ("data.holdout=[red:blob]", "config key 'data.holdout': holdout entry 'red:blob': unknown shape 'blob'"),
+])
+def test_malformed_overrides_are_config_errors_naming_the_override_or_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_an_interpolation_is_resolved_when_the_config_loads():
+    cfg = load_config(None, ["ar.train.lr=0.002", "refiner.train.lr=${ar.train.lr}"])
+    assert cfg.refiner.train.lr == 0.002 and "${" not in OmegaConf.to_yaml(cfg)
+
+
 def test_an_empty_override_clears_a_text_key():
     assert load_config(None, ["tokenizer.checkpoint="]).tokenizer.checkpoint == ""
 
