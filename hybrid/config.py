@@ -796,6 +796,16 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"config key '{key}' is set, but data.source is {cfg.data.source}, which does not read it: "
                           "add data.source=shards")
     if cfg.data.source == "shards":
+        from hybrid.data.shards import expand_shards
+
+        for key in ("data.shards", "data.val_shards"):
+            try:
+                if OmegaConf.select(cfg, key):
+                    expand_shards(OmegaConf.select(cfg, key))
+            except ValueError as err:  # a malformed pattern (unbalanced braces)
+                raise ConfigError(f"config key '{key}': {err}") from None
+            except FileNotFoundError:  # no shard yet: the data module names the pattern when it reads
+                pass
         _check_num_classes_against_classes_json(cfg)
     if not 16 <= cfg.data.image_size <= 256:
         raise ConfigError(f"config key 'data.image_size' is {cfg.data.image_size}; it must be within 16..256")

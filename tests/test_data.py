@@ -313,6 +313,19 @@ def test_pattern_matching_nothing_is_a_clear_error(tmp_path):
         dm.setup("fit")
 
 
+def test_a_pattern_with_unbalanced_braces_is_a_clear_error_naming_it_and_its_config_key(tmp_path):
+    from hybrid.config import ConfigError, load_config
+
+    write_procedural(tmp_path, count=2, per_shard=1, split="train", progress=False)
+    bad = str(tmp_path / "train-{000000..000001.tar")  # was braceexpand's UnbalancedBracesError traceback
+    with pytest.raises(ValueError, match=re.escape(f"shard pattern '{bad}' has unbalanced braces")):
+        expand_shards(bad)
+    for key, good in (("data.shards", None), ("data.val_shards", str(tmp_path))):
+        overrides = ["data.source=shards", f"data.shards={good or bad}"] + ([f"data.val_shards={bad}"] if good else [])
+        with pytest.raises(ConfigError, match=re.escape(f"config key '{key}': shard pattern '{bad}' has unbalanced")):
+            load_config("configs/toy.yaml", overrides)
+
+
 def _class_id_shard(path, class_ids):
     """A shard with one 16x16 sample per class id (-1: a sample written without one)."""
     buf = io.BytesIO()

@@ -99,7 +99,7 @@ def expand_shards(pattern: str | Sequence[str]) -> list[str]:
     a directory (its `*.tar`), or several of these separated by `::` (or given as a list).
 
     Raises FileNotFoundError naming the pattern when it matches no file, or naming the files that
-    a brace range lists but that do not exist.
+    a brace range lists but that do not exist; ValueError naming a pattern with unbalanced braces.
     """
     parts = list(pattern) if not isinstance(pattern, str) else [p for p in pattern.split("::") if p.strip()]
     if not parts:
@@ -114,7 +114,12 @@ def expand_shards(pattern: str | Sequence[str]) -> list[str]:
         if os.path.isfile(part):  # a literal file, whatever characters its name holds
             urls.append(part)
             continue
-        for item in braceexpand.braceexpand(part):
+        try:
+            expanded = list(braceexpand.braceexpand(part))
+        except braceexpand.UnbalancedBracesError:
+            raise ValueError(f"shard pattern '{part}' has unbalanced braces; write a range as "
+                             f"train-{{000000..000009}}.tar") from None
+        for item in expanded:
             if glob.has_magic(item):
                 # 'out[1]/train-*.tar': when the pattern as a whole matches nothing, its folder is taken literally
                 found = glob.glob(item) or glob.glob(os.path.join(glob.escape(os.path.dirname(item)),
