@@ -269,6 +269,32 @@ def test_resume_refuses_a_changed_model_or_tokenizer_with_one_line(tmp_path, mon
     assert len(err) == 1 and "trained on tokenizer weights" in err[0] and "retrain=true" in err[0], err
 
 
+@pytest.mark.parametrize("damage", ["text", "truncated", "empty"])
+def test_resume_from_a_damaged_checkpoint_is_one_line_naming_it_and_the_file_is_kept(tmp_path, monkeypatch, capsys,
+                                                                                      damage):
+    """Was a KeyError, an OSError or an EOFError from inside Lightning's fit, naming no file."""
+    from hybrid.checkpoints import final_path, last_path
+    from hybrid.experiment import main
+    from hybrid.lit.runner import fit_stage
+
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    cfg = _toy(tmp_path, "ar.train.ckpt_every=1")
+    fit_stage(cfg, "tokenizer")
+    fit_stage(cfg, "ar")
+    final_path(tmp_path, "ar").unlink()  # as if interrupted after its last checkpoint
+    last = last_path(tmp_path, "ar")
+    data = last.read_bytes()
+    last.write_bytes({"text": b"not a checkpoint\n", "truncated": data[:len(data) // 2], "empty": b""}[damage])
+    kept = last.read_bytes()
+    capsys.readouterr()
+    assert main(["--config", str(TOY), f"run_dir={tmp_path}", "trainer.progress_bar=false", "trainer.accelerator=cpu",
+                 "ar.token_cache=false", "tokenizer.train.max_steps=2", "ar.train.max_steps=3", "stage=ar"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: stage ar: cannot resume: '{last}' is not a checkpoint"), err
+    assert "retrain=true" in err[0] and last.read_bytes() == kept and not final_path(tmp_path, "ar").exists()
+
+
 def test_init_from_keeps_this_runs_tokenizer(tmp_path, capsys):
     """Warm-starting from a run with another tokenizer takes its AR weights, not its tokenizer. A finished stage is
     skipped, and the log says that its init_from was not used."""

@@ -43,6 +43,7 @@ from hybrid.checkpoints import (
     hpc_paths,
     init_weights,
     last_path,
+    load_checkpoint,
     resumable_paths,
     set_aside_copy,
     stage_dir,
@@ -618,6 +619,14 @@ def fit_stage(cfg, stage: str, callbacks=()) -> Path:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(cfg, stage)
     ckpt_path = None if fresh else resume_path(cfg, stage)
+    if ckpt_path:  # a damaged file is named here, not by a KeyError or an EOFError from inside Lightning's fit
+        try:
+            load_checkpoint(ckpt_path, expect_stage=stage)
+        except CheckpointError as err:
+            raise CheckpointError(f"stage {stage}: cannot resume: {err}; move that file out of "
+                                  f"{stage_dir(cfg.run_dir, stage)} to resume from an older one (or from step 0 when "
+                                  f"none is left), or add stage={stage} retrain=true to train the stage again (the "
+                                  f"old folder is kept aside)") from None
     if cfg.init_from and ckpt_path is None:
         source = followed(cfg.init_from, "init_from")
         try:
