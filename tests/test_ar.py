@@ -484,6 +484,14 @@ def test_token_cache_is_built_once_and_reused(tmp_path, capsys):
     again.token_pool(dm.pool_images, 8)
     out = capsys.readouterr().out  # read back, not encoded again
     assert "[ar] token cache: 8 encoded images from " in out and "[ar] token cache: encoded" not in out, out
+    good = path.read_bytes()
+    for damaged in (b"not a cache\n", good[:len(good) // 2], b""):  # was a KeyError / OSError / EOFError traceback
+        path.write_bytes(damaged)
+        pool = again.token_pool(dm.pool_images, 8)
+        out = capsys.readouterr().out
+        assert f"[ar] token cache {path} cannot be read (" in out and "[ar] token cache: encoded 8 images" in out, out
+        assert all(torch.equal(p, s) for p, s in zip(pool.indices, saved["indices"]))
+        assert path.read_bytes() != damaged and torch.load(path, weights_only=True)["key"] == saved["key"]
 
 
 def test_token_pool_holds_the_first_images_when_its_size_is_not_a_whole_number_of_batches(tmp_path):

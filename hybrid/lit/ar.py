@@ -146,11 +146,18 @@ class ARModule(TokenizerConsumer):
                "data": to_dict(self.cfg.data), "scales": list(self.tokenizer.scales)}
         path = self.stage_dir / TOKEN_CACHE_FILE
         if path.is_file():
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            if saved.get("key") == key:
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                unreadable = None if isinstance(saved, dict) else f"it holds a {type(saved).__name__}"
+            except Exception as err:  # noqa: BLE001 - truncated, text, another format: a cache, so encode again
+                saved, unreadable = {}, (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            if unreadable:
+                print(f"[ar] token cache {path} cannot be read ({unreadable}): encoding again")
+            elif saved.get("key") == key:
                 print(f"[ar] token cache: {size} encoded images from {path}")
                 return TokenPool(saved["indices"], saved["class_id"], saved["caption"])
-            print(f"[ar] token cache {path} was made for other data or another tokenizer: encoding again")
+            else:
+                print(f"[ar] token cache {path} was made for other data or another tokenizer: encoding again")
         start = time.time()
         was_training = self.tokenizer.training
         self.tokenizer.eval()
