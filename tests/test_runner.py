@@ -1,6 +1,7 @@
 """Runner details: resumed stages keep their earlier log rows; the newest checkpoint wins on resume; precision."""
 
 import os
+import re
 import signal
 import time
 import types
@@ -921,6 +922,35 @@ def test_a_mistyped_oracle_path_fails_before_the_tokenizer_trains(tmp_path, monk
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"oracle.path '{typo}' does not exist" in err[0], err
     assert not (tmp_path / "run" / "tokenizer").exists() and not typo.exists()
+
+
+def test_a_cache_dir_that_cannot_hold_the_oracle_fails_before_anything_trains(tmp_path, monkeypatch, capsys):
+    """Was the whole oracle trained, then FileExistsError (a file) or OSError (read-only) at its save: lost."""
+    from hybrid.config import ConfigError, load_config
+    from hybrid.eval.oracle import check_given_oracle_path, ensure_oracle
+    from hybrid.experiment import main
+
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    assert main(["--config", str(TOY), f"run_dir={tmp_path / 'run'}", "trainer.progress_bar=false",
+                 "trainer.accelerator=cpu", f"cache_dir={a_file}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: config key 'cache_dir' '{a_file}': the oracle cannot be "
+                                               f"written to '{a_file}/oracle-") and f"'{a_file}' is a file" in err[0]
+    assert not (tmp_path / "run" / "tokenizer").exists() and a_file.read_text() == "x"
+    # a folder this process cannot write (root may write anywhere but on a read-only file system: simulated)
+    cfg = load_config(TOY, [f"cache_dir={tmp_path / 'ro' / 'cache'}"])
+    (tmp_path / "ro").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != tmp_path / "ro" and real_access(p, mode))
+    ro = tmp_path / "ro" / "cache"
+    with pytest.raises(ConfigError, match=re.escape(f"config key 'cache_dir' '{ro}': the oracle would be trained and "
+                                                    f"then written to '{ro}/oracle-")):
+        ensure_oracle(cfg, device="cpu")
+    monkeypatch.setattr(os, "access", real_access)
+    check_given_oracle_path(cfg)  # writable again: fine
 
 
 @pytest.mark.parametrize("devices", ["[0]", "-1", "'0,1'"])

@@ -454,31 +454,39 @@ def _command_line() -> str:
 
 
 def check_given_oracle_path(cfg, training: bool = False) -> None:
-    """A given `oracle.path` must be a file that can hold the weights beside their sidecar (not a folder, not a
-    `.json` name, which the sidecar would share, not below a file), and must exist unless `training` or
-    `stage=oracle` trains one there: a typo must not become a new judge. `train.py` checks it before its first
-    stage, and the oracle's training before it starts, so a bad path costs no training (it used to fail at the
-    save, after it)."""
+    """Where the oracle would be written must be writable: a given `oracle.path` must be a file that can hold the
+    weights beside their sidecar (not a folder, not a `.json` name, which the sidecar would share, not below a
+    file), and the default `<cache_dir>/oracle-...` must be below a folder this process can write (not below a
+    file, not read-only). A given path must also exist unless `training` or `stage=oracle` trains one there: a typo
+    must not become a new judge. `train.py` checks it before its first stage, and the oracle's training before it
+    starts, so a bad path costs no training (it used to fail at the save, after it)."""
     from hybrid.config import ConfigError
 
     path = oracle_path(cfg)
-    if not cfg.oracle.path:
+    key = "oracle.path" if cfg.oracle.path else "cache_dir"
+    named = f"config key '{key}' '{cfg.oracle.path or cfg.cache_dir}'"
+    if cfg.oracle.path:
+        example = (f"{path}/oracle-{cfg.data.image_size}.safetensors" if path.is_dir()
+                   else path.with_suffix(".safetensors"))
+        if path.is_dir():
+            raise ConfigError(f"config key 'oracle.path' is the folder '{path}'; give the weights file in it, e.g. "
+                              f"oracle.path={example}")
+        if sidecar_path(path) == path:
+            raise ConfigError(f"config key 'oracle.path' '{path}' ends in .json, the name its JSON sidecar is given "
+                              f"(NAME.json beside NAME.safetensors): the weights would overwrite it; give e.g. "
+                              f"oracle.path={example}")
+    elif path.is_file():  # the cached oracle exists: nothing will be written
         return
-    example = f"{path}/oracle-{cfg.data.image_size}.safetensors" if path.is_dir() else path.with_suffix(".safetensors")
-    if path.is_dir():
-        raise ConfigError(f"config key 'oracle.path' is the folder '{path}'; give the weights file in it, e.g. "
-                          f"oracle.path={example}")
-    if sidecar_path(path) == path:
-        raise ConfigError(f"config key 'oracle.path' '{path}' ends in .json, the name its JSON sidecar is given "
-                          f"(NAME.json beside NAME.safetensors): the weights would overwrite it; give e.g. "
-                          f"oracle.path={example}")
     parent = nearest_existing(path.parent)
     if not parent.is_dir():
-        raise ConfigError(f"config key 'oracle.path' '{path}' cannot be written: '{parent}' is a file, not a folder")
-    if not path.is_file() and not training and cfg.stage != "oracle":
+        raise ConfigError(f"{named}: the oracle cannot be written to '{path}': '{parent}' is a file, not a folder")
+    if cfg.oracle.path and not path.is_file() and not training and cfg.stage != "oracle":
         raise FileNotFoundError(
             f"oracle.path '{path}' does not exist: fix the path, leave oracle.path empty for the shared cached "
             f"oracle, or train one there first (python train.py stage=oracle oracle.path={path})")
+    if (training or not path.is_file()) and not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{named}: the oracle would be trained and then written to '{path}', but "
+                          f"'{parent}' is not writable by this user; choose another {key}")
 
 
 def ensure_oracle(cfg, retrain: bool | None = None, device: str | torch.device | None = "auto",
