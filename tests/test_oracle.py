@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -484,6 +485,18 @@ def test_an_oracle_of_older_data_is_not_picked_up_and_warns_when_loaded(tmp_path
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_oracle(current)
+
+
+def test_a_given_oracle_of_another_image_size_is_refused_naming_both_sizes(tmp_path, capsys):
+    """stage=eval printed a note, then blamed the tokenizer: "tokenizer.encode: images of shape (3, 32, 32)"."""
+    given = save_oracle(tiny_oracle(image_size=16), tmp_path / "o16.safetensors", {"data_version": DATA_VERSION})
+    cfg = load_config(None, [f"cache_dir={tmp_path}", "data.image_size=32", f"oracle.path={given}"])
+    with pytest.raises(ConfigError, match=re.escape(f"config key 'oracle.path': the oracle '{given}' is trained at "
+                                                    f"16px, but data.image_size is 32")):
+        ensure_oracle(cfg, device="cpu")
+    same = load_config(None, [f"cache_dir={tmp_path}", "data.image_size=16", "tokenizer.scales=[1, 2, 4]",
+                              f"oracle.path={given}"])
+    assert ensure_oracle(same, device="cpu") == given
 
 
 def test_inception_fid_needs_local_plain_weights(tmp_path):

@@ -535,6 +535,12 @@ def _report_cached(cfg, path: Path) -> None:
         return
     built = meta.get("model", {})
     wanted = build_oracle_args(cfg)
+    if built.get("image_size", wanted["image_size"]) != wanted["image_size"]:  # it cannot judge these images at all
+        from hybrid.config import ConfigError
+
+        raise ConfigError(f"config key 'oracle.path': the oracle '{path}' is trained at {built['image_size']}px, but "
+                          f"data.image_size is {wanted['image_size']}: give an oracle trained at that size, or leave "
+                          f"oracle.path empty for the cached one of that size (trained when missing)")
     diff = [k for k in wanted if built.get(k) != wanted[k]]
     trained, recipe = _recipe((meta.get("config") or {}).get("oracle") or {}), _recipe(_plain(cfg.oracle))
     changed = [f"oracle.{k} ({trained[k]} there, {recipe[k]} here)" for k in recipe
