@@ -677,6 +677,12 @@ def _check_num_classes_against_classes_json(cfg: DictConfig) -> None:
     if train is None:
         return
     path, ids = train
+    from hybrid.data.shards import class_ids_problem
+
+    problem = class_ids_problem(ids)  # a hand-edited file; a validation mapping must match it (below)
+    if problem:
+        raise ConfigError(f"config key 'data.shards': '{path}' is not the shards writer's class mapping: {problem} "
+                          f"(write the shards again with python -m hybrid.data.shards write ... --overwrite)")
     if cfg.data.num_classes < len(ids):
         given = "0 (the procedural data's classes)" if cfg.data.num_classes == 0 else str(cfg.data.num_classes)
         raise ConfigError(f"config key 'data.num_classes' is {given}, but '{path}' lists {len(ids)} classes: "

@@ -401,6 +401,8 @@ def _class_folders(root, names):
 def test_folder_val_split_keeps_the_training_class_ids(tmp_path, capsys):
     """README's two writes (train folder, then a val folder with fewer classes) into one --out: the val split
     reuses classes.json's ids; a class that is not in it is an error naming the class and the file."""
+    from hybrid.config import ConfigError, load_config
+
     _class_folders(tmp_path / "images", ["cat", "dog", "emu"])
     _class_folders(tmp_path / "images_val", ["dog", "emu"])
     out = tmp_path / "out"
@@ -429,6 +431,21 @@ def test_folder_val_split_keeps_the_training_class_ids(tmp_path, capsys):
     (out / "classes.json").write_text("[1, 2")
     with pytest.raises(ValueError, match=re.escape(str(out / "classes.json"))):
         write_folder(out, tmp_path / "images_val", image_size=16, split="val", progress=False)
+    # ids the writer never gives: were written into the shards as they stood (two classes trained as one), or
+    # found at training as an id outside data.num_classes, whose advice (set data.num_classes) did not help
+    for ids, problem in (({"cat": 0, "dog": 0, "emu": 1}, "id 0 is given to 2 classes"),
+                         ({"cat": -1, "dog": 5, "emu": 1}, "its ids must be 0..2, one per class, got [-1, 1, 5]"),
+                         ({"cat": "0", "dog": 1, "emu": 2}, "expected")):
+        (out / "classes.json").write_text(json.dumps(ids))
+        with pytest.raises(ValueError, match=re.escape(f"'{out / 'classes.json'}' is not a class mapping (")
+                           + ".*" + re.escape(problem)):
+            write_folder(out, tmp_path / "images_val", image_size=16, split="val", progress=False)
+        if problem != "expected":
+            with pytest.raises(ConfigError, match=re.escape(f"config key 'data.shards': '{out / 'classes.json'}' is "
+                                                            f"not the shards writer's class mapping: {problem}")):
+                load_config("configs/toy.yaml", ["data.source=shards", f"data.shards={out}", "data.num_classes=3"])
+    (out / "classes.json").write_text(json.dumps(mapping))
+    load_config("configs/toy.yaml", ["data.source=shards", f"data.shards={out}", "data.num_classes=3"])
 
 
 def test_a_train_rewrite_adds_new_classes_after_the_existing_ids(tmp_path, capsys):

@@ -536,6 +536,21 @@ def _progress(total: int, desc: str, enabled: bool):
     return progress_bar(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True)
 
 
+def class_ids_problem(ids: dict) -> str | None:
+    """What is wrong with a `classes.json` mapping, or None: the writer numbers n classes 0..n-1, each once, and a
+    model's class table has data.num_classes rows (two names on one id would train as one class, a negative or
+    skipped id points outside it)."""
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in ids.values()):
+        return "its ids must be integers"
+    values = sorted(ids.values())
+    if values == list(range(len(ids))):
+        return None
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        return f"id {repeated[0]} is given to {values.count(repeated[0])} classes; each class needs its own id"
+    return f"its ids must be 0..{len(ids) - 1}, one per class, got {values}"
+
+
 def old_shards(out: str | os.PathLike, split: str, overwrite: bool = False) -> list[Path]:
     """The split's shards already in `out` (`OUT/SPLIT-*.tar`, what a `SPLIT-*.tar` pattern reads).
 
@@ -686,6 +701,9 @@ def folder_class_ids(out: str | os.PathLike, classes: Sequence[str], folder: str
         ids = json.loads(path.read_text())
         if not isinstance(ids, dict) or not all(isinstance(v, int) for v in ids.values()):
             raise ValueError(f"expected {{\"class name\": id, ...}}, got {type(ids).__name__}")
+        problem = class_ids_problem(ids)
+        if problem:
+            raise ValueError(problem)
     except ValueError as err:
         raise ValueError(f"'{path}' is not a class mapping ({err})") from None
     missing = [name for name in classes if name not in ids]
