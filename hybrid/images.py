@@ -23,8 +23,11 @@ def save_png(image: np.ndarray, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(image).save(tmp)
-    os.replace(tmp, path)
+    try:
+        Image.fromarray(image).save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed save (a full disk) leaves no partial file
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, upscale: int = 1) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -87,6 +88,31 @@ def _earlier_samples(folder: Path) -> list[Path]:
                   if f.is_file() and (f.name == "grid.png" or (f.suffix == ".png" and f.stem.isdigit())))
 
 
+def _write_samples(out: Path, images, individual: bool, grid: bool) -> None:
+    """Writes NNNN.png and grid.png into a hidden folder in `out`, then moves them over the earlier run's images
+    (which `--overwrite` allowed) and removes that run's others: a write that fails (a full disk) loses none of
+    the earlier images, and leaves no half of the new set beside them. Raises OSError."""
+    from hybrid.images import save_grid, save_png, to_uint8
+
+    staging = out / f".sample-{os.getpid()}.partial"
+    try:
+        staging.mkdir()
+        if individual:
+            for i, image in enumerate(to_uint8(images)):
+                save_png(image, staging / f"{i:04d}.png")
+        if grid:
+            save_grid(images, staging / "grid.png")
+        new = sorted(staging.iterdir())
+        names = {path.name for path in new}
+        for earlier in _earlier_samples(out):  # only this run's images remain
+            if earlier.name not in names:
+                earlier.unlink()
+        for path in new:
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _check_creatable(folder: Path) -> None:
     """Raises PipelineError unless `folder` is a folder or can be made (its nearest existing ancestor is a
     writable folder), without making it."""
@@ -162,21 +188,17 @@ def main(argv=None) -> int:
     except (PipelineError, CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from hybrid.images import save_grid, save_png, to_uint8
-
     if writes:
+        made = not out.exists()
         try:
             out.mkdir(parents=True, exist_ok=True)
-            for earlier in _earlier_samples(out):  # --overwrite (checked above): only this run's images remain
-                earlier.unlink()
-        except OSError as err:
-            print(f"error: cannot write to --out {out}: {err.strerror}", file=sys.stderr)
+            _write_samples(out, images, args.individual, args.grid)
+        except OSError as err:  # a full disk, a quota: the earlier images (--overwrite) are still there
+            if made:
+                shutil.rmtree(out, ignore_errors=True)
+            kept = "" if made else "; the images already there are kept"
+            print(f"error: cannot write the images to --out {out}: {err.strerror or err}{kept}", file=sys.stderr)
             return 2
-    if args.individual:
-        for i, image in enumerate(to_uint8(images)):
-            save_png(image, out / f"{i:04d}.png")
-    if args.grid:
-        save_grid(images, out / "grid.png")
     n, seconds = images.shape[0], watch.seconds
     where = f"written to {out}/" if writes else "nothing written (--no-grid --no-individual)"
     print(f"{n} images ({args.mode}) in {seconds:.2f} s = {n / seconds:.1f} images/s on {device}; {where}")

@@ -1114,6 +1114,45 @@ def test_sample_cli_refuses_to_mix_two_runs_images_in_one_out(toy_run, tmp_path)
     assert (out_dir / "0000.png").read_bytes() != before["0000.png"]  # class 5 now, not class 3
 
 
+def test_sample_cli_keeps_the_earlier_images_when_writing_the_new_ones_fails(toy_run, tmp_path, monkeypatch, capsys):
+    """--overwrite deleted the earlier images first; a full disk then lost them, with a bare OSError traceback and
+    a stray 0011.png.tmp.png beside 11 new images."""
+    import errno
+
+    import hybrid.images
+    from hybrid.sample_cli import main
+
+    out_dir = tmp_path / "samples"
+    base = ["--run", str(toy_run[0]), "--mode", "ar", "--out", str(out_dir), "-n", "3"]
+    assert main([*base, "--class", "3"]) == 0
+    before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+    assert sorted(before) == ["0000.png", "0001.png", "0002.png", "grid.png"]
+    real_save = hybrid.images.Image.Image.save
+    calls = []
+
+    def disk_full_at_the_second_image(self, fp, *args, **kwargs):
+        calls.append(fp)
+        if len(calls) == 2:
+            Path(fp).write_bytes(b"half")  # what a full disk leaves
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(hybrid.images.Image.Image, "save", disk_full_at_the_second_image)
+    capsys.readouterr()
+    assert main([*base, "--class", "5", "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: cannot write the images to --out {out_dir}: No space left on device; the images already "
+                   f"there are kept"], err
+    assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before  # no stray file, nothing lost
+    calls.clear()
+    assert main([*base, "--class", "5", "--overwrite", "--out", str(tmp_path / "new")]) == 2
+    assert not (tmp_path / "new").exists()  # a folder this command made is not left behind
+    monkeypatch.setattr(hybrid.images.Image.Image, "save", real_save)
+    assert main([*base, "--class", "5", "--overwrite", "-n", "2", "--no-grid"]) == 0  # still replaces them
+    assert sorted(p.name for p in out_dir.iterdir()) == ["0000.png", "0001.png"]
+    assert (out_dir / "0000.png").read_bytes() != before["0000.png"]
+
+
 def test_the_request_is_checked_before_the_export_is_written_or_the_ar_runs(toy_run, tmp_path, monkeypatch):
     """--write-export wrote its folder before the class id was checked (the command then failed with exit 2);
     a sampler the refiner cannot use was found only after the first batch's AR tokens had been drawn."""
