@@ -150,13 +150,16 @@ class HybridPipeline:
             models[stage] = model
         return cls(tok, configs, **models).to(device)
 
+    def export_files(self) -> list[str]:
+        """The names `save_pretrained` writes into its folder."""
+        return [*(f"{stage}.safetensors" for stage in self._stages()), "pipeline.json"]
+
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Writes every stage as `<stage>.safetensors` plus `pipeline.json` (configs, hashes)."""
         folder = Path(folder)
         if folder.exists() and not folder.is_dir():
             raise PipelineError(f"cannot export to '{folder}': it is a file, not a folder")
-        blocked = [folder / name for name in [*(f"{stage}.safetensors" for stage in self._stages()), "pipeline.json"]
-                   if (folder / name).is_dir()]
+        blocked = [folder / name for name in self.export_files() if (folder / name).is_dir()]
         if blocked:  # found before any stage is written, not at the rename after some were
             raise PipelineError(f"cannot export to '{folder}': '{blocked[0]}' is a folder, where the export writes a "
                                 f"file; move it away or export elsewhere")
@@ -165,10 +168,13 @@ class HybridPipeline:
         except OSError as err:
             raise PipelineError(f"cannot export to '{folder}': {err.strerror}") from None
         manifest: dict[str, Any] = {"format": EXPORT_FORMAT, "stages": {}}
+        umask = os.umask(0)
+        os.umask(umask)
         for stage, module in self._stages().items():
             state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
             tmp = folder / f".{stage}.safetensors.tmp"
             save_file(state, str(tmp))
+            os.chmod(tmp, 0o666 & ~umask)  # as pipeline.json beside it (safetensors creates it 0600)
             os.replace(tmp, folder / f"{stage}.safetensors")
             manifest["stages"][stage] = {"config": self.configs[stage], "weights_hash": weights_hash(state)}
         tmp = folder / ".pipeline.json.tmp"

@@ -166,9 +166,11 @@ def main(argv=None) -> int:
             print(f"note: the {args.mode} model takes no condition ({args.mode}.condition=none): --class and "
                   "--prompt only set how many images are drawn", file=sys.stderr)
         if args.write_export:
-            if (Path(args.write_export) / "pipeline.json").is_file() and not args.overwrite:
-                raise PipelineError(f"--write-export {args.write_export} already holds an export (pipeline.json): "
-                                    f"pass --overwrite to replace it, or give another folder")
+            held = [name for name in pipe.export_files() if (Path(args.write_export) / name).is_file()]
+            if held and not args.overwrite:  # any of them: a folder with tokenizer.safetensors alone is not an export
+                raise PipelineError(f"--write-export {args.write_export} already holds {', '.join(held)}: pass "
+                                    f"--overwrite to replace {'them' if len(held) > 1 else 'it'}, or give another "
+                                    f"folder")
             pipe.save_pretrained(args.write_export)
             print(f"exported to {args.write_export}")
         unused = [flag for flag, value in (("--steps", args.steps), ("--sampler", args.sampler),

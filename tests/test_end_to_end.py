@@ -313,6 +313,9 @@ def test_damaged_exports_and_export_targets_are_one_line_errors(toy_run, tmp_pat
     manifest["stages"]["ar"]["config"] = None
     (nulled / "pipeline.json").write_text(json.dumps(manifest))
     written = (export / "pipeline.json").stat().st_mtime_ns
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "tokenizer.safetensors").write_bytes(b"someone's weights")
     for args, needle in ((["--export", str(cut)], str(cut / "ar.safetensors")),
                          (["--export", str(broken)], str(broken / "pipeline.json")),
                          (["--export", str(keyless)], "damaged"),
@@ -320,7 +323,12 @@ def test_damaged_exports_and_export_targets_are_one_line_errors(toy_run, tmp_pat
                                                      "config describes"),
                          (["--export", str(nulled)], "the ar stage's config is not a mapping"),
                          (["--run", str(run_dir), "--write-export", str(tmp_path / "a-file")], "is a file"),
-                         (["--run", str(run_dir), "--write-export", str(export)], "already holds an export"),
+                         (["--run", str(run_dir), "--write-export", str(export)],
+                          "already holds tokenizer.safetensors, ar.safetensors, "),
+                         # a folder with a stage's weights but no pipeline.json: they were replaced, silently
+                         (["--run", str(run_dir), "--write-export", str(partial)],
+                          f"--write-export {partial} already holds tokenizer.safetensors: pass --overwrite to replace "
+                          f"it, or give another folder"),
                          (["--export", str(export), "--cfg", "inf"], "cfg=inf: it must be a finite number"),
                          # a folder where a file is written: a traceback at the rename, after generating or writing
                          (["--run", str(run_dir), "--write-export", str(blocked)],  # not "holds an export"
@@ -332,6 +340,12 @@ def test_damaged_exports_and_export_targets_are_one_line_errors(toy_run, tmp_pat
         assert out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert (export / "pipeline.json").stat().st_mtime_ns == written  # the export refused above was not rewritten
     assert [p.name for p in blocked.iterdir()] == ["pipeline.json"]  # no stage written before the refusal
+    assert [p.name for p in partial.iterdir()] == ["tokenizer.safetensors"]
+    assert (partial / "tokenizer.safetensors").read_bytes() == b"someone's weights"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in export.iterdir()} == {  # the weights were 0600, the JSON not
+        p.name: 0o666 & ~umask for p in export.iterdir()}
 
 
 def test_sample_cli_missing_stage_is_a_clear_error(tmp_path):
