@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import sys
 
@@ -87,8 +88,10 @@ non_negative_float.__name__ = "float"
 
 
 def positive_float(text: str) -> float:
-    """argparse `type` of a float flag that must be > 0 (a ratio)."""
+    """argparse `type` of a float flag that must be finite and > 0 (a ratio, a time budget)."""
     value = float(text)
+    if not math.isfinite(value):  # nan and inf: a count derived from it was a traceback (int(nan)) or endless
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
@@ -98,14 +101,18 @@ positive_float.__name__ = "float"
 
 
 def int_list(minimum: int = 1, maximum: int | None = None):
-    """argparse `type` of comma-separated integers, each in minimum..maximum: '1,2,4' -> [1, 2, 4]."""
+    """argparse `type` of comma-separated integers, each in minimum..maximum: '1,2,4' -> [1, 2, 4]. An empty entry
+    ('1,,2', '1,2,') is refused, not skipped: it is a typo for a value that was meant."""
     def parse(text: str) -> list[int]:
+        parts = text.split(",")
+        if not text.strip():
+            raise argparse.ArgumentTypeError("expected at least one integer")
+        if any(not part.strip() for part in parts):
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}' (an empty entry)")
         try:
-            values = [int(part) for part in text.split(",") if part.strip()]
+            values = [int(part) for part in parts]
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
-        if not values:
-            raise argparse.ArgumentTypeError("expected at least one integer")
         for value in values:
             if value < minimum or (maximum is not None and value > maximum):
                 span = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
@@ -179,12 +186,12 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None
     return args, overrides
 
 
-def start_judging(parser, argv: list[str] | None):
+def start_judging(parser, argv: list[str] | None, refuse=None):
     """A judging benchmark's start (its parser has `add_judging_arguments`; unknown arguments are key=value
     overrides): (args with --device resolved to a torch.device, generation settings parsed from --sample,
     resolved config with run_dir set, oracle on that device), or an exit code after printing why (bad
-    --device, --sample or config: 2; no oracle: 1). --sample's values are range-checked here, before the oracle
-    loads or a stage trains."""
+    --device, --sample or config, or one that `refuse(args, cfg)` returns a reason against: 2; no oracle: 1).
+    --sample's values are range-checked here, before the oracle loads or a stage trains."""
     import sys
 
     from hybrid.names import SAMPLERS
@@ -207,7 +214,8 @@ def start_judging(parser, argv: list[str] | None):
     except ValueError as err:
         print(f"error: --sample: {err}", file=sys.stderr)
         return 2
-    cfg, oracle = config_and_oracle(args.config, [f"run_dir={args.run_dir}", *overrides], args.device)
+    cfg, oracle = config_and_oracle(args.config, [f"run_dir={args.run_dir}", *overrides], args.device,
+                                    refuse=None if refuse is None else functools.partial(refuse, args))
     return oracle if cfg is None else (args, settings, cfg, oracle)
 
 

@@ -93,6 +93,22 @@ def settings_tag(settings: dict) -> str:
     return "".join(f"-{k}{v}" for k, v in settings.items())
 
 
+def steps_problem(args, cfg) -> str | None:
+    """Why `--at` cannot be judged: a step past `ar.train.max_steps` when the AR stage is trained here (the whole
+    stage trained, and then no snapshot of that step was found). A reused AR stage's snapshots are what its
+    training left, whatever the config says now: looked for after the arguments."""
+    from hybrid.checkpoints import final_path
+
+    if not (cfg.retrain or not final_path(cfg.run_dir, "ar").is_file()):
+        return None
+    most = cfg.ar.train.max_steps
+    beyond = sorted(step for step in set(args.at) if most >= 1 and step > most)  # -1: a time limit, no step limit
+    if beyond:
+        return (f"--at {' '.join(map(str, beyond))}: the AR stage trains for ar.train.max_steps={most} steps, so "
+                f"no snapshot past step {most} is taken; judge steps <= {most} or raise ar.train.max_steps")
+    return None
+
+
 @one_line_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                           "cfg, cfg_schedule, temperature, top_k, top_p, steps, sampler, refiner_cfg")
     parser.add_argument("--at", type=at_least(1), nargs="+", required=True, help="AR steps to judge (<= max_steps)")
     parser.add_argument("--num-samples", type=at_least(2), default=1000, help="class prompts per point (>= 2: FID)")
-    started = start_judging(parser, argv)
+    started = start_judging(parser, argv, refuse=steps_problem)
     if isinstance(started, int):
         return started
     args, settings, cfg, oracle = started

@@ -28,7 +28,7 @@ import hybrid as _hybrid  # noqa: F401 -- before torch loads: OpenMP's short spi
 import numpy as np
 import torch
 
-from benchmarks.common import int_list, output_file
+from benchmarks.common import int_list, output_file, positive_float
 from hybrid.data.procedural import ProceduralDataset, render, sample_attributes
 
 
@@ -54,7 +54,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=None, type=output_file, help="write the results as JSON here")
     parser.add_argument("--sizes", type=int_list(16, 256), default="16,32,64,128,256",
                         help="comma-separated image sizes (16..256)")
-    parser.add_argument("--seconds", type=float, default=3.0, help="rough time budget per measurement")
+    parser.add_argument("--seconds", type=positive_float, default=3.0,
+                        help="rough time budget per measurement (> 0)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     results = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),

@@ -211,6 +211,39 @@ def measure_refiner(refiner, z_q, classes, steps_list, judge, result) -> str:
     return default_key
 
 
+def sampling_config(cfg, stage: str):
+    """The `stage` ("refiner" or "diffusion") config section this benchmark samples with: that of the checkpoint
+    the stage is taken from (`<stage>.checkpoint`, or the run's finished one, which training skips) when there
+    is one, else `cfg`'s, which it is trained with."""
+    from hybrid.checkpoints import checkpoint_config, final_path, load_checkpoint
+
+    path = Path(cfg[stage].checkpoint) if cfg[stage].checkpoint else final_path(cfg.run_dir, stage)
+    if cfg.retrain or not path.is_file():
+        return cfg[stage]
+    return checkpoint_config(load_checkpoint(path, expect_stage=stage))[stage]
+
+
+def step_problem(cfg, steps: list[int] | None, baseline_steps: list[int] | None) -> str | None:
+    """Why `--steps` (the refiner's, for each sampler of its objective) or `--baseline-steps` (the baseline's, with
+    its sampler) cannot be sampled: more steps than the denoiser's training timesteps (what `sample.py` refuses,
+    `Diffusion.most_steps`). Checked before any stage trains: diffusers' own error came after all the training.
+    None = the refiner's (the baseline's) are not measured."""
+    from hybrid.refiner.diffusion import Diffusion
+
+    for stage, flag, counts in (("refiner", "--steps", steps), ("diffusion", "--baseline-steps", baseline_steps)):
+        if not counts:
+            continue
+        section = sampling_config(cfg, stage)
+        diffusion = Diffusion.from_config(section)
+        samplers = SAMPLERS[section.objective] if stage == "refiner" else (section.sampler,)
+        for sampler in samplers:
+            most = diffusion.most_steps(sampler)
+            if most is not None and max(counts) > most:
+                return (f"{flag} {max(counts)}: the {stage} is trained with {most} timesteps "
+                        f"({stage}.num_train_timesteps), so its {sampler} sampler takes at most {most} steps")
+    return None
+
+
 @one_line_errors
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.refiner", description=__doc__.split("\n\n")[0])
@@ -219,13 +252,16 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer", default="", help="a trained tokenizer checkpoint to use (else trained)")
     parser.add_argument("--baseline", action="store_true", help="also train and measure the pure-diffusion baseline")
     parser.add_argument("--no-refiner", dest="refiner", action="store_false",
-                        help="skip the refiner measurements (e.g. to add the baseline to an earlier run)")
+                        help="skip the refiner measurements (with --baseline: to add the baseline to an earlier "
+                        "run)")
     parser.add_argument("--num-images", type=at_least(2), default=2000,
                         help="held-out images (and real images) for FID")
     parser.add_argument("--steps", type=int_list(1), default="1,2,4,8",
-                        help="refiner step counts, comma-separated (default 1,2,4,8)")
+                        help="refiner step counts, comma-separated (default 1,2,4,8; at most "
+                        "refiner.num_train_timesteps)")
     parser.add_argument("--baseline-steps", type=int_list(1), default="10,25,50",
-                        help="baseline step counts, comma-separated (default 10,25,50)")
+                        help="baseline step counts, comma-separated (default 10,25,50; at most "
+                        "diffusion.num_train_timesteps)")
     parser.add_argument("--bootstrap", type=at_least(2), default=200,
                         help="bootstrap resamples for the FID intervals (at least 2: fewer give zero-width intervals, "
                              "which every 'outside the interval' verdict would pass)")
@@ -234,6 +270,9 @@ def main(argv=None) -> int:
                         "train on trainer.accelerator's)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_intermixed_args(argv)  # key=value overrides may follow --options
+    if not args.refiner and not args.baseline:  # it loaded the baseline to measure after training the tokenizer
+        parser.error("--no-refiner without --baseline measures nothing: --no-refiner skips the refiner, and only "
+                     "--baseline measures the pure-diffusion baseline (the tokenizer alone: benchmarks.tokenizer)")
     device = benchmark_device(args.device)
     if device is None:
         return 2
@@ -247,7 +286,8 @@ def main(argv=None) -> int:
     overrides = [*args.overrides, f"run_dir={args.run_dir}"]
     if args.tokenizer:
         overrides.append(f"tokenizer.checkpoint={args.tokenizer}")
-    cfg, oracle = config_and_oracle(args.config, overrides, device)
+    cfg, oracle = config_and_oracle(args.config, overrides, device, refuse=lambda cfg: step_problem(
+        cfg, args.steps if args.refiner else None, args.baseline_steps if args.baseline else None))
     if cfg is None:
         return oracle  # the exit code
     result = {"machine": machine(device),

@@ -6,7 +6,11 @@
 
 The run directory must hold a trained tokenizer and AR stage. Each `--variant NAME:key=value,...`
 is a refiner trained (when `<run-dir>/repair/NAME/refiner/final.ckpt` is missing) exactly as
-`python train.py stage=refiner` trains one, on the run's tokenizer, with those overrides. Then the
+`python train.py stage=refiner` trains one, on the run's tokenizer, with those overrides; one already there is
+reused only when its stored config has the values those overrides ask for (else an error, before anything
+trains: delete its folder or give the variant another name), and `trained_with` records, from the checkpoint,
+the values its refiner was trained with. Each NAME is given once, and not `ar` or `real` (the benchmark's own
+rows). Then the
 run's AR model samples tokens for the same class prompts (same seeds) and each refiner refines them:
 FID (oracle features, 95% bootstrap interval) and class-prompt adherence per variant, beside the
 pure-AR images (z_q decoded alone). Every row answers the same requests with the same AR tokens, so
@@ -43,17 +47,78 @@ from benchmarks.common import (
 )
 
 DEFAULT_VARIANTS = ["repair:refiner.corrupt_prob=0.1", "plain:refiner.corrupt_prob=0"]
+# the names of this benchmark's own rows: pure AR's (its features, its grids under <run-dir>/repair/ar) and the
+# real images' features; a variant of either name overwrote them
+RESERVED_NAMES = ("ar", "real")
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
     name, _, rest = text.partition(":")
     if not name or not name.replace("-", "").replace("_", "").isalnum():
         raise ValueError(f"--variant '{text}': expected NAME:key=value,... with a plain NAME")
+    if name in RESERVED_NAMES:
+        raise ValueError(f"--variant '{text}': the name '{name}' is taken by the benchmark's own rows "
+                         f"({', '.join(RESERVED_NAMES)}); give the variant another name")
     overrides = [o for o in rest.split(",") if o]
     for o in overrides:
         if "=" not in o:
             raise ValueError(f"--variant '{text}': '{o}' is not key=value")
     return name, overrides
+
+
+def parse_variants(texts: list[str]) -> list[tuple[str, list[str]]]:
+    """`parse_variant` of each; a name given twice is refused: one row and one refiner folder stood for both,
+    trained with the first one's overrides and recorded with the last one's."""
+    variants = [parse_variant(text) for text in texts]
+    names = [name for name, _ in variants]
+    twice = [name for name in names if names.count(name) > 1]
+    if twice:
+        raise ValueError(f"--variant: the name '{twice[0]}' is given more than once; give each variant its own name")
+    return variants
+
+
+_UNKNOWN = object()  # a key a checkpoint's stored config has no value for
+
+
+def override_keys(extra: list[str]) -> list[str]:
+    """The dotted keys of key=value overrides, in order, once each."""
+    return list(dict.fromkeys(item.split("=", 1)[0] for item in extra))
+
+
+def trained_settings(path: Path, keys: list[str]) -> dict:
+    """{key: its value in the config the refiner checkpoint at `path` was trained with (its `hyper_parameters`),
+    `_UNKNOWN` where the stored config has no such key} for each dotted key."""
+    from hybrid.checkpoints import load_checkpoint
+
+    config = load_checkpoint(path, expect_stage="refiner")["hyper_parameters"]["config"]
+    out = {}
+    for key in keys:
+        node = config
+        for part in key.split("."):
+            node = node[part] if isinstance(node, dict) and part in node else _UNKNOWN
+            if node is _UNKNOWN:
+                break
+        out[key] = node
+    return out
+
+
+def reuse_problem(name: str, extra: list[str], vcfg, path: Path) -> str | None:
+    """Why the refiner already at `path` (which `fit_stage` would reuse, not train) cannot stand for variant `name`:
+    a key its overrides name has another value in the config the checkpoint was trained with (the JSON recorded
+    the new overrides beside the old refiner's results). A key the stored config lacks cannot be told: the JSON's
+    `trained_with` records it as null. None when it can stand."""
+    from omegaconf import OmegaConf
+
+    diffs = []
+    for key, then in trained_settings(path, override_keys(extra)).items():
+        now = OmegaConf.select(vcfg, key)
+        now = OmegaConf.to_container(now, resolve=True) if OmegaConf.is_config(now) else now
+        if then is not _UNKNOWN and then != now:
+            diffs.append(f"{key}={then!r}, not {now!r}")
+    if not diffs:
+        return None
+    return (f"variant '{name}': its refiner {path} was trained with {'; '.join(diffs)}; delete {path.parent} "
+            f"to train it with these overrides, or give the variant another name")
 
 
 @one_line_errors
@@ -70,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if device is None:
         return 2
     try:
-        variants = [parse_variant(v) for v in (args.variant or DEFAULT_VARIANTS)]
+        variants = parse_variants(args.variant or DEFAULT_VARIANTS)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -85,6 +150,18 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             print(f"error: {run_dir} has no trained {what} ({path} is missing)", file=sys.stderr)
             return 1
+    vcfgs = {}  # each variant's config, and a refiner it would reuse checked against it, before anything trains
+    for name, extra in variants:
+        vdir = run_dir / "repair" / name
+        vcfg = load_cli_config(args.config, [*overrides, *extra, f"run_dir={vdir}", f"tokenizer.checkpoint={tok_path}"])
+        if vcfg is None:
+            return 2
+        if final_path(vdir, "refiner").is_file() and not vcfg.retrain:
+            problem = reuse_problem(name, extra, vcfg, final_path(vdir, "refiner"))
+            if problem:
+                print(f"error: {problem}", file=sys.stderr)
+                return 2
+        vcfgs[name] = vcfg
     cfg, oracle = config_and_oracle(args.config, [f"run_dir={run_dir}", *overrides], device)
     if cfg is None:
         return oracle
@@ -117,15 +194,18 @@ def main(argv: list[str] | None = None) -> int:
                 f"color {100 * adh['color']:5.1f}%")
 
     for name, extra in variants:
-        vdir = run_dir / "repair" / name
-        vcfg = load_cli_config(args.config, [*overrides, *extra, f"run_dir={vdir}", f"tokenizer.checkpoint={tok_path}"])
-        if vcfg is None:
-            return 2
+        vcfg = vcfgs[name]
         t0 = time.time()
-        trained = not final_path(vdir, "refiner").is_file()
+        trained = not final_path(vcfg.run_dir, "refiner").is_file()
         fit_stage(vcfg, "refiner")
-        result["variants"][name] = {"overrides": extra, "corrupt_prob": vcfg.refiner.corrupt_prob,
-                                    "corrupt_neighbors": vcfg.refiner.corrupt_neighbors,
+        # what the judged refiner was trained with, from its checkpoint (a reused one's checked above); null: not
+        # in its stored config
+        keys = list(dict.fromkeys(["refiner.corrupt_prob", "refiner.corrupt_neighbors", *override_keys(extra)]))
+        trained_with = {key: None if value is _UNKNOWN else value
+                        for key, value in trained_settings(final_path(vcfg.run_dir, "refiner"), keys).items()}
+        result["variants"][name] = {"overrides": extra, "trained_with": trained_with,
+                                    "corrupt_prob": trained_with["refiner.corrupt_prob"],
+                                    "corrupt_neighbors": trained_with["refiner.corrupt_neighbors"],
                                     "train_minutes": round((time.time() - t0) / 60, 2) if trained else None}
     pipe = HybridPipeline.from_checkpoints(tok_path, ar=ar_path, device=device)
     result["ar"] = judge(pipe, "ar", "ar")

@@ -126,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.run_dir and not Path(args.run_dir, "ar", "final.ckpt").is_file():
         parser.error(f"--run-dir {args.run_dir}: no trained AR stage there (ar/final.ckpt is missing)")
+    if args.run_dir:
+        problem = run_problem(args.run_dir)
+        if problem:
+            parser.error(f"--run-dir {args.run_dir}: {problem}")
     import torch
 
     rows = {}
@@ -144,6 +148,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         write_result(args.out, result)
     return 0
+
+
+def run_problem(run_dir: str) -> str | None:
+    """Why the generation workers cannot load `run_dir` (a stage's checkpoint that is not one, of another stage,
+    or trained on another tokenizer), found by loading it as they do, before any timing: a worker's traceback
+    came after all the training timings, and they were lost with it. None when it loads."""
+    from hybrid.checkpoints import CheckpointError
+    from hybrid.config import ConfigError
+    from hybrid.pipeline import HybridPipeline, PipelineError
+
+    try:
+        HybridPipeline.from_run(run_dir)  # what `generation_worker` loads; dropped at once (the workers time it)
+    except (CheckpointError, ConfigError, PipelineError) as err:
+        return str(err)
+    return None
 
 
 def _generation(args) -> dict:

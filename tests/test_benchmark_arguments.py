@@ -53,6 +53,18 @@ TINY_AR = ["--width", "16", "--depth", "1", "--heads", "2", "--scales", "1", "2"
     ("benchmarks.ar_efficiency", ["--scales", "1", "1", "2"], "got 1 1 2"),
     ("benchmarks.data_throughput", ["--sizes", "abc"], "argument --sizes: expected comma-separated integers"),
     ("benchmarks.data_throughput", ["--sizes", "16,300"], "argument --sizes: each value must be in 16..256, got 300"),
+    # int(nan) was a traceback; 0 and -1 were taken (a measurement of 50 images whatever was asked)
+    ("benchmarks.data_throughput", ["--seconds", "nan"], "argument --seconds: must be a finite number > 0, got nan"),
+    ("benchmarks.data_throughput", ["--seconds", "inf"], "argument --seconds: must be a finite number > 0, got inf"),
+    ("benchmarks.data_throughput", ["--seconds", "0"], "argument --seconds: must be > 0, got 0"),
+    ("benchmarks.data_throughput", ["--seconds", "-1"], "argument --seconds: must be > 0, got -1"),
+    # an empty entry was dropped without a word: '1,,2' measured 1 and 2 steps
+    ("benchmarks.refiner", ["--run-dir", "{tmp}/run", "--steps", "1,,2"], "argument --steps: expected comma-separated "
+     "integers, got '1,,2' (an empty entry)"),
+    ("benchmarks.refiner", ["--run-dir", "{tmp}/run", "--baseline-steps", "10,"], "got '10,' (an empty entry)"),
+    # measured nothing: it trained the tokenizer, then looked for the baseline's checkpoint it was not asked to train
+    ("benchmarks.refiner", ["--run-dir", "{tmp}/run", "--no-refiner"], "--no-refiner without --baseline measures "
+     "nothing"),
     # --out checked when parsed: it failed after the whole run, and the results were lost with it
     ("benchmarks.refiner", ["--run-dir", "{tmp}/run", "--out", "{tmp}"], "argument --out: '{tmp}' is a folder"),
     ("benchmarks.ar_efficiency", ["--out", "/proc/self/status/r.json"],
@@ -116,6 +128,136 @@ def test_the_showdown_refuses_a_time_limit_alone_before_the_oracle_loads(tmp_pat
     cfg = load_config(None, ["diffusion.train.max_steps=-1", "diffusion.train.max_minutes=1"])
     assert step_budget_problem(cfg, ["hybrid", "diffusion"]) is None
     assert "diffusion.train.max_steps" in step_budget_problem(cfg, ["hybrid", "diffusion"], match_flops=False)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--steps", "1,2000"], "error: --steps 2000: the refiner is trained with 1000 timesteps "
+     "(refiner.num_train_timesteps), so its ddim sampler takes at most 1000 steps"),
+    # the flow objective's euler sampler takes any count, its dpm sampler (also in the ablation) does not
+    (["--steps", "2000", "refiner.objective=flow", "refiner.sampler=euler"], "its dpm sampler takes at most 1000"),
+    (["--baseline", "--baseline-steps", "10,1001"], "error: --baseline-steps 1001: the diffusion is trained with "
+     "1000 timesteps (diffusion.num_train_timesteps)"),
+])
+def test_the_refiner_benchmark_refuses_more_steps_than_training_timesteps_before_training(tmp_path, capsys, argv,
+                                                                                           needle):
+    """--steps 2000 trained the tokenizer and the refiner, then ended in diffusers' own ValueError."""
+    from benchmarks.refiner import main
+
+    code = main(["--run-dir", str(tmp_path / "run"), "--device", "cpu", "--config", "configs/toy.yaml",
+                 f"cache_dir={tmp_path / 'cache'}", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and "Traceback" not in err, err
+    assert err.strip().count("\n") == 0 and list(tmp_path.iterdir()) == []  # nothing trained, the oracle not loaded
+
+
+def test_the_refiner_benchmarks_step_limit_is_that_of_the_refiner_it_reuses(tmp_path):
+    """A finished refiner is reused whatever the config says now: its own training timesteps bound the steps."""
+    import torch
+
+    from benchmarks.refiner import step_problem
+    from hybrid.config import load_config, to_dict
+
+    cfg = load_config("configs/toy.yaml", [f"run_dir={tmp_path}"])
+    assert step_problem(cfg, [1, 1000], [1000]) is None
+    assert step_problem(cfg, [1000], None) is None and step_problem(cfg, None, None) is None
+    trained = load_config("configs/toy.yaml", [f"run_dir={tmp_path}", "refiner.num_train_timesteps=50"])
+    (tmp_path / "refiner").mkdir()
+    torch.save({"state_dict": {}, "hyper_parameters": {"config": to_dict(trained), "stage": "refiner"}},
+               tmp_path / "refiner" / "final.ckpt")
+    assert "--steps 100: the refiner is trained with 50 timesteps" in step_problem(cfg, [100], None)
+    assert step_problem(load_config("configs/toy.yaml", [f"run_dir={tmp_path}", "retrain=true"]), [100], None) is None
+
+
+def test_curve_refuses_steps_past_max_steps_before_training(tmp_path, capsys):
+    """--at 100 with ar.train.max_steps=30 trained the whole AR stage, then found no snapshot of step 100."""
+    from benchmarks.curve import main, steps_problem
+
+    code = main(["--run-dir", str(tmp_path / "run"), "--at", "20", "100", "--device", "cpu", "--config",
+                 "configs/toy.yaml", "ar.train.max_steps=30", f"cache_dir={tmp_path / 'cache'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--at 100: the AR stage trains for ar.train.max_steps=30 steps" in err, err
+    assert err.strip().count("\n") == 0 and list(tmp_path.iterdir()) == []
+    # a time limit sets no step limit; a reused AR stage's snapshots are what its training left
+    from argparse import Namespace
+
+    from hybrid.config import load_config
+
+    cfg = load_config("configs/toy.yaml", [f"run_dir={tmp_path}", "ar.train.max_steps=-1", "ar.train.max_minutes=1"])
+    assert steps_problem(Namespace(at=[100]), cfg) is None
+    (tmp_path / "ar").mkdir()
+    (tmp_path / "ar" / "final.ckpt").write_bytes(b"")
+    assert steps_problem(Namespace(at=[100]), load_config("configs/toy.yaml", [f"run_dir={tmp_path}"])) is None
+
+
+@pytest.mark.parametrize("variants, needle", [
+    # one row "a" and one refiner folder: trained with the first overrides, recorded with the second
+    (["a:refiner.corrupt_prob=0.1", "a:refiner.corrupt_prob=0"], "--variant: the name 'a' is given more than once"),
+    # the benchmark's own rows: pure AR's features and grids, the real images' features
+    (["ar:refiner.corrupt_prob=0"], "the name 'ar' is taken by the benchmark's own rows"),
+    (["x:refiner.corrupt_prob=0", "real:refiner.corrupt_prob=0.1"], "the name 'real' is taken"),
+])
+def test_repair_refuses_variant_names_that_would_overwrite_another_row(tmp_path, capsys, variants, needle):
+    from benchmarks.repair import main
+
+    code = main(["--run-dir", str(tmp_path / "run"), "--device", "cpu",
+                 *(arg for v in variants for arg in ("--variant", v))])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and err.strip().count("\n") == 0, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def _refiner_checkpoint(path: Path, overrides: list[str], drop: str | None = None) -> None:
+    """A refiner checkpoint (no weights) whose stored config is the toy config with `overrides`, less the refiner
+    key `drop` (as written before that key existed)."""
+    import torch
+
+    from hybrid.config import load_config, to_dict
+
+    config = to_dict(load_config("configs/toy.yaml", overrides))
+    if drop:
+        del config["refiner"][drop]
+    path.parent.mkdir(parents=True)
+    torch.save({"state_dict": {}, "hyper_parameters": {"config": config, "stage": "refiner"}}, path)
+
+
+def test_repair_refuses_to_reuse_a_variants_refiner_trained_with_other_overrides(tmp_path, capsys):
+    """The same name with other overrides reused the old refiner and recorded the new overrides beside its
+    results (train_minutes null)."""
+    from benchmarks.repair import main
+
+    run = tmp_path / "run"
+    for stage in ("tokenizer", "ar"):  # only their presence is checked before the variants are
+        (run / stage).mkdir(parents=True)
+        (run / stage / "final.ckpt").write_bytes(b"")
+    ckpt = run / "repair" / "a" / "refiner" / "final.ckpt"
+    _refiner_checkpoint(ckpt, ["refiner.corrupt_prob=0.1"])
+    before = sorted(tmp_path.rglob("*"))
+    argv = ["--run-dir", str(run), "--device", "cpu", "--config", "configs/toy.yaml", f"cache_dir={tmp_path / 'c'}"]
+    code = main([*argv, "--variant", "a:refiner.corrupt_prob=0,refiner.corrupt_neighbors=8"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().count("\n") == 0, err
+    assert (f"error: variant 'a': its refiner {ckpt} was trained with refiner.corrupt_prob=0.1, not 0.0; delete "
+            f"{ckpt.parent} to train it with these overrides, or give the variant another name") in err, err
+    assert sorted(tmp_path.rglob("*")) == before  # nothing trained or written, the oracle not loaded
+    # the overrides it was trained with pass (on to the oracle, missing here)
+    code = main([*argv, "--variant", "a:refiner.corrupt_prob=0.1"])
+    err = capsys.readouterr().err
+    assert code == 1 and "variant" not in err and "oracle" in err, err
+
+
+def test_repair_records_what_a_variants_refiner_was_trained_with(tmp_path):
+    """The JSON's settings of a variant come from its checkpoint; a key its stored config lacks cannot be told:
+    null, not the requested value."""
+    from benchmarks.repair import _UNKNOWN, reuse_problem, trained_settings
+    from hybrid.config import load_config
+
+    ckpt = tmp_path / "refiner" / "final.ckpt"
+    _refiner_checkpoint(ckpt, ["refiner.corrupt_prob=0.25"], drop="corrupt_neighbors")
+    got = trained_settings(ckpt, ["refiner.corrupt_prob", "refiner.corrupt_neighbors", "refiner.train.max_steps"])
+    assert got == {"refiner.corrupt_prob": 0.25, "refiner.corrupt_neighbors": _UNKNOWN,
+                   "refiner.train.max_steps": 30}
+    vcfg = load_config("configs/toy.yaml", ["refiner.corrupt_prob=0.25", "refiner.corrupt_neighbors=2"])
+    assert reuse_problem("a", ["refiner.corrupt_prob=0.25", "refiner.corrupt_neighbors=2"], vcfg, ckpt) is None
 
 
 def test_sample_keys_a_benchmark_does_not_use_are_refused(tmp_path, capsys):

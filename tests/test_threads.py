@@ -71,3 +71,28 @@ def test_threads_benchmark_times_each_setting_alone_and_beside_a_second_job(tmp_
     assert row["threads"] == 1 and row["env"] == {"OMP_NUM_THREADS": "1"}  # the worker really ran single-threaded
     assert row["step_s_alone"] > 0 and row["slowdown"] == row["step_s_contended"] / row["step_s_alone"]
     assert "one" in proc.stdout and "slowdown" in proc.stdout
+
+
+def test_threads_benchmark_refuses_a_run_whose_checkpoint_is_not_one_before_timing(tmp_path, capsys):
+    """--run-dir checked only that ar/final.ckpt existed: a text file there ended every generation worker in a
+    CheckpointError after the training timings, and `RuntimeError: a timing worker failed` lost them all."""
+    import torch
+
+    from benchmarks.threads import main
+    from hybrid.config import load_config
+    from hybrid.lit.runner import build_module
+
+    run = tmp_path / "run"
+    tokenizer = build_module(load_config("configs/toy.yaml", [f"run_dir={run}"]), "tokenizer")  # untrained: enough
+    (run / "tokenizer").mkdir(parents=True)
+    torch.save({"state_dict": tokenizer.state_dict(), "hyper_parameters": dict(tokenizer.hparams)},
+               run / "tokenizer" / "final.ckpt")
+    (run / "ar").mkdir()
+    (run / "ar" / "final.ckpt").write_text("step: 30\n")
+    out = tmp_path / "threads.json"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--steps", "1", "--settings", "one", "--run-dir", str(run), "--out", str(out)])
+    captured = capsys.readouterr()
+    needle = f"--run-dir {run}: '{run / 'ar' / 'final.ckpt'}' is not a checkpoint: it is text"
+    assert exit_info.value.code == 2 and needle in captured.err, captured.err
+    assert "slowdown" not in captured.out and not out.exists()  # nothing timed
