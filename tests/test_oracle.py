@@ -506,6 +506,19 @@ def test_inception_fid_needs_local_plain_weights(tmp_path):
     torch.save({"net": nn.Linear(2, 2)}, bad)  # a pickled module, not a plain state dict
     with pytest.raises(ValueError, match="pickled.pth"):
         inception_fid(images(4), images(4), bad)
+    # a readable file of something else: "...: 105" (torch's unpickler on text) or torch's page of missing keys
+    text = tmp_path / "notes.pth"
+    text.write_text("inception weights go here\n")
+    nested = tmp_path / "final.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "hyper_parameters": {"stage": "ar"}}, nested)
+    other = tmp_path / "linear.pth"
+    torch.save(nn.Linear(2, 2).state_dict(), other)
+    pytest.importorskip("torch_fidelity")
+    plain = r"are not a plain tensor state dict \("
+    for path, detail in ((text, plain), (nested, plain + r"a dict of other things\)"),
+                         (other, r"do not fit torch-fidelity's InceptionV3 \(Error\(s\) in loading state_dict")):
+        with pytest.raises(ValueError, match=re.escape(f"Inception weights '{path}' ") + detail + ".*download "):
+            InceptionJudge(None, path)
 
 
 @pytest.mark.slow  # InceptionV3 at 299 px and a 2048x2048 eigenproblem: ~30 s on a 2-core CPU

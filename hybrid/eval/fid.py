@@ -323,11 +323,22 @@ class InceptionJudge:
         except ImportError:
             raise ImportError("Inception FID needs torch-fidelity: pip install 'hybrid[fid]'") from None
         try:
-            torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # not a plain state dict
-            raise ValueError(f"Inception weights '{path}' are not a plain tensor state dict: {err}") from None
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - not a plain state dict
+            detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise ValueError(f"Inception weights '{path}' are not a plain tensor state dict ({detail}); download "
+                             f"{INCEPTION_WEIGHTS_URL} and pass its local path") from None
+        if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"Inception weights '{path}' are not a plain tensor state dict (a "
+                             f"{type(state).__name__} of other things); download {INCEPTION_WEIGHTS_URL} and pass "
+                             f"its local path")
         self.batch_size = batch_size
-        metric = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(path))
+        try:
+            metric = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(path))
+        except RuntimeError as err:  # a state dict of another network (e.g. a hybrid checkpoint's weights)
+            detail = (str(err).strip().splitlines() or [""])[0][:200]
+            raise ValueError(f"Inception weights '{path}' do not fit torch-fidelity's InceptionV3 ({detail} ...); "
+                             f"download {INCEPTION_WEIGHTS_URL} and pass its local path") from None
         device = device if device is not None else real.device if real is not None else "cpu"
         self.network = metric.inception.eval().to(device)  # torch-fidelity's InceptionV3, taking uint8 images
         self.real = FeatureMoments()
