@@ -289,6 +289,8 @@ class GenerationSettings:
             key = key.strip()
             if not sep or key not in kinds:
                 raise ValueError(f"generation setting '{part}': expected KEY=VALUE with KEY one of {', '.join(kinds)}")
+            if key in out:  # the last one silently won
+                raise ValueError(f"generation setting '{key}' is given twice; give each once")
             kind = int if kinds[key].startswith("int") else float if kinds[key].startswith("float") else str
             try:
                 out[key] = kind(value.strip())
@@ -917,10 +919,8 @@ def _check_generation_settings(cfg: DictConfig, settings: dict[str, Any]) -> Non
     except ValueError as err:
         raise ConfigError(f"config key 'eval.settings': {err}") from None
     sampler = settings.get("sampler")
-    if sampler is None:
-        return
     known = list(dict.fromkeys(name for names in SAMPLERS.values() for name in names))
-    if sampler not in known:
+    if sampler is not None and sampler not in known:
         raise bad("sampler", f"choose one of {', '.join(known)}")
     # against the objective of a denoiser this command trains; one trained earlier (stage=eval on a run) has its
     # own, which the evaluation checks when it loads it
@@ -928,8 +928,13 @@ def _check_generation_settings(cfg: DictConfig, settings: dict[str, Any]) -> Non
     judged = [name for name, mode in (("refiner", "hybrid"), ("diffusion", "diffusion"))
               if name in plan and (mode in cfg.eval.modes or name == "diffusion")]
     for name in judged:
-        objective = cfg[name].objective
-        if sampler not in SAMPLERS[objective]:
+        section = cfg[name]
+        steps, uses = settings.get("steps"), sampler or section.sampler
+        if steps is not None and steps > section.num_train_timesteps and (section.objective, uses) != ("flow", "euler"):
+            raise bad("steps", f"{name}.num_train_timesteps is {section.num_train_timesteps}, and its {uses} sampler "
+                      f"has no more timesteps (only the flow objective's euler sampler takes any count)")
+        objective = section.objective
+        if sampler is not None and sampler not in SAMPLERS[objective]:
             model = {"refiner": "the refiner", "diffusion": "the diffusion baseline"}[name]
             raise bad("sampler", f"it does not sample {model}'s '{objective}' model ({name}.objective); "
                       f"choose one of {', '.join(SAMPLERS[objective])}")

@@ -197,6 +197,9 @@ def test_every_shipped_config_loads_validates_and_names_its_run_after_its_file(p
         (["eval.settings=cfg_schedule=cosine"], "eval.settings", "cfg_schedule=cosine"),
         (["with_diffusion=true", "diffusion.objective=flow", "diffusion.sampler=euler", "eval.settings=sampler=ddim"],
          "eval.settings", "sampler=ddim"),  # the refiner takes ddim, the pure-diffusion baseline does not
+        # found only after the tokenizer's evaluation, in a message that did not name eval.settings
+        (["eval.settings=steps=5000"], "eval.settings", "steps=5000; refiner.num_train_timesteps is 1000"),
+        (["eval.settings=cfg=3,cfg=4"], "eval.settings", "'cfg' is given twice"),  # the last one won, silently
     ],
 )
 def test_bad_values_fail_when_the_config_loads_naming_key_and_value(overrides, key, bad):
@@ -212,6 +215,8 @@ def test_bad_values_fail_when_the_config_loads_naming_key_and_value(overrides, k
     [
         ["refiner.objective=flow", "refiner.sampler=euler", "eval.settings=sampler=euler"],  # no diffusion judged
         ["eval.settings=steps=1,cfg_schedule=constant,top_k=0,sampler=dpm"],
+        ["eval.settings=steps=1000"],
+        ["refiner.objective=flow", "refiner.sampler=euler", "eval.settings=steps=5000"],  # euler takes any count
         ["refiner.arch=mlp", "refiner.heads=3"],  # an MLP denoiser with a class condition has no attention heads
         ["refiner.coarse_scales=6", "eval.modes=[tokenizer,ar,hybrid,diffusion]"],
         ["trainer.precision=32"],  # Lightning's aliases
