@@ -733,7 +733,10 @@ def test_cli_folder_source_follows_from_folder(tmp_path, capsys):
     assert (tmp_path / "out" / "train-000000.tar").is_file()
     for argv, needle in ((["--source", "procedural", "--count", "4", "--folder", str(tmp_path / "images")],
                           "--folder is read with --source folder"),
-                         (["--folder", str(tmp_path / "out" / "classes.json")], "is a file: give the folder")):
+                         (["--folder", str(tmp_path / "out" / "classes.json")], "is a file: give the folder"),
+                         # was ignored without a word: every class written
+                         (["--folder", str(tmp_path / "images"), "--holdout", "red:triangle"],
+                          "--holdout picks procedural color:shape pairs (--source procedural)")):
         with pytest.raises(SystemExit) as exit_info:
             main(["write", "--out", str(tmp_path / "other"), "--no-progress", *argv])
         assert exit_info.value.code == 2 and needle in capsys.readouterr().err

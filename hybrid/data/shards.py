@@ -844,6 +844,9 @@ def _write_cli(argv: Sequence[str] | None) -> int:
         args.source = "folder" if args.folder else "procedural"
     if args.source == "procedural" and args.folder:
         parser.error("--folder is read with --source folder, not --source procedural")
+    if args.source == "folder" and args.holdout.strip():  # it was ignored without a word
+        parser.error("--holdout picks procedural color:shape pairs (--source procedural); an image folder's classes "
+                     "are its subfolders: leave out the ones to hold out")
     if not 16 <= args.image_size <= 256:
         parser.error(f"--image-size {args.image_size} is outside 16..256")
     if args.per_shard < 1:
