@@ -113,6 +113,20 @@ def test_a_damaged_sidecar_is_a_value_error_naming_it(tmp_path, sidecar):
         load_oracle(path)
 
 
+def test_weights_of_another_model_than_the_sidecar_s_are_named_with_the_keys_that_differ(tmp_path):
+    """The message stopped at torch's heading, "Error(s) in loading state_dict for Oracle:", with no detail."""
+    path = save_oracle(tiny_oracle(feature_dim=16), tmp_path / "o.safetensors")
+    side = sidecar_path(path)
+    meta = json.loads(side.read_text())
+    meta["model"]["feature_dim"] = 24  # the sidecar of another oracle
+    side.write_text(json.dumps(meta))
+    with pytest.raises(ValueError) as err:
+        load_oracle(path)
+    message = str(err.value)
+    assert message.startswith(f"oracle weights '{path}' do not match the model in '{side}' (size mismatch for ")
+    assert "torch.Size([16" in message and "torch.Size([24" in message and "retrain the oracle" in message, message
+
+
 def test_missing_oracle_names_file_and_command(tmp_path):
     missing = tmp_path / "cache" / "oracle-32.safetensors"
     with pytest.raises(FileNotFoundError) as err:

@@ -234,8 +234,10 @@ def load_oracle(path: str | os.PathLike | None = None, cfg=None, device: str | t
     try:
         oracle.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"oracle weights '{path}' do not match the model in '{side}': "
-                         f"{str(err).splitlines()[0]}") from None
+        lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]  # the first is only a heading
+        raise ValueError(f"oracle weights '{path}' do not match the model in '{side}' "
+                         f"({'; '.join(lines)[:300] or str(err).strip()[:300]}): retrain the oracle, or put the "
+                         f"sidecar that was saved with these weights beside them") from None
     trained_on = meta.get("data_version", 1)
     if not isinstance(trained_on, int):
         raise ValueError(f"oracle sidecar '{side}' has data_version {trained_on!r}, expected an integer")
