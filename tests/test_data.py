@@ -743,6 +743,23 @@ def test_cli_folder_source_follows_from_folder(tmp_path, capsys):
     assert not (tmp_path / "other").exists()
 
 
+def test_cli_an_os_error_naming_no_path_names_the_out_folder(tmp_path, capsys, monkeypatch):
+    """A full disk said "No space left on device" and no more."""
+    import errno
+
+    import hybrid.data.shards as shards
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shards, "write_procedural", full)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["write", "--count", "4", "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and err[-1].endswith(
+        f"error: No space left on device: writing into --out '{tmp_path / 'out'}'"), err
+
+
 def test_cli_unwritable_out_and_a_folder_named_classes_json_are_one_line_errors(tmp_path, capsys):
     _class_folders(tmp_path / "images", ["cat", "dog"])
     (tmp_path / "taken").mkdir()

@@ -796,14 +796,14 @@ def write_folder(out: str | os.PathLike, folder: str | os.PathLike, image_size: 
     return shards
 
 
-def _error_line(err: OSError | ValueError) -> str:
+def _error_line(err: OSError | ValueError, out: str) -> str:
     """One line for a write that failed: our own errors say what to do; an operating-system error (an --out
-    that cannot be made, a permission) gives its reason and the path(s) it names, not a traceback. Nothing is
-    left half-written (see `_write_shards`)."""
+    that cannot be made, a permission, a full disk) gives its reason and the path(s) it names, or `out` when it
+    names none, not a traceback. Nothing is left half-written (see `_write_shards`)."""
     if not isinstance(err, OSError) or err.errno is None:
         return str(err)
     paths = " -> ".join(f"'{p}'" for p in (err.filename, err.filename2) if p is not None)
-    return f"{err.strerror or err}" + (f": {paths}" if paths else "")
+    return f"{err.strerror or err}: " + (paths or f"writing into --out '{out}'")
 
 
 def _warning_line(message, category, filename, lineno, line=None) -> str:
@@ -861,7 +861,7 @@ def _write_cli(argv: Sequence[str] | None) -> int:
             shards = write_procedural(args.out, args.count, args.image_size, args.per_shard, args.seed, args.split,
                                       holdout, overwrite=args.overwrite, progress=not args.no_progress)
         except (OSError, ValueError) as err:
-            parser.error(_error_line(err))
+            parser.error(_error_line(err, args.out))
     else:
         if not args.folder:
             parser.error("--source folder needs --folder PATH")
@@ -869,7 +869,7 @@ def _write_cli(argv: Sequence[str] | None) -> int:
             shards = write_folder(args.out, args.folder, args.image_size, args.per_shard, args.seed, args.split,
                                   args.count, overwrite=args.overwrite, progress=not args.no_progress)
         except (OSError, ValueError) as err:
-            parser.error(_error_line(err))
+            parser.error(_error_line(err, args.out))
     names = [os.path.basename(s) for s in shards]
     print(f"wrote {len(names)} shard(s) to {args.out}: {names[0]}" + (f" .. {names[-1]}" if len(names) > 1 else ""))
     return 0
