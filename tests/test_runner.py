@@ -241,12 +241,10 @@ def test_retrain_sets_the_old_stage_aside_and_a_slurm_requeue_resumes(tmp_path, 
     assert torch.load(final_path(tmp_path, "tokenizer"), weights_only=True)["global_step"] == 3
 
 
-def test_resume_refuses_a_changed_model_or_tokenizer_with_one_line(tmp_path, monkeypatch, capsys):
-    """An interrupted stage resumed after its model settings changed, or after its tokenizer was retrained,
-    is a one-line error naming the checkpoint and the way out (not torch's key listing; never the old
-    tokenizer's weights put back under the new one's hash)."""
-    from hybrid.checkpoints import final_path, last_path
-    from hybrid.experiment import main
+def _interrupted_ar(tmp_path, monkeypatch):
+    """A toy run whose AR stage was interrupted after its last checkpoint (outside SLURM): (its config, the
+    train.py arguments that resume it)."""
+    from hybrid.checkpoints import final_path
     from hybrid.lit.runner import fit_stage
 
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
@@ -254,9 +252,19 @@ def test_resume_refuses_a_changed_model_or_tokenizer_with_one_line(tmp_path, mon
     cfg = _toy(tmp_path, "ar.train.ckpt_every=1")
     fit_stage(cfg, "tokenizer")
     fit_stage(cfg, "ar")
-    final_path(tmp_path, "ar").unlink()  # as if interrupted after its last checkpoint
-    base = ["--config", str(TOY), f"run_dir={tmp_path}", "trainer.progress_bar=false", "trainer.accelerator=cpu",
-            "ar.token_cache=false", "tokenizer.train.max_steps=2", "ar.train.max_steps=3", "stage=ar"]
+    final_path(tmp_path, "ar").unlink()
+    return cfg, ["--config", str(TOY), f"run_dir={tmp_path}", "trainer.progress_bar=false", "trainer.accelerator=cpu",
+                 "ar.token_cache=false", "tokenizer.train.max_steps=2", "ar.train.max_steps=3", "stage=ar"]
+
+
+def test_resume_refuses_a_changed_model_or_tokenizer_with_one_line(tmp_path, monkeypatch, capsys):
+    """An interrupted stage resumed after its model settings changed, or after its tokenizer was retrained,
+    is a one-line error naming the checkpoint and the way out (not torch's key listing; never the old
+    tokenizer's weights put back under the new one's hash)."""
+    from hybrid.checkpoints import last_path
+    from hybrid.experiment import main
+
+    cfg, base = _interrupted_ar(tmp_path, monkeypatch)
     assert main([*base, f"ar.width={cfg.ar.width * 2}"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: stage ar: cannot resume from")
@@ -276,21 +284,14 @@ def test_resume_from_a_damaged_checkpoint_is_one_line_naming_it_and_the_file_is_
     """Was a KeyError, an OSError or an EOFError from inside Lightning's fit, naming no file."""
     from hybrid.checkpoints import final_path, last_path
     from hybrid.experiment import main
-    from hybrid.lit.runner import fit_stage
 
-    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
-    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    cfg = _toy(tmp_path, "ar.train.ckpt_every=1")
-    fit_stage(cfg, "tokenizer")
-    fit_stage(cfg, "ar")
-    final_path(tmp_path, "ar").unlink()  # as if interrupted after its last checkpoint
+    _, base = _interrupted_ar(tmp_path, monkeypatch)
     last = last_path(tmp_path, "ar")
     data = last.read_bytes()
     last.write_bytes({"text": b"not a checkpoint\n", "truncated": data[:len(data) // 2], "empty": b""}[damage])
     kept = last.read_bytes()
     capsys.readouterr()
-    assert main(["--config", str(TOY), f"run_dir={tmp_path}", "trainer.progress_bar=false", "trainer.accelerator=cpu",
-                 "ar.token_cache=false", "tokenizer.train.max_steps=2", "ar.train.max_steps=3", "stage=ar"]) == 1
+    assert main(base) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: stage ar: cannot resume: '{last}' is not a checkpoint"), err
     assert "retrain=true" in err[0] and last.read_bytes() == kept and not final_path(tmp_path, "ar").exists()
