@@ -99,8 +99,8 @@ def steps_problem(args, cfg) -> str | None:
     training left, whatever the config says now: looked for after the arguments."""
     from hybrid.checkpoints import final_path
 
-    if not (cfg.retrain or not final_path(cfg.run_dir, "ar").is_file()):
-        return None
+    if cfg.ar.checkpoint or not (cfg.retrain or not final_path(cfg.run_dir, "ar").is_file()):
+        return None  # an adopted or finished AR stage is not trained here
     most = cfg.ar.train.max_steps
     beyond = sorted(step for step in set(args.at) if most >= 1 and step > most)  # -1: a time limit, no step limit
     if beyond:

@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         vcfg = load_cli_config(args.config, [*overrides, *extra, f"run_dir={vdir}", f"tokenizer.checkpoint={tok_path}"])
         if vcfg is None:
             return 2
-        if final_path(vdir, "refiner").is_file() and not vcfg.retrain:
+        # an adopted refiner.checkpoint is a copy whose config is its own (adopt_checkpoint compares the copy)
+        if final_path(vdir, "refiner").is_file() and not vcfg.retrain and not vcfg.refiner.checkpoint:
             problem = reuse_problem(name, extra, vcfg, final_path(vdir, "refiner"))
             if problem:
                 print(f"error: {problem}", file=sys.stderr)

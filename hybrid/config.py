@@ -537,9 +537,13 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
         try:
             OmegaConf.from_dotlist([item])
         except Exception as err:  # omegaconf's errors, and yaml's parser and scanner errors (an unclosed bracket)
-            raise ConfigError(f"override '{item}': the value is not valid YAML: {_first_line(err)} (quote lists "
-                              f'for the shell, e.g. "tokenizer.scales=[1,2,4]")') from None
-    return OmegaConf.from_dotlist(dotlist)
+            hint = (' (quote lists for the shell, e.g. "tokenizer.scales=[1,2,4]")'
+                    if "[" in item.split("=", 1)[1] else "")
+            raise ConfigError(f"override '{item}': the value is not valid YAML: {_first_line(err)}{hint}") from None
+    try:
+        return OmegaConf.from_dotlist(dotlist)
+    except Exception as err:  # each is valid alone, not together: `eval.modes=[ar] eval.modes.5=1`
+        raise ConfigError(f"overrides: {_first_line(err)}") from None
 
 
 def _resolve_interpolations(cfg: DictConfig) -> None:
@@ -574,10 +578,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         cfg = _merge_checked(cfg, loaded, f"in {p}")
     if overrides:
         cfg = _merge_checked(cfg, parse_overrides(overrides), "on the command line")
+    try:  # run_dir's default first: `cache_dir=${run_dir}/cache` means the run's folder, not /cache
+        if not cfg.run_dir and cfg.name.strip() not in ("", ".", ".."):  # else validate refuses the name
+            cfg.run_dir = str(run_dir_of(cfg))
+    except OmegaConfBaseException:  # an unresolvable name=${...}: named by the resolution below
+        pass
     _resolve_interpolations(cfg)
     validate(cfg)
-    if not cfg.run_dir:
-        cfg.run_dir = str(run_dir_of(cfg))
     return cfg
 
 
@@ -681,14 +688,16 @@ def _check_num_classes_against_classes_json(cfg: DictConfig) -> None:
     path, ids = train
     from hybrid.data.shards import class_ids_problem
 
-    problem = class_ids_problem(ids)  # a hand-edited file; a validation mapping must match it (below)
+    problem = class_ids_problem(ids, dense=False)  # a hand-edited file; a validation mapping must match it (below)
     if problem:
-        raise ConfigError(f"config key 'data.shards': '{path}' is not the shards writer's class mapping: {problem} "
-                          f"(write the shards again with python -m hybrid.data.shards write ... --overwrite)")
-    if cfg.data.num_classes < len(ids):
+        raise ConfigError(f"config key 'data.shards': '{path}' is not a usable class mapping: {problem} (write the "
+                          f"shards again with python -m hybrid.data.shards write ... --overwrite)")
+    needed = max(ids.values(), default=-1) + 1  # ids may skip some when the shards were built by hand
+    if cfg.data.num_classes < needed:
         given = "0 (the procedural data's classes)" if cfg.data.num_classes == 0 else str(cfg.data.num_classes)
-        raise ConfigError(f"config key 'data.num_classes' is {given}, but '{path}' lists {len(ids)} classes: "
-                          f"set data.num_classes={len(ids)}")
+        listed = f"lists {len(ids)} classes" + (f" with ids up to {needed - 1}" if needed != len(ids) else "")
+        raise ConfigError(f"config key 'data.num_classes' is {given}, but '{path}' {listed}: "
+                          f"set data.num_classes={needed}")
     val = _classes_json(cfg.data.val_shards) if cfg.data.val_shards else None
     if val is None or val[0].resolve() == path.resolve():
         return

@@ -168,18 +168,19 @@ class HybridPipeline:
         except OSError as err:
             raise PipelineError(f"cannot export to '{folder}': {err.strerror}") from None
         manifest: dict[str, Any] = {"format": EXPORT_FORMAT, "stages": {}}
-        umask = os.umask(0)
-        os.umask(umask)
+        manifest_tmp = folder / ".pipeline.json.tmp"
+        manifest_tmp.unlink(missing_ok=True)  # one left by a killed export keeps its old mode
+        manifest_tmp.write_text("")  # created first: the mode a file gets here (the umask's) is the weights' too
+        mode = manifest_tmp.stat().st_mode & 0o777
         for stage, module in self._stages().items():
             state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
             tmp = folder / f".{stage}.safetensors.tmp"
             save_file(state, str(tmp))
-            os.chmod(tmp, 0o666 & ~umask)  # as pipeline.json beside it (safetensors creates it 0600)
+            os.chmod(tmp, mode)  # as pipeline.json beside it (safetensors creates it 0600)
             os.replace(tmp, folder / f"{stage}.safetensors")
             manifest["stages"][stage] = {"config": self.configs[stage], "weights_hash": weights_hash(state)}
-        tmp = folder / ".pipeline.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp, folder / "pipeline.json")
+        manifest_tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(manifest_tmp, folder / "pipeline.json")
         return folder
 
     @classmethod

@@ -6,6 +6,7 @@ import argparse
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from hybrid.devices import Stopwatch, resolve_device
@@ -94,9 +95,8 @@ def _write_samples(out: Path, images, individual: bool, grid: bool) -> None:
     the earlier images, and leaves no half of the new set beside them. Raises OSError."""
     from hybrid.images import save_grid, save_png, to_uint8
 
-    staging = out / f".sample-{os.getpid()}.partial"
+    staging = Path(tempfile.mkdtemp(prefix=".sample-", suffix=".partial", dir=out))
     try:
-        staging.mkdir()
         if individual:
             for i, image in enumerate(to_uint8(images)):
                 save_png(image, staging / f"{i:04d}.png")
@@ -104,11 +104,11 @@ def _write_samples(out: Path, images, individual: bool, grid: bool) -> None:
             save_grid(images, staging / "grid.png")
         new = sorted(staging.iterdir())
         names = {path.name for path in new}
+        for path in new:
+            os.replace(path, out / path.name)
         for earlier in _earlier_samples(out):  # only this run's images remain
             if earlier.name not in names:
                 earlier.unlink()
-        for path in new:
-            os.replace(path, out / path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -191,14 +191,19 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if writes:
-        made = not out.exists()
+        made = None  # the outermost folder this command creates (mkdir makes the missing parents too)
+        for folder in (out, *out.parents):
+            if folder.exists():
+                break
+            made = folder
+        held = bool(_earlier_samples(out))
         try:
             out.mkdir(parents=True, exist_ok=True)
             _write_samples(out, images, args.individual, args.grid)
         except OSError as err:  # a full disk, a quota: the earlier images (--overwrite) are still there
-            if made:
-                shutil.rmtree(out, ignore_errors=True)
-            kept = "" if made else "; the images already there are kept"
+            if made is not None:
+                shutil.rmtree(made, ignore_errors=True)
+            kept = "; the earlier images there are kept" if held else ""
             print(f"error: cannot write the images to --out {out}: {err.strerror or err}{kept}", file=sys.stderr)
             return 2
     n, seconds = images.shape[0], watch.seconds

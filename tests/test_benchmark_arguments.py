@@ -187,6 +187,12 @@ def test_curve_refuses_steps_past_max_steps_before_training(tmp_path, capsys):
     (tmp_path / "ar").mkdir()
     (tmp_path / "ar" / "final.ckpt").write_bytes(b"")
     assert steps_problem(Namespace(at=[100]), load_config("configs/toy.yaml", [f"run_dir={tmp_path}"])) is None
+    adopted = tmp_path / "elsewhere.ckpt"  # an adopted AR stage is not trained here either (review finding)
+    adopted.write_bytes(b"")
+    fresh = tmp_path / "fresh"
+    assert steps_problem(Namespace(at=[100]), load_config("configs/toy.yaml", [f"run_dir={fresh}"])) is not None
+    assert steps_problem(Namespace(at=[100]), load_config("configs/toy.yaml", [f"run_dir={fresh}",
+                                                                               f"ar.checkpoint={adopted}"])) is None
 
 
 @pytest.mark.parametrize("variants, needle", [
@@ -241,6 +247,10 @@ def test_repair_refuses_to_reuse_a_variants_refiner_trained_with_other_overrides
     assert sorted(tmp_path.rglob("*")) == before  # nothing trained or written, the oracle not loaded
     # the overrides it was trained with pass (on to the oracle, missing here)
     code = main([*argv, "--variant", "a:refiner.corrupt_prob=0.1"])
+    err = capsys.readouterr().err
+    assert code == 1 and "variant" not in err and "oracle" in err, err
+    # a variant that adopts a refiner checkpoint: its copy's stored config says refiner.checkpoint='' (review finding)
+    code = main([*argv, "--variant", f"a:refiner.checkpoint={ckpt}"])
     err = capsys.readouterr().err
     assert code == 1 and "variant" not in err and "oracle" in err, err
 

@@ -303,6 +303,15 @@ def test_malformed_overrides_are_config_errors_naming_the_override_or_key(overri
 def test_an_interpolation_is_resolved_when_the_config_loads():
     cfg = load_config(None, ["ar.train.lr=0.002", "refiner.train.lr=${ar.train.lr}"])
     assert cfg.refiner.train.lr == 0.002 and "${" not in OmegaConf.to_yaml(cfg)
+    # run_dir's default (runs/<name>) is set first: resolved before it, this was '/cache'
+    assert load_config(None, ["name=x", "cache_dir=${run_dir}/cache"]).cache_dir == str(Path("runs/x/cache"))
+    assert load_config(None, ["run_dir=/r", "cache_dir=${run_dir}/c"]).cache_dir == "/r/c"
+    assert load_config(None, ["name=n${seed}", "seed=3"]).run_dir == str(Path("runs/n3"))
+
+
+def test_overrides_valid_alone_but_not_together_are_a_config_error():
+    with pytest.raises(ConfigError, match="^overrides: list index out of range"):  # was omegaconf's traceback
+        load_config(None, ["eval.modes=[ar]", "eval.modes.5=1"])
 
 
 def test_an_empty_override_clears_a_text_key():

@@ -434,16 +434,22 @@ def test_folder_val_split_keeps_the_training_class_ids(tmp_path, capsys):
     # ids the writer never gives: were written into the shards as they stood (two classes trained as one), or
     # found at training as an id outside data.num_classes, whose advice (set data.num_classes) did not help
     for ids, problem in (({"cat": 0, "dog": 0, "emu": 1}, "id 0 is given to 2 classes"),
-                         ({"cat": -1, "dog": 5, "emu": 1}, "its ids must be 0..2, one per class, got [-1, 1, 5]"),
+                         ({"cat": -1, "dog": 5, "emu": 1}, "id -1 is negative"),
+                         ({"cat": 0, "dog": 5, "emu": 1}, "its ids must be 0..2, one per class, got [0, 1, 5]"),
                          ({"cat": "0", "dog": 1, "emu": 2}, "expected")):
         (out / "classes.json").write_text(json.dumps(ids))
         with pytest.raises(ValueError, match=re.escape(f"'{out / 'classes.json'}' is not a class mapping (")
                            + ".*" + re.escape(problem)):
             write_folder(out, tmp_path / "images_val", image_size=16, split="val", progress=False)
-        if problem != "expected":
+        if problem.startswith("id "):
             with pytest.raises(ConfigError, match=re.escape(f"config key 'data.shards': '{out / 'classes.json'}' is "
-                                                            f"not the shards writer's class mapping: {problem}")):
-                load_config("configs/toy.yaml", ["data.source=shards", f"data.shards={out}", "data.num_classes=3"])
+                                                            f"not a usable class mapping: {problem}")):
+                load_config("configs/toy.yaml", ["data.source=shards", f"data.shards={out}", "data.num_classes=6"])
+    # ids skipped by hand-built shards train (a review finding), with a class table that covers the largest
+    (out / "classes.json").write_text(json.dumps({"cat": 0, "dog": 5, "emu": 1}))
+    with pytest.raises(ConfigError, match=re.escape("lists 3 classes with ids up to 5: set data.num_classes=6")):
+        load_config("configs/toy.yaml", ["data.source=shards", f"data.shards={out}", "data.num_classes=3"])
+    load_config("configs/toy.yaml", ["data.source=shards", f"data.shards={out}", "data.num_classes=6"])
     (out / "classes.json").write_text(json.dumps(mapping))
     load_config("configs/toy.yaml", ["data.source=shards", f"data.shards={out}", "data.num_classes=3"])
 

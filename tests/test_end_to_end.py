@@ -1155,12 +1155,14 @@ def test_sample_cli_keeps_the_earlier_images_when_writing_the_new_ones_fails(toy
     capsys.readouterr()
     assert main([*base, "--class", "5", "--overwrite"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: cannot write the images to --out {out_dir}: No space left on device; the images already "
+    assert err == [f"error: cannot write the images to --out {out_dir}: No space left on device; the earlier images "
                    f"there are kept"], err
     assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before  # no stray file, nothing lost
     calls.clear()
-    assert main([*base, "--class", "5", "--overwrite", "--out", str(tmp_path / "new")]) == 2
-    assert not (tmp_path / "new").exists()  # a folder this command made is not left behind
+    assert main([*base, "--class", "5", "--overwrite", "--out", str(tmp_path / "new" / "deeper")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: cannot write the images to --out {tmp_path / 'new' / 'deeper'}: No space left on device"]
+    assert not (tmp_path / "new").exists()  # the folders this command made are not left behind
     monkeypatch.setattr(hybrid.images.Image.Image, "save", real_save)
     assert main([*base, "--class", "5", "--overwrite", "-n", "2", "--no-grid"]) == 0  # still replaces them
     assert sorted(p.name for p in out_dir.iterdir()) == ["0000.png", "0001.png"]

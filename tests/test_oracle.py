@@ -267,9 +267,10 @@ def test_a_requested_attribute_the_oracle_has_no_head_for_is_refused_not_dropped
         paired_adherence_difference(logits, _one_hot_logits(req), req, bootstrap=0)
     with pytest.raises(ValueError, match=r"\['glyph'\]"):
         paired_adherence_difference(_one_hot_logits(req), logits, req, bootstrap=0)
-    req["glyph"][:] = -1  # never requested: no head needed
+    req["glyph"][:] = -1  # never requested: no head needed, in either set
     assert "glyph" not in adherence_from_logits(logits, req)
     assert "glyph" not in paired_adherence_difference(logits, _one_hot_logits(req), req, bootstrap=0)
+    assert "glyph" not in paired_adherence_difference(_one_hot_logits(req), logits, req, bootstrap=0)
 
 
 def test_paired_adherence_difference_counts_only_the_rows_where_the_two_sets_disagree():

@@ -928,7 +928,7 @@ def test_a_mistyped_oracle_path_fails_before_the_tokenizer_trains(tmp_path, monk
 def test_a_cache_dir_that_cannot_hold_the_oracle_fails_before_anything_trains(tmp_path, monkeypatch, capsys):
     """Was the whole oracle trained, then FileExistsError (a file) or OSError (read-only) at its save: lost."""
     from hybrid.config import ConfigError, load_config
-    from hybrid.eval.oracle import check_given_oracle_path, ensure_oracle
+    from hybrid.eval.oracle import check_given_oracle_path, ensure_oracle, oracle_path
     from hybrid.experiment import main
 
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
@@ -945,13 +945,21 @@ def test_a_cache_dir_that_cannot_hold_the_oracle_fails_before_anything_trains(tm
     cfg = load_config(TOY, [f"cache_dir={tmp_path / 'ro' / 'cache'}"])
     (tmp_path / "ro").mkdir()
     real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != tmp_path / "ro" and real_access(p, mode))
+    read_only = (tmp_path / "ro", tmp_path / "ro" / "cache")
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) not in read_only and real_access(p, mode))
     ro = tmp_path / "ro" / "cache"
     with pytest.raises(ConfigError, match=re.escape(f"config key 'cache_dir' '{ro}': the oracle would be trained and "
                                                     f"then written to '{ro}/oracle-")):
         ensure_oracle(cfg, device="cpu")
+    # the cached oracle there, retrained (stage=oracle retrain=true): its file exists, but it would be written again
+    cached = oracle_path(cfg)
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"weights")
+    check_given_oracle_path(cfg)  # only read: fine
+    with pytest.raises(ConfigError, match=re.escape(f"config key 'cache_dir' '{ro}': the oracle would be trained")):
+        check_given_oracle_path(cfg, training=True)
     monkeypatch.setattr(os, "access", real_access)
-    check_given_oracle_path(cfg)  # writable again: fine
+    check_given_oracle_path(cfg, training=True)  # writable again: fine
 
 
 @pytest.mark.parametrize("devices", ["[0]", "-1", "'0,1'"])

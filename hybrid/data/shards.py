@@ -536,10 +536,11 @@ def _progress(total: int, desc: str, enabled: bool):
     return progress_bar(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True)
 
 
-def class_ids_problem(ids: dict) -> str | None:
-    """What is wrong with a `classes.json` mapping, or None: the writer numbers n classes 0..n-1, each once, and a
-    model's class table has data.num_classes rows (two names on one id would train as one class, a negative or
-    skipped id points outside it)."""
+def class_ids_problem(ids: dict, dense: bool = True) -> str | None:
+    """What is wrong with a `classes.json` mapping, or None: each class needs its own non-negative integer id (two
+    names on one id would train as one class; a model's class table has rows 0..data.num_classes-1), and the
+    writer, which gives a new class the next id, numbers n classes 0..n-1 (`dense`; shards built by hand may skip
+    ids, which data.num_classes then covers)."""
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in ids.values()):
         return "its ids must be integers"
     values = sorted(ids.values())
@@ -548,7 +549,9 @@ def class_ids_problem(ids: dict) -> str | None:
     repeated = sorted({v for v in values if values.count(v) > 1})
     if repeated:
         return f"id {repeated[0]} is given to {values.count(repeated[0])} classes; each class needs its own id"
-    return f"its ids must be 0..{len(ids) - 1}, one per class, got {values}"
+    if values and values[0] < 0:
+        return f"id {values[0]} is negative"
+    return f"its ids must be 0..{len(ids) - 1}, one per class, got {values}" if dense else None
 
 
 def old_shards(out: str | os.PathLike, split: str, overwrite: bool = False) -> list[Path]:

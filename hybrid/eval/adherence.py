@@ -2,7 +2,8 @@
 
 `requested` is a batch of attribute requests in the data's collate format, {attribute: (N,)
 long}, where -1 means "not requested" (e.g. a caption that left the attribute out, or shard
-data without attributes); those entries are skipped.
+data without attributes); those entries are skipped. An attribute that some row requests but the oracle has
+no head for is a ValueError naming it (it would drop out of its own score and of "all").
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def paired_adherence_difference(logits_a: dict[str, torch.Tensor], logits_b: dic
     _check_heads(requested, logits_a)
     _check_heads(requested, logits_b)
     for name, req in requested.items():
-        if name not in logits_a:
+        if name not in logits_a or name not in logits_b:
             continue  # never requested (checked above)
         req = torch.as_tensor(req).long().cpu()  # (N,)
         preds = []

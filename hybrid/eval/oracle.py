@@ -477,7 +477,7 @@ def check_given_oracle_path(cfg, training: bool = False) -> None:
             raise ConfigError(f"config key 'oracle.path' '{path}' ends in .json, the name its JSON sidecar is given "
                               f"(NAME.json beside NAME.safetensors): the weights would overwrite it; give e.g. "
                               f"oracle.path={example}")
-    elif path.is_file():  # the cached oracle exists: nothing will be written
+    elif path.is_file() and not training:  # the cached oracle is used: nothing will be written
         return
     parent = nearest_existing(path.parent)
     if not parent.is_dir():
@@ -540,9 +540,12 @@ def _report_cached(cfg, path: Path) -> None:
     if built.get("image_size", wanted["image_size"]) != wanted["image_size"]:  # it cannot judge these images at all
         from hybrid.config import ConfigError
 
-        raise ConfigError(f"config key 'oracle.path': the oracle '{path}' is trained at {built['image_size']}px, but "
-                          f"data.image_size is {wanted['image_size']}: give an oracle trained at that size, or leave "
-                          f"oracle.path empty for the cached one of that size (trained when missing)")
+        if cfg.oracle.path:
+            raise ConfigError(f"config key 'oracle.path': the oracle '{path}' is trained at {built['image_size']}px, "
+                              f"but data.image_size is {wanted['image_size']}: give an oracle trained at that size, or "
+                              f"leave oracle.path empty for the cached one of that size (trained when missing)")
+        raise ConfigError(f"the cached oracle '{path}' is trained at {built['image_size']}px by its sidecar, but "
+                          f"data.image_size is {wanted['image_size']}: retrain it (stage=oracle retrain=true)")
     diff = [k for k in wanted if built.get(k) != wanted[k]]
     trained, recipe = _recipe((meta.get("config") or {}).get("oracle") or {}), _recipe(_plain(cfg.oracle))
     changed = [f"oracle.{k} ({trained[k]} there, {recipe[k]} here)" for k in recipe
