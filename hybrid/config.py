@@ -880,7 +880,7 @@ def validate(cfg: DictConfig) -> None:
     except ValueError as err:
         raise ConfigError(f"config key 'eval.settings': {err}") from None
     _check_generation_settings(cfg, settings)
-    from hybrid.data.procedural import parse_holdout
+    from hybrid.data.attributes import parse_holdout
 
     for key in ("data.holdout", "oracle.holdout"):  # here, not after the oracle has trained
         try:

@@ -6,6 +6,8 @@ oracle (which predicts them). Index 0.. of each list is the attribute's integer 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 # Object kinds. "glyph" objects carry a character from GLYPHS; the rest are geometric shapes.
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "star", "cross", "glyph")
 COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
@@ -49,3 +51,19 @@ def class_name(cid: int) -> str:
         raise ValueError(f"class id {cid} is out of range 0..{NUM_CLASSES - 1}")
     shape, color = divmod(cid, len(COLORS))
     return f"{COLORS[color]} {SHAPES[shape]}"
+
+
+def parse_holdout(holdout: Iterable[str]) -> frozenset[tuple[int, int]]:
+    """`["red:triangle", ...]` -> {(shape id, color id), ...}; raises ValueError naming a bad entry."""
+    pairs = set()
+    for item in holdout:
+        parts = str(item).strip().lower().split(":")
+        if len(parts) != 2:
+            raise ValueError(f"holdout entry {item!r} is not of the form 'color:shape' (e.g. 'red:triangle')")
+        color, shape = (p.strip() for p in parts)
+        if color not in COLORS:
+            raise ValueError(f"holdout entry {item!r}: unknown color {color!r}; colors are {', '.join(COLORS)}")
+        if shape not in SHAPES:
+            raise ValueError(f"holdout entry {item!r}: unknown shape {shape!r}; shapes are {', '.join(SHAPES)}")
+        pairs.add((SHAPES.index(shape), COLORS.index(color)))
+    return frozenset(pairs)

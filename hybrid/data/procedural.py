@@ -84,6 +84,7 @@ from hybrid.data.attributes import (
     SHAPES,
     SIZES,
     class_id,
+    parse_holdout,  # noqa: F401 - defined with the vocabulary (the config checks it without torch); read here
 )
 
 SPLITS: dict[str, int] = {"train": 0, "val": 1}
@@ -127,22 +128,6 @@ CROSS_ARM = 0.42  # half-width of a cross's bars (unit frame): fat enough to car
 # ----------------------------------------------------------------------------------------------
 # Attributes and captions
 # ----------------------------------------------------------------------------------------------
-
-
-def parse_holdout(holdout: Iterable[str]) -> frozenset[tuple[int, int]]:
-    """`["red:triangle", ...]` -> {(shape id, color id), ...}; raises ValueError naming a bad entry."""
-    pairs = set()
-    for item in holdout:
-        parts = str(item).strip().lower().split(":")
-        if len(parts) != 2:
-            raise ValueError(f"holdout entry {item!r} is not of the form 'color:shape' (e.g. 'red:triangle')")
-        color, shape = (p.strip() for p in parts)
-        if color not in COLORS:
-            raise ValueError(f"holdout entry {item!r}: unknown color {color!r}; colors are {', '.join(COLORS)}")
-        if shape not in SHAPES:
-            raise ValueError(f"holdout entry {item!r}: unknown shape {shape!r}; shapes are {', '.join(SHAPES)}")
-        pairs.add((SHAPES.index(shape), COLORS.index(color)))
-    return frozenset(pairs)
 
 
 def _holdout_set(holdout) -> frozenset[tuple[int, int]]:
